@@ -1,0 +1,96 @@
+//! Model runtime on candle: fetching and caching the real GGUF models, the tokenizer read from GGUF
+//! metadata, our own qwen2/llama forward with all-position logits, per-session truncatable KV
+//! caches and ragged batches, and the model thread that keeps forwards off async workers.
+//!
+//! This is the only crate that imports candle. Everything it exports is candle-free: token ids,
+//! `Vec<f32>` logit rows, plain settings.
+
+pub mod error;
+pub mod fetch;
+pub mod forward;
+pub mod synthetic;
+pub mod thread;
+pub mod tokenizer;
+
+pub use error::ModelError;
+pub use thread::{ModelHandle, ModelHealth};
+pub use tokenizer::{ChatMessage, StreamDecoder, TextTokenizer};
+
+/// Identifies one generation session's KV cache inside a model.
+pub type SessionId = u64;
+
+/// One session's part of a ragged batch: truncate the session's KV cache to `start` tokens (it must
+/// hold at least that many; a new session starts at 0), then append `tokens` at positions
+/// `start..start + tokens.len()`. Logits are returned for every one of those positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqRequest {
+    /// Session whose cache is extended (created when `start == 0` and it does not exist).
+    pub session: SessionId,
+    /// Number of cached tokens to keep before appending.
+    pub start: usize,
+    /// New tokens (at least one).
+    pub tokens: Vec<u32>,
+}
+
+/// Logits for every new position of one [`SeqRequest`], row-major `[tokens.len(), vocab_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqLogits {
+    /// Session these rows belong to.
+    pub session: SessionId,
+    /// Number of rows (= new tokens).
+    pub rows: usize,
+    /// Row length.
+    pub vocab_size: usize,
+    /// `rows * vocab_size` logits.
+    pub data: Vec<f32>,
+}
+
+impl SeqLogits {
+    /// Logits predicting the token after new position `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
+}
+
+/// Where forwards run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// CPU (default; candle's SIMD quantized kernels).
+    #[default]
+    Cpu,
+    /// CUDA device by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+/// Static facts about a loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// GGUF `general.architecture` (`qwen2` or `llama`).
+    pub arch: String,
+    /// GGUF `general.name`, or the file stem.
+    pub name: String,
+    /// Logit row length.
+    pub vocab_size: usize,
+    /// Longest sequence (cached + new tokens) a session may hold.
+    pub max_context: usize,
+    /// Hex sha256 over the tokenizer's vocabulary (tokens in id order) and merges: two models
+    /// can pair for speculative decoding iff their fingerprints are equal.
+    pub fingerprint: String,
+}
+
+/// A causal language model with per-session KV caches. Synchronous: it lives on the model thread.
+pub trait CausalLm: Send {
+    /// Static facts.
+    fn info(&self) -> &ModelInfo;
+    /// One forward over a ragged batch of sessions (linear layers over all rows at once, attention
+    /// per session). Results come back in request order. On error no cache is changed.
+    fn forward_batch(&mut self, batch: &[SeqRequest]) -> Result<Vec<SeqLogits>, ModelError>;
+    /// Drop cached positions beyond `len` (no-op if the session holds fewer).
+    fn truncate(&mut self, session: SessionId, len: usize) -> Result<(), ModelError>;
+    /// Forget a session entirely.
+    fn release(&mut self, session: SessionId);
+    /// Cached length of a session, `None` if unknown.
+    fn cached_len(&self, session: SessionId) -> Option<usize>;
+    /// Bytes held by all KV caches (for memory budgets).
+    fn kv_bytes(&self) -> usize;
+}

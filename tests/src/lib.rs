@@ -1,0 +1,2 @@
+//! End-to-end tests live in tests/; this library holds their shared harness.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! placeholder, replaced by the node implementation.
+#![forbid(unsafe_code)]
