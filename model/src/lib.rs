@@ -21,7 +21,9 @@ pub type SessionId = u64;
 
 /// One session's part of a ragged batch: truncate the session's KV cache to `start` tokens (it must
 /// hold at least that many; a new session starts at 0), then append `tokens` at positions
-/// `start..start + tokens.len()`. Logits are returned for every one of those positions.
+/// `start..start + tokens.len()`. Logits are returned for the last `logits_for_last` of those
+/// positions (a prefill of a long history only needs the rows of its final positions; computing
+/// and copying 150k-wide rows for every prompt token would dominate the cost).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqRequest {
     /// Session whose cache is extended (created when `start == 0` and it does not exist).
@@ -30,14 +32,18 @@ pub struct SeqRequest {
     pub start: usize,
     /// New tokens (at least one).
     pub tokens: Vec<u32>,
+    /// How many trailing positions get logits: `min(logits_for_last, tokens.len())` rows, at
+    /// least 1. Use `usize::MAX` for all positions.
+    pub logits_for_last: usize,
 }
 
-/// Logits for every new position of one [`SeqRequest`], row-major `[tokens.len(), vocab_size]`.
+/// Logits for the trailing new positions of one [`SeqRequest`], row-major `[rows, vocab_size]`:
+/// row `i` predicts the token after new position `tokens.len() - rows + i`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqLogits {
     /// Session these rows belong to.
     pub session: SessionId,
-    /// Number of rows (= new tokens).
+    /// Number of rows (`min(logits_for_last, tokens.len())`, at least 1).
     pub rows: usize,
     /// Row length.
     pub vocab_size: usize,
@@ -46,7 +52,7 @@ pub struct SeqLogits {
 }
 
 impl SeqLogits {
-    /// Logits predicting the token after new position `i`.
+    /// Logit row `i` (see the type's doc for which position it predicts from).
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
     }
