@@ -1,0 +1,266 @@
+//! Causal attention of a ragged batch, each session against its own cached prefix.
+//!
+//! The CPU kernel works on one (query row, head) at a time with a fixed summation order, so a
+//! position's output is the same bit pattern whether it is computed alone or inside a block or a
+//! batch (candle's f32 `matmul` picks different kernels for different shapes). Units are spread
+//! over candle's CPU worker pool. Other devices use candle tensor ops per session.
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::kv::{LayerKv, StagedKv};
+
+/// Attention shape constants of one model.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadShape {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl HeadShape {
+    fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+}
+
+/// One session's slice of the batch for one layer: its cached prefix and its new rows.
+pub(crate) struct SessionRows<'a> {
+    /// First row of this session in the batch matrices.
+    pub row0: usize,
+    /// Number of new rows.
+    pub len: usize,
+    /// Cached positions kept before the new rows.
+    pub start: usize,
+    /// This layer's cache (`None` for a new session).
+    pub cache: Option<&'a LayerKv>,
+}
+
+/// `q: [rows, n_head*hd]` (rotated) against the staged new keys/values of the same rows and each
+/// session's cached prefix. Returns `[rows, n_head*hd]`.
+pub(crate) fn attention(
+    shape: HeadShape,
+    q: &Tensor,
+    new: &StagedKv,
+    sessions: &[SessionRows<'_>],
+) -> Result<Tensor> {
+    match new {
+        StagedKv::Host { k, v, .. } if q.device().is_cpu() => {
+            cpu_attention(shape, q, (k, v), sessions)
+        }
+        StagedKv::Host { k, v, width } => {
+            let rows = q.dim(0)?;
+            let k = Tensor::from_slice(k, (rows, *width), q.device())?;
+            let v = Tensor::from_slice(v, (rows, *width), q.device())?;
+            tensor_attention(shape, q, (&k, &v), sessions)
+        }
+        StagedKv::Device { k, v } => tensor_attention(shape, q, (k, v), sessions),
+    }
+}
+
+/// Keys or values of one session: the cached prefix followed by the new rows.
+struct Rows<'a> {
+    cached: &'a [f32],
+    new: &'a [f32],
+    start: usize,
+    width: usize,
+}
+
+impl Rows<'_> {
+    #[inline]
+    fn at(&self, pos: usize, offset: usize, len: usize) -> &[f32] {
+        let (buf, p) = if pos < self.start {
+            (self.cached, pos)
+        } else {
+            (self.new, pos - self.start)
+        };
+        let s = p * self.width + offset;
+        &buf[s..s + len]
+    }
+}
+
+fn cpu_attention(
+    shape: HeadShape,
+    q: &Tensor,
+    (k, v): (&[f32], &[f32]),
+    sessions: &[SessionRows<'_>],
+) -> Result<Tensor> {
+    let rows = q.dim(0)?;
+    let (q_dim, kv_dim, hd) = (shape.q_dim(), shape.kv_dim(), shape.head_dim);
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; rows * q_dim];
+
+    // (session index, position) of every batch row.
+    let mut row_info = Vec::with_capacity(rows);
+    let mut kvs = Vec::with_capacity(sessions.len());
+    for (si, s) in sessions.iter().enumerate() {
+        let (ck, cv): (&[f32], &[f32]) = match s.cache {
+            Some(c) => c.host_prefix(s.start),
+            None => (&[], &[]),
+        };
+        let new = s.row0 * kv_dim..(s.row0 + s.len) * kv_dim;
+        let mk = |cached, new| Rows {
+            cached,
+            new,
+            start: s.start,
+            width: kv_dim,
+        };
+        kvs.push((mk(ck, &k[new.clone()]), mk(cv, &v[new])));
+        row_info.extend((0..s.len).map(|i| (si, s.start + i)));
+    }
+
+    let scale = 1.0 / (hd as f32).sqrt();
+    let units: Vec<Mutex<&mut [f32]>> = out.chunks_mut(hd).map(Mutex::new).collect();
+    let n_units = units.len();
+    let work = |range: std::ops::Range<usize>| {
+        SCRATCH.with(|scratch| {
+            let mut scores = scratch.borrow_mut();
+            for unit in range {
+                let (row, head) = (unit / shape.n_head, unit % shape.n_head);
+                let (si, pos) = row_info[row];
+                let (keys, values) = &kvs[si];
+                let kv_off = (head / shape.group()) * hd;
+                let qh = &q[row * q_dim + head * hd..row * q_dim + (head + 1) * hd];
+                let query = Query {
+                    q: qh,
+                    pos,
+                    kv_off,
+                    scale,
+                };
+                let mut dst = units[unit].lock().unwrap_or_else(|e| e.into_inner());
+                attend_one(&query, (keys, values), &mut scores, &mut dst);
+            }
+        })
+    };
+    candle_core::utils::barrier_pool().execute_chunked(n_units, work);
+    drop(units);
+    Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One head of one query row.
+struct Query<'a> {
+    q: &'a [f32],
+    /// Absolute position: the row attends to keys `0..=pos`.
+    pos: usize,
+    /// Offset of the head's kv group inside a key/value row.
+    kv_off: usize,
+    scale: f32,
+}
+
+/// One query row and head against positions `0..=pos`. Fixed summation order throughout.
+fn attend_one(
+    query: &Query<'_>,
+    (keys, values): (&Rows<'_>, &Rows<'_>),
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    let Query {
+        q: qh,
+        pos,
+        kv_off,
+        scale,
+    } = *query;
+    let hd = qh.len();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..=pos {
+        let s = dot(qh, keys.at(j, kv_off, hd)) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    dst.fill(0.0);
+    for (j, &w) in scores.iter().enumerate() {
+        let w = w * inv;
+        for (d, x) in dst.iter_mut().zip(values.at(j, kv_off, hd)) {
+            *d += w * x;
+        }
+    }
+}
+
+/// Dot product with eight independent partial sums (vectorises; order fixed by the length).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Device-agnostic attention with candle ops, one session at a time.
+pub(crate) fn tensor_attention(
+    shape: HeadShape,
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    sessions: &[SessionRows<'_>],
+) -> Result<Tensor> {
+    let hd = shape.head_dim;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(sessions.len());
+    for s in sessions {
+        let q_s = q.narrow(0, s.row0, s.len)?;
+        let mut k_s = k.narrow(0, s.row0, s.len)?;
+        let mut v_s = v.narrow(0, s.row0, s.len)?;
+        if let (Some(cache), true) = (s.cache, s.start > 0) {
+            let (ck, cv) = cache.device_prefix(s.start)?;
+            k_s = Tensor::cat(&[&ck, &k_s], 0)?;
+            v_s = Tensor::cat(&[&cv, &v_s], 0)?;
+        }
+        let total = s.start + s.len;
+        // [heads, rows, hd]
+        let q_s = q_s.reshape((s.len, shape.n_head, hd))?.transpose(0, 1)?;
+        let expand = |t: Tensor| -> Result<Tensor> {
+            let t = t.reshape((total, shape.n_kv_head, 1, hd))?;
+            let t = t.broadcast_as((total, shape.n_kv_head, shape.group(), hd))?;
+            t.reshape((total, shape.n_head, hd))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let (k_s, v_s) = (expand(k_s)?, expand(v_s)?);
+        let scores = (q_s.contiguous()?.matmul(&k_s.t()?)? * scale)?;
+        // Row i (position start+i) sees keys 0..=start+i.
+        let mask: Vec<f32> = (0..s.len)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= s.start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, s.len, total), q.device())?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let o = probs.matmul(&v_s)?; // [heads, rows, hd]
+        outs.push(o.transpose(0, 1)?.reshape((s.len, shape.q_dim()))?);
+    }
+    Tensor::cat(&outs, 0)?.contiguous()
+}

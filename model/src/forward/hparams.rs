@@ -1,0 +1,150 @@
+//! Hyperparameters read from GGUF metadata, and the two architectures we implement.
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use crate::ModelError;
+
+/// The GGUF architectures this forward implements. They differ only in details: qwen2 has q/k/v
+/// biases and NeoX-style (half-split) rotary embeddings; llama has no biases and GGUF stores its
+/// q/k weights permuted for interleaved (GPT-J-style) rotary embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arch {
+    Qwen2,
+    Llama,
+}
+
+impl Arch {
+    pub(crate) fn parse(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "qwen2" => Ok(Arch::Qwen2),
+            "llama" => Ok(Arch::Llama),
+            other => Err(ModelError::UnsupportedArch(other.to_string())),
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "qwen2",
+            Arch::Llama => "llama",
+        }
+    }
+
+    /// Whether rotary embeddings rotate interleaved pairs `(x[2i], x[2i+1])` (llama as stored in
+    /// GGUF) rather than halves `(x[i], x[i + d/2])` (qwen2).
+    pub(crate) fn interleaved_rope(self) -> bool {
+        matches!(self, Arch::Llama)
+    }
+}
+
+/// Shapes and constants of one model.
+#[derive(Debug, Clone)]
+pub(crate) struct Hparams {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f64,
+    pub context: usize,
+    pub vocab: usize,
+}
+
+impl Hparams {
+    /// Reads `{arch}.*` keys; the vocabulary size comes from the rows of `token_embd.weight`.
+    pub(crate) fn from_gguf(ct: &Content, path: &str) -> Result<Self, ModelError> {
+        let load_err = |reason: String| ModelError::Load {
+            path: path.to_string(),
+            reason,
+        };
+        let arch_name = get(ct, "general.architecture", path)?
+            .to_string()
+            .map_err(|e| load_err(e.to_string()))?
+            .clone();
+        let arch = Arch::parse(&arch_name)?;
+        let a = arch.name();
+        let int = |key: &str| -> Result<usize, ModelError> {
+            let v = get(ct, &format!("{a}.{key}"), path)?;
+            as_usize(v).ok_or_else(|| load_err(format!("metadata `{a}.{key}` is not an integer")))
+        };
+        let float = |key: &str, default: f64| -> Result<f64, ModelError> {
+            match ct.metadata.get(&format!("{a}.{key}")) {
+                None => Ok(default),
+                Some(v) => as_f64(v)
+                    .ok_or_else(|| load_err(format!("metadata `{a}.{key}` is not a number"))),
+            }
+        };
+        let n_layer = int("block_count")?;
+        let hidden = int("embedding_length")?;
+        let n_head = int("attention.head_count")?;
+        let n_kv_head = match ct.metadata.get(&format!("{a}.attention.head_count_kv")) {
+            Some(v) => as_usize(v).ok_or_else(|| load_err("bad head_count_kv".into()))?,
+            None => n_head,
+        };
+        let head_dim = match ct.metadata.get(&format!("{a}.attention.key_length")) {
+            Some(v) => as_usize(v).ok_or_else(|| load_err("bad key_length".into()))?,
+            None if n_head > 0 => hidden / n_head,
+            None => 0,
+        };
+        let context = int("context_length")?;
+        let rope_base = float("rope.freq_base", 10_000.0)? as f32;
+        let rms_eps = float("attention.layer_norm_rms_epsilon", 1e-6)?;
+        let embd = ct
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| load_err("missing tensor `token_embd.weight`".into()))?;
+        let vocab = embd.shape.dims2().map_err(|e| load_err(e.to_string()))?.0;
+        if n_head == 0
+            || n_kv_head == 0
+            || n_head % n_kv_head != 0
+            || head_dim == 0
+            || head_dim % 2 != 0
+        {
+            return Err(load_err(format!(
+                "inconsistent attention shape: {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}"
+            )));
+        }
+        Ok(Hparams {
+            arch,
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope_base,
+            rms_eps,
+            context,
+            vocab,
+        })
+    }
+}
+
+fn get<'a>(ct: &'a Content, key: &str, path: &str) -> Result<&'a Value, ModelError> {
+    ct.metadata.get(key).ok_or_else(|| ModelError::Load {
+        path: path.to_string(),
+        reason: format!("missing metadata key `{key}`"),
+    })
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    match v {
+        Value::U8(x) => Some(*x as usize),
+        Value::U16(x) => Some(*x as usize),
+        Value::U32(x) => Some(*x as usize),
+        Value::U64(x) => usize::try_from(*x).ok(),
+        Value::I8(x) => usize::try_from(*x).ok(),
+        Value::I16(x) => usize::try_from(*x).ok(),
+        Value::I32(x) => usize::try_from(*x).ok(),
+        Value::I64(x) => usize::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        other => as_usize(other).map(|x| x as f64),
+    }
+}

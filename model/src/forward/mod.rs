@@ -1,0 +1,97 @@
+//! Our own qwen2/llama forward on candle's quantized building blocks: logits for every new
+//! position, per-session truncatable KV caches, and ragged batches of sessions in one forward.
+//!
+//! A batch concatenates every session's new tokens into one `[rows, hidden]` matrix for the
+//! embedding, norms and all linear layers; attention runs per session against its own cache
+//! (causal within the new tokens, full over the cached prefix). See [`load_gguf`].
+//!
+//! # Batch invariance
+//!
+//! On the CPU a position's logits are bit-identical whether it is computed in a single-token step,
+//! inside a multi-token block, or in a ragged batch beside other sessions. That is what makes
+//! speculative greedy decoding produce exactly the target-only greedy output. It holds because
+//! - every linear layer quantizes and reduces each activation row on its own, and
+//!   [`linear`] steers candle away from the two kernels that do not (AMX Q4K for `m >= 32`, and the
+//!   compact Q6K kernel used only for `m == 1`);
+//! - attention is computed per (query row, head) with a fixed summation order ([`attention`]);
+//! - norms, rotary embeddings and element-wise ops are per row or per element.
+//!
+//! The tests in `model/tests/forward_*.rs` check it bit for bit on tiny models (generic and
+//! tiled kernels) and on the real models. Invariance is established for x86_64; other CPUs pick
+//! other candle kernels, and CUDA makes no such promise (there the tensor path is used and results
+//! match only to rounding).
+
+mod attention;
+mod hparams;
+mod kv;
+mod linear;
+mod model;
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+
+use crate::{CausalLm, DeviceKind, ModelError};
+
+/// Loads a GGUF file (`general.architecture` `qwen2` or `llama`) onto `device`.
+///
+/// Hyperparameters come from the `{arch}.*` metadata keys; the vocabulary size from the rows of
+/// `token_embd.weight`; a missing `output.weight` means tied embeddings.
+pub fn load_gguf(path: &Path, device: DeviceKind) -> Result<Box<dyn CausalLm>, ModelError> {
+    let shown = path.display().to_string();
+    let device = open_device(device)?;
+    let mut file = File::open(path).map_err(|source| ModelError::Io {
+        context: format!("cannot open model {shown}"),
+        source,
+    })?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Load {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let model = model::GgufModel::load(&content, &mut file, &device, path)?;
+    Ok(Box::new(model))
+}
+
+/// Hex sha256 over the tokenizer vocabulary and merges in the GGUF metadata: the tokens of
+/// `tokenizer.ggml.tokens` in id order, each followed by a `\0`, then a `\n`, then the entries of
+/// `tokenizer.ggml.merges`, each followed by a `\0`. Missing keys count as empty lists.
+pub fn tokenizer_fingerprint(content: &gguf_file::Content) -> String {
+    let mut h = Sha256::new();
+    hash_strings(&mut h, content, "tokenizer.ggml.tokens");
+    h.update(b"\n");
+    hash_strings(&mut h, content, "tokenizer.ggml.merges");
+    hex::encode(h.finalize())
+}
+
+fn hash_strings(h: &mut Sha256, content: &gguf_file::Content, key: &str) {
+    if let Some(Value::Array(items)) = content.metadata.get(key) {
+        for item in items {
+            if let Value::String(s) = item {
+                h.update(s.as_bytes());
+            }
+            h.update([0u8]);
+        }
+    }
+}
+
+fn open_device(kind: DeviceKind) -> Result<Device, ModelError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda(i) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ModelError::DeviceUnavailable {
+                    device: format!("cuda:{i}"),
+                    reason: "this build has no CUDA support (build with the `cuda` feature)"
+                        .to_string(),
+                });
+            }
+            Device::new_cuda(i).map_err(|e| ModelError::DeviceUnavailable {
+                device: format!("cuda:{i}"),
+                reason: e.to_string(),
+            })
+        }
+    }
+}

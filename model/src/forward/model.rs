@@ -1,0 +1,393 @@
+//! The transformer itself: weights, one ragged-batch forward, and the session table.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+use super::attention::{attention, HeadShape, SessionRows};
+use super::hparams::Hparams;
+use super::kv::{SessionKv, StagedKv};
+use super::linear::Linear;
+use crate::{CausalLm, ModelError, ModelInfo, SeqLogits, SeqRequest, SessionId};
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A validated batch entry: where its rows sit in the batch matrices.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    session: SessionId,
+    start: usize,
+    row0: usize,
+    len: usize,
+    /// Trailing rows that get logits.
+    out_rows: usize,
+}
+
+/// A qwen2 or llama model read from GGUF, with its sessions' KV caches.
+#[derive(Debug)]
+pub(crate) struct GgufModel {
+    info: ModelInfo,
+    hp: Hparams,
+    device: Device,
+    embedding: QTensor,
+    blocks: Vec<Block>,
+    out_norm: Tensor,
+    output: Linear,
+    sessions: HashMap<SessionId, SessionKv>,
+}
+
+/// Reads tensors of one GGUF file.
+struct Loader<'a> {
+    ct: &'a Content,
+    file: &'a mut File,
+    device: &'a Device,
+    path: String,
+}
+
+impl Loader<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.ct.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        self.ct
+            .tensor(self.file, name, self.device)
+            .map_err(|e| ModelError::Load {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+
+    fn f32(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        let q = self.qtensor(name)?;
+        q.dequantize(self.device).map_err(|e| ModelError::Load {
+            path: self.path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
+    }
+
+    fn linear(&mut self, name: &str, bias: bool) -> Result<Linear, ModelError> {
+        let w = self.qtensor(&format!("{name}.weight"))?;
+        let bias_name = format!("{name}.bias");
+        let b = if bias && self.has(&bias_name) {
+            Some(self.f32(&bias_name)?)
+        } else {
+            None
+        };
+        Linear::new(w, b).map_err(|e| ModelError::Load {
+            path: self.path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
+    }
+}
+
+impl GgufModel {
+    pub(crate) fn load(
+        ct: &Content,
+        file: &mut File,
+        device: &Device,
+        path: &Path,
+    ) -> Result<Self, ModelError> {
+        let shown = path.display().to_string();
+        let hp = Hparams::from_gguf(ct, &shown)?;
+        let mut ld = Loader {
+            ct,
+            file,
+            device,
+            path: shown.clone(),
+        };
+        let embedding = ld.qtensor("token_embd.weight")?;
+        let mut blocks = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let p = format!("blk.{i}");
+            blocks.push(Block {
+                attn_norm: ld.f32(&format!("{p}.attn_norm.weight"))?,
+                q: ld.linear(&format!("{p}.attn_q"), true)?,
+                k: ld.linear(&format!("{p}.attn_k"), true)?,
+                v: ld.linear(&format!("{p}.attn_v"), true)?,
+                o: ld.linear(&format!("{p}.attn_output"), false)?,
+                ffn_norm: ld.f32(&format!("{p}.ffn_norm.weight"))?,
+                gate: ld.linear(&format!("{p}.ffn_gate"), false)?,
+                up: ld.linear(&format!("{p}.ffn_up"), false)?,
+                down: ld.linear(&format!("{p}.ffn_down"), false)?,
+            });
+        }
+        let out_norm = ld.f32("output_norm.weight")?;
+        let output = if ld.has("output.weight") {
+            ld.linear("output", false)?
+        } else {
+            ld.linear("token_embd", false)?
+        };
+        let load_err = |reason: String| ModelError::Load {
+            path: shown.clone(),
+            reason,
+        };
+        if output.out_dim() != hp.vocab {
+            return Err(load_err(format!(
+                "output projection has {} rows, vocabulary has {}",
+                output.out_dim(),
+                hp.vocab
+            )));
+        }
+        let name = match ct.metadata.get("general.name") {
+            Some(Value::String(s)) => s.clone(),
+            _ => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let info = ModelInfo {
+            arch: hp.arch.name().to_string(),
+            name,
+            vocab_size: hp.vocab,
+            max_context: hp.context,
+            fingerprint: super::tokenizer_fingerprint(ct),
+        };
+        tracing::info!(
+            arch = %info.arch, name = %info.name, layers = hp.n_layer, hidden = hp.hidden,
+            vocab = hp.vocab, "model loaded"
+        );
+        Ok(Self {
+            info,
+            hp,
+            device: device.clone(),
+            embedding,
+            blocks,
+            out_norm,
+            output,
+            sessions: HashMap::new(),
+        })
+    }
+
+    /// Checks the whole batch before anything runs, so an error changes no cache.
+    fn validate(&self, batch: &[SeqRequest]) -> Result<Vec<Segment>, ModelError> {
+        if batch.is_empty() {
+            return Err(ModelError::InvalidBatch("empty batch".into()));
+        }
+        let mut seen = HashSet::with_capacity(batch.len());
+        let mut segments = Vec::with_capacity(batch.len());
+        let mut row0 = 0;
+        for req in batch {
+            if !seen.insert(req.session) {
+                return Err(ModelError::InvalidBatch(format!(
+                    "session {} appears twice",
+                    req.session
+                )));
+            }
+            if req.tokens.is_empty() {
+                return Err(ModelError::InvalidBatch(format!(
+                    "session {} has no new tokens",
+                    req.session
+                )));
+            }
+            if let Some(&token) = req.tokens.iter().find(|&&t| t as usize >= self.hp.vocab) {
+                return Err(ModelError::TokenOutOfVocab {
+                    token,
+                    vocab_size: self.hp.vocab,
+                });
+            }
+            match self.sessions.get(&req.session) {
+                None if req.start != 0 => return Err(ModelError::UnknownSession(req.session)),
+                Some(kv) if req.start > kv.len() => {
+                    return Err(ModelError::BadStart {
+                        session: req.session,
+                        start: req.start,
+                        cached: kv.len(),
+                    })
+                }
+                _ => {}
+            }
+            let len = req.start + req.tokens.len();
+            if len > self.hp.context {
+                return Err(ModelError::ContextOverflow {
+                    session: req.session,
+                    len,
+                    max: self.hp.context,
+                });
+            }
+            segments.push(Segment {
+                session: req.session,
+                start: req.start,
+                row0,
+                len: req.tokens.len(),
+                out_rows: req.logits_for_last.clamp(1, req.tokens.len()),
+            });
+            row0 += req.tokens.len();
+        }
+        Ok(segments)
+    }
+
+    /// cos/sin tables `[rows, 1, head_dim/2]` for the positions of the batch rows.
+    fn rope_tables(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.hp.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / self
+                    .hp
+                    .rope_base
+                    .powf((2 * i) as f32 / self.hp.head_dim as f32)
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), 1, half);
+        Ok((
+            Tensor::from_vec(cos, shape, &self.device)?,
+            Tensor::from_vec(sin, shape, &self.device)?,
+        ))
+    }
+
+    fn rope(&self, x: &Tensor, heads: usize, cs: &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let x = x.reshape((rows, heads, 1, self.hp.head_dim))?;
+        let y = if self.hp.arch.interleaved_rope() {
+            candle_nn::rotary_emb::rope_i(&x, &cs.0, &cs.1)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cs.0, &cs.1)?
+        };
+        y.reshape((rows, heads * self.hp.head_dim))
+    }
+
+    /// Runs the validated batch; returns the logits of each segment's trailing `out_rows` rows,
+    /// concatenated `[Σ out_rows, vocab]`, and every layer's staged K/V.
+    fn run(
+        &self,
+        batch: &[SeqRequest],
+        segments: &[Segment],
+    ) -> candle_core::Result<(Tensor, Vec<StagedKv>)> {
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|r| r.tokens.iter().copied())
+            .collect();
+        let positions: Vec<usize> = segments
+            .iter()
+            .flat_map(|s| s.start..s.start + s.len)
+            .collect();
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, rows, &self.device)?;
+        let mut x = self.embedding.embedding(&ids)?;
+        let cs = self.rope_tables(&positions)?;
+        let eps = self.hp.rms_eps as f32;
+        let shape = HeadShape {
+            n_head: self.hp.n_head,
+            n_kv_head: self.hp.n_kv_head,
+            head_dim: self.hp.head_dim,
+        };
+        let mut staged = Vec::with_capacity(self.blocks.len());
+        for (li, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            let qkv = Linear::forward_group(&[&b.q, &b.k, &b.v], &h)?;
+            let q = self.rope(&qkv[0], shape.n_head, &cs)?;
+            let k = self.rope(&qkv[1], shape.n_kv_head, &cs)?;
+            let new = StagedKv::new(k, qkv[2].clone())?;
+            let views: Vec<SessionRows<'_>> = segments
+                .iter()
+                .map(|s| SessionRows {
+                    row0: s.row0,
+                    len: s.len,
+                    start: s.start,
+                    cache: self.sessions.get(&s.session).map(|kv| &kv.layers[li]),
+                })
+                .collect();
+            let a = attention(shape, &q, &new, &views)?;
+            x = (x + b.o.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+            let gu = Linear::forward_group(&[&b.gate, &b.up], &h)?;
+            let act = (gu[0].silu()? * &gu[1])?;
+            x = (x + b.down.forward(&act)?)?;
+            staged.push(new);
+        }
+        // Only the rows that get logits go through the (vocabulary-wide) output projection.
+        let rows_out: usize = segments.iter().map(|s| s.out_rows).sum();
+        let x = if rows_out < rows {
+            let keep: Vec<u32> = segments
+                .iter()
+                .flat_map(|s| (s.row0 + s.len - s.out_rows..s.row0 + s.len).map(|r| r as u32))
+                .collect();
+            x.index_select(&Tensor::from_vec(keep, rows_out, &self.device)?, 0)?
+        } else {
+            x
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.out_norm, eps)?;
+        Ok((self.output.forward(&x)?, staged))
+    }
+}
+
+impl CausalLm for GgufModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_batch(&mut self, batch: &[SeqRequest]) -> Result<Vec<SeqLogits>, ModelError> {
+        let segments = self.validate(batch)?;
+        let (logits, staged) = self.run(batch, &segments)?;
+        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        for s in &segments {
+            match self.sessions.get_mut(&s.session) {
+                Some(kv) => kv.commit(s.start, &staged, (s.row0, s.len))?,
+                None => {
+                    let kv = SessionKv::from_staged(&staged, s.row0, s.len)?;
+                    self.sessions.insert(s.session, kv);
+                }
+            }
+        }
+        let vocab = self.hp.vocab;
+        let mut first = 0;
+        Ok(segments
+            .iter()
+            .map(|s| {
+                let data = logits[first * vocab..(first + s.out_rows) * vocab].to_vec();
+                first += s.out_rows;
+                SeqLogits {
+                    session: s.session,
+                    rows: s.out_rows,
+                    vocab_size: vocab,
+                    data,
+                }
+            })
+            .collect())
+    }
+
+    fn truncate(&mut self, session: SessionId, len: usize) -> Result<(), ModelError> {
+        let kv = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(ModelError::UnknownSession(session))?;
+        kv.truncate(len)?;
+        Ok(())
+    }
+
+    fn release(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+    }
+
+    fn cached_len(&self, session: SessionId) -> Option<usize> {
+        self.sessions.get(&session).map(SessionKv::len)
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.sessions.values().map(SessionKv::bytes).sum()
+    }
+}
