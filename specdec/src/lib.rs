@@ -3,13 +3,21 @@
 //! randomness are parameters, so every rule is unit-testable and reproducible.
 #![forbid(unsafe_code)]
 
+pub mod cost;
 pub mod error;
+pub mod estimate;
+pub mod gamma;
 pub mod proposal;
 pub mod sampling;
 pub mod types;
 pub mod verify;
 
+pub use cost::{VerifyCost, VerifyCostModel, VerifyCostModelConfig};
 pub use error::SpecError;
+pub use estimate::{AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator};
+pub use gamma::{
+    expected_tokens, plan, round_time_s, tokens_per_s, GammaInputs, GammaPlan, MAX_GAMMA,
+};
 pub use proposal::{propose, truncate, PROPOSAL_SUM_TOLERANCE};
 pub use sampling::{argmax, probs_from_logits, sample};
 pub use types::{SamplingParams, SparseDist};
