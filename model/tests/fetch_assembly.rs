@@ -311,6 +311,30 @@ fn a_reencoding_source_installs_the_reencoded_file() -> anyhow::Result<()> {
 }
 
 #[test]
+fn stale_leftovers_of_a_killed_fetch_are_removed() -> anyhow::Result<()> {
+    let (index, cache, source, _) = three_parts("stale");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+    let stale_file = cache.path().join(".edgespec-reencoded-abc");
+    fs::write(&stale_file, b"half")?;
+    fs::File::options()
+        .write(true)
+        .open(&stale_file)?
+        .set_modified(old)?;
+    let stale_dir = cache.path().join(".edgespec-fetch-xyz");
+    fs::create_dir(&stale_dir)?;
+    fs::write(stale_dir.join("part.bin"), b"half")?;
+    fs::File::open(&stale_dir)?.set_modified(old)?;
+    // A fresh one may belong to a fetch running in another process: kept.
+    let fresh = cache.path().join(".edgespec-fetch-running");
+    fs::create_dir(&fresh)?;
+
+    let dest = cache.path().join("model.gguf");
+    fetch_source(&source, &dest, &offline(index.path()))?;
+    assert_eq!(entries(cache.path()), vec![fresh, dest]);
+    Ok(())
+}
+
+#[test]
 fn cache_lookup_and_default_dir() {
     let cache = tempfile::tempdir().unwrap();
     assert_eq!(

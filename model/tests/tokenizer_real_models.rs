@@ -95,6 +95,13 @@ fn round_trips_mixed_text() {
 }
 
 #[test]
+fn tokenizer_and_stream_decoder_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<TextTokenizer>();
+    assert_send_sync::<edgespec_model::StreamDecoder>();
+}
+
+#[test]
 fn decode_rejects_out_of_vocab_ids() {
     let err = qwen().decode(&[1, 151_936]).unwrap_err();
     assert!(err.to_string().contains("151936"), "{err}");
@@ -126,10 +133,25 @@ fn fingerprint_definition_is_stable() {
     );
     assert_ne!(a, b);
     let mut bytes = b"a\0b\0ab\0".to_vec();
-    bytes.push(0xFF);
+    bytes.push(b'\n');
     bytes.extend_from_slice(b"a b\0");
     use sha2::Digest;
     assert_eq!(a, hex::encode(sha2::Sha256::digest(&bytes)));
+}
+
+#[test]
+fn fingerprint_agrees_with_the_forward_loader() -> anyhow::Result<()> {
+    for m in [KnownModel::Qwen05bDraft, KnownModel::SmolLm135m] {
+        let path = ensure_model(m, &default_cache_dir(), false)?;
+        let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+        let tok = TextTokenizer::from_gguf_content(&content)?;
+        assert_eq!(
+            tok.fingerprint(),
+            edgespec_model::forward::tokenizer_fingerprint(&content)
+        );
+    }
+    Ok(())
 }
 
 #[test]

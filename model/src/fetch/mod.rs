@@ -23,6 +23,9 @@ pub const PIP_ARGS_ENV: &str = "EDGESPEC_PIP_ARGS";
 /// Environment variable naming the Python interpreter (default `python3`).
 pub const PYTHON_ENV: &str = "EDGESPEC_PYTHON";
 
+/// Names of all scratch files and folders a fetch creates in the cache directory start with this.
+pub const SCRATCH_PREFIX: &str = ".edgespec-";
+
 /// The real models edgespec knows how to fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KnownModel {
@@ -204,8 +207,9 @@ pub fn fetch_source(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+    remove_stale_scratch(dir);
     let scratch = tempfile::Builder::new()
-        .prefix(".edgespec-fetch-")
+        .prefix(&format!("{SCRATCH_PREFIX}fetch-"))
         .tempdir_in(dir)
         .map_err(|e| {
             io_err(
@@ -237,7 +241,7 @@ pub fn fetch_source(
     let finished = if source.reencode {
         let t = Instant::now();
         let mut out = tempfile::Builder::new()
-            .prefix(".edgespec-reencoded-")
+            .prefix(&format!("{SCRATCH_PREFIX}reencoded-"))
             .tempfile_in(dir)
             .map_err(|e| io_err("creating the re-encode file".into(), e))?;
         let report = reencode_slow_tensors(assembled.path(), out.as_file_mut(), opts.progress)?;
@@ -270,6 +274,42 @@ fn verify_sha(actual: &str, expected: &str, dest: &Path) -> Result<(), ModelErro
         "checksum mismatch for {}: expected sha256 {expected}, got {actual} (a chunk is missing or corrupted)",
         dest.display()
     )))
+}
+
+/// Scratch entries older than this are leftovers of a killed fetch, not a running one.
+const STALE_SCRATCH: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Remove scratch files and folders a killed process left behind (an error return cleans up after
+/// itself). They are hidden and never taken for models, but they hold gigabytes.
+fn remove_stale_scratch(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(SCRATCH_PREFIX) {
+            continue;
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a > STALE_SCRATCH) {
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => tracing::warn!(path = %path.display(), "removed a stale fetch leftover"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale fetch leftover")
+                }
+            }
+        }
+    }
 }
 
 /// Temp files are created 0600; a cache shared between users of one machine wants 0644.

@@ -78,7 +78,7 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -155,15 +155,16 @@ impl TextTokenizer {
 }
 
 /// Vocabulary fingerprint: lowercase hex sha256 over each token (in id order) followed by a NUL
-/// byte, then one 0xFF byte (never valid UTF-8, so it cannot be confused with token text), then
-/// each merge (`"a b"`) followed by a NUL byte. Two models may pair iff their fingerprints match.
+/// byte, then one `\n`, then each merge (`"a b"`) followed by a NUL byte. The same definition as
+/// `forward::tokenizer_fingerprint` (a test holds them equal). Two models may pair iff their
+/// fingerprints match.
 pub fn fingerprint_from_metadata(tokens: &[String], merges: &[String]) -> String {
     let mut h = Sha256::new();
     for t in tokens {
         h.update(t.as_bytes());
         h.update([0u8]);
     }
-    h.update([0xFFu8]);
+    h.update(b"\n");
     for m in merges {
         h.update(m.as_bytes());
         h.update([0u8]);
