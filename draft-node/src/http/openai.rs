@@ -1,0 +1,372 @@
+//! OpenAI request bodies and their validation into a [`GenerateRequest`]. Unknown fields are
+//! ignored (clients send many); fields we cannot honour are refused with a 400 naming them.
+
+use edgespec_model::ChatMessage;
+use edgespec_specdec::SamplingParams;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::node::Node;
+use crate::session::GenerateRequest;
+
+/// Most stop strings per request.
+const MAX_STOP_STRINGS: usize = 16;
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CommonParams {
+    pub model: String,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Extension: top-k filter (0 or -1: off).
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopParam>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum StopParam {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub prompt: Option<PromptParam>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<serde_json::Value>,
+    pub best_of: Option<i64>,
+    pub suffix: Option<String>,
+}
+
+/// `prompt`: text or token ids, alone or as a one-element batch.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum PromptParam {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub messages: Vec<ChatMessageParam>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+}
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatMessageParam {
+    pub role: String,
+    pub content: Option<ContentParam>,
+}
+
+/// Message content: a string or a list of text parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum ContentParam {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// A validated request.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub generate: GenerateRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Parses a JSON body, mapping syntax and type errors to 400.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(None, format!("Invalid JSON body: {e}")))
+}
+
+impl CompletionRequest {
+    /// Validates and tokenizes.
+    pub fn prepare(self, node: &Node) -> Result<Prepared, ApiError> {
+        check_model(&self.common, node)?;
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported",
+            ));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::invalid(Some("best_of"), "best_of must be 1"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(Some("suffix"), "suffix is not supported"));
+        }
+        let prompt = match self.prompt {
+            None => return Err(ApiError::invalid(Some("prompt"), "prompt is required")),
+            Some(PromptParam::Text(t)) => encode(node, &t, "prompt")?,
+            Some(PromptParam::Texts(mut ts)) if ts.len() == 1 => {
+                encode(node, &ts.remove(0), "prompt")?
+            }
+            Some(PromptParam::Tokens(ids)) => ids,
+            Some(PromptParam::TokenLists(mut ls)) if ls.len() == 1 => ls.remove(0),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("prompt"),
+                    "only one prompt per request is supported",
+                ))
+            }
+        };
+        let vocab = node.model_info().vocab_size;
+        if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        prepare_common(self.common, prompt, None, "prompt", node)
+    }
+}
+
+impl ChatRequest {
+    /// Validates, applies the chat template and tokenizes.
+    pub fn prepare(self, node: &Node) -> Result<Prepared, ApiError> {
+        check_model(&self.common, node)?;
+        if self.logprobs == Some(true) {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported",
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "messages must not be empty",
+            ));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for m in self.messages {
+            let role =
+                match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => return Err(ApiError::invalid(
+                        Some("messages"),
+                        format!(
+                            "unsupported message role `{other}` (use system, user or assistant)"
+                        ),
+                    )),
+                };
+            let content = match m.content {
+                None => String::new(),
+                Some(ContentParam::Text(t)) => t,
+                Some(ContentParam::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    Some("messages"),
+                                    format!("unsupported content part `{kind}` (only text)"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage::new(role, content));
+        }
+        let rendered = node.tokenizer().apply_chat_template(&messages, true);
+        let prompt = encode(node, &rendered, "messages")?;
+        prepare_common(
+            self.common,
+            prompt,
+            self.max_completion_tokens,
+            "messages",
+            node,
+        )
+    }
+}
+
+fn check_model(c: &CommonParams, node: &Node) -> Result<(), ApiError> {
+    if c.model != node.served_name() {
+        return Err(ApiError::unknown_model(&c.model, node.served_name()));
+    }
+    Ok(())
+}
+
+fn encode(node: &Node, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
+    node.tokenizer()
+        .encode(text)
+        .map_err(|_| ApiError::invalid(Some(param), "the text could not be tokenized"))
+}
+
+fn prepare_common(
+    c: CommonParams,
+    prompt: Vec<u32>,
+    max_completion_tokens: Option<i64>,
+    prompt_param: &'static str,
+    node: &Node,
+) -> Result<Prepared, ApiError> {
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    }
+    for (name, v) in [
+        ("presence_penalty", c.presence_penalty),
+        ("frequency_penalty", c.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                Some(name),
+                format!("{name} is not supported"),
+            ));
+        }
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            Some(prompt_param),
+            "the prompt must not be empty",
+        ));
+    }
+    let limits = node.limits();
+    let context = node.model_info().max_context;
+    let max_prompt = (limits.max_prompt_tokens as usize).min(context.saturating_sub(1));
+    if prompt.len() > max_prompt {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                Some(prompt_param),
+                format!(
+                    "The prompt has {} tokens; this server accepts at most {max_prompt} \
+                     (model context {context}).",
+                    prompt.len()
+                ),
+            )
+        });
+    }
+    let room = context - prompt.len();
+    let max_tokens = match max_completion_tokens.or(c.max_tokens) {
+        None => (limits.default_max_tokens as usize).min(room),
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(m) if m > i64::from(limits.max_tokens) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "max_tokens is {m}; this server allows at most {}",
+                    limits.max_tokens
+                ),
+            ))
+        }
+        Some(m) if m as usize > room => {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    Some("max_tokens"),
+                    format!(
+                        "This model's maximum context length is {context} tokens. However, you \
+                         requested {} tokens ({} in the prompt, {m} for the completion).",
+                        prompt.len() as i64 + m,
+                        prompt.len()
+                    ),
+                )
+            })
+        }
+        Some(m) => m as usize,
+    };
+    let sampling = sampling(&c)?;
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(StopParam::One(s)) => vec![s],
+        Some(StopParam::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP_STRINGS} stop strings are supported"),
+        ));
+    }
+    Ok(Prepared {
+        generate: GenerateRequest {
+            prompt,
+            max_new_tokens: max_tokens,
+            sampling,
+            stop,
+        },
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn sampling(c: &CommonParams) -> Result<SamplingParams, ApiError> {
+    // OpenAI's defaults: temperature 1, top_p 1.
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            "temperature must be between 0 and 2",
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(Some("top_p"), "top_p must be in (0, 1]"));
+    }
+    let top_k = match c.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 && k <= i64::from(u32::MAX) => k as u32,
+        _ => {
+            return Err(ApiError::invalid(
+                Some("top_k"),
+                "top_k must be -1, 0 or positive",
+            ))
+        }
+    };
+    let seed = match c.seed {
+        Some(s) => s as u64,
+        None => rand::random(),
+    };
+    Ok(SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        seed,
+    })
+}

@@ -1,0 +1,235 @@
+//! Every metric the draft node exports, in one place (`edgespec_draft_*`; counters get the
+//! `_total` suffix from the encoder). Labels are low-cardinality: never a session id or text.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Cheaply cloneable metric handles.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    drafted: Counter,
+    accepted: Counter,
+    rounds: Counter,
+    emitted: Counter,
+    resyncs: Counter,
+    retries: Counter,
+    reconnects: Counter,
+    pipeline_kept: Counter,
+    pipeline_dropped: Counter,
+    active: Gauge,
+    connected: Gauge,
+    round_trip: Histogram,
+    draft_forward: Histogram,
+    draft_batch: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let (drafted, accepted, rounds, emitted) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
+        let (resyncs, retries, reconnects) =
+            (Counter::default(), Counter::default(), Counter::default());
+        let (pipeline_kept, pipeline_dropped) = (Counter::default(), Counter::default());
+        let (active, connected) = (Gauge::default(), Gauge::default());
+        let round_trip = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let draft_forward = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let draft_batch = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let p = "edgespec_draft_";
+        r.register(
+            format!("{p}requests"),
+            "HTTP generation requests by endpoint and outcome",
+            requests.clone(),
+        );
+        r.register(
+            format!("{p}drafted_tokens"),
+            "Draft tokens sent for verification",
+            drafted.clone(),
+        );
+        r.register(
+            format!("{p}accepted_tokens"),
+            "Draft tokens accepted by the target",
+            accepted.clone(),
+        );
+        r.register(
+            format!("{p}rounds"),
+            "Verdicts applied (one target forward each)",
+            rounds.clone(),
+        );
+        r.register(
+            format!("{p}emitted_tokens"),
+            "Tokens committed to clients",
+            emitted.clone(),
+        );
+        r.register(
+            format!("{p}resyncs"),
+            "Blocks resent with full history",
+            resyncs.clone(),
+        );
+        r.register(
+            format!("{p}retries"),
+            "Blocks resent after OVERLOADED/UNAVAILABLE",
+            retries.clone(),
+        );
+        r.register(
+            format!("{p}reconnects"),
+            "Coordinator stream (re)connections",
+            reconnects.clone(),
+        );
+        r.register(
+            format!("{p}pipeline_kept"),
+            "Pipelined blocks kept after a verdict",
+            pipeline_kept.clone(),
+        );
+        r.register(
+            format!("{p}pipeline_dropped"),
+            "Pipelined blocks dropped after a verdict",
+            pipeline_dropped.clone(),
+        );
+        r.register(
+            format!("{p}active_sessions"),
+            "Generations in progress",
+            active.clone(),
+        );
+        r.register(
+            format!("{p}coordinator_connected"),
+            "1 while the coordinator stream is up",
+            connected.clone(),
+        );
+        r.register(
+            format!("{p}round_trip_seconds"),
+            "Block send to verdict",
+            round_trip.clone(),
+        );
+        r.register(
+            format!("{p}forward_seconds"),
+            "Duration of one batched draft forward",
+            draft_forward.clone(),
+        );
+        r.register(
+            format!("{p}forward_sessions"),
+            "Sessions per batched draft forward",
+            draft_batch.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry: r,
+                requests,
+                drafted,
+                accepted,
+                rounds,
+                emitted,
+                resyncs,
+                retries,
+                reconnects,
+                pipeline_kept,
+                pipeline_dropped,
+                active,
+                connected,
+                round_trip,
+                draft_forward,
+                draft_batch,
+            }),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// One finished HTTP request (`outcome` is `ok` or an error class).
+    pub fn request(&self, endpoint: &'static str, outcome: &'static str) {
+        self.inner
+            .requests
+            .get_or_create(&vec![("endpoint", endpoint), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// One verdict applied.
+    pub fn round(&self, drafted: usize, accepted: usize, round_trip: Duration) {
+        self.inner.drafted.inc_by(drafted as u64);
+        self.inner.accepted.inc_by(accepted as u64);
+        self.inner.rounds.inc();
+        self.inner.round_trip.observe(round_trip.as_secs_f64());
+    }
+
+    /// Tokens committed to a client.
+    pub fn emitted(&self, n: usize) {
+        self.inner.emitted.inc_by(n as u64);
+    }
+
+    /// A block resent with history.
+    pub fn resync(&self) {
+        self.inner.resyncs.inc();
+    }
+
+    /// A block resent after a refusal.
+    pub fn retry(&self) {
+        self.inner.retries.inc();
+    }
+
+    /// Pipelined work kept (`true`) or dropped.
+    pub fn pipeline(&self, kept: bool) {
+        if kept {
+            self.inner.pipeline_kept.inc();
+        } else {
+            self.inner.pipeline_dropped.inc();
+        }
+    }
+
+    /// Coordinator link up/down.
+    pub fn connected(&self, up: bool) {
+        self.inner.connected.set(i64::from(up));
+        if up {
+            self.inner.reconnects.inc();
+        }
+    }
+
+    /// A session started (+1) or ended (-1).
+    pub fn active(&self, delta: i64) {
+        self.inner.active.inc_by(delta);
+    }
+
+    /// One batched draft forward.
+    pub fn observe_draft_forward(&self, took: Duration, sessions: usize) {
+        self.inner.draft_forward.observe(took.as_secs_f64());
+        self.inner.draft_batch.observe(sessions as f64);
+    }
+}

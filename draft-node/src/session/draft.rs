@@ -1,0 +1,227 @@
+//! Drafting one block: the round RNG, the token choice (argmax, or a sparse top-K proposal when
+//! sampling), and the session's view of its draft KV cache.
+//!
+//! The draft KV follows the node-wide convention (committed tokens except the last, then the
+//! drafts), but the drafter does not track it by rule: it keeps a mirror of the tokens the cache
+//! holds and asks for each step "keep the longest prefix the mirror shares with the sequence I
+//! want, append the rest". Prefill, a round's first step, steps after a rejection, a resync and
+//! pipelined blocks are then all the same operation, and a dropped speculative block costs
+//! nothing but the truncation.
+
+use edgespec_specdec::{argmax, probs_from_logits, propose, SamplingParams, SparseDist};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::engine::Engine;
+use crate::error::GenError;
+
+/// The draft side's RNG for the round that extends `committed_len` tokens: a pure function of
+/// `(seed, committed_len)` on stream 0 (the verifier uses stream 1), so a seeded request drafts
+/// the same tokens whatever happened before (resyncs, pipelining on or off).
+pub fn round_rng(seed: u64, committed_len: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ (committed_len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    rng.set_stream(0);
+    rng
+}
+
+/// The draft tokens of one block in the making.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockDraft {
+    /// Committed length the block extends.
+    pub base_len: usize,
+    /// Draft tokens so far.
+    pub tokens: Vec<u32>,
+    /// One q per token when sampling.
+    pub q: Vec<SparseDist>,
+    rng: ChaCha8Rng,
+}
+
+impl BlockDraft {
+    /// An empty block after `base_len` committed tokens.
+    pub fn new(base_len: usize, sampling: &SamplingParams) -> Self {
+        BlockDraft {
+            base_len,
+            tokens: Vec::new(),
+            q: Vec::new(),
+            rng: round_rng(sampling.seed, base_len),
+        }
+    }
+
+    /// Picks the next draft token from the logits after the current last token.
+    pub fn choose(&mut self, logits: &[f32], sampling: &SamplingParams, top_k: usize) -> u32 {
+        if sampling.is_greedy() {
+            let t = argmax(logits);
+            self.tokens.push(t);
+            return t;
+        }
+        let probs = probs_from_logits(logits, sampling);
+        let (t, q) = propose(&probs, top_k, &mut self.rng);
+        self.tokens.push(t);
+        self.q.push(q);
+        t
+    }
+
+    /// Keeps the first `n` tokens (the RNG is not rewound: a shortened block is sent as is and
+    /// the next round draws from a fresh round RNG).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.q.truncate(n);
+    }
+
+    /// Number of draft tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// A planned forward step: keep `start` cached tokens, append `tokens`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepPlan {
+    /// Cached tokens kept.
+    pub start: usize,
+    /// Tokens appended.
+    pub tokens: Vec<u32>,
+}
+
+/// The step that turns a cache holding `mirror` into one holding `parts` (concatenated): keep
+/// the longest common prefix, but always re-feed at least the last token (its logits are needed).
+pub(crate) fn plan_step(mirror: &[u32], parts: &[&[u32]]) -> StepPlan {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let common = mirror
+        .iter()
+        .zip(parts.iter().flat_map(|p| p.iter()))
+        .take_while(|(a, b)| a == b)
+        .count();
+    let start = common.min(len.saturating_sub(1));
+    let tokens = parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .skip(start)
+        .copied()
+        .collect();
+    StepPlan { start, tokens }
+}
+
+/// One session's draft KV, seen through a mirror of its tokens.
+#[derive(Debug)]
+pub(crate) struct Drafter {
+    session: u64,
+    engine: Engine,
+    mirror: Vec<u32>,
+}
+
+impl Drafter {
+    /// A drafter for `session` (its KV starts empty).
+    pub fn new(session: u64, engine: Engine) -> Self {
+        Drafter {
+            session,
+            engine,
+            mirror: Vec::new(),
+        }
+    }
+
+    /// The step that leaves the cache holding `parts` (concatenated) and yields the logits after
+    /// their last token. `parts` must not be empty overall.
+    pub fn plan(&self, parts: &[&[u32]]) -> StepPlan {
+        plan_step(&self.mirror, parts)
+    }
+
+    /// Records a completed step.
+    pub fn applied(&mut self, plan: &StepPlan) {
+        self.mirror.truncate(plan.start);
+        self.mirror.extend_from_slice(&plan.tokens);
+    }
+
+    /// Runs a step now; the logits after the last token of `parts`.
+    pub async fn logits(&mut self, parts: &[&[u32]]) -> Result<Vec<f32>, GenError> {
+        let plan = self.plan(parts);
+        let row = self
+            .engine
+            .step(self.session, plan.start, plan.tokens.clone())
+            .await?;
+        self.applied(&plan);
+        Ok(row)
+    }
+
+    /// The engine and session, for steps run as owned futures.
+    pub fn engine(&self) -> (Engine, u64) {
+        (self.engine.clone(), self.session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    #[test]
+    fn steps_keep_the_shared_prefix_and_refeed_at_least_one_token() {
+        // prefill
+        assert_eq!(
+            plan_step(&[], &[&[1, 2, 3]]),
+            StepPlan {
+                start: 0,
+                tokens: vec![1, 2, 3]
+            }
+        );
+        // next draft step: only the new token
+        assert_eq!(
+            plan_step(&[1, 2, 3], &[&[1, 2, 3], &[9]]),
+            StepPlan {
+                start: 3,
+                tokens: vec![9]
+            }
+        );
+        // after a rejection: truncate to the committed prefix, feed the correction
+        assert_eq!(
+            plan_step(&[1, 2, 3, 9, 8], &[&[1, 2, 3, 9, 5]]),
+            StepPlan {
+                start: 4,
+                tokens: vec![5]
+            }
+        );
+        // the cache already holds everything: re-feed the last token for its logits
+        assert_eq!(
+            plan_step(&[1, 2, 3, 4], &[&[1, 2], &[3]]),
+            StepPlan {
+                start: 2,
+                tokens: vec![3]
+            }
+        );
+    }
+
+    #[test]
+    fn round_rng_depends_only_on_seed_and_length() {
+        let a: u64 = round_rng(7, 12).random();
+        let b: u64 = round_rng(7, 12).random();
+        let c: u64 = round_rng(7, 13).random();
+        let d: u64 = round_rng(8, 12).random();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn greedy_choice_is_argmax_without_q_and_sampling_sends_a_q_holding_the_token() {
+        let logits = [0.1f32, 2.0, 1.9, -1.0];
+        let mut g = BlockDraft::new(5, &SamplingParams::GREEDY);
+        assert_eq!(g.choose(&logits, &SamplingParams::GREEDY, 2), 1);
+        assert!(g.q.is_empty());
+        let sp = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 3,
+        };
+        let mut s = BlockDraft::new(5, &sp);
+        let t = s.choose(&logits, &sp, 2);
+        assert_eq!(s.q.len(), 1);
+        assert_eq!(s.q[0].ids.len(), 2);
+        assert!(s.q[0].prob(t) > 0.0);
+        // Same seed and length: same tokens.
+        let mut again = BlockDraft::new(5, &sp);
+        assert_eq!(again.choose(&logits, &sp, 2), t);
+    }
+}

@@ -1,0 +1,495 @@
+//! One generation: a task per request that drafts γ tokens, sends the block on the shared
+//! stream, applies the verdict, streams the committed text to the client, and — with pipelining —
+//! drafts the next block while the current one is being verified.
+
+mod draft;
+mod output;
+mod state;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edgespec_model::TextTokenizer;
+use edgespec_proto::domain::{DraftBlock, ErrorCode, SessionError};
+use edgespec_specdec::{argmax, SamplingParams};
+use tokio::sync::mpsc;
+
+use crate::connection::{Connection, SessionEvent, Verdict};
+use crate::engine::Engine;
+use crate::error::GenError;
+use crate::metrics::Metrics;
+pub use draft::round_rng;
+use draft::{BlockDraft, Drafter, StepPlan};
+pub use output::FinishReason;
+use output::Output;
+pub(crate) use state::GammaBounds;
+pub use state::GenStats;
+use state::{SessionSpec, SessionState, Telemetry};
+
+/// Events buffered toward a slow client before drafting waits.
+const EVENT_CAPACITY: usize = 64;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Token budget.
+    pub max_new_tokens: usize,
+    /// Sampling parameters (temperature 0 = greedy).
+    pub sampling: SamplingParams,
+    /// Stop strings (trimmed from the output).
+    pub stop: Vec<String>,
+}
+
+/// The end of a successful generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Completion tokens (eos included).
+    pub completion_tokens: usize,
+    /// Speculation statistics.
+    pub stats: GenStats,
+}
+
+/// What a generation reports, in order: text pieces, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// The next piece of text.
+    Text(String),
+    /// Finished normally.
+    Done(Summary),
+    /// Failed; text sent so far stands.
+    Failed(GenError),
+}
+
+/// Node-wide drafting configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DraftConfig {
+    /// γ limits from the settings.
+    pub bounds: GammaBounds,
+    /// Sparse q size.
+    pub top_k: usize,
+    /// Pipelined drafting.
+    pub pipeline: bool,
+    /// How long the coordinator may leave a block unanswered (or keep refusing it).
+    pub timeout: Duration,
+    /// First retry delay after OVERLOADED/UNAVAILABLE.
+    pub retry_initial: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+}
+
+/// What every session shares.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionCtx {
+    pub engine: Engine,
+    pub conn: Connection,
+    pub tokenizer: TextTokenizer,
+    pub metrics: Metrics,
+    pub cfg: DraftConfig,
+    /// Node-wide draft cost estimate (f32 bits), reported to the coordinator.
+    pub draft_cost: Arc<AtomicU32>,
+}
+
+/// Starts a generation; events arrive on the returned channel. Dropping it cancels the
+/// generation (the session is closed at the coordinator).
+pub(crate) fn spawn(
+    ctx: SessionCtx,
+    id: u64,
+    req: GenerateRequest,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> mpsc::Receiver<GenEvent> {
+    let (out, rx) = mpsc::channel(EVENT_CAPACITY);
+    let welcome = ctx.conn.welcome();
+    let bounds = GammaBounds {
+        min: ctx.cfg.bounds.min.min(welcome.max_gamma as usize),
+        max: ctx.cfg.bounds.max.min(welcome.max_gamma as usize),
+    };
+    let initial_gamma = if welcome.speculation_enabled {
+        welcome.initial_gamma
+    } else {
+        0
+    };
+    let output = Output::new(
+        ctx.tokenizer.stream_decoder(),
+        ctx.tokenizer.eos_token_ids().to_vec(),
+        req.stop,
+        req.max_new_tokens,
+    );
+    let state = SessionState::new(SessionSpec {
+        id,
+        prompt: req.prompt,
+        max_new: req.max_new_tokens,
+        sampling: req.sampling,
+        initial_gamma,
+        bounds,
+    });
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let driver = Driver {
+        drafter: Drafter::new(id, ctx.engine.clone()),
+        ctx,
+        id,
+        state,
+        output,
+        events,
+        out,
+        last_round_trip_ns: 0,
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        driver.run(events_tx).await;
+    });
+    rx
+}
+
+/// Why the drafting loop stopped early.
+enum Halt {
+    Finish(FinishReason),
+    ClientGone,
+    Failed(GenError),
+}
+
+impl From<GenError> for Halt {
+    fn from(e: GenError) -> Self {
+        Halt::Failed(e)
+    }
+}
+
+type StepFuture = Pin<Box<dyn Future<Output = (StepPlan, Result<Vec<f32>, GenError>)> + Send>>;
+
+/// The block drafted ahead while the previous one is in flight, valid if that block is fully
+/// accepted and the target's bonus token equals `guess`.
+struct Spec {
+    /// How many tokens to draft ahead.
+    want: usize,
+    /// The draft's own guess of the bonus token.
+    guess: Option<u32>,
+    /// Drafts after committed + in-flight drafts + guess.
+    draft: Option<BlockDraft>,
+}
+
+struct Driver {
+    ctx: SessionCtx,
+    id: u64,
+    state: SessionState,
+    output: Output,
+    drafter: Drafter,
+    events: mpsc::UnboundedReceiver<SessionEvent>,
+    out: mpsc::Sender<GenEvent>,
+    last_round_trip_ns: u64,
+}
+
+impl Driver {
+    async fn run(mut self, events_tx: mpsc::UnboundedSender<SessionEvent>) {
+        self.ctx.metrics.active(1);
+        self.ctx.conn.open(self.id, events_tx).await;
+        let result = self.generate().await;
+        self.ctx.conn.close(self.id).await;
+        self.ctx.engine.release(self.id).await;
+        self.ctx.metrics.active(-1);
+        let event = match result {
+            Halt::Finish(finish_reason) => GenEvent::Done(Summary {
+                finish_reason,
+                completion_tokens: self.output.produced(),
+                stats: self.state.stats(),
+            }),
+            Halt::Failed(e) => GenEvent::Failed(e),
+            Halt::ClientGone => {
+                tracing::debug!(session = self.id, "client went away; session closed");
+                return;
+            }
+        };
+        let _ = self.out.send(event).await;
+    }
+
+    async fn generate(&mut self) -> Halt {
+        let mut spec: Option<Spec> = None;
+        let mut with_history = true;
+        loop {
+            let gamma = self.state.planned_gamma();
+            let mut draft = match spec.take().and_then(|s| s.draft) {
+                Some(d) => d,
+                None => BlockDraft::new(self.state.committed().len(), self.state.sampling()),
+            };
+            draft.truncate(gamma);
+            if let Err(h) = self.extend(&mut draft, gamma).await {
+                return h;
+            }
+            let block = self.state.block(&draft, with_history, self.telemetry());
+            let sent = Instant::now();
+            self.ctx.conn.send(block.clone()).await;
+            let (verdict, ahead) = match self.await_verdict(&block).await {
+                Ok(v) => v,
+                Err(h) => return self.halt(h).await,
+            };
+            with_history = false;
+            self.last_round_trip_ns = sent.elapsed().as_nanos() as u64;
+            let new = match self.state.apply(&block, &verdict) {
+                Ok(new) => new,
+                Err(e) => return Halt::Failed(e),
+            };
+            self.ctx
+                .metrics
+                .round(gamma, verdict.accepted, sent.elapsed());
+            if let Some(h) = self.emit(&new).await {
+                return h;
+            }
+            spec = ahead.filter(|s| {
+                let kept = verdict.accepted == gamma && s.guess == Some(verdict.next_token);
+                self.ctx.metrics.pipeline(kept);
+                kept
+            });
+            if spec.is_some() {
+                self.state.note_pipelined();
+            }
+        }
+    }
+
+    /// Emits the text of newly committed tokens; `Some` when the generation is over.
+    async fn emit(&mut self, tokens: &[u32]) -> Option<Halt> {
+        self.ctx.metrics.emitted(tokens.len());
+        for &t in tokens {
+            let (text, finished) = self.output.push(t);
+            if !text.is_empty() && self.out.send(GenEvent::Text(text)).await.is_err() {
+                return Some(Halt::ClientGone);
+            }
+            if let Some(reason) = finished {
+                return Some(Halt::Finish(reason));
+            }
+        }
+        None
+    }
+
+    /// Turns an early stop into its final form (flushing held text on a normal finish).
+    async fn halt(&mut self, h: Halt) -> Halt {
+        if let Halt::Finish(reason) = h {
+            let (text, _) = self.output.end(reason);
+            if !text.is_empty() && self.out.send(GenEvent::Text(text)).await.is_err() {
+                return Halt::ClientGone;
+            }
+        }
+        h
+    }
+
+    /// Drafts until `draft` holds `gamma` tokens.
+    async fn extend(&mut self, draft: &mut BlockDraft, gamma: usize) -> Result<(), Halt> {
+        while draft.len() < gamma {
+            if self.out.is_closed() {
+                return Err(Halt::ClientGone);
+            }
+            let started = Instant::now();
+            let row = self
+                .drafter
+                .logits(&[self.state.committed(), &draft.tokens])
+                .await?;
+            self.observe_draft_cost(started.elapsed());
+            let sampling = *self.state.sampling();
+            draft.choose(&row, &sampling, self.ctx.cfg.top_k);
+        }
+        Ok(())
+    }
+
+    fn telemetry(&self) -> Telemetry {
+        Telemetry {
+            send_unix_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            draft_s_per_token: f32::from_bits(self.ctx.draft_cost.load(Ordering::Relaxed)),
+            last_round_trip_ns: self.last_round_trip_ns,
+        }
+    }
+
+    fn observe_draft_cost(&self, took: Duration) {
+        let old = f32::from_bits(self.ctx.draft_cost.load(Ordering::Relaxed));
+        let x = took.as_secs_f32();
+        let new = if old > 0.0 { 0.8 * old + 0.2 * x } else { x };
+        self.ctx.draft_cost.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Waits for the verdict of `block`, resending it on resync/refusal, and drafting ahead in
+    /// the meantime when pipelining is on.
+    async fn await_verdict(&mut self, block: &DraftBlock) -> Result<(Verdict, Option<Spec>), Halt> {
+        let cfg = self.ctx.cfg;
+        let mut deadline = tokio::time::Instant::now() + cfg.timeout;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut refused_since: Option<Instant> = None;
+        let mut retry_delay = cfg.retry_initial;
+        let mut pending = block.clone();
+        let mut spec = self.plan_spec(block);
+        let mut step: Option<StepFuture> = None;
+        loop {
+            if step.is_none() {
+                step = spec.as_ref().and_then(|s| self.spec_step(s, block));
+            }
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(SessionEvent::Verdict(v)) => {
+                        if let Some(f) = step.take() {
+                            let done = f.await;
+                            self.spec_step_done(&mut spec, done);
+                        }
+                        return Ok((v, spec));
+                    }
+                    Some(SessionEvent::Resync { round }) if round == pending.block.round => {
+                        pending = self.state.with_history(&pending);
+                        self.resend(&pending, true).await;
+                        deadline = tokio::time::Instant::now() + cfg.timeout;
+                    }
+                    Some(SessionEvent::Resync { .. }) => {}
+                    Some(SessionEvent::Error(e)) => match e.code {
+                        ErrorCode::ResyncNeeded => {
+                            pending = self.state.with_history(&pending);
+                            self.resend(&pending, true).await;
+                            deadline = tokio::time::Instant::now() + cfg.timeout;
+                        }
+                        ErrorCode::Overloaded | ErrorCode::Unavailable => {
+                            let since = *refused_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= cfg.timeout {
+                                return Err(refused(&e, cfg.timeout).into());
+                            }
+                            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                            retry_delay = (retry_delay * 2).min(cfg.retry_max);
+                            deadline = tokio::time::Instant::now() + cfg.timeout + retry_delay;
+                        }
+                        _ => return Err(session_error(e)),
+                    },
+                    Some(SessionEvent::Fatal(e)) => return Err(e.into()),
+                    None => return Err(GenError::Internal("the coordinator connection stopped".into()).into()),
+                },
+                done = async { step.as_mut().expect("guarded").await }, if step.is_some() => {
+                    step = None;
+                    self.spec_step_done(&mut spec, done);
+                },
+                _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => {
+                    retry_at = None;
+                    self.ctx.metrics.retry();
+                    self.resend(&pending, false).await;
+                    deadline = tokio::time::Instant::now() + cfg.timeout;
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(GenError::Unavailable(format!(
+                        "the coordinator did not answer within {}",
+                        humantime_secs(cfg.timeout)
+                    )).into());
+                },
+                _ = self.out.closed() => return Err(Halt::ClientGone),
+            }
+        }
+    }
+
+    async fn resend(&mut self, block: &DraftBlock, resync: bool) {
+        if resync {
+            self.state.note_resync();
+            self.ctx.metrics.resync();
+        }
+        let mut b = block.clone();
+        b.client_send_unix_ns = self.telemetry().send_unix_ns;
+        self.ctx.conn.send(b).await;
+    }
+
+    /// Whether to draft ahead of `block`, and how far.
+    fn plan_spec(&self, block: &DraftBlock) -> Option<Spec> {
+        let gamma = block.block.draft_tokens.len();
+        let eos = self.ctx.tokenizer.eos_token_ids();
+        if !self.ctx.cfg.pipeline
+            || gamma == 0
+            || block.block.draft_tokens.iter().any(|t| eos.contains(t))
+        {
+            return None;
+        }
+        // Budget left if the block is fully accepted (γ drafts + the bonus token).
+        let after = self.state.remaining().checked_sub(gamma + 1)?;
+        let want = gamma.min(after.saturating_sub(1));
+        (want > 0).then_some(Spec {
+            want,
+            guess: None,
+            draft: None,
+        })
+    }
+
+    /// The next speculative step, if any is left.
+    fn spec_step(&self, spec: &Spec, block: &DraftBlock) -> Option<StepFuture> {
+        let committed = self.state.committed();
+        let drafts = &block.block.draft_tokens;
+        let plan = match (spec.guess, &spec.draft) {
+            (None, _) => self.drafter.plan(&[committed, drafts]),
+            (Some(g), Some(d)) if d.len() < spec.want => {
+                self.drafter.plan(&[committed, drafts, &[g], &d.tokens])
+            }
+            _ => return None,
+        };
+        let (engine, session) = self.drafter.engine();
+        Some(Box::pin(async move {
+            let r = engine.step(session, plan.start, plan.tokens.clone()).await;
+            (plan, r)
+        }))
+    }
+
+    fn spec_step_done(
+        &mut self,
+        spec: &mut Option<Spec>,
+        done: (StepPlan, Result<Vec<f32>, GenError>),
+    ) {
+        let (plan, result) = done;
+        let Ok(row) = result else {
+            *spec = None;
+            return;
+        };
+        self.drafter.applied(&plan);
+        let Some(s) = spec.as_mut() else { return };
+        let sampling = *self.state.sampling();
+        match s.guess {
+            None => {
+                let guess = argmax(&row);
+                if self.ctx.tokenizer.eos_token_ids().contains(&guess) {
+                    *spec = None;
+                    return;
+                }
+                s.guess = Some(guess);
+                // committed + γ drafts + guess
+                let base = plan.start + plan.tokens.len() + 1;
+                s.draft = Some(BlockDraft::new(base, &sampling));
+            }
+            Some(_) => {
+                if let Some(d) = s.draft.as_mut() {
+                    d.choose(&row, &sampling, self.ctx.cfg.top_k);
+                }
+            }
+        }
+    }
+}
+
+fn refused(e: &SessionError, timeout: Duration) -> GenError {
+    GenError::Unavailable(format!(
+        "the verify pool stayed unavailable for {}: {}",
+        humantime_secs(timeout),
+        e.message
+    ))
+}
+
+fn session_error(e: SessionError) -> Halt {
+    match e.code {
+        ErrorCode::ContextOverflow => Halt::Finish(FinishReason::Length),
+        ErrorCode::ModelMismatch => Halt::Failed(GenError::ModelMismatch(format!(
+            "the verify fleet's model does not match the draft model: {}",
+            e.message
+        ))),
+        ErrorCode::InvalidArgument => Halt::Failed(GenError::Internal(format!(
+            "the verify side rejected a draft block: {}",
+            e.message
+        ))),
+        _ => Halt::Failed(GenError::Internal(format!(
+            "the verify side failed: {}",
+            e.message
+        ))),
+    }
+}
+
+fn humantime_secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}

@@ -1,0 +1,277 @@
+//! Typed settings: `default.toml` (embedded, every key) → optional `--config` file →
+//! `EDGESPEC__<SECTION>__<KEY>` environment variables. Unknown keys are errors; values are
+//! validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use edgespec_model::DeviceKind;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// The embedded base file with every key and its default.
+pub const DEFAULT_TOML: &str = include_str!("../default.toml");
+
+/// All draft-node settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Node identity.
+    pub node: NodeSettings,
+    /// The draft model.
+    pub model: ModelSettings,
+    /// The OpenAI-compatible HTTP API.
+    pub http: HttpSettings,
+    /// The coordinator link.
+    pub coordinator: CoordinatorSettings,
+    /// The drafting loop.
+    pub drafting: DraftingSettings,
+    /// Request limits.
+    pub limits: LimitSettings,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Stable node id; empty = generated at start.
+    pub id: String,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Draft model GGUF.
+    pub path: PathBuf,
+    /// Name served on `/v1/models` and expected in requests.
+    pub served_name: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Listen address (port 0 allowed).
+    pub listen: SocketAddr,
+}
+
+/// `[coordinator]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// gRPC address, e.g. `http://10.0.0.2:50051`.
+    pub address: String,
+    /// How long the coordinator may be away before requests fail with 503.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// One connection attempt's timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// `[drafting]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftingSettings {
+    /// Smallest γ used.
+    pub min_gamma: u32,
+    /// Largest γ used.
+    pub max_gamma: u32,
+    /// K of the sparse draft distribution when sampling.
+    pub top_k: u32,
+    /// Pipelined drafting on/off.
+    pub pipeline: bool,
+    /// Most sessions per batched draft forward.
+    pub max_batch_sessions: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens: u32,
+    /// `max_tokens` when a request sets none.
+    pub default_max_tokens: u32,
+    /// Longest prompt in tokens.
+    pub max_prompt_tokens: u32,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Concurrent generations; more get 429.
+    pub max_concurrent_sessions: usize,
+}
+
+impl Default for Settings {
+    /// The embedded defaults (`model.path` is empty and must be set before `validate`).
+    fn default() -> Self {
+        Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .expect("the embedded default.toml deserializes into Settings")
+    }
+}
+
+/// Loads the defaults, then `path` (if any), then `EDGESPEC__*` environment variables, and
+/// validates the result.
+pub fn load_settings(path: Option<&Path>) -> Result<Settings, Error> {
+    let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+    if let Some(p) = path {
+        builder = builder.add_source(File::from(p).format(FileFormat::Toml).required(true));
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("EDGESPEC")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true),
+    );
+    let settings: Settings = builder
+        .build()
+        .and_then(Config::try_deserialize)
+        .map_err(|e| Error::Settings(e.to_string()))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+impl Settings {
+    /// Checks values that the types alone do not (called by `load_settings` and `App::build`).
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: &str| Err(Error::Settings(format!("{key}: {why}")));
+        if self.model.path.as_os_str().is_empty() {
+            return bad("model.path", "must name the draft model GGUF file");
+        }
+        if self.model.served_name.trim().is_empty() {
+            return bad("model.served_name", "must not be empty");
+        }
+        self.device()?;
+        if !(self.coordinator.address.starts_with("http://")
+            || self.coordinator.address.starts_with("https://"))
+        {
+            return bad(
+                "coordinator.address",
+                "must be a URL such as http://127.0.0.1:50051",
+            );
+        }
+        let c = &self.coordinator;
+        for (key, d) in [
+            ("coordinator.timeout", c.timeout),
+            ("coordinator.connect_timeout", c.connect_timeout),
+            ("coordinator.backoff_initial", c.backoff_initial),
+            ("coordinator.backoff_max", c.backoff_max),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be greater than zero");
+            }
+        }
+        if c.backoff_initial > c.backoff_max {
+            return bad(
+                "coordinator.backoff_initial",
+                "must not exceed coordinator.backoff_max",
+            );
+        }
+        let d = &self.drafting;
+        if d.min_gamma > d.max_gamma {
+            return bad("drafting.min_gamma", "must not exceed drafting.max_gamma");
+        }
+        if d.max_gamma > 64 {
+            return bad("drafting.max_gamma", "must be at most 64");
+        }
+        if d.top_k == 0 {
+            return bad("drafting.top_k", "must be at least 1");
+        }
+        if d.max_batch_sessions == 0 {
+            return bad("drafting.max_batch_sessions", "must be at least 1");
+        }
+        let l = &self.limits;
+        if l.max_tokens == 0 {
+            return bad("limits.max_tokens", "must be at least 1");
+        }
+        if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens {
+            return bad(
+                "limits.default_max_tokens",
+                "must be in 1..=limits.max_tokens",
+            );
+        }
+        if l.max_prompt_tokens == 0 {
+            return bad("limits.max_prompt_tokens", "must be at least 1");
+        }
+        if l.max_body_bytes < 1024 {
+            return bad("limits.max_body_bytes", "must be at least 1024");
+        }
+        if l.max_concurrent_sessions == 0 {
+            return bad("limits.max_concurrent_sessions", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The parsed `model.device`.
+    pub fn device(&self) -> Result<DeviceKind, Error> {
+        let d = self.model.device.trim();
+        if d == "cpu" {
+            return Ok(DeviceKind::Cpu);
+        }
+        d.strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceKind::Cuda)
+            .ok_or_else(|| {
+                Error::Settings(format!(
+                    "model.device: `{d}` is not `cpu` or `cuda:N` (e.g. cuda:0)"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_deserialize_and_need_a_model_path() {
+        let s = Settings::default();
+        assert!(s.drafting.pipeline);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("model.path"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[drafting]\npipline = false\n").unwrap();
+        let err = load_settings(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("pipline"), "{err}");
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[model]\npath = \"/m.gguf\"\ndevice = \"cuda:1\"\n[coordinator]\ntimeout = \"250ms\"\n",
+        )
+        .unwrap();
+        let s = load_settings(Some(&p)).unwrap();
+        assert_eq!(s.coordinator.timeout, Duration::from_millis(250));
+        assert_eq!(s.device().unwrap(), DeviceKind::Cuda(1));
+        std::fs::write(
+            &p,
+            "[model]\npath = \"/m.gguf\"\n[drafting]\nmin_gamma = 9\nmax_gamma = 4\n",
+        )
+        .unwrap();
+        let err = load_settings(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("drafting.min_gamma"), "{err}");
+    }
+}
