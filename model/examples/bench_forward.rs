@@ -1,0 +1,242 @@
+//! Forward-pass benchmark: our forward against candle-transformers' `quantized_qwen2` on the same
+//! GGUF file, the cost of verifying k new tokens, and ragged batching.
+//!
+//! ```text
+//! cargo run --release -j2 -p edgespec-model --example bench_forward -- \
+//!     [--models-dir DIR] [--runs 3] [--decode 32] [--only 1.5b|0.5b]
+//! ```
+//! Model files are looked up in `--models-dir`, `$EDGESPEC_MODEL_DIR` or
+//! `$HOME/.cache/edgespec/models`. Prints markdown tables; every number is the median of
+//! `--runs` runs.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_qwen2::ModelWeights;
+use edgespec_model::forward::load_gguf;
+use edgespec_model::{CausalLm, DeviceKind, SeqRequest};
+
+const TARGET: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+const DRAFT: &str = "qwen2.5-coder-0.5b-instruct-q8_0.gguf";
+
+struct Args {
+    dir: PathBuf,
+    runs: usize,
+    decode: usize,
+    only: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        dir: std::env::var_os("EDGESPEC_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/edgespec/models")
+            }),
+        runs: 3,
+        decode: 32,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--models-dir" => args.dir = PathBuf::from(value()?),
+            "--runs" => args.runs = value()?.parse()?,
+            "--decode" => args.decode = value()?.parse()?,
+            "--only" => args.only = Some(value()?),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A fixed, model-independent prompt of ordinary token ids.
+fn prompt(len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| 200 + (i * 7919) % 20_000).collect()
+}
+
+fn req(session: u64, start: usize, tokens: Vec<u32>, last: usize) -> SeqRequest {
+    SeqRequest {
+        session,
+        start,
+        tokens,
+        logits_for_last: last,
+    }
+}
+
+/// Mean ms per greedy decode step after a 32-token prefill, one run (session `s`).
+fn ours_decode_run(m: &mut dyn CausalLm, s: u64, steps: usize) -> Result<f64> {
+    let p = prompt(32);
+    let out = m.forward_batch(&[req(s, 0, p.clone(), 1)])?;
+    let mut tok = argmax(out[0].row(0));
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let out = m.forward_batch(&[req(s, p.len() + i, vec![tok], 1)])?;
+        tok = argmax(out[0].row(0));
+    }
+    m.release(s);
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / steps as f64)
+}
+
+/// The same with candle-transformers' model (its KV cache cleared first).
+fn candle_decode_run(model: &mut ModelWeights, steps: usize) -> Result<f64> {
+    let dev = Device::Cpu;
+    let p = prompt(32);
+    model.clear_kv_cache();
+    let x = Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?;
+    let logits = model.forward(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
+    let mut tok = argmax(&logits);
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let x = Tensor::new(&[tok], &dev)?.unsqueeze(0)?;
+        let logits = model
+            .forward(&x, p.len() + i)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        tok = argmax(&logits);
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / steps as f64)
+}
+
+/// Decode ms/token of both implementations, runs interleaved so that background load hits both
+/// alike; medians.
+fn decode_ms(m: &mut dyn CausalLm, path: &Path, args: &Args) -> Result<(f64, f64)> {
+    let mut file = File::open(path)?;
+    let ct = gguf_file::Content::read(&mut file)?;
+    let mut theirs = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        a.push(ours_decode_run(m, 1000 + run as u64, args.decode)?);
+        b.push(candle_decode_run(&mut theirs, args.decode)?);
+    }
+    Ok((median(a), median(b)))
+}
+
+/// Median ms of `f` over runs.
+fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut xs = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        xs.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(xs))
+}
+
+/// Verifying k new tokens after a 128-token prefix, all-position logits.
+fn verify_table(m: &mut dyn CausalLm, runs: usize) -> Result<Vec<(usize, f64)>> {
+    let p = prompt(128);
+    m.forward_batch(&[req(1, 0, p, 1)])?;
+    let mut rows = Vec::new();
+    for k in [1, 2, 4, 8, 12, 16] {
+        let block = prompt(128 + k)[128..].to_vec();
+        let ms = time_ms(runs, || {
+            m.forward_batch(&[req(1, 128, block.clone(), usize::MAX)])?;
+            Ok(())
+        })?;
+        rows.push((k, ms));
+    }
+    m.release(1);
+    Ok(rows)
+}
+
+/// 8 sessions × 5 new tokens (after 64-token prefixes): one ragged batch vs 8 calls.
+fn ragged(m: &mut dyn CausalLm, runs: usize) -> Result<(f64, f64)> {
+    let p = prompt(69);
+    for s in 0..8 {
+        m.forward_batch(&[req(s, 0, p[..64].to_vec(), 1)])?;
+    }
+    let new = |s: u64| req(s, 64, p[64..].to_vec(), usize::MAX);
+    let batch: Vec<SeqRequest> = (0..8).map(new).collect();
+    let one = time_ms(runs, || {
+        m.forward_batch(&batch)?;
+        Ok(())
+    })?;
+    let separate = time_ms(runs, || {
+        for s in 0..8 {
+            m.forward_batch(&[new(s)])?;
+        }
+        Ok(())
+    })?;
+    for s in 0..8 {
+        m.release(s);
+    }
+    Ok((one, separate))
+}
+
+fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
+    if !path.exists() {
+        bail!(
+            "{} not found (run `edgespec fetch` or set EDGESPEC_MODEL_DIR)",
+            path.display()
+        );
+    }
+    let mut m = load_gguf(path, DeviceKind::Cpu)?;
+    let (ours, theirs) = decode_ms(m.as_mut(), path, args)?;
+    println!(
+        "\n### {label} (`{}`)\n",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    println!(
+        "| decode ({} steps after a 32-token prompt) | ms/token | tokens/s |",
+        args.decode
+    );
+    println!("|---|---:|---:|");
+    println!("| edgespec forward | {ours:.1} | {:.1} |", 1e3 / ours);
+    println!(
+        "| candle-transformers quantized_qwen2 | {theirs:.1} | {:.1} |",
+        1e3 / theirs
+    );
+    println!("| ratio ours / candle | {:.3} | |", ours / theirs);
+
+    let rows = verify_table(m.as_mut(), args.runs)?;
+    let step = rows[0].1;
+    println!("\n| verify k new tokens after 128 cached | ms | × one decode step |");
+    println!("|---:|---:|---:|");
+    for (k, ms) in rows {
+        println!("| {k} | {ms:.1} | {:.2} |", ms / step);
+    }
+    let (batched, separate) = ragged(m.as_mut(), args.runs)?;
+    println!("\n| 8 sessions × 5 new tokens | ms |");
+    println!("|---|---:|");
+    println!("| one ragged batch | {batched:.1} |");
+    println!("| 8 separate calls | {separate:.1} |");
+    println!("| speed-up | {:.2}× |", separate / batched);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    println!("runs per number: {} (median)", args.runs);
+    for (label, file, key) in [
+        ("Qwen2.5-Coder-1.5B Q4_K_M (target)", TARGET, "1.5b"),
+        ("Qwen2.5-Coder-0.5B Q8_0 (draft)", DRAFT, "0.5b"),
+    ] {
+        if args.only.as_deref().is_some_and(|o| o != key) {
+            continue;
+        }
+        bench_model(label, &args.dir.join(file), &args)?;
+    }
+    Ok(())
+}
