@@ -9,6 +9,7 @@ pub mod error;
 pub mod estimate;
 pub mod gamma;
 pub mod proposal;
+pub mod rng;
 pub mod sampling;
 pub mod types;
 pub mod verify;
@@ -21,6 +22,7 @@ pub use gamma::{
     expected_tokens, plan, round_time_s, tokens_per_s, GammaInputs, GammaPlan, MAX_GAMMA,
 };
 pub use proposal::{propose, truncate, PROPOSAL_SUM_TOLERANCE};
+pub use rng::{round_rng, RngSide};
 pub use sampling::{argmax, probs_from_logits, sample};
 pub use types::{SamplingParams, SparseDist};
 pub use verify::{verify, verify_greedy, verify_sampled, Verdict};
