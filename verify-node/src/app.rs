@@ -1,0 +1,264 @@
+//! Wiring: load the model, bind the listener, then serve the `Verifier` service (with health
+//! and reflection), the batcher and the registration loops until shutdown, finishing in-flight
+//! batches before returning.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use edgespec_model::forward::load_gguf;
+use edgespec_model::{ModelHandle, ModelHealth};
+use edgespec_proto::pb::verifier_server::VerifierServer;
+use edgespec_proto::FILE_DESCRIPTOR_SET;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::{Batcher, BatcherConfig};
+use crate::registration::{self, RegistrationConfig};
+use crate::service::VerifierService;
+use crate::sessions::Limits;
+use crate::settings::device_label;
+use crate::{Error, Settings};
+
+/// Static facts a verify node reports (`NodeInfo` without the load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Node id.
+    pub node_id: String,
+    /// Address coordinators dial.
+    pub advertise_addr: String,
+    /// Placement pool.
+    pub pool: String,
+    /// Target model name.
+    pub model_name: String,
+    /// Tokenizer fingerprint of the target model.
+    pub fingerprint: String,
+    /// Logit row length.
+    pub vocab_size: usize,
+    /// Longest context a session may reach.
+    pub max_context: usize,
+    /// Sessions held at once.
+    pub capacity_sessions: usize,
+    /// Longest draft block.
+    pub max_block_tokens: usize,
+    /// Most tokens in one forward.
+    pub max_batch_tokens: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+/// A verify node with its model loaded and its listener bound, ready to [`run`](App::run).
+#[derive(Debug)]
+pub struct App {
+    settings: Settings,
+    listener: TcpListener,
+    model: ModelHandle,
+    facts: Arc<NodeFacts>,
+}
+
+impl App {
+    /// Validates `settings`, loads the target model (on its own thread), then binds the gRPC
+    /// listener (port 0 allowed; see [`grpc_addr`](App::grpc_addr)).
+    pub async fn build(settings: Settings) -> Result<App, Error> {
+        settings.validate()?;
+        let device = settings.device()?;
+        let path = settings.model.path.clone();
+        let shown = path.display().to_string();
+        let model = tokio::task::spawn_blocking(move || {
+            ModelHandle::spawn("target", move || load_gguf(&path, device))
+        })
+        .await
+        .map_err(|e| Error::LoadModel {
+            path: shown.clone(),
+            source: edgespec_model::ModelError::Panicked(e.to_string()),
+        })?
+        .map_err(|source| Error::LoadModel {
+            path: shown.clone(),
+            source,
+        })?;
+        let listen = settings.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| Error::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let facts = Arc::new(node_facts(&settings, &model, bound, device_label(device)));
+        tracing::info!(
+            node = %facts.node_id, addr = %bound, pool = %facts.pool, model = %facts.model_name,
+            vocab = facts.vocab_size, max_context = facts.max_context, device = %facts.device,
+            "verify node ready"
+        );
+        Ok(App {
+            settings,
+            listener,
+            model,
+            facts,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    /// What the node reports to coordinators.
+    pub fn facts(&self) -> &NodeFacts {
+        &self.facts
+    }
+
+    /// The loaded target model.
+    pub fn model(&self) -> &ModelHandle {
+        &self.model
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting calls, finishes the calls and
+    /// batches in flight (within `server.shutdown_grace`) and stops the model.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let App {
+            settings,
+            listener,
+            model,
+            facts,
+        } = self;
+        let limits = Limits {
+            vocab_size: facts.vocab_size,
+            max_context: facts.max_context,
+            max_block_tokens: facts.max_block_tokens,
+            capacity: settings.sessions.capacity,
+        };
+        let (batcher, batcher_task) = Batcher::spawn(
+            model.clone(),
+            BatcherConfig {
+                limits,
+                window: settings.batching.window,
+                max_batch_tokens: settings.batching.max_batch_tokens,
+                kv_budget_bytes: settings.sessions.kv_budget_bytes,
+            },
+        );
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<VerifierServer<VerifierService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Reflection(e.to_string()))?;
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_model_health(model.clone(), health, stop.clone()));
+        let registrations = registration::spawn(
+            &settings.coordinator.addresses,
+            RegistrationConfig {
+                heartbeat_interval: settings.coordinator.heartbeat_interval,
+                retry_interval: settings.coordinator.retry_interval,
+                rpc_timeout: settings.coordinator.rpc_timeout,
+            },
+            facts.clone(),
+            batcher.clone(),
+            stop.clone(),
+        );
+
+        let service = VerifierService::new(batcher, facts);
+        let signalled = stop.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(VerifierServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight batches");
+                signalled.cancel();
+            });
+        let grace = settings.server.shutdown_grace;
+        let outcome = tokio::select! {
+            r = server => r.map_err(Error::from),
+            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+                Err(Error::ShutdownTimeout(grace))
+            }
+        };
+        stop.cancel();
+        for r in registrations {
+            let _ = r.await;
+        }
+        // The server and with it the last batcher handle are gone: the batcher serves what is
+        // still queued and stops.
+        if tokio::time::timeout(grace, batcher_task).await.is_err() {
+            tracing::error!("the batcher did not finish within the shutdown grace period");
+        }
+        model.shutdown().await;
+        tracing::info!("verify node stopped");
+        outcome
+    }
+}
+
+/// Marks the service NOT_SERVING when the model thread fails or stops.
+async fn watch_model_health(
+    model: ModelHandle,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut rx = model.health();
+    drop(model);
+    loop {
+        let state = rx.borrow_and_update().clone();
+        if let ModelHealth::Failed(reason) = &state {
+            tracing::error!(%reason, "the target model failed; the node stops serving verifies");
+        }
+        if matches!(state, ModelHealth::Failed(_) | ModelHealth::Stopped) {
+            health
+                .set_not_serving::<VerifierServer<VerifierService>>()
+                .await;
+            return;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+fn node_facts(s: &Settings, model: &ModelHandle, bound: SocketAddr, device: String) -> NodeFacts {
+    let info = model.info();
+    let max_context = match s.model.max_context {
+        0 => info.max_context,
+        n => n.min(info.max_context),
+    };
+    let advertise_addr = if s.server.advertise_addr.is_empty() {
+        let mut addr = bound;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    } else {
+        s.server.advertise_addr.clone()
+    };
+    let node_id = if s.server.node_id.is_empty() {
+        format!("verify-{:08x}", rand::random::<u32>())
+    } else {
+        s.server.node_id.clone()
+    };
+    NodeFacts {
+        node_id,
+        advertise_addr,
+        pool: s.server.pool.clone(),
+        model_name: info.name.clone(),
+        fingerprint: info.fingerprint.clone(),
+        vocab_size: info.vocab_size,
+        max_context,
+        capacity_sessions: s.sessions.capacity,
+        max_block_tokens: s.sessions.max_block_tokens,
+        max_batch_tokens: s.batching.max_batch_tokens,
+        device,
+    }
+}

@@ -1,0 +1,143 @@
+//! Registration with coordinators (a gRPC edge): register at start, heartbeat the load, and
+//! register again when a heartbeat says the coordinator does not know the node (it restarted)
+//! or after the coordinator was unreachable. Serving never depends on it: with every coordinator
+//! down the node keeps answering the calls that reach it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgespec_proto::pb;
+use edgespec_proto::pb::coordinator_client::CoordinatorClient;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::batcher::Batcher;
+use crate::service::{load_pb, node_info_pb};
+use crate::NodeFacts;
+
+/// Timing of the registration loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrationConfig {
+    /// Heartbeat period until a coordinator names its own.
+    pub heartbeat_interval: Duration,
+    /// Wait between attempts to reach a coordinator that is down.
+    pub retry_interval: Duration,
+    /// Timeout of one call.
+    pub rpc_timeout: Duration,
+}
+
+/// Starts one registration loop per coordinator address; they stop when `cancel` fires.
+pub fn spawn(
+    addresses: &[String],
+    config: RegistrationConfig,
+    facts: Arc<NodeFacts>,
+    batcher: Batcher,
+    cancel: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    addresses
+        .iter()
+        .filter_map(|addr| {
+            let endpoint = match Endpoint::from_shared(addr.clone()) {
+                Ok(e) => e
+                    .connect_timeout(config.rpc_timeout)
+                    .timeout(config.rpc_timeout),
+                Err(e) => {
+                    tracing::error!(coordinator = %addr, error = %e, "invalid coordinator address");
+                    return None;
+                }
+            };
+            let registrar = Registrar {
+                addr: addr.clone(),
+                client: CoordinatorClient::new(endpoint.connect_lazy()),
+                config,
+                facts: facts.clone(),
+                batcher: batcher.clone(),
+            };
+            Some(tokio::spawn(registrar.run(cancel.clone())))
+        })
+        .collect()
+}
+
+struct Registrar {
+    addr: String,
+    client: CoordinatorClient<Channel>,
+    config: RegistrationConfig,
+    facts: Arc<NodeFacts>,
+    batcher: Batcher,
+}
+
+impl Registrar {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut registered: Option<Duration> = None; // heartbeat interval once registered
+        let mut down_reported = false;
+        loop {
+            let wait = match registered {
+                None => match self.register().await {
+                    Ok(interval) => {
+                        tracing::info!(coordinator = %self.addr, "registered with the coordinator");
+                        down_reported = false;
+                        registered = Some(interval);
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        if !down_reported {
+                            tracing::warn!(coordinator = %self.addr, error = %e,
+                                "cannot register with the coordinator; retrying");
+                            down_reported = true;
+                        }
+                        self.config.retry_interval
+                    }
+                },
+                Some(interval) => match self.heartbeat().await {
+                    Ok(true) => interval,
+                    Ok(false) => {
+                        tracing::info!(coordinator = %self.addr,
+                            "the coordinator does not know this node; registering again");
+                        registered = None;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        tracing::warn!(coordinator = %self.addr, error = %e,
+                            "heartbeat failed; registering again once the coordinator is back");
+                        down_reported = true;
+                        registered = None;
+                        self.config.retry_interval
+                    }
+                },
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::debug!(coordinator = %self.addr, "registration stopped");
+    }
+
+    /// Registers; returns the heartbeat interval to use.
+    async fn register(&mut self) -> Result<Duration, tonic::Status> {
+        let info = node_info_pb(&self.facts, self.batcher.load());
+        let resp = self
+            .client
+            .register_verifier(pb::RegisterVerifierRequest { info: Some(info) })
+            .await?
+            .into_inner();
+        Ok(match resp.heartbeat_interval_ms {
+            0 => self.config.heartbeat_interval,
+            ms => Duration::from_millis(u64::from(ms)),
+        })
+    }
+
+    /// Sends one heartbeat; returns whether the coordinator knows the node.
+    async fn heartbeat(&mut self) -> Result<bool, tonic::Status> {
+        let resp = self
+            .client
+            .verifier_heartbeat(pb::VerifierHeartbeatRequest {
+                node_id: self.facts.node_id.clone(),
+                load: Some(load_pb(self.batcher.load())),
+            })
+            .await?
+            .into_inner();
+        Ok(resp.known)
+    }
+}

@@ -1,0 +1,331 @@
+//! Per-session state of the verify node and the checks that decide, before any forward, what a
+//! block will do. Plain synchronous state; the batcher task owns it.
+//!
+//! KV convention (shared with the draft node): the model's cache of a session holds every
+//! committed token except the last one. A round with committed length n, last committed token
+//! c_n and drafts d_1..d_γ runs `start: n-1, tokens: [c_n, d_1..d_γ]` and needs the γ+1 logit
+//! rows; an open or resync runs `start: 0, tokens: history ++ drafts`. After the verdict
+//! (a accepted, next token x) the cache is truncated to n+a and x is the new uncached last token.
+
+use std::collections::{HashMap, HashSet};
+
+use edgespec_model::{SeqRequest, SessionId};
+use edgespec_proto::domain::{Block, ErrorCode, SessionError};
+
+/// Limits every block is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Logit row length of the target model; every token id must be below it.
+    pub vocab_size: usize,
+    /// Longest sequence a session's cache may hold.
+    pub max_context: usize,
+    /// Most draft tokens in one block.
+    pub max_block_tokens: usize,
+    /// Sessions held at once.
+    pub capacity: usize,
+}
+
+/// What the node knows about one session between rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    /// Committed tokens (prompt + accepted output).
+    pub committed_len: usize,
+    /// The last committed token: the one token not in the KV cache.
+    pub last_token: u32,
+    /// LRU clock value of the last round that touched it.
+    last_used: u64,
+}
+
+/// A block that passed every check, with the forward it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// The block.
+    pub block: Block,
+    /// Its part of the batched forward (`logits_for_last == γ + 1`).
+    pub seq: SeqRequest,
+}
+
+impl Planned {
+    /// True when the block (re)builds the session from its history.
+    pub fn is_open(&self) -> bool {
+        self.block.history.is_some()
+    }
+}
+
+/// The table of live sessions with an LRU order.
+#[derive(Debug)]
+pub struct Sessions {
+    limits: Limits,
+    map: HashMap<SessionId, Session>,
+    clock: u64,
+}
+
+impl Sessions {
+    /// An empty table.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            map: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// The limits blocks are checked against.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Live sessions.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The session's state, if live.
+    pub fn get(&self, id: SessionId) -> Option<&Session> {
+        self.map.get(&id)
+    }
+
+    /// Tokens held in KV caches across all sessions (committed minus the uncached last one).
+    pub fn cached_tokens(&self) -> usize {
+        self.map.values().map(|s| s.committed_len - 1).sum()
+    }
+
+    /// Checks `block` against the limits and the session's state and returns the forward it
+    /// needs. Changes nothing: a rejected block leaves the session as it was.
+    pub fn plan(&self, block: Block) -> Result<Planned, SessionError> {
+        let fail = |code: ErrorCode, message: String| SessionError {
+            session_id: block.session_id,
+            round: block.round,
+            code,
+            message,
+        };
+        let l = self.limits;
+        let gamma = block.draft_tokens.len();
+        let n = block.committed_len;
+        if gamma > l.max_block_tokens {
+            return Err(fail(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the block has {gamma} draft tokens; this node accepts at most {}",
+                    l.max_block_tokens
+                ),
+            ));
+        }
+        let out_of_vocab = |field: &str, tokens: &[u32]| {
+            tokens
+                .iter()
+                .position(|&t| t as usize >= l.vocab_size)
+                .map(|i| {
+                    format!(
+                        "{field}[{i}] = {} is outside the vocabulary (size {})",
+                        tokens[i], l.vocab_size
+                    )
+                })
+        };
+        if let Some(msg) = out_of_vocab("draft_tokens", &block.draft_tokens) {
+            return Err(fail(ErrorCode::InvalidArgument, msg));
+        }
+        // The full check the acceptance rule relies on (vocabulary bounds included), so a bad q
+        // is refused here rather than after its session's forward.
+        for (i, q) in block.draft_probs.iter().enumerate() {
+            if let Err(e) = q.validate(l.vocab_size) {
+                return Err(fail(
+                    ErrorCode::InvalidArgument,
+                    format!("draft_probs[{i}]: {e}"),
+                ));
+            }
+        }
+        if let Some(msg) = block
+            .history
+            .as_deref()
+            .and_then(|h| out_of_vocab("history", h))
+        {
+            return Err(fail(ErrorCode::InvalidArgument, msg));
+        }
+        // The forward leaves n - 1 + γ + 1 tokens in the cache.
+        if n + gamma > l.max_context {
+            return Err(fail(
+                ErrorCode::ContextOverflow,
+                format!(
+                    "{n} committed plus {gamma} draft tokens exceed the context window of {}",
+                    l.max_context
+                ),
+            ));
+        }
+        let seq = match &block.history {
+            Some(history) => {
+                let mut tokens = Vec::with_capacity(n + gamma);
+                tokens.extend_from_slice(history);
+                tokens.extend_from_slice(&block.draft_tokens);
+                SeqRequest {
+                    session: block.session_id,
+                    start: 0,
+                    tokens,
+                    logits_for_last: gamma + 1,
+                }
+            }
+            None => {
+                let Some(s) = self.map.get(&block.session_id) else {
+                    return Err(fail(
+                        ErrorCode::ResyncNeeded,
+                        "this verify node holds no state for the session; resend the block \
+                         with the full history"
+                            .into(),
+                    ));
+                };
+                if s.committed_len != n {
+                    return Err(fail(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "committed_len {n} does not match the session's {} on this node",
+                            s.committed_len
+                        ),
+                    ));
+                }
+                let mut tokens = Vec::with_capacity(gamma + 1);
+                tokens.push(s.last_token);
+                tokens.extend_from_slice(&block.draft_tokens);
+                SeqRequest {
+                    session: block.session_id,
+                    start: n - 1,
+                    tokens,
+                    logits_for_last: gamma + 1,
+                }
+            }
+        };
+        Ok(Planned { block, seq })
+    }
+
+    /// Records a round's result: the session now has `committed_len` tokens ending in
+    /// `last_token`, and is the most recently used.
+    pub fn commit(&mut self, id: SessionId, committed_len: usize, last_token: u32) {
+        self.clock += 1;
+        self.map.insert(
+            id,
+            Session {
+                committed_len,
+                last_token,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// Forgets a session.
+    pub fn remove(&mut self, id: SessionId) -> Option<Session> {
+        self.map.remove(&id)
+    }
+
+    /// The least recently used session not in `pinned` (the sessions of the batch being
+    /// served), if any.
+    pub fn lru_idle(&self, pinned: &HashSet<SessionId>) -> Option<SessionId> {
+        self.map
+            .iter()
+            .filter(|(id, _)| !pinned.contains(id))
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(id, _)| *id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use edgespec_specdec::{SamplingParams, SparseDist};
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        vocab_size: 100,
+        max_context: 32,
+        max_block_tokens: 4,
+        capacity: 8,
+    };
+
+    fn block(id: u64, n: usize, history: Option<Vec<u32>>, drafts: Vec<u32>) -> Block {
+        Block {
+            session_id: id,
+            round: 7,
+            committed_len: n,
+            history,
+            draft_tokens: drafts,
+            draft_probs: vec![],
+            sampling: SamplingParams::GREEDY,
+        }
+    }
+
+    fn code(r: Result<Planned, SessionError>) -> ErrorCode {
+        r.unwrap_err().code
+    }
+
+    #[test]
+    fn open_and_continue_follow_the_kv_convention() {
+        let mut s = Sessions::new(LIMITS);
+        let p = s
+            .plan(block(1, 3, Some(vec![5, 6, 7]), vec![8, 9]))
+            .unwrap();
+        assert_eq!(p.seq.start, 0);
+        assert_eq!(p.seq.tokens, vec![5, 6, 7, 8, 9]);
+        assert_eq!(p.seq.logits_for_last, 3);
+        s.commit(1, 5, 42);
+        let p = s.plan(block(1, 5, None, vec![1])).unwrap();
+        assert_eq!(p.seq.start, 4);
+        assert_eq!(p.seq.tokens, vec![42, 1]);
+        assert_eq!(p.seq.logits_for_last, 2);
+        assert_eq!(s.cached_tokens(), 4);
+    }
+
+    #[test]
+    fn bad_blocks_are_rejected_without_state_change() {
+        let mut s = Sessions::new(LIMITS);
+        s.commit(1, 3, 7);
+        let before = *s.get(1).unwrap();
+        assert_eq!(
+            code(s.plan(block(2, 3, None, vec![]))),
+            ErrorCode::ResyncNeeded
+        );
+        assert_eq!(
+            code(s.plan(block(1, 4, None, vec![]))),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(s.plan(block(1, 3, None, vec![100]))),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(s.plan(block(1, 3, None, vec![1, 2, 3, 4, 5]))),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(s.plan(block(1, 3, Some(vec![1, 200, 3]), vec![]))),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(s.plan(block(1, 30, Some(vec![1; 30]), vec![1, 2, 3]))),
+            ErrorCode::ContextOverflow
+        );
+        let mut b = block(1, 3, None, vec![1]);
+        b.sampling.temperature = 1.0;
+        b.draft_probs = vec![SparseDist {
+            ids: vec![1, 150],
+            probs: vec![0.5, 0.5],
+        }];
+        assert_eq!(code(s.plan(b)), ErrorCode::InvalidArgument);
+        assert_eq!(*s.get(1).unwrap(), before);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn lru_skips_pinned_sessions() {
+        let mut s = Sessions::new(LIMITS);
+        s.commit(1, 2, 0);
+        s.commit(2, 2, 0);
+        s.commit(3, 2, 0);
+        s.commit(1, 3, 0); // 1 is now the most recent
+        assert_eq!(s.lru_idle(&HashSet::new()), Some(2));
+        assert_eq!(s.lru_idle(&HashSet::from([2])), Some(3));
+        assert_eq!(s.lru_idle(&HashSet::from([1, 2, 3])), None);
+    }
+}

@@ -1,0 +1,246 @@
+//! Typed settings of the verify node: the embedded `default.toml` (every key with its default),
+//! then an optional file, then `EDGESPEC__<SECTION>__<KEY>` environment variables. Unknown keys
+//! are errors; values are validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edgespec_model::DeviceKind;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// The embedded base file with every default.
+pub const DEFAULT_TOML: &str = include_str!("../default.toml");
+
+/// All settings of a verify node.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listener and identity.
+    pub server: ServerSettings,
+    /// The target model.
+    pub model: ModelSettings,
+    /// Session limits.
+    pub sessions: SessionSettings,
+    /// The batcher.
+    pub batching: BatchingSettings,
+    /// Registration with coordinators.
+    pub coordinator: CoordinatorSettings,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// gRPC listen address (port 0 allowed).
+    pub listen: SocketAddr,
+    /// Address coordinators dial; empty derives it from the bound address.
+    pub advertise_addr: String,
+    /// Node id; empty generates one.
+    pub node_id: String,
+    /// Placement pool label.
+    pub pool: String,
+    /// How long shutdown waits for in-flight work.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// GGUF file of the target model.
+    pub path: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Context cap (0: the model's window).
+    pub max_context: usize,
+}
+
+/// `[sessions]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Sessions held at once.
+    pub capacity: usize,
+    /// KV memory budget in bytes.
+    pub kv_budget_bytes: u64,
+    /// Longest draft block (γ max).
+    pub max_block_tokens: usize,
+}
+
+/// `[batching]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSettings {
+    /// Collection window after the first queued request.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Token budget of one forward.
+    pub max_batch_tokens: usize,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// Coordinator gRPC addresses (`http://host:port`).
+    pub addresses: Vec<String>,
+    /// Heartbeat period until a coordinator names its own.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Wait between attempts to reach a coordinator that is down.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Timeout of one registration or heartbeat call.
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+}
+
+impl Default for Settings {
+    /// The embedded defaults (the model path is empty: set it before `App::build`).
+    fn default() -> Self {
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("the embedded default.toml is valid")
+    }
+}
+
+/// Loads settings: embedded defaults, then `path` (if any), then `EDGESPEC__…` env vars
+/// (`EDGESPEC__COORDINATOR__ADDRESSES` takes a comma-separated list). Validates the result.
+pub fn load_settings(path: Option<&Path>) -> Result<Settings, Error> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        DEFAULT_TOML,
+        config::FileFormat::Toml,
+    ));
+    if let Some(path) = path {
+        builder = builder.add_source(config::File::from(path).required(true));
+    }
+    let settings: Settings = builder
+        .add_source(
+            config::Environment::with_prefix("EDGESPEC")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("coordinator.addresses")
+                .try_parsing(true),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| Error::Settings(e.to_string()))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+impl Settings {
+    /// Checks values that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Settings(msg));
+        if self.model.path.as_os_str().is_empty() {
+            return bad("model.path is required (the target model's GGUF file)".into());
+        }
+        self.device()?;
+        if self.server.pool.trim().is_empty() {
+            return bad("server.pool must not be empty".into());
+        }
+        if self.sessions.capacity == 0 {
+            return bad("sessions.capacity must be at least 1".into());
+        }
+        if self.sessions.kv_budget_bytes == 0 {
+            return bad("sessions.kv_budget_bytes must be positive".into());
+        }
+        if self.batching.max_batch_tokens == 0 {
+            return bad("batching.max_batch_tokens must be at least 1".into());
+        }
+        if self.sessions.max_block_tokens + 1 > self.batching.max_batch_tokens {
+            return bad(format!(
+                "batching.max_batch_tokens ({}) must exceed sessions.max_block_tokens ({})",
+                self.batching.max_batch_tokens, self.sessions.max_block_tokens
+            ));
+        }
+        if self.coordinator.heartbeat_interval.is_zero() {
+            return bad("coordinator.heartbeat_interval must be positive".into());
+        }
+        if self.coordinator.retry_interval.is_zero() || self.coordinator.rpc_timeout.is_zero() {
+            return bad("coordinator.retry_interval and rpc_timeout must be positive".into());
+        }
+        for addr in &self.coordinator.addresses {
+            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                return bad(format!(
+                    "coordinator.addresses: `{addr}` must start with http:// or https://"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed `model.device`.
+    pub fn device(&self) -> Result<DeviceKind, Error> {
+        parse_device(&self.model.device)
+    }
+}
+
+/// Parses `cpu` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<DeviceKind, Error> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("cpu") {
+        return Ok(DeviceKind::Cpu);
+    }
+    if let Some(n) = s.strip_prefix("cuda:") {
+        if let Ok(i) = n.parse() {
+            return Ok(DeviceKind::Cuda(i));
+        }
+    }
+    Err(Error::Settings(format!(
+        "model.device: `{s}` is not `cpu` or `cuda:N`"
+    )))
+}
+
+/// The device as reported to coordinators.
+pub fn device_label(d: DeviceKind) -> String {
+    match d {
+        DeviceKind::Cpu => "cpu".into(),
+        DeviceKind::Cuda(i) => format!("cuda:{i}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_need_a_model_path() {
+        let s = Settings::default();
+        assert_eq!(s.batching.window, Duration::from_millis(2));
+        assert!(matches!(s.validate(), Err(Error::Settings(m)) if m.contains("model.path")));
+        let mut s = s;
+        s.model.path = "m.gguf".into();
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[sessions]\ncapacty = 3\n").unwrap();
+        let err = load_settings(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("capacty"), "{err}");
+        std::fs::write(&file, "[model]\npath = \"x.gguf\"\ndevice = \"gpu\"\n").unwrap();
+        let err = load_settings(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("model.device"), "{err}");
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), DeviceKind::Cpu);
+        assert_eq!(parse_device("cuda:1").unwrap(), DeviceKind::Cuda(1));
+        assert!(parse_device("cuda:x").is_err());
+    }
+}
