@@ -1,0 +1,423 @@
+//! The task that owns [`Core`] and carries out its side effects: it receives commands from the
+//! gRPC and HTTP edges over a bounded channel (replying through `oneshot`), fires batching
+//! deadlines and periodic ticks, makes the Verify/Release calls and writes to draft streams.
+
+use crate::core::{Core, NodesView, Out, SessionView, StreamId};
+use crate::policy::{Policy, PolicyPatch};
+use crate::registry::{AdminState, NodeAction};
+use crate::settings::VerifySettings;
+use crate::Error;
+use edgespec_proto::domain::DraftMessage;
+use edgespec_proto::pb;
+use edgespec_proto::pb::verifier_client::VerifierClient;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// Outgoing half of a draft stream. Unbounded on purpose: the coordinator writes at most one
+/// verdict or error per block the draft node sent (plus rare probes), so the volume is bounded
+/// by the inbound stream, which the bounded command channel already throttles.
+pub type StreamTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
+
+const COMMAND_QUEUE: usize = 4096;
+
+enum Command {
+    Hello {
+        hello: pb::DraftHello,
+        tx: StreamTx,
+        reply: oneshot::Sender<Result<StreamId, Error>>,
+    },
+    Draft {
+        stream: StreamId,
+        msg: DraftMessage,
+        received: Instant,
+    },
+    Invalid {
+        stream: StreamId,
+        session_round: (u64, u64),
+        why: String,
+    },
+    Disconnect {
+        stream: StreamId,
+    },
+    Register {
+        info: pb::NodeInfo,
+        reply: oneshot::Sender<Result<pb::RegisterVerifierResponse, Error>>,
+    },
+    Heartbeat {
+        req: pb::VerifierHeartbeatRequest,
+        reply: oneshot::Sender<pb::VerifierHeartbeatResponse>,
+    },
+    BatchDone {
+        batch_id: u64,
+        result: Result<pb::VerifyBatchResponse, String>,
+    },
+    Nodes {
+        reply: oneshot::Sender<NodesView>,
+    },
+    Sessions {
+        reply: oneshot::Sender<Vec<SessionView>>,
+    },
+    GetPolicy {
+        reply: oneshot::Sender<Policy>,
+    },
+    SetPolicy {
+        patch: PolicyPatch,
+        reply: oneshot::Sender<Result<Policy, Error>>,
+    },
+    NodeAction {
+        node: String,
+        action: NodeAction,
+        reply: oneshot::Sender<Result<AdminState, Error>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Cheap, cloneable access to the actor.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl Handle {
+    async fn send(&self, c: Command) -> Result<(), Error> {
+        self.tx.send(c).await.map_err(|_| Error::ShuttingDown)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Opens a draft stream; the actor writes the Welcome to `tx` itself.
+    pub async fn hello(&self, hello: pb::DraftHello, tx: StreamTx) -> Result<StreamId, Error> {
+        self.ask(|reply| Command::Hello { hello, tx, reply })
+            .await?
+    }
+
+    /// A validated draft message.
+    pub async fn draft(&self, stream: StreamId, msg: DraftMessage) -> Result<(), Error> {
+        let received = Instant::now();
+        self.send(Command::Draft {
+            stream,
+            msg,
+            received,
+        })
+        .await
+    }
+
+    /// A draft message that failed validation.
+    pub async fn invalid(
+        &self,
+        stream: StreamId,
+        session_round: (u64, u64),
+        why: String,
+    ) -> Result<(), Error> {
+        self.send(Command::Invalid {
+            stream,
+            session_round,
+            why,
+        })
+        .await
+    }
+
+    /// A draft stream ended.
+    pub async fn disconnect(&self, stream: StreamId) {
+        let _ = self.send(Command::Disconnect { stream }).await;
+    }
+
+    /// Verify node registration.
+    pub async fn register(
+        &self,
+        info: pb::NodeInfo,
+    ) -> Result<pb::RegisterVerifierResponse, Error> {
+        self.ask(|reply| Command::Register { info, reply }).await?
+    }
+
+    /// Verify node heartbeat.
+    pub async fn heartbeat(
+        &self,
+        req: pb::VerifierHeartbeatRequest,
+    ) -> Result<pb::VerifierHeartbeatResponse, Error> {
+        self.ask(|reply| Command::Heartbeat { req, reply }).await
+    }
+
+    /// Admin: nodes.
+    pub async fn nodes(&self) -> Result<NodesView, Error> {
+        self.ask(|reply| Command::Nodes { reply }).await
+    }
+
+    /// Admin: sessions.
+    pub async fn sessions(&self) -> Result<Vec<SessionView>, Error> {
+        self.ask(|reply| Command::Sessions { reply }).await
+    }
+
+    /// Admin: policy.
+    pub async fn policy(&self) -> Result<Policy, Error> {
+        self.ask(|reply| Command::GetPolicy { reply }).await
+    }
+
+    /// Admin: policy update.
+    pub async fn set_policy(&self, patch: PolicyPatch) -> Result<Policy, Error> {
+        self.ask(|reply| Command::SetPolicy { patch, reply })
+            .await?
+    }
+
+    /// Admin: drain / cordon / uncordon.
+    pub async fn node_action(&self, node: String, action: NodeAction) -> Result<AdminState, Error> {
+        self.ask(|reply| Command::NodeAction {
+            node,
+            action,
+            reply,
+        })
+        .await?
+    }
+
+    /// Finishes in-flight work, closes every draft stream and stops the actor.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(|done| Command::Shutdown { done }).await;
+    }
+}
+
+/// What the actor publishes for readiness.
+pub type Ready = watch::Receiver<usize>;
+
+struct Actor {
+    core: Core,
+    verify: VerifySettings,
+    tick: Duration,
+    streams: HashMap<StreamId, StreamTx>,
+    clients: HashMap<String, VerifierClient<Channel>>,
+    self_tx: mpsc::Sender<Command>,
+    ready: watch::Sender<usize>,
+}
+
+/// Starts the actor; returns its handle, the readiness channel (verifiers up) and its task.
+pub fn spawn(
+    core: Core,
+    verify: VerifySettings,
+    tick: Duration,
+) -> (Handle, Ready, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ready, ready_rx) = watch::channel(0);
+    let actor = Actor {
+        core,
+        verify,
+        tick,
+        streams: HashMap::new(),
+        clients: HashMap::new(),
+        self_tx: tx.clone(),
+        ready,
+    };
+    let task = tokio::spawn(actor.run(rx));
+    (Handle { tx }, ready_rx, task)
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown: Option<(oneshot::Sender<()>, Instant)> = None;
+        loop {
+            let mut out = Out::default();
+            let deadline = self.core.next_deadline();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Shutdown { done }) => {
+                        self.core.begin_shutdown();
+                        let limit = now() + self.verify.timeout + Duration::from_secs(1);
+                        shutdown = Some((done, limit));
+                        self.core.flush(now(), &mut out);
+                    }
+                    Some(cmd) => self.handle(cmd, &mut out),
+                    None => break,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => self.core.flush(now(), &mut out),
+                _ = tick.tick() => self.core.tick(now(), &mut out),
+            }
+            self.execute(out);
+            let _ = self.ready.send_if_modified(|v| {
+                let up = self.core.verifiers_up();
+                std::mem::replace(v, up) != up
+            });
+            if let Some((_, limit)) = &shutdown {
+                if self.core.inflight_batches() == 0 || now() >= *limit {
+                    break;
+                }
+            }
+        }
+        // Dropping the senders ends every draft stream's response.
+        self.streams.clear();
+        if let Some((done, _)) = shutdown {
+            let _ = done.send(());
+        }
+        tracing::info!("coordinator state actor stopped");
+    }
+
+    fn handle(&mut self, cmd: Command, out: &mut Out) {
+        let t = now();
+        match cmd {
+            Command::Hello { hello, tx, reply } => match self.core.hello(&hello, t) {
+                Ok((id, welcome)) => {
+                    let msg = pb::CoordinatorMessage {
+                        kind: Some(pb::coordinator_message::Kind::Welcome(welcome)),
+                    };
+                    let _ = tx.send(Ok(msg));
+                    self.streams.insert(id, tx);
+                    let _ = reply.send(Ok(id));
+                }
+                Err(e) => {
+                    tracing::warn!(draft_node = %hello.node_id, error = %e, "refused a draft node");
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Draft {
+                stream,
+                msg,
+                received,
+            } => self.core.draft_message(stream, msg, received, out),
+            Command::Invalid {
+                stream,
+                session_round,
+                why,
+            } => self.core.invalid_message(stream, session_round, why, out),
+            Command::Disconnect { stream } => {
+                self.streams.remove(&stream);
+                self.core.disconnect(stream, out);
+            }
+            Command::Register { info, reply } => {
+                let r = self.core.register(&info, t);
+                if r.is_ok() {
+                    // A fresh registration gets a fresh connection.
+                    self.clients.remove(&info.advertise_addr);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Heartbeat { req, reply } => {
+                let _ = reply.send(self.core.heartbeat(&req.node_id, req.load, t));
+            }
+            Command::BatchDone { batch_id, result } => {
+                if result.is_err() {
+                    // Drop the connection of a failed node; a re-registration dials afresh.
+                    if let Some(addr) = self.core.inflight_addr(batch_id) {
+                        self.clients.remove(&addr);
+                    }
+                }
+                self.core.batch_done(batch_id, result, t, out);
+            }
+            Command::Nodes { reply } => {
+                let _ = reply.send(self.core.nodes_view(t));
+            }
+            Command::Sessions { reply } => {
+                let _ = reply.send(self.core.sessions_view());
+            }
+            Command::GetPolicy { reply } => {
+                let _ = reply.send(self.core.policy().clone());
+            }
+            Command::SetPolicy { patch, reply } => {
+                let r = self.core.policy().patched(&patch).map_err(Error::from);
+                if let Ok(p) = &r {
+                    tracing::info!(policy = ?p, "policy updated");
+                    self.core.set_policy(p.clone());
+                }
+                let _ = reply.send(r);
+            }
+            Command::NodeAction {
+                node,
+                action,
+                reply,
+            } => {
+                let _ = reply.send(self.core.node_action(&node, action));
+            }
+            Command::Shutdown { done } => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn client(&mut self, addr: &str) -> Result<VerifierClient<Channel>, String> {
+        if let Some(c) = self.clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| format!("bad verifier address {addr}: {e}"))?
+            .connect_timeout(self.verify.connect_timeout)
+            .timeout(self.verify.timeout)
+            .tcp_nodelay(true);
+        let c = VerifierClient::new(ep.connect_lazy())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        self.clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn execute(&mut self, out: Out) {
+        for (stream, msg) in out.messages {
+            if let Some(tx) = self.streams.get(&stream) {
+                let _ = tx.send(Ok(msg));
+            }
+        }
+        for l in out.launches {
+            let done = self.self_tx.clone();
+            let client = self.client(&l.addr);
+            let timeout = self.verify.timeout;
+            tokio::spawn(async move {
+                let result = match client {
+                    Err(e) => Err(e),
+                    Ok(mut c) => match tokio::time::timeout(timeout, c.verify(l.request)).await {
+                        Ok(Ok(r)) => Ok(r.into_inner()),
+                        Ok(Err(s)) => {
+                            Err(format!("Verify on {} failed: {}", l.node_id, s.message()))
+                        }
+                        Err(_) => Err(format!(
+                            "Verify on {} timed out after {timeout:?}",
+                            l.node_id
+                        )),
+                    },
+                };
+                let _ = done
+                    .send(Command::BatchDone {
+                        batch_id: l.batch_id,
+                        result,
+                    })
+                    .await;
+            });
+        }
+        for r in out.releases {
+            let Ok(mut c) = self.client(&r.addr) else {
+                continue;
+            };
+            let timeout = self.verify.timeout;
+            tokio::spawn(async move {
+                let req = pb::ReleaseRequest {
+                    session_ids: r.session_ids,
+                };
+                if let Ok(Err(e)) = tokio::time::timeout(timeout, c.release(req)).await {
+                    tracing::debug!(node = %r.node_id, error = %e.message(), "release failed");
+                }
+            });
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

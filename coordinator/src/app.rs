@@ -1,0 +1,154 @@
+//! `App`: binds the listeners (port 0 allowed), reports their addresses, and runs the gRPC
+//! server, the admin HTTP server and the state actor until shutdown.
+
+use crate::actor;
+use crate::admin;
+use crate::core::Core;
+use crate::grpc::CoordinatorService;
+use crate::metrics::Metrics;
+use crate::{Error, Settings};
+use edgespec_proto::pb::coordinator_server::CoordinatorServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+/// How long servers get to close their connections after the state actor stopped.
+const SERVER_GRACE: Duration = Duration::from_secs(5);
+
+/// A coordinator with its listeners bound.
+#[derive(Debug)]
+pub struct App {
+    settings: Settings,
+    grpc: TcpListener,
+    http: TcpListener,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })?;
+    let bound = l
+        .local_addr()
+        .map_err(|source| Error::Bind { what, addr, source })?;
+    Ok((l, bound))
+}
+
+impl App {
+    /// Validates the settings and binds both listeners.
+    pub async fn build(settings: Settings) -> Result<App, Error> {
+        settings.validate()?;
+        let (grpc, grpc_addr) = bind("gRPC", settings.grpc.listen).await?;
+        let (http, http_addr) = bind("admin HTTP", settings.admin.listen).await?;
+        Ok(App {
+            settings,
+            grpc,
+            http,
+            grpc_addr,
+            http_addr,
+        })
+    }
+
+    /// Bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Bound admin HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight batches, closes the draft
+    /// streams and stops.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let App {
+            settings,
+            grpc,
+            http,
+            grpc_addr,
+            http_addr,
+        } = self;
+        let id = format!("coord-{:016x}", rand::random::<u64>());
+        let metrics = Metrics::new();
+        let tick = (settings.registry.heartbeat_interval / 4)
+            .min(settings.link.probe_interval / 2)
+            .max(Duration::from_millis(5));
+        let core = Core::new(
+            id.clone(),
+            settings.clone(),
+            metrics.clone(),
+            tokio::time::Instant::now().into_std(),
+        );
+        let (handle, ready, actor_task) = actor::spawn(core, settings.verify.clone(), tick);
+
+        let stop = CancellationToken::new();
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<CoordinatorServer<CoordinatorService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(edgespec_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Settings(format!("reflection: {e}")))?;
+        let service = CoordinatorServer::new(CoordinatorService::new(handle.clone(), stop.clone()))
+            .max_decoding_message_size(64 << 20);
+        let grpc_stop = stop.clone();
+        let grpc_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                grpc_stop.cancelled().await
+            });
+
+        if settings.admin.token.is_empty() {
+            tracing::warn!("admin.token is empty: every /admin/v1 request will be refused");
+        }
+        let router = admin::router(handle.clone(), ready, metrics, settings.admin.token.clone());
+        let http_stop = stop.clone();
+        let http_server = axum::serve(http, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+
+        tracing::info!(coordinator_id = %id, %grpc_addr, %http_addr, "coordinator serving");
+        let grpc_task = tokio::spawn(grpc_server);
+        let http_task = tokio::spawn(async move { http_server.await });
+
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight batches");
+        health_reporter
+            .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+            .await;
+        handle.shutdown().await;
+        stop.cancel();
+        let _ = actor_task.await;
+        let servers = async {
+            let g = grpc_task.await;
+            let h = http_task.await;
+            (g, h)
+        };
+        match tokio::time::timeout(SERVER_GRACE, servers).await {
+            Ok((g, h)) => {
+                if let Ok(Err(e)) = g {
+                    return Err(Error::ServeGrpc(e));
+                }
+                if let Ok(Err(e)) = h {
+                    return Err(Error::ServeHttp(e));
+                }
+            }
+            Err(_) => {
+                tracing::warn!("servers did not close within {SERVER_GRACE:?}; stopping anyway")
+            }
+        }
+        tracing::info!("coordinator stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! Draft-stream side of the state: hello, blocks (open / resync / round), closes, probes and
+//! disconnects.
+
+use super::{Core, DraftLink, Item, Out, Session, StreamId};
+use crate::placement::Placement;
+use crate::registry::AdminState;
+use crate::Error;
+use edgespec_proto::domain::{DraftBlock, DraftMessage, ErrorCode};
+use edgespec_proto::pb;
+use edgespec_specdec::{AcceptanceEstimator, LinkEstimator};
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+/// Bytes of one draft token id on the wire; a sparse q entry adds an id and a probability.
+const TOKEN_BYTES: f64 = 5.0;
+const Q_ENTRY_BYTES: f64 = 10.0;
+
+impl Core {
+    /// A draft node opened its stream. Refused on a model mismatch with the verify fleet.
+    pub fn hello(
+        &mut self,
+        hello: &pb::DraftHello,
+        now: Instant,
+    ) -> Result<(StreamId, pb::Welcome), Error> {
+        let fleet = self
+            .registry
+            .fleet_fingerprint()
+            .unwrap_or_default()
+            .to_string();
+        if !fleet.is_empty() && fleet != hello.fingerprint {
+            return Err(Error::DraftMismatch {
+                draft: hello.fingerprint.clone(),
+                fleet,
+            });
+        }
+        let id = self.next_stream;
+        self.next_stream += 1;
+        let draft_s = f64::from(hello.draft_s_per_token);
+        self.streams.insert(
+            id,
+            DraftLink {
+                node_id: hello.node_id.clone(),
+                model_name: hello.model_name.clone(),
+                link: LinkEstimator::new(self.link_config()),
+                draft_s_per_token: if draft_s.is_finite() && draft_s > 0.0 {
+                    draft_s
+                } else {
+                    0.0
+                },
+                sessions: HashSet::new(),
+                next_probe_at: now,
+                probe_seq: 0,
+                probes: HashMap::new(),
+            },
+        );
+        self.metrics.draft_streams.set(self.streams.len() as i64);
+        tracing::info!(stream = id, draft_node = %hello.node_id, "draft node connected");
+        Ok((
+            id,
+            pb::Welcome {
+                coordinator_id: self.id.clone(),
+                fleet_fingerprint: fleet,
+                initial_gamma: self.policy.start_gamma(),
+                max_gamma: self.policy.gamma_max,
+                speculation_enabled: self.policy.speculation_enabled,
+            },
+        ))
+    }
+
+    /// A validated message on an open stream.
+    pub fn draft_message(
+        &mut self,
+        stream: StreamId,
+        msg: DraftMessage,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        match msg {
+            DraftMessage::Block(b) => self.on_block(stream, b, now, out),
+            DraftMessage::Close { session_id } => {
+                if let Some(g) = self.by_key.get(&(stream, session_id)).copied() {
+                    self.drop_session(g, out);
+                }
+            }
+            DraftMessage::ProbeReply(r) => self.on_probe_reply(stream, &r, now),
+            DraftMessage::Hello(_) => {
+                tracing::debug!(stream, "ignoring a second DraftHello on the stream");
+            }
+        }
+    }
+
+    /// A message that failed validation: answer its session (if any) with INVALID_ARGUMENT.
+    pub fn invalid_message(
+        &mut self,
+        stream: StreamId,
+        session_round: (u64, u64),
+        why: String,
+        out: &mut Out,
+    ) {
+        self.session_error(out, stream, session_round, ErrorCode::InvalidArgument, why);
+    }
+
+    /// The stream ended: its sessions are released everywhere.
+    pub fn disconnect(&mut self, stream: StreamId, out: &mut Out) {
+        let Some(link) = self.streams.get(&stream) else {
+            return;
+        };
+        let ids: Vec<u64> = link
+            .sessions
+            .iter()
+            .filter_map(|d| self.by_key.get(&(stream, *d)).copied())
+            .collect();
+        tracing::info!(stream, draft_node = %link.node_id, sessions = ids.len(), "draft node disconnected");
+        for g in ids {
+            self.drop_session(g, out);
+        }
+        self.streams.remove(&stream);
+        self.metrics.draft_streams.set(self.streams.len() as i64);
+    }
+
+    fn on_block(&mut self, stream: StreamId, db: DraftBlock, now: Instant, out: &mut Out) {
+        let sid = (db.block.session_id, db.block.round);
+        let now_s = self.secs(now);
+        let Some(link) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if db.draft_s_per_token > 0.0 {
+            link.draft_s_per_token = f64::from(db.draft_s_per_token);
+        }
+        if self.registry.up_count() == 0 {
+            let msg = "no verify node is available; retry later";
+            return self.session_error(out, stream, sid, ErrorCode::Unavailable, msg);
+        }
+        let key = (stream, db.block.session_id);
+        let global = match self.by_key.get(&key).copied() {
+            Some(g) => g,
+            None if db.block.history.is_none() => {
+                let msg = "session unknown to the coordinator; resend the block with its history";
+                return self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
+            }
+            None => match self.open_session(stream, &db, out) {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        let s = self
+            .sessions
+            .get_mut(&global)
+            .expect("indexed session exists");
+        if s.busy {
+            let msg = "a block of this session is already queued or in flight";
+            return self.session_error(out, stream, sid, ErrorCode::InvalidArgument, msg);
+        }
+        // The draft's last round trip minus our own time for that round is the link's RTT.
+        if db.last_round_trip_ns > 0 && s.last_server_ns > 0 {
+            let rt = db.last_round_trip_ns as f64 * 1e-9;
+            let server = s.last_server_ns as f64 * 1e-9;
+            s.last_server_ns = 0;
+            if let Some(link) = self.streams.get_mut(&stream) {
+                link.link.observe_round_trip(now_s - rt, now_s, server);
+            }
+        }
+        let gamma = db.block.draft_tokens.len();
+        if gamma > 0 {
+            let q_entries: usize = db.block.draft_probs.iter().map(|q| q.ids.len()).sum();
+            s.bytes_per_token = TOKEN_BYTES + Q_ENTRY_BYTES * q_entries as f64 / gamma as f64;
+        }
+        if !self.ensure_placed(global, sid, stream, out) {
+            return;
+        }
+        let s = self.sessions.get_mut(&global).expect("session exists");
+        if db.block.history.is_none() && !s.synced {
+            let msg = "the session moved to another verify node; resend the block with its history";
+            return self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
+        }
+        let node = s.node.clone().expect("placed");
+        let tokens = db.block.history.as_ref().map_or(0, Vec::len) + gamma + 1;
+        let max_queued = self.settings.admission.max_queued_tokens_per_node;
+        let admits = self
+            .queues
+            .get(&node)
+            .is_none_or(|q| q.admits(tokens, max_queued));
+        if !admits {
+            let fresh = self.sessions[&global].rounds == 0 && !self.sessions[&global].synced;
+            if fresh {
+                self.drop_session(global, out);
+            }
+            let msg = format!("verify node {node} is at its queued-token limit; retry later");
+            return self.session_error(out, stream, sid, ErrorCode::Overloaded, msg);
+        }
+        let s = self.sessions.get_mut(&global).expect("session exists");
+        s.busy = true;
+        if db.block.history.is_some() {
+            s.synced = true;
+        }
+        let mut block = db.block;
+        block.session_id = global;
+        let p = self.batch_policy();
+        let queue = self.queues.entry(node).or_default();
+        queue.push(
+            Item {
+                global,
+                block,
+                received: now,
+                max_new_tokens: db.max_new_tokens,
+            },
+            tokens,
+            now,
+        );
+        if queue.due(now, &p) {
+            self.flush(now, out);
+        }
+    }
+
+    /// Creates a session for a block with history and places it; `None` if refused.
+    fn open_session(&mut self, stream: StreamId, db: &DraftBlock, out: &mut Out) -> Option<u64> {
+        let sid = (db.block.session_id, db.block.round);
+        if self.sessions.len() >= self.settings.admission.max_sessions_total {
+            let msg = "the coordinator is at its session limit; retry later";
+            self.session_error(out, stream, sid, ErrorCode::Overloaded, msg);
+            return None;
+        }
+        let global = self.next_global;
+        self.next_global += 1;
+        let alpha = AcceptanceEstimator::new(self.acceptance_prior());
+        self.sessions.insert(
+            global,
+            Session {
+                stream,
+                draft_id: db.block.session_id,
+                node: None,
+                synced: false,
+                busy: false,
+                gamma: self.policy.start_gamma(),
+                alpha,
+                rounds: 0,
+                drafted: 0,
+                accepted: 0,
+                last_server_ns: 0,
+                bytes_per_token: TOKEN_BYTES,
+            },
+        );
+        self.by_key.insert((stream, db.block.session_id), global);
+        if let Some(l) = self.streams.get_mut(&stream) {
+            l.sessions.insert(db.block.session_id);
+        }
+        Some(global)
+    }
+
+    /// Places an unplaced session, or moves one off a draining node when another node can take
+    /// it. Answers the block and returns false when no node can take the session.
+    fn ensure_placed(
+        &mut self,
+        global: u64,
+        sid: (u64, u64),
+        stream: StreamId,
+        out: &mut Out,
+    ) -> bool {
+        let current = self.sessions[&global].node.clone();
+        let draining = current
+            .as_deref()
+            .and_then(|n| self.registry.get(n))
+            .is_some_and(|v| v.admin == AdminState::Draining);
+        if current.is_some() && !draining {
+            return true;
+        }
+        let decision = self.place(current.as_deref());
+        match (decision, current) {
+            (Placement::Node(n), old) => {
+                if let Some(old) = old {
+                    if self.sessions[&global].synced {
+                        self.release_on(&old, vec![global], out);
+                    }
+                    tracing::info!(session = global, from = %old, to = %n, "moving session off a draining node");
+                }
+                self.assign(global, Some(n));
+                true
+            }
+            // A draining node keeps its sessions while nothing else can take them.
+            (_, Some(_)) => true,
+            (Placement::Full, None) => {
+                if self.sessions[&global].rounds == 0 {
+                    self.drop_session(global, out);
+                }
+                let msg = "every verify node is at its session capacity; retry later";
+                self.session_error(out, stream, sid, ErrorCode::Overloaded, msg);
+                false
+            }
+            (Placement::NoNode, None) => {
+                if self.sessions[&global].rounds == 0 {
+                    self.drop_session(global, out);
+                }
+                let msg = "no verify node can take the session right now; retry later";
+                self.session_error(out, stream, sid, ErrorCode::Unavailable, msg);
+                false
+            }
+        }
+    }
+
+    pub(super) fn send_probes(&mut self, now: Instant, out: &mut Out) {
+        let l = self.settings.link;
+        for (id, link) in &mut self.streams {
+            // Probes never answered (a stuck peer) must not pile up.
+            link.probes.retain(|_, (sent, _)| {
+                now.saturating_duration_since(*sent) < l.probe_interval * 10
+            });
+            if now < link.next_probe_at {
+                continue;
+            }
+            link.probe_seq += 1;
+            link.next_probe_at = now + l.probe_interval;
+            let padded =
+                l.padded_probe_every > 0 && link.probe_seq % u64::from(l.padded_probe_every) == 0;
+            let padding = if padded {
+                vec![0u8; l.probe_padding_bytes]
+            } else {
+                Vec::new()
+            };
+            link.probes.insert(link.probe_seq, (now, padding.len()));
+            out.messages.push((
+                *id,
+                pb::CoordinatorMessage {
+                    kind: Some(pb::coordinator_message::Kind::Probe(pb::Probe {
+                        probe_id: link.probe_seq,
+                        padding,
+                    })),
+                },
+            ));
+        }
+    }
+
+    fn on_probe_reply(&mut self, stream: StreamId, r: &pb::ProbeReply, now: Instant) {
+        let now_s = self.secs(now);
+        let Some(link) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        let Some((sent, padding)) = link.probes.remove(&r.probe_id) else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(sent).as_secs_f64();
+        if padding == 0 {
+            link.link.observe_round_trip(now_s - elapsed, now_s, 0.0);
+        } else {
+            // Time beyond one RTT was spent moving the padding.
+            let transfer = elapsed - link.link.rtt_s();
+            link.link.observe_transfer(padding as u64, transfer, now_s);
+        }
+    }
+}

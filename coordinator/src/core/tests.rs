@@ -1,0 +1,267 @@
+//! Direct tests of the state machine: no sockets, no tasks, explicit time.
+
+use super::*;
+use crate::registry::NodeAction;
+use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
+use edgespec_specdec::SamplingParams;
+
+fn core() -> (Core, Instant) {
+    let now = Instant::now();
+    let mut s = Settings::for_tests();
+    s.policy.batch_window = Duration::from_millis(2);
+    (Core::new("c".into(), s, Metrics::new(), now), now)
+}
+
+fn info(id: &str, pool: &str) -> pb::NodeInfo {
+    pb::NodeInfo {
+        node_id: id.into(),
+        advertise_addr: format!("http://{id}:1"),
+        pool: pool.into(),
+        fingerprint: "fp".into(),
+        capacity_sessions: 8,
+        ..Default::default()
+    }
+}
+
+fn hello(node: &str) -> pb::DraftHello {
+    pb::DraftHello {
+        node_id: node.into(),
+        fingerprint: "fp".into(),
+        ..Default::default()
+    }
+}
+
+fn block(
+    sid: u64,
+    round: u64,
+    history: Option<Vec<u32>>,
+    len: usize,
+    drafts: Vec<u32>,
+) -> DraftMessage {
+    DraftMessage::Block(DraftBlock {
+        block: Block {
+            session_id: sid,
+            round,
+            committed_len: len,
+            history,
+            draft_tokens: drafts,
+            draft_probs: vec![],
+            sampling: SamplingParams::GREEDY,
+        },
+        max_new_tokens: 0,
+        client_send_unix_ns: 0,
+        draft_s_per_token: 0.0,
+        last_round_trip_ns: 0,
+    })
+}
+
+fn errors(out: &Out) -> Vec<(StreamId, ErrorCode)> {
+    out.messages
+        .iter()
+        .filter_map(
+            |(s, m)| match CoordinatorMessage::try_from(m.clone()).ok()? {
+                CoordinatorMessage::Error(e) => Some((*s, e.code)),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+fn answer_all(launch: &Launch, accepted: u32) -> pb::VerifyBatchResponse {
+    pb::VerifyBatchResponse {
+        batch_id: launch.batch_id,
+        results: launch
+            .request
+            .items
+            .iter()
+            .map(|i| pb::VerifyResult {
+                session_id: i.session_id,
+                round: i.round,
+                result: Some(pb::verify_result::Result::Outcome(pb::VerifyOutcome {
+                    accepted,
+                    next_token: 1,
+                    committed_len: i.committed_len + accepted + 1,
+                })),
+                timings: Some(pb::VerifyTimings {
+                    forward_ns: 1_000_000,
+                    total_ns: 1_200_000,
+                    batch_tokens: 10,
+                    batch_sessions: 2,
+                    queue_ns: 0,
+                }),
+            })
+            .collect(),
+        load: None,
+    }
+}
+
+#[test]
+fn blocks_from_two_streams_share_one_batch_and_verdicts_route_back() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s1, w) = c.hello(&hello("x"), t0).unwrap();
+    assert_eq!(w.fleet_fingerprint, "fp");
+    let (s2, _) = c.hello(&hello("y"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(
+        s1,
+        block(7, 1, Some(vec![1, 2]), 2, vec![3, 4]),
+        t0,
+        &mut out,
+    );
+    c.draft_message(s2, block(7, 1, Some(vec![5]), 1, vec![6]), t0, &mut out);
+    assert!(out.launches.is_empty(), "window not over");
+    assert_eq!(c.next_deadline(), Some(t0 + Duration::from_millis(2)));
+    c.flush(t0 + Duration::from_millis(2), &mut out);
+    assert_eq!(out.launches.len(), 1);
+    let launch = out.launches[0].clone();
+    assert_eq!(launch.request.items.len(), 2);
+    let ids: Vec<u64> = launch.request.items.iter().map(|i| i.session_id).collect();
+    assert_ne!(
+        ids[0], ids[1],
+        "coordinator ids are global, not the draft's"
+    );
+    let mut out = Out::default();
+    c.batch_done(
+        launch.batch_id,
+        Ok(answer_all(&launch, 1)),
+        t0 + Duration::from_millis(5),
+        &mut out,
+    );
+    let verdicts: Vec<(StreamId, u64, u32)> = out
+        .messages
+        .iter()
+        .filter_map(|(s, m)| match &m.kind {
+            Some(pb::coordinator_message::Kind::Verdict(v)) => Some((*s, v.session_id, v.accepted)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verdicts, vec![(s1, 7, 1), (s2, 7, 1)]);
+    assert_eq!(c.sessions_view().iter().map(|s| s.rounds).sum::<u64>(), 2);
+}
+
+#[test]
+fn unknown_sessions_without_history_must_resync_and_busy_sessions_are_refused() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, None, 2, vec![]), t0, &mut out);
+    assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1, 2]), 2, vec![]), t0, &mut out);
+    c.draft_message(s, block(1, 2, None, 3, vec![]), t0, &mut out);
+    assert_eq!(errors(&out), vec![(s, ErrorCode::InvalidArgument)]);
+}
+
+#[test]
+fn a_failed_verify_call_marks_the_node_down_and_resyncs_elsewhere() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1]), 1, vec![2]), t0, &mut out);
+    c.flush(t0 + Duration::from_millis(2), &mut out);
+    let launch = out.launches[0].clone();
+    c.register(&info("b", "onprem"), t0).unwrap();
+    let mut out = Out::default();
+    c.batch_done(launch.batch_id, Err("timed out".into()), t0, &mut out);
+    assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
+    assert_eq!(c.verifiers_up(), 1);
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1]), 1, vec![2]), t0, &mut out);
+    c.flush(t0 + Duration::from_millis(2), &mut out);
+    assert_eq!(out.launches[0].node_id, "b");
+}
+
+#[test]
+fn missed_heartbeats_answer_queued_blocks_with_resync() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1]), 1, vec![]), t0, &mut out);
+    let mut out = Out::default();
+    c.tick(t0 + Duration::from_secs(60), &mut out);
+    assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
+    assert_eq!(c.verifiers_up(), 0);
+    assert!(!c.heartbeat("a", None, t0).known, "down nodes re-register");
+}
+
+#[test]
+fn speculation_off_forces_gamma_zero_and_load_shortens_gamma() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let run_round = |c: &mut Core, round: u64, history: Option<Vec<u32>>, len: u32| {
+        let mut out = Out::default();
+        c.draft_message(
+            s,
+            block(1, round, history, len as usize, vec![9, 9, 9]),
+            t0,
+            &mut out,
+        );
+        c.flush(t0 + Duration::from_secs(round), &mut out);
+        let launch = out.launches.pop().expect("a batch");
+        let mut resp = answer_all(&launch, 3);
+        resp.load = Some(pb::VerifierLoad {
+            busy_fraction: if round > 3 { 0.98 } else { 0.0 },
+            ..Default::default()
+        });
+        let mut out = Out::default();
+        c.batch_done(
+            launch.batch_id,
+            Ok(resp),
+            t0 + Duration::from_secs(round),
+            &mut out,
+        );
+        match &out.messages[0].1.kind {
+            Some(pb::coordinator_message::Kind::Verdict(v)) => v.next_gamma,
+            k => panic!("{k:?}"),
+        }
+    };
+    let idle = run_round(&mut c, 1, Some(vec![1]), 1);
+    assert!(idle > 0);
+    run_round(&mut c, 2, None, 5);
+    run_round(&mut c, 3, None, 9);
+    let loaded = run_round(&mut c, 4, None, 13);
+    assert!(loaded <= idle, "a busy pool shortens γ: {loaded} vs {idle}");
+    let mut p = c.policy().clone();
+    p.speculation_enabled = false;
+    c.set_policy(p);
+    assert_eq!(run_round(&mut c, 5, None, 17), 0);
+}
+
+#[test]
+fn drain_moves_a_session_at_its_next_block_and_releases_it() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1]), 1, vec![]), t0, &mut out);
+    c.flush(t0 + Duration::from_millis(2), &mut out);
+    let launch = out.launches[0].clone();
+    c.batch_done(launch.batch_id, Ok(answer_all(&launch, 0)), t0, &mut out);
+    c.register(&info("b", "onprem"), t0).unwrap();
+    c.node_action("a", NodeAction::Drain).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 2, None, 2, vec![]), t0, &mut out);
+    assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
+    assert_eq!(out.releases.len(), 1);
+    assert_eq!(out.releases[0].node_id, "a");
+    assert_eq!(c.sessions_view()[0].verifier.as_deref(), Some("b"));
+}
+
+#[test]
+fn closing_a_stream_releases_its_sessions() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, block(1, 1, Some(vec![1]), 1, vec![]), t0, &mut out);
+    let mut out = Out::default();
+    c.disconnect(s, &mut out);
+    assert_eq!(c.session_count(), 0);
+    assert_eq!(out.releases.len(), 1);
+    assert_eq!(c.next_deadline(), None, "its queued block is gone too");
+}

@@ -1,0 +1,353 @@
+//! Verify side of the state: registration, heartbeats, sending batches, routing results back as
+//! verdicts (with the next γ) and failover.
+
+use super::{Core, Inflight, Item, Launch, Out};
+use crate::registry::{AdminState, Health, NodeAction};
+use crate::Error;
+use edgespec_proto::domain::{ErrorCode, Outcome, SessionError};
+use edgespec_proto::pb;
+use edgespec_specdec::{plan, GammaInputs};
+use std::time::Instant;
+
+/// Draft cost assumed for a draft node that has not reported one.
+const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
+
+impl Core {
+    /// A verify node registers.
+    pub fn register(
+        &mut self,
+        info: &pb::NodeInfo,
+        now: Instant,
+    ) -> Result<pb::RegisterVerifierResponse, Error> {
+        let r = self.registry.register(info, now)?;
+        tracing::info!(
+            node = %info.node_id, pool = %info.pool, capacity = info.capacity_sessions,
+            reregistered = r.was_known, "verify node registered"
+        );
+        // A re-registered node may have lost its state: everything placed there resyncs.
+        if r.was_known {
+            let placed: Vec<u64> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.node.as_deref() == Some(info.node_id.as_str()))
+                .map(|(g, _)| *g)
+                .collect();
+            for g in placed {
+                if let Some(s) = self.sessions.get_mut(&g) {
+                    s.synced = false;
+                }
+            }
+        }
+        self.update_gauges();
+        Ok(pb::RegisterVerifierResponse {
+            coordinator_id: self.id.clone(),
+            heartbeat_interval_ms: self.settings.registry.heartbeat_interval.as_millis() as u32,
+        })
+    }
+
+    /// A verify node's heartbeat.
+    pub fn heartbeat(
+        &mut self,
+        node_id: &str,
+        load: Option<pb::VerifierLoad>,
+        now: Instant,
+    ) -> pb::VerifierHeartbeatResponse {
+        let r = self.registry.heartbeat(node_id, load, now);
+        pb::VerifierHeartbeatResponse {
+            known: r.known,
+            cordoned: r.cordoned,
+        }
+    }
+
+    /// Drain / cordon / uncordon.
+    pub fn node_action(&mut self, node_id: &str, action: NodeAction) -> Result<AdminState, Error> {
+        let state = self.registry.apply(node_id, action)?;
+        tracing::info!(node = node_id, ?state, "operator changed verify node state");
+        self.update_gauges();
+        Ok(state)
+    }
+
+    /// Sends every batch that is due.
+    pub fn flush(&mut self, now: Instant, out: &mut Out) {
+        let p = self.batch_policy();
+        let fleet = self
+            .registry
+            .fleet_fingerprint()
+            .unwrap_or_default()
+            .to_string();
+        let due: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.due(now, &p))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in due {
+            let Some(v) = self.registry.get(&node) else {
+                continue;
+            };
+            if v.health != Health::Up {
+                continue;
+            }
+            let (addr, generation) = (v.addr.clone(), v.generation);
+            let q = self.queues.get_mut(&node).expect("due queue exists");
+            while q.due(now, &p) {
+                let taken = q.take(now, p.max_tokens);
+                for w in &taken.waited {
+                    self.metrics.queue_delay_seconds.observe(w.as_secs_f64());
+                }
+                self.metrics
+                    .batch_sessions
+                    .observe(taken.items.len() as f64);
+                self.metrics.batch_tokens.observe(taken.tokens as f64);
+                let batch_id = self.next_batch;
+                self.next_batch += 1;
+                let request = pb::VerifyBatchRequest {
+                    batch_id,
+                    fingerprint: fleet.clone(),
+                    items: taken
+                        .items
+                        .iter()
+                        .map(|i| pb::VerifyItem::from(&i.block))
+                        .collect(),
+                };
+                tracing::debug!(node = %node, batch_id, sessions = taken.items.len(), tokens = taken.tokens, "sending batch");
+                self.inflight.insert(
+                    batch_id,
+                    Inflight {
+                        node: node.clone(),
+                        generation,
+                        tokens: taken.tokens,
+                        items: taken.items,
+                        sent_at: now,
+                    },
+                );
+                out.launches.push(Launch {
+                    batch_id,
+                    node_id: node.clone(),
+                    addr: addr.clone(),
+                    request,
+                });
+            }
+        }
+    }
+
+    /// A Verify call returned (`Err`: transport failure or timeout, described).
+    pub fn batch_done(
+        &mut self,
+        batch_id: u64,
+        result: Result<pb::VerifyBatchResponse, String>,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let Some(b) = self.inflight.remove(&batch_id) else {
+            return;
+        };
+        if let Some(q) = self.queues.get_mut(&b.node) {
+            q.finish(b.tokens);
+        }
+        self.metrics
+            .verify_call_seconds
+            .observe(now.saturating_duration_since(b.sent_at).as_secs_f64());
+        let resp = match result {
+            Ok(r) => r,
+            Err(why) => {
+                self.metrics.verify_failures.inc();
+                // A failure of a previous registration of the node says nothing about the new one.
+                let same = self
+                    .registry
+                    .get(&b.node)
+                    .is_some_and(|v| v.generation == b.generation);
+                if same {
+                    self.node_down(&b.node, &why, out);
+                }
+                for item in b.items {
+                    self.answer_resync(
+                        item,
+                        "verify node failed; resend the block with history",
+                        out,
+                    );
+                }
+                self.flush(now, out);
+                return;
+            }
+        };
+        if let (Some(v), Some(load)) = (self.registry.get_mut(&b.node), resp.load) {
+            v.reported = load;
+        }
+        let mut seen = Vec::new();
+        let mut results = resp.results.into_iter();
+        for item in b.items {
+            let r = results.next().filter(|r| r.session_id == item.global);
+            if let Some(t) = r.as_ref().and_then(|r| r.timings) {
+                let key = (t.forward_ns, t.batch_tokens);
+                if t.batch_tokens > 0 && !seen.contains(&key) {
+                    seen.push(key);
+                    if let Some(v) = self.registry.get_mut(&b.node) {
+                        v.cost
+                            .observe(t.batch_tokens as usize, t.forward_ns as f64 * 1e-9);
+                    }
+                }
+            }
+            self.route_result(&b.node, item, r, now, out);
+        }
+        self.flush(now, out);
+    }
+
+    fn route_result(
+        &mut self,
+        node: &str,
+        item: Item,
+        result: Option<pb::VerifyResult>,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let now_s = self.secs(now);
+        let Some(s) = self.sessions.get_mut(&item.global) else {
+            return; // closed while in flight
+        };
+        s.busy = false;
+        let (stream, draft_id, round) = (s.stream, s.draft_id, item.block.round);
+        let Some(r) = result else {
+            s.synced = false;
+            let msg = "the verify node returned no result for the block; resend it with history";
+            return self.session_error(
+                out,
+                stream,
+                (draft_id, round),
+                ErrorCode::ResyncNeeded,
+                msg,
+            );
+        };
+        let timings = r.timings.unwrap_or_default();
+        let outcome = match r.result {
+            Some(pb::verify_result::Result::Outcome(o)) => Outcome::from(o),
+            Some(pb::verify_result::Result::Error(e)) => {
+                let e = SessionError::try_from(e).unwrap_or(SessionError {
+                    session_id: 0,
+                    round,
+                    code: ErrorCode::Internal,
+                    message: "unreadable error from the verify node".into(),
+                });
+                if e.code == ErrorCode::ResyncNeeded {
+                    s.synced = false;
+                }
+                return self.session_error(out, stream, (draft_id, round), e.code, e.message);
+            }
+            None => {
+                s.synced = false;
+                let msg = "the verify node returned an empty result; resend the block with history";
+                return self.session_error(
+                    out,
+                    stream,
+                    (draft_id, round),
+                    ErrorCode::ResyncNeeded,
+                    msg,
+                );
+            }
+        };
+        if let Err(e) = outcome.check_against(&item.block) {
+            s.synced = false;
+            tracing::warn!(node, error = %e, "verify node returned an inconsistent outcome");
+            let msg =
+                "the verify node returned an inconsistent verdict; resend the block with history";
+            return self.session_error(
+                out,
+                stream,
+                (draft_id, round),
+                ErrorCode::ResyncNeeded,
+                msg,
+            );
+        }
+        let drafted = item.block.draft_tokens.len();
+        let _ = s.alpha.observe(drafted, outcome.accepted, now_s);
+        s.rounds += 1;
+        s.drafted += drafted as u64;
+        s.accepted += outcome.accepted as u64;
+        self.metrics.rounds.inc();
+        self.metrics.drafted_tokens.inc_by(drafted as u64);
+        self.metrics.accepted_tokens.inc_by(outcome.accepted as u64);
+        if drafted > 0 {
+            let tested = if outcome.accepted < drafted {
+                outcome.accepted + 1
+            } else {
+                drafted
+            };
+            self.fleet_alpha.observe_weighted(
+                outcome.accepted as f64 / tested as f64,
+                tested as f64,
+                now_s,
+            );
+        }
+        let remaining = item
+            .max_new_tokens
+            .saturating_sub(outcome.accepted as u32 + 1);
+        let gamma = self.next_gamma(item.global, node, remaining);
+        let s = self.sessions.get_mut(&item.global).expect("session exists");
+        s.gamma = gamma;
+        let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
+        s.last_server_ns = in_coordinator.max(1);
+        self.metrics.gamma.observe(f64::from(gamma));
+        let verdict = pb::Verdict {
+            session_id: draft_id,
+            round,
+            accepted: outcome.accepted as u32,
+            next_token: outcome.next_token,
+            committed_len: outcome.committed_len as u32,
+            next_gamma: gamma,
+            client_send_unix_ns: 0,
+            coordinator_ns: in_coordinator.saturating_sub(timings.total_ns),
+            verify: Some(timings),
+            verifier_id: node.to_string(),
+        };
+        out.messages.push((
+            stream,
+            pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::Verdict(verdict)),
+            },
+        ));
+    }
+
+    /// The controller's γ for a session's next block on `node`.
+    fn next_gamma(&self, global: u64, node: &str, remaining: u32) -> u32 {
+        if !self.policy.speculation_enabled {
+            return 0;
+        }
+        let Some(s) = self.sessions.get(&global) else {
+            return 0;
+        };
+        let link = self.streams.get(&s.stream);
+        let v = self.registry.get(node);
+        let utilisation = v.map_or(0.0, |v| f64::from(v.reported.busy_fraction));
+        let cost = v.map(|v| v.verify_cost()).unwrap_or_default();
+        let queue_s =
+            self.predicted_delay(node).as_secs_f64() + self.policy.batch_window.as_secs_f64() / 2.0;
+        let t_draft = link
+            .map(|l| l.draft_s_per_token)
+            .filter(|t| *t > 0.0)
+            .unwrap_or(DEFAULT_DRAFT_S_PER_TOKEN);
+        let inputs = GammaInputs {
+            alpha: s.alpha.alpha(),
+            t_draft_s: t_draft,
+            rtt_s: link.map_or(self.settings.link.default_rtt.as_secs_f64(), |l| {
+                l.link.rtt_s()
+            }),
+            bandwidth_bytes_per_s: link
+                .map_or(self.settings.link.default_bandwidth_bytes_per_s, |l| {
+                    l.link.bandwidth_bytes_per_s()
+                }),
+            bytes_per_token: s.bytes_per_token,
+            queue_s,
+            verify: cost.marginal(utilisation),
+            min_gamma: self.policy.gamma_min as usize,
+            max_gamma: self.policy.gamma_max as usize,
+            pipelined: self.policy.pipelined,
+        };
+        let gamma = plan(&inputs).gamma as u32;
+        // Never ask for more draft tokens than the request can still use (0 = no budget given).
+        if remaining > 0 {
+            gamma.min(remaining.saturating_sub(1).max(self.policy.gamma_min))
+        } else {
+            gamma
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Starting coordinators and waiting for conditions.
+
+use edgespec_coordinator::testing::{ScriptedVerifier, ScriptedVerifierConfig};
+use edgespec_coordinator::{App, Settings};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TOKEN: &str = "test-admin-token";
+
+/// A running coordinator.
+pub struct Coord {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), edgespec_coordinator::Error>>>,
+}
+
+impl Coord {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Graceful shutdown; returns once the coordinator has stopped.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("coordinator stops in time")
+                .expect("task joins")
+                .expect("coordinator ran cleanly");
+        }
+    }
+}
+
+impl Drop for Coord {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Settings for tests: loopback, port 0, a token, short heartbeats.
+pub fn settings() -> Settings {
+    let mut s = Settings::for_tests();
+    s.admin.token = TOKEN.into();
+    s.registry.heartbeat_interval = Duration::from_millis(100);
+    s.verify.timeout = Duration::from_secs(5);
+    s
+}
+
+pub async fn start(settings: Settings) -> Coord {
+    let app = App::build(settings).await.expect("coordinator binds");
+    let (grpc, http) = (app.grpc_addr(), app.http_addr());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async move {
+        let _ = rx.await;
+    }));
+    Coord {
+        grpc,
+        http,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Starts a scripted verifier registering with `coord` and waits until the coordinator lists it
+/// as up.
+pub async fn verifier(coord: &Coord, id: &str, pool: &str) -> ScriptedVerifier {
+    verifier_with(coord, ScriptedVerifierConfig::new(id, pool, &coord.url())).await
+}
+
+pub async fn verifier_with(coord: &Coord, cfg: ScriptedVerifierConfig) -> ScriptedVerifier {
+    let id = cfg.node_id.clone();
+    let v = ScriptedVerifier::start(cfg).await.expect("verifier starts");
+    let url = coord.admin("/admin/v1/nodes");
+    eventually(&format!("verifier {id} registered"), || async {
+        let nodes = get_json(&url).await;
+        nodes["verifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == id.as_str() && n["health"] == "up")
+    })
+    .await;
+    v
+}
+
+/// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms for up to 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let r = http()
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET");
+    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+    r.json().await.expect("json")
+}
+
+pub async fn post(url: &str) -> reqwest::StatusCode {
+    http()
+        .post(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("POST")
+        .status()
+}
+
+use edgespec_coordinator::testing::{target_next, DraftClient, VOCAB};
+use edgespec_proto::domain::{Block, CoordinatorMessage, DraftBlock, DraftMessage};
+use edgespec_specdec::SamplingParams;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// A session stepped by hand, one block at a time.
+pub struct Manual {
+    pub sid: u64,
+    pub committed: Vec<u32>,
+    pub round: u64,
+    pub rx: UnboundedReceiver<CoordinatorMessage>,
+}
+
+impl Manual {
+    pub fn new(d: &DraftClient, sid: u64, prompt: Vec<u32>) -> Self {
+        Self {
+            sid,
+            committed: prompt,
+            round: 1,
+            rx: d.subscribe(sid),
+        }
+    }
+
+    /// Re-subscribes on a new stream (after a reconnect).
+    pub fn attach(&mut self, d: &DraftClient) {
+        self.rx = d.subscribe(self.sid);
+    }
+
+    /// Sends the next block (γ drafts, the last one wrong when γ ≥ 2) and waits for the answer;
+    /// a verdict is applied.
+    pub async fn step(
+        &mut self,
+        d: &DraftClient,
+        gamma: usize,
+        history: bool,
+    ) -> CoordinatorMessage {
+        let mut drafts = Vec::new();
+        let mut prev = *self.committed.last().unwrap();
+        for i in 0..gamma {
+            let mut t = target_next(prev);
+            if gamma >= 2 && i == gamma - 1 {
+                t = (t + 1) % VOCAB;
+            }
+            drafts.push(t);
+            prev = t;
+        }
+        let block = DraftBlock {
+            block: Block {
+                session_id: self.sid,
+                round: self.round,
+                committed_len: self.committed.len(),
+                history: history.then(|| self.committed.clone()),
+                draft_tokens: drafts.clone(),
+                draft_probs: vec![],
+                sampling: SamplingParams::GREEDY,
+            },
+            max_new_tokens: 1000,
+            client_send_unix_ns: 0,
+            draft_s_per_token: 0.001,
+            last_round_trip_ns: 0,
+        };
+        d.send(DraftMessage::Block(block)).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("an answer arrives")
+            .expect("stream open");
+        if let CoordinatorMessage::Verdict(v) = &m {
+            assert_eq!(v.round, self.round);
+            self.committed
+                .extend_from_slice(&drafts[..v.accepted as usize]);
+            self.committed.push(v.next_token);
+            assert_eq!(v.committed_len as usize, self.committed.len());
+            self.round += 1;
+        }
+        m
+    }
+
+    /// Like `step`, but expects a verdict and returns its verifier id.
+    pub async fn verdict(
+        &mut self,
+        d: &DraftClient,
+        gamma: usize,
+        history: bool,
+    ) -> edgespec_proto::pb::Verdict {
+        match self.step(d, gamma, history).await {
+            CoordinatorMessage::Verdict(v) => v,
+            m => panic!("expected a verdict, got {m:?}"),
+        }
+    }
+
+    /// Like `step`, but expects a session error and returns its code.
+    pub async fn error(
+        &mut self,
+        d: &DraftClient,
+        gamma: usize,
+        history: bool,
+    ) -> edgespec_proto::domain::ErrorCode {
+        match self.step(d, gamma, history).await {
+            CoordinatorMessage::Error(e) => e.code,
+            m => panic!("expected an error, got {m:?}"),
+        }
+    }
+}
