@@ -40,9 +40,10 @@ pub(crate) enum StagedKv {
 }
 
 impl StagedKv {
-    /// Stages `k`, `v: [rows, width]`, on the host when they live on the CPU.
-    pub(crate) fn new(k: Tensor, v: Tensor) -> Result<Self> {
-        if k.device().is_cpu() {
+    /// Stages `k`, `v: [rows, width]`: as host vectors when `host` (the CPU kernel reads them),
+    /// else as tensors on their device.
+    pub(crate) fn new(k: Tensor, v: Tensor, host: bool) -> Result<Self> {
+        if host {
             let width = k.dim(1)?;
             Ok(StagedKv::Host {
                 k: k.flatten_all()?.to_vec1()?,

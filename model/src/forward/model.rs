@@ -49,6 +49,9 @@ pub(crate) struct GgufModel {
     out_norm: Tensor,
     output: Linear,
     sessions: HashMap<SessionId, SessionKv>,
+    /// KV caches as host vectors with the CPU attention kernel (true on the CPU); false keeps
+    /// them as device tensors with tensor-op attention.
+    host_kv: bool,
 }
 
 /// Reads tensors of one GGUF file.
@@ -171,6 +174,7 @@ impl GgufModel {
             out_norm,
             output,
             sessions: HashMap::new(),
+            host_kv: device.is_cpu(),
         })
     }
 
@@ -301,7 +305,7 @@ impl GgufModel {
             let qkv = Linear::forward_group(&[&b.q, &b.k, &b.v], &h)?;
             let q = self.rope(&qkv[0], shape.n_head, &cs)?;
             let k = self.rope(&qkv[1], shape.n_kv_head, &cs)?;
-            let new = StagedKv::new(k, qkv[2].clone())?;
+            let new = StagedKv::new(k, qkv[2].clone(), self.host_kv)?;
             let views: Vec<SessionRows<'_>> = segments
                 .iter()
                 .map(|s| SessionRows {
@@ -354,6 +358,15 @@ impl CausalLm for GgufModel {
             }
         }
         let vocab = self.hp.vocab;
+        if let [s] = segments.as_slice() {
+            // The common case (one session) hands over the logits without another copy.
+            return Ok(vec![SeqLogits {
+                session: s.session,
+                rows: s.out_rows,
+                vocab_size: vocab,
+                data: logits,
+            }]);
+        }
         let mut first = 0;
         Ok(segments
             .iter()
@@ -389,5 +402,62 @@ impl CausalLm for GgufModel {
 
     fn kv_bytes(&self) -> usize {
         self.sessions.values().map(SessionKv::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{write_tiny_gguf, TinySpec};
+
+    fn load(path: &Path, host_kv: bool) -> GgufModel {
+        let mut file = File::open(path).unwrap();
+        let ct = Content::read(&mut file).unwrap();
+        let mut m = GgufModel::load(&ct, &mut file, &Device::Cpu, path).unwrap();
+        m.host_kv = host_kv;
+        m
+    }
+
+    fn req(session: SessionId, start: usize, tokens: Vec<u32>) -> SeqRequest {
+        SeqRequest {
+            session,
+            start,
+            tokens,
+            logits_for_last: usize::MAX,
+        }
+    }
+
+    /// The tensor path (what CUDA runs: device KV caches, tensor-op attention) agrees with the CPU
+    /// kernel to rounding through prefill, ragged batches and truncation.
+    #[test]
+    fn device_kv_path_matches_host_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+        let (mut host, mut dev) = (load(&path, true), load(&path, false));
+        let batches = [
+            vec![req(1, 0, vec![5, 6, 7, 8, 9]), req(2, 0, vec![40, 41])],
+            vec![req(2, 2, vec![42, 43, 44]), req(1, 3, vec![10, 11])],
+            vec![req(1, 5, vec![12]), req(3, 0, vec![1, 2, 3])],
+        ];
+        for batch in &batches {
+            let a = host.forward_batch(batch).unwrap();
+            let b = dev.forward_batch(batch).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                let max = x
+                    .data
+                    .iter()
+                    .zip(&y.data)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(max < 1e-4, "session {}: max |Δ| = {max}", x.session);
+            }
+        }
+        for s in 1..=3 {
+            assert_eq!(host.cached_len(s), dev.cached_len(s));
+        }
+        dev.truncate(1, 2).unwrap();
+        assert_eq!(dev.cached_len(1), Some(2));
+        assert!(dev.kv_bytes() > 0);
     }
 }
