@@ -388,3 +388,33 @@ async fn requests_beyond_the_concurrency_limit_get_429() {
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     first.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let mut h = Harness::start(|s, _| s.block_delay = Duration::from_millis(20)).await;
+    let (expected, _, _) = h.expected(PROMPT, 40);
+    let r = post(
+        &h,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    h.node.shutdown();
+    let events = sse_events(r).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(streamed, expected);
+    tokio::time::timeout(Duration::from_secs(10), &mut h.node.done)
+        .await
+        .expect("the node stops after its last request")
+        .unwrap();
+    assert!(
+        reqwest::get(h.node.url("/healthz")).await.is_err(),
+        "no new connections after shutdown"
+    );
+}

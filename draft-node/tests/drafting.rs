@@ -174,10 +174,33 @@ async fn overloaded_blocks_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_stays_overloaded_fails_the_request_with_503() {
+    let h = Harness::start(|s, st| {
+        s.overloaded_blocks = usize::MAX;
+        st.coordinator.timeout = Duration::from_millis(300);
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(h.node.url("/v1/completions"))
+        .json(&json!({"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "service_unavailable");
+    assert!(
+        h.coordinator.record().overloads_sent >= 2,
+        "retried before giving up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_is_reconnected_without_losing_or_repeating_text() {
     for pipeline in [false, true] {
         let h = Harness::start(|s, st| {
             s.drop_after_verdicts = Some(4);
+            s.reject_reconnects = 2;
             st.drafting.pipeline = pipeline;
         })
         .await;
@@ -208,7 +231,11 @@ async fn a_broken_stream_is_reconnected_without_losing_or_repeating_text() {
         );
         let rec = h.coordinator.record();
         assert_eq!(rec.drops, 1);
-        assert_eq!(rec.hellos, 2, "reconnected once: {rec:?}");
+        assert_eq!(rec.rejected_streams, 2, "{rec:?}");
+        assert_eq!(
+            rec.hellos, 4,
+            "two refused reconnects, then one that holds: {rec:?}"
+        );
         assert_eq!(
             rec.blocks_with_history, 2,
             "open + resync after the reconnect: {rec:?}"

@@ -177,18 +177,19 @@ impl ChatRequest {
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for m in self.messages {
-            let role =
-                match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    other => return Err(ApiError::invalid(
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
                         Some("messages"),
                         format!(
                             "unsupported message role `{other}` (use system, user or assistant)"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let content = match m.content {
                 None => String::new(),
                 Some(ContentParam::Text(t)) => t,

@@ -16,6 +16,7 @@ use edgespec_model::TextTokenizer;
 use edgespec_proto::domain::{DraftBlock, ErrorCode, SessionError};
 use edgespec_specdec::{argmax, SamplingParams};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::connection::{Connection, SessionEvent, Verdict};
 use crate::engine::Engine;
@@ -140,10 +141,14 @@ pub(crate) fn spawn(
         out,
         last_round_trip_ns: 0,
     };
-    tokio::spawn(async move {
-        let _permit = permit;
-        driver.run(events_tx).await;
-    });
+    let span = tracing::debug_span!("session", session = id);
+    tokio::spawn(
+        async move {
+            let _permit = permit;
+            driver.run(events_tx).await;
+        }
+        .instrument(span),
+    );
     rx
 }
 

@@ -132,6 +132,8 @@ pub struct Script {
     pub overloaded_blocks: usize,
     /// Break the stream (once) after this many verdicts.
     pub drop_after_verdicts: Option<usize>,
+    /// Refuse this many reconnecting streams with UNAVAILABLE (a coordinator restarting).
+    pub reject_reconnects: usize,
     /// Stop answering blocks altogether (the verify pool is gone).
     pub silent: bool,
     /// Wait this long before answering each block (a slow link).
@@ -150,6 +152,7 @@ pub struct Record {
     pub resyncs_sent: usize,
     pub overloads_sent: usize,
     pub drops: usize,
+    pub rejected_streams: usize,
     pub closes: Vec<u64>,
     pub probe_replies: usize,
     pub invalid: Vec<String>,
@@ -247,8 +250,15 @@ impl Coordinator for Service {
         let Ok(DraftMessage::Hello(hello)) = DraftMessage::try_from(first) else {
             return Err(Status::invalid_argument("first message must be a hello"));
         };
-        self.0.record.lock().unwrap().hellos += 1;
         let script = self.0.script.lock().unwrap().clone();
+        {
+            let mut r = self.0.record.lock().unwrap();
+            r.hellos += 1;
+            if r.hellos > 1 && r.rejected_streams < script.reject_reconnects {
+                r.rejected_streams += 1;
+                return Err(Status::unavailable("scripted: coordinator restarting"));
+            }
+        }
         if script.refuse {
             return Err(Status::failed_precondition(format!(
                 "model mismatch: draft fingerprint {} differs from the fleet's {}",
@@ -453,6 +463,7 @@ pub fn script(target: Arc<Target>, fingerprint: &str) -> Script {
         resync_rounds: HashSet::new(),
         overloaded_blocks: 0,
         drop_after_verdicts: None,
+        reject_reconnects: 0,
         silent: false,
         block_delay: Duration::ZERO,
         target,
@@ -476,7 +487,7 @@ pub fn settings(model: &TinyModel, coordinator: &str) -> Settings {
 /// A running draft node.
 pub struct RunningNode {
     pub addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -494,8 +505,15 @@ impl RunningNode {
         });
         RunningNode {
             addr,
-            _stop: stop,
+            stop: Some(stop),
             done,
+        }
+    }
+
+    /// Asks the node to shut down gracefully.
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
         }
     }
 
