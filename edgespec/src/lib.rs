@@ -1,0 +1,4 @@
+//! `edgespec` library half: the pieces the operator CLI is built from.
+#![forbid(unsafe_code)]
+
+pub mod linkemu;
