@@ -8,23 +8,13 @@
 //! pipelined blocks are then all the same operation, and a dropped speculative block costs
 //! nothing but the truncation.
 
-use edgespec_specdec::{argmax, probs_from_logits, propose, SamplingParams, SparseDist};
-use rand::SeedableRng;
+use edgespec_specdec::{
+    argmax, probs_from_logits, propose, round_rng, RngSide, SamplingParams, SparseDist,
+};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::Engine;
 use crate::error::GenError;
-
-/// The draft side's RNG for the round that extends `committed_len` tokens: a pure function of
-/// `(seed, committed_len)` on stream 0 (the verifier uses stream 1), so a seeded request drafts
-/// the same tokens whatever happened before (resyncs, pipelining on or off).
-pub fn round_rng(seed: u64, committed_len: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ (committed_len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    rng.set_stream(0);
-    rng
-}
 
 /// The draft tokens of one block in the making.
 #[derive(Debug, Clone)]
@@ -45,7 +35,9 @@ impl BlockDraft {
             base_len,
             tokens: Vec::new(),
             q: Vec::new(),
-            rng: round_rng(sampling.seed, base_len),
+            // A pure function of (seed, committed length), so a seeded request drafts the same
+            // tokens whatever happened before (resyncs, pipelining on or off).
+            rng: round_rng(sampling.seed, base_len, RngSide::Draft),
         }
     }
 
@@ -193,14 +185,16 @@ mod tests {
     }
 
     #[test]
-    fn round_rng_depends_only_on_seed_and_length() {
-        let a: u64 = round_rng(7, 12).random();
-        let b: u64 = round_rng(7, 12).random();
-        let c: u64 = round_rng(7, 13).random();
-        let d: u64 = round_rng(8, 12).random();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_ne!(a, d);
+    fn drafts_use_the_draft_side_round_rng() {
+        let sp = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: u64 = BlockDraft::new(12, &sp).rng.random();
+        assert_eq!(a, round_rng(7, 12, RngSide::Draft).random::<u64>());
+        assert_ne!(a, round_rng(7, 12, RngSide::Verify).random::<u64>());
     }
 
     #[test]

@@ -22,7 +22,6 @@ use crate::connection::{Connection, SessionEvent, Verdict};
 use crate::engine::Engine;
 use crate::error::GenError;
 use crate::metrics::Metrics;
-pub use draft::round_rng;
 use draft::{BlockDraft, Drafter, StepPlan};
 pub use output::FinishReason;
 use output::Output;
