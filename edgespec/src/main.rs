@@ -1,6 +1,277 @@
-//! `edgespec`: the operator CLI (local cluster, model fetch, bench, link emulator).
+//! `edgespec`: the operator CLI — a local cluster in one command, model fetch, link emulator.
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("edgespec: the local cluster is not built yet (see the open issues)")
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use edgespec::client::{stream_chat, ChatRequest};
+use edgespec::cluster::{
+    ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides, LOCAL_ADMIN_TOKEN,
+};
+use edgespec::linkemu::{LinkEmulator, LinkProfile};
+use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgespec",
+    version,
+    about = "Speculative decoding split across a network"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a local cluster with the real models, answer one prompt, print its statistics.
+    Demo(DemoArgs),
+    /// Start a local cluster and keep it running for trying the API by hand (Ctrl-C stops it).
+    Up(UpArgs),
+    /// Manage the cached model files.
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+    },
+    /// Run the link emulator: a TCP proxy adding delay, jitter and a bandwidth limit.
+    Link(LinkArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ModelArgs {
+    /// Target model GGUF (default: the cached Qwen2.5-Coder-1.5B, fetched if missing).
+    #[arg(long)]
+    target: Option<PathBuf>,
+    /// Draft model GGUF (default: the cached Qwen2.5-Coder-0.5B, fetched if missing).
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Fix γ (draft tokens per round) instead of letting the controller choose.
+    #[arg(long)]
+    gamma: Option<u32>,
+    /// Draft the next block while the current one is being verified.
+    #[arg(long)]
+    pipelined: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// The prompt (a chat user message).
+    #[arg(
+        long,
+        default_value = "Write a Python function that returns the n-th Fibonacci number iteratively."
+    )]
+    prompt: String,
+    /// Completion budget.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Address of the draft node's OpenAI-compatible API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCmd {
+    /// Download, verify and cache the pinned models (a no-op for the ones already cached).
+    Fetch,
+    /// Print where the cached models are.
+    Path,
+}
+
+#[derive(clap::Args, Debug)]
+struct LinkArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address to forward to.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Round-trip time to add (split evenly between directions), e.g. "50ms".
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    rtt: Duration,
+    /// Bandwidth limit per direction in Mbit/s (0 = unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    mbit: f64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Command::Demo(a) => demo(a).await,
+            Command::Up(a) => up(a).await,
+            Command::Models { cmd } => models(cmd),
+            Command::Link(a) => link(a).await,
+        }
+    })
+}
+
+fn models(cmd: ModelsCmd) -> Result<()> {
+    let dir = default_cache_dir();
+    for m in [
+        KnownModel::Qwen15bTarget,
+        KnownModel::Qwen05bDraft,
+        KnownModel::SmolLm135m,
+    ] {
+        match cmd {
+            ModelsCmd::Fetch => {
+                let p = ensure_model(m, &dir, true)?;
+                println!("{}", p.display());
+            }
+            ModelsCmd::Path => println!("{}", dir.join(m.file_name()).display()),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the model paths (fetching the defaults when missing) into cluster options.
+async fn cluster_options(m: &ModelArgs) -> Result<ClusterOptions> {
+    let dir = default_cache_dir();
+    let target = match &m.target {
+        Some(p) => p.clone(),
+        None => fetch(KnownModel::Qwen15bTarget, dir.clone()).await?,
+    };
+    let draft = match &m.draft {
+        Some(p) => p.clone(),
+        None => fetch(KnownModel::Qwen05bDraft, dir).await?,
+    };
+    let mut opts = ClusterOptions::new(target, draft);
+    opts.drafts = vec![DraftSpec {
+        link: None,
+        pipelined: m.pipelined,
+    }];
+    opts.policy = PolicyOverrides {
+        gamma_bounds: m.gamma.map(|g| (g, g)),
+        speculation_off: m.gamma == Some(0),
+        pipelined: m.pipelined,
+    };
+    Ok(opts)
+}
+
+async fn fetch(m: KnownModel, dir: PathBuf) -> Result<PathBuf> {
+    tokio::task::spawn_blocking(move || ensure_model(m, &dir, true))
+        .await?
+        .with_context(|| format!("fetching {}", m.file_name()))
+}
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let opts = cluster_options(&a.models).await?;
+    eprintln!("starting coordinator, verify node (target) and draft node on loopback ...");
+    let cluster = LocalCluster::start(opts).await?;
+    eprintln!(
+        "cluster up: draft API {}  coordinator gRPC {}  admin {}",
+        cluster.openai_base(),
+        cluster.coordinator_grpc,
+        cluster.admin_http
+    );
+    println!("\n>>> {}\n", a.prompt);
+    let req = ChatRequest {
+        prompt: a.prompt.clone(),
+        max_tokens: a.max_tokens,
+        temperature: 0.0,
+        seed: None,
+    };
+    let client = reqwest::Client::new();
+    let result = stream_chat(&client, &cluster.openai_base(), &req, |t| {
+        print!("{t}");
+        let _ = std::io::stdout().flush();
+    })
+    .await;
+    println!();
+    let stop = cluster.stop().await;
+    let out = result?;
+    stop?;
+    println!("\n--- stats ---");
+    println!(
+        "completion tokens : {} (prompt {} tokens, finish: {})",
+        out.completion_tokens,
+        out.prompt_tokens,
+        out.finish_reason.as_deref().unwrap_or("?")
+    );
+    println!(
+        "throughput        : {:.1} tokens/s over {:.2} s (first token after {:.0} ms)",
+        out.tokens_per_s(),
+        out.elapsed.as_secs_f64(),
+        out.first_token.unwrap_or_default().as_secs_f64() * 1e3
+    );
+    if let Some(s) = &out.stats {
+        let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        println!(
+            "acceptance        : {:.1}% ({} of {} drafted tokens accepted)",
+            100.0 * f("acceptance_rate"),
+            f("accepted"),
+            f("drafted")
+        );
+        println!("gamma (mean)      : {:.2}", f("gamma_mean"));
+        println!("rounds            : {}", f("rounds"));
+        println!(
+            "target forwards   : {:.3} per committed token",
+            f("target_forwards") / (out.completion_tokens.max(1) as f64)
+        );
+    }
+    Ok(())
+}
+
+async fn up(a: UpArgs) -> Result<()> {
+    let mut opts = cluster_options(&a.models).await?;
+    opts.http_listen = a.listen;
+    let cluster = LocalCluster::start(opts).await?;
+    println!("edgespec local cluster is up (Ctrl-C stops it)");
+    println!("  OpenAI API       : {}", cluster.openai_base());
+    println!("  coordinator gRPC : {}", cluster.coordinator_grpc);
+    println!(
+        "  admin HTTP       : http://{}  (bearer token: {LOCAL_ADMIN_TOKEN})",
+        cluster.admin_http
+    );
+    println!(
+        "try: curl -s {}/chat/completions -H 'content-type: application/json' \\\n  -d '{{\"model\":\"edgespec\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hi\"}}],\"max_tokens\":32}}'",
+        cluster.openai_base()
+    );
+    tokio::signal::ctrl_c().await?;
+    eprintln!("stopping ...");
+    cluster.stop().await
+}
+
+async fn link(a: LinkArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen).await?;
+    let bw = (a.mbit > 0.0).then(|| (a.mbit * 1e6) as u64);
+    let profile = LinkProfile {
+        one_way_delay: a.rtt / 2,
+        jitter: Duration::ZERO,
+        bandwidth_bits_per_s: bw,
+    };
+    let shutdown = CancellationToken::new();
+    let (handle, _control) = LinkEmulator::spawn(
+        listener,
+        a.upstream,
+        profile,
+        shutdown.clone().cancelled_owned(),
+    )?;
+    eprintln!(
+        "link emulator {} -> {} (rtt {:?}, {} Mbit/s)",
+        a.listen, a.upstream, a.rtt, a.mbit
+    );
+    tokio::signal::ctrl_c().await?;
+    shutdown.cancel();
+    handle.await?;
+    Ok(())
 }

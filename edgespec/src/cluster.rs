@@ -1,0 +1,320 @@
+//! A whole edgespec fleet on loopback, in one process: coordinator, verify node(s) and draft
+//! node(s), each a real server on `127.0.0.1:0` talking real gRPC/HTTP, optionally with emulated
+//! WAN links between the draft nodes and the coordinator. Used by `edgespec demo`/`up`, the
+//! end-to-end tests and the benchmarks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::linkemu::{LinkControl, LinkEmulator, LinkProfile};
+
+/// The admin token of a local cluster (loopback only, so a fixed value is fine).
+pub const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
+
+/// One draft node of the cluster.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DraftSpec {
+    /// Emulated link to the coordinator (None: plain loopback, and the link cannot be cut).
+    pub link: Option<LinkProfile>,
+    /// Pipelined drafting.
+    pub pipelined: bool,
+}
+
+/// Coordinator policy values that differ from its defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyOverrides {
+    /// Force γ into `[min, max]` (`Some((g, g))` fixes γ).
+    pub gamma_bounds: Option<(u32, u32)>,
+    /// Turn speculation off (γ = 0: target-only decoding through the same path).
+    pub speculation_off: bool,
+    /// Tell the γ controller that draft nodes pipeline.
+    pub pipelined: bool,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Target model GGUF for the verify node(s).
+    pub target: PathBuf,
+    /// Draft model GGUF for the draft node(s).
+    pub draft: PathBuf,
+    /// Number of verify nodes (≥ 1); each loads its own copy of the target model.
+    pub verify_nodes: usize,
+    /// The draft nodes (≥ 1).
+    pub drafts: Vec<DraftSpec>,
+    /// HTTP listen address of the first draft node (port 0 = any).
+    pub http_listen: SocketAddr,
+    /// Coordinator policy.
+    pub policy: PolicyOverrides,
+}
+
+impl ClusterOptions {
+    /// One verify node, one draft node on plain loopback.
+    pub fn new(target: PathBuf, draft: PathBuf) -> Self {
+        Self {
+            target,
+            draft,
+            verify_nodes: 1,
+            drafts: vec![DraftSpec::default()],
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            policy: PolicyOverrides::default(),
+        }
+    }
+}
+
+struct Component {
+    stop: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Component {
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.task.await.context("component task panicked")?
+    }
+}
+
+/// A draft node of a running cluster.
+#[derive(Debug, Clone)]
+pub struct DraftHandle {
+    /// Its OpenAI-compatible HTTP address.
+    pub http: SocketAddr,
+    /// Control of its emulated link, if it has one.
+    pub link: Option<LinkControl>,
+}
+
+impl DraftHandle {
+    /// Base URL of its OpenAI-compatible API.
+    pub fn openai_base(&self) -> String {
+        format!("http://{}/v1", self.http)
+    }
+}
+
+/// A running local cluster. Call [`LocalCluster::stop`] to shut it down gracefully.
+pub struct LocalCluster {
+    /// Coordinator gRPC address (stable across [`LocalCluster::restart_coordinator`]).
+    pub coordinator_grpc: SocketAddr,
+    /// Coordinator admin HTTP address (stable across restarts).
+    pub admin_http: SocketAddr,
+    /// Verify nodes' gRPC addresses.
+    pub verify_grpc: Vec<SocketAddr>,
+    /// The draft nodes.
+    pub drafts: Vec<DraftHandle>,
+    coordinator_settings: edgespec_coordinator::Settings,
+    coordinator: Option<Component>,
+    verifiers: Vec<Option<Component>>,
+    draft_nodes: Vec<Component>,
+    links: Vec<Component>,
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("coordinator_grpc", &self.coordinator_grpc)
+            .field("admin_http", &self.admin_http)
+            .field("verify_grpc", &self.verify_grpc)
+            .field("drafts", &self.drafts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalCluster {
+    /// Starts coordinator, verify node(s) and draft node(s), and waits until the coordinator
+    /// has the verify nodes registered and the draft nodes are serving.
+    pub async fn start(opts: ClusterOptions) -> Result<Self> {
+        if opts.verify_nodes == 0 || opts.drafts.is_empty() {
+            bail!("a cluster needs at least one verify node and one draft node");
+        }
+        let mut cs = edgespec_coordinator::Settings::for_tests();
+        cs.admin.token = LOCAL_ADMIN_TOKEN.to_string();
+        cs.policy.pipelined = opts.policy.pipelined;
+        if let Some((lo, hi)) = opts.policy.gamma_bounds {
+            cs.policy.gamma_min = lo;
+            cs.policy.gamma_max = hi;
+            cs.policy.initial_gamma = hi;
+        }
+        if opts.policy.speculation_off {
+            cs.policy.speculation_enabled = false;
+        }
+        let (coordinator, coordinator_grpc, admin_http) = start_coordinator(cs.clone()).await?;
+        // A restart must come back on the same addresses, which the nodes keep dialling.
+        cs.grpc.listen = coordinator_grpc;
+        cs.admin.listen = admin_http;
+
+        let mut verify_grpc = Vec::new();
+        let mut verifiers = Vec::new();
+        for i in 0..opts.verify_nodes {
+            let mut vs = edgespec_verify_node::Settings::default();
+            vs.server.listen = ([127, 0, 0, 1], 0).into();
+            vs.server.node_id = format!("verify-{i}");
+            vs.model.path = opts.target.clone();
+            vs.coordinator.addresses = vec![format!("http://{coordinator_grpc}")];
+            let app = edgespec_verify_node::App::build(vs)
+                .await
+                .with_context(|| format!("starting verify node {i}"))?;
+            verify_grpc.push(app.grpc_addr());
+            let stop = CancellationToken::new();
+            let fut = stop.clone().cancelled_owned();
+            let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
+            verifiers.push(Some(Component { stop, task }));
+        }
+
+        let mut drafts = Vec::new();
+        let mut draft_nodes = Vec::new();
+        let mut links = Vec::new();
+        for (i, spec) in opts.drafts.iter().enumerate() {
+            let (dial, link) = match spec.link {
+                Some(profile) => {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let addr = listener.local_addr()?;
+                    let stop = CancellationToken::new();
+                    let (handle, control) = LinkEmulator::spawn(
+                        listener,
+                        coordinator_grpc,
+                        profile,
+                        stop.clone().cancelled_owned(),
+                    )?;
+                    let task = tokio::spawn(async move {
+                        handle.await.context("link emulator task")?;
+                        Ok(())
+                    });
+                    links.push(Component { stop, task });
+                    (addr, Some(control))
+                }
+                None => (coordinator_grpc, None),
+            };
+            let mut ds = edgespec_draft_node::Settings::default();
+            ds.node.id = format!("draft-{i}");
+            ds.http.listen = if i == 0 {
+                opts.http_listen
+            } else {
+                ([127, 0, 0, 1], 0).into()
+            };
+            ds.model.path = opts.draft.clone();
+            ds.coordinator.address = format!("http://{dial}");
+            ds.drafting.pipeline = spec.pipelined;
+            let app = edgespec_draft_node::App::build(ds)
+                .await
+                .with_context(|| format!("starting draft node {i}"))?;
+            drafts.push(DraftHandle {
+                http: app.http_addr(),
+                link,
+            });
+            let stop = CancellationToken::new();
+            let fut = stop.clone().cancelled_owned();
+            let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
+            draft_nodes.push(Component { stop, task });
+        }
+
+        let cluster = Self {
+            coordinator_grpc,
+            admin_http,
+            verify_grpc,
+            drafts,
+            coordinator_settings: cs,
+            coordinator: Some(coordinator),
+            verifiers,
+            draft_nodes,
+            links,
+        };
+        cluster
+            .wait_ready(opts.verify_nodes, Duration::from_secs(120))
+            .await?;
+        Ok(cluster)
+    }
+
+    /// Polls the coordinator until `verifiers` verify nodes are registered and up.
+    async fn wait_ready(&self, verifiers: usize, deadline: Duration) -> Result<()> {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/admin/v1/nodes", self.admin_http);
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let (up, drafts) = match client.get(&url).bearer_auth(LOCAL_ADMIN_TOKEN).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.unwrap_or_default();
+                    count_connected(&v)
+                }
+                _ => (0, 0),
+            };
+            if up >= verifiers && drafts >= self.drafts.len() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > until {
+                bail!(
+                    "within {deadline:?} only {up} of {verifiers} verify nodes registered and \
+                     {drafts} of {} draft nodes connected",
+                    self.drafts.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The first draft node's API base URL.
+    pub fn openai_base(&self) -> String {
+        self.drafts[0].openai_base()
+    }
+
+    /// Stops verify node `i` (its server goes away; the coordinator fails its sessions over).
+    pub async fn kill_verify_node(&mut self, i: usize) -> Result<()> {
+        match self.verifiers.get_mut(i).and_then(Option::take) {
+            Some(c) => c.stop().await,
+            None => bail!("verify node {i} is not running"),
+        }
+    }
+
+    /// Stops the coordinator and starts a fresh one (empty state) on the same addresses.
+    pub async fn restart_coordinator(&mut self) -> Result<()> {
+        if let Some(c) = self.coordinator.take() {
+            c.stop().await.context("stopping the coordinator")?;
+        }
+        let (c, _, _) = start_coordinator(self.coordinator_settings.clone()).await?;
+        self.coordinator = Some(c);
+        Ok(())
+    }
+
+    /// Graceful shutdown of every component; returns the first component error.
+    pub async fn stop(mut self) -> Result<()> {
+        let mut all: Vec<Component> = self.draft_nodes.drain(..).collect();
+        all.extend(self.coordinator.take());
+        all.extend(self.verifiers.drain(..).flatten());
+        all.append(&mut self.links);
+        let mut first = Ok(());
+        for c in all {
+            let r = c.stop().await;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+async fn start_coordinator(
+    settings: edgespec_coordinator::Settings,
+) -> Result<(Component, SocketAddr, SocketAddr)> {
+    let app = edgespec_coordinator::App::build(settings)
+        .await
+        .context("starting the coordinator")?;
+    let (grpc, admin) = (app.grpc_addr(), app.http_addr());
+    let stop = CancellationToken::new();
+    let fut = stop.clone().cancelled_owned();
+    let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
+    Ok((Component { stop, task }, grpc, admin))
+}
+
+/// (verify nodes registered and up, draft nodes connected), from `GET /admin/v1/nodes`.
+fn count_connected(v: &serde_json::Value) -> (usize, usize) {
+    let up = v["verifiers"].as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|n| n["health"].as_str() == Some("up"))
+            .count()
+    });
+    let drafts = v["drafts"].as_array().map_or(0, Vec::len);
+    (up, drafts)
+}
