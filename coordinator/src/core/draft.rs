@@ -40,6 +40,7 @@ impl Core {
             id,
             DraftLink {
                 node_id: hello.node_id.clone(),
+                fingerprint: hello.fingerprint.clone(),
                 model_name: hello.model_name.clone(),
                 link: LinkEstimator::new(self.link_config()),
                 draft_s_per_token: if draft_s.is_finite() && draft_s > 0.0 {
@@ -131,6 +132,18 @@ impl Core {
             let msg = "no verify node is available; retry later";
             return self.session_error(out, stream, sid, ErrorCode::Unavailable, msg);
         }
+        // The fleet may have been empty when the stream said hello.
+        let fleet = self.registry.fleet_fingerprint().unwrap_or_default();
+        if self
+            .streams
+            .get(&stream)
+            .is_some_and(|l| l.fingerprint != fleet)
+        {
+            let msg = format!(
+                "model mismatch: this draft node's model differs from the verify fleet's ({fleet})"
+            );
+            return self.session_error(out, stream, sid, ErrorCode::ModelMismatch, msg);
+        }
         let key = (stream, db.block.session_id);
         let global = match self.by_key.get(&key).copied() {
             Some(g) => g,
@@ -203,6 +216,7 @@ impl Core {
                 block,
                 received: now,
                 max_new_tokens: db.max_new_tokens,
+                client_send_unix_ns: db.client_send_unix_ns,
             },
             tokens,
             now,

@@ -72,6 +72,7 @@ impl Out {
 #[derive(Debug)]
 struct DraftLink {
     node_id: String,
+    fingerprint: String,
     model_name: String,
     link: LinkEstimator,
     draft_s_per_token: f64,
@@ -111,6 +112,7 @@ struct Item {
     block: Block,
     received: Instant,
     max_new_tokens: u32,
+    client_send_unix_ns: u64,
 }
 
 #[derive(Debug)]

@@ -294,7 +294,7 @@ impl Core {
             next_token: outcome.next_token,
             committed_len: outcome.committed_len as u32,
             next_gamma: gamma,
-            client_send_unix_ns: 0,
+            client_send_unix_ns: item.client_send_unix_ns,
             coordinator_ns: in_coordinator.saturating_sub(timings.total_ns),
             verify: Some(timings),
             verifier_id: node.to_string(),

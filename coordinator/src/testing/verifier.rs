@@ -100,7 +100,9 @@ impl ScriptedVerifier {
         };
         let server = tonic::transport::Server::builder()
             .add_service(VerifierServer::new(svc.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            );
         let mut tasks = vec![tokio::spawn(async move {
             let _ = server.await;
         })];

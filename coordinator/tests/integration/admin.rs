@@ -182,3 +182,37 @@ async fn model_mismatches_are_refused_with_failed_precondition() {
     assert!(err.message().contains(FINGERPRINT), "{}", err.message());
     coord.stop().await;
 }
+
+#[tokio::test]
+async fn nodes_view_reports_pools_load_link_and_acceptance() {
+    let coord = support::start(support::settings()).await;
+    let _v = support::verifier(&coord, "a", "onprem").await;
+    let d = DraftClient::connect(&coord.url(), "edge").await.unwrap();
+    let mut s = Manual::new(&d, 1, vec![1, 2, 3]);
+    s.verdict(&d, 3, true).await;
+    // The coordinator probes every stream soon after its hello; on loopback the measured RTT
+    // drops far below the 30 ms default.
+    let url = coord.admin("/admin/v1/nodes");
+    support::eventually("link RTT measured", || async {
+        let n = support::get_json(&url).await;
+        n["drafts"][0]["rtt_ms"].as_f64().unwrap() < 10.0
+    })
+    .await;
+    let n = support::get_json(&url).await;
+    let v = &n["verifiers"][0];
+    assert_eq!(v["pool"], "onprem");
+    assert_eq!(v["health"], "up");
+    assert_eq!(v["sessions"], 1);
+    assert_eq!(n["drafts"][0]["node_id"], "edge");
+    assert_eq!(n["drafts"][0]["sessions"], 1);
+    let alpha = n["drafts"][0]["acceptance"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&alpha));
+    assert_eq!(n["fleet_fingerprint"], FINGERPRINT);
+    let sessions = support::get_json(&coord.admin("/admin/v1/sessions")).await;
+    let text = sessions.to_string();
+    assert!(
+        !text.contains("history") && !text.contains("tokens\":["),
+        "no token data: {text}"
+    );
+    coord.stop().await;
+}

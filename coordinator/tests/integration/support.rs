@@ -194,7 +194,7 @@ impl Manual {
                 sampling: SamplingParams::GREEDY,
             },
             max_new_tokens: 1000,
-            client_send_unix_ns: 0,
+            client_send_unix_ns: 1_000_000 + self.round,
             draft_s_per_token: 0.001,
             last_round_trip_ns: 0,
         };
@@ -205,6 +205,7 @@ impl Manual {
             .expect("stream open");
         if let CoordinatorMessage::Verdict(v) = &m {
             assert_eq!(v.round, self.round);
+            assert_eq!(v.client_send_unix_ns, 1_000_000 + self.round, "echoed");
             self.committed
                 .extend_from_slice(&drafts[..v.accepted as usize]);
             self.committed.push(v.next_token);
