@@ -8,7 +8,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// One chat request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     /// User message.
     pub prompt: String,
@@ -18,6 +18,8 @@ pub struct ChatRequest {
     pub temperature: f32,
     /// RNG seed (sampling).
     pub seed: Option<u64>,
+    /// Top-k filter (edgespec extension; None = off).
+    pub top_k: Option<u32>,
 }
 
 /// The answer and what edgespec reports about producing it.
@@ -69,6 +71,9 @@ pub async fn stream_chat(
     });
     if let Some(seed) = req.seed {
         body["seed"] = json!(seed);
+    }
+    if let Some(k) = req.top_k {
+        body["top_k"] = json!(k);
     }
     let started = Instant::now();
     let resp = client

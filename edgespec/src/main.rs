@@ -189,6 +189,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         temperature: 0.0,
         seed: None,
+        top_k: None,
     };
     let client = reqwest::Client::new();
     let result = stream_chat(&client, &cluster.openai_base(), &req, |t| {

@@ -25,6 +25,7 @@ fn request() -> ChatRequest {
         max_tokens: MAX_TOKENS,
         temperature: 0.0,
         seed: None,
+        top_k: None,
     }
 }
 

@@ -13,6 +13,7 @@ async fn complete(cluster: &LocalCluster, prompt: &str) -> anyhow::Result<String
         max_tokens: MAX_TOKENS,
         temperature: 0.0,
         seed: None,
+        top_k: None,
     };
     Ok(stream_chat(
         &reqwest::Client::new(),
