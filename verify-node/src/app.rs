@@ -15,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{Batcher, BatcherConfig};
+use crate::metrics::Metrics;
 use crate::registration::{self, RegistrationConfig};
 use crate::service::VerifierService;
 use crate::sessions::Limits;
@@ -55,6 +56,7 @@ pub struct App {
     listener: TcpListener,
     model: ModelHandle,
     facts: Arc<NodeFacts>,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -99,6 +101,7 @@ impl App {
             listener,
             model,
             facts,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
@@ -112,6 +115,11 @@ impl App {
     /// What the node reports to coordinators.
     pub fn facts(&self) -> &NodeFacts {
         &self.facts
+    }
+
+    /// The node's metrics (live while it runs; `Metrics::encode` gives the Prometheus text).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The loaded target model.
@@ -130,6 +138,7 @@ impl App {
             listener,
             model,
             facts,
+            metrics,
         } = self;
         let limits = Limits {
             vocab_size: facts.vocab_size,
@@ -145,6 +154,7 @@ impl App {
                 max_batch_tokens: settings.batching.max_batch_tokens,
                 kv_budget_bytes: settings.sessions.kv_budget_bytes,
             },
+            metrics,
         );
 
         let (health, health_service) = tonic_health::server::health_reporter();

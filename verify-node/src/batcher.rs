@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::load::{BusyMeter, CostFit, Load};
+use crate::metrics::Metrics;
 use crate::sessions::{Limits, Planned, Sessions};
 use crate::verdict::decide;
 use crate::Error;
@@ -107,7 +108,11 @@ fn forward_tokens(b: &Block) -> usize {
 
 impl Batcher {
     /// Starts the batcher task on the current runtime.
-    pub fn spawn(model: ModelHandle, config: BatcherConfig) -> (Batcher, JoinHandle<()>) {
+    pub fn spawn(
+        model: ModelHandle,
+        config: BatcherConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Batcher, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
         let queued_tokens = Arc::new(AtomicUsize::new(0));
         let initial = Load {
@@ -119,6 +124,7 @@ impl Batcher {
             model,
             config,
             sessions: Sessions::new(config.limits),
+            metrics,
             queued_tokens: queued_tokens.clone(),
             load_tx,
             busy: BusyMeter::new(Duration::from_secs(5)),
@@ -220,6 +226,7 @@ struct Actor {
     model: ModelHandle,
     config: BatcherConfig,
     sessions: Sessions,
+    metrics: Arc<Metrics>,
     queued_tokens: Arc<AtomicUsize>,
     load_tx: watch::Sender<Load>,
     busy: BusyMeter,
@@ -360,6 +367,9 @@ impl Actor {
         let forward_end = Instant::now();
         let forward_s = (forward_end - forward_start).as_secs_f64();
         if batch_sessions > 0 {
+            self.metrics.forwards.inc();
+            self.metrics.forward_rows.inc_by(batch_tokens as u64);
+            self.metrics.forward_seconds.observe(forward_s);
             self.busy
                 .record(forward_s, (forward_end - self.epoch).as_secs_f64());
             if output.is_ok() {
@@ -397,6 +407,11 @@ impl Actor {
             let queue_ns = nanos(forward_start.saturating_duration_since(arrived));
             let results = row
                 .into_iter()
+                .inspect(|s| {
+                    if let Some(Err(e)) = &s.result {
+                        self.metrics.session_error(code_label(e.code));
+                    }
+                })
                 .map(|s| ItemResult {
                     session_id: s.session_id,
                     round: s.round,
@@ -436,6 +451,11 @@ impl Actor {
             Ok(v) => {
                 let n = b.committed_len;
                 let committed_len = n + v.accepted + 1;
+                let m = &self.metrics;
+                m.rounds.inc();
+                m.drafted_tokens.inc_by(b.draft_tokens.len() as u64);
+                m.accepted_tokens.inc_by(v.accepted as u64);
+                m.emitted_tokens.inc_by(v.accepted as u64 + 1);
                 self.sessions
                     .commit(b.session_id, committed_len, v.next_token);
                 if v.accepted < b.draft_tokens.len() {
@@ -479,7 +499,10 @@ impl Actor {
             }
             if self.sessions.len() + new_sessions >= capacity {
                 match self.sessions.lru_idle(pinned) {
-                    Some(victim) => self.evict(victim).await,
+                    Some(victim) => {
+                        self.metrics.evictions.inc();
+                        self.evict(victim).await;
+                    }
                     None => {
                         refused.push(k);
                         continue;
@@ -512,6 +535,7 @@ impl Actor {
             };
             let cached = self.sessions.get(victim).map_or(0, |s| s.committed_len - 1);
             projected -= cached as f64 * self.bytes_per_token;
+            self.metrics.evictions.inc();
             self.evict(victim).await;
         }
     }
@@ -542,6 +566,19 @@ impl Actor {
         };
         self.load_tx.send_replace(load);
         load
+    }
+}
+
+/// Metric label of an error code.
+fn code_label(c: ErrorCode) -> &'static str {
+    match c {
+        ErrorCode::ResyncNeeded => "resync_needed",
+        ErrorCode::InvalidArgument => "invalid_argument",
+        ErrorCode::Overloaded => "overloaded",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::ModelMismatch => "model_mismatch",
+        ErrorCode::ContextOverflow => "context_overflow",
+        ErrorCode::Internal => "internal",
     }
 }
 

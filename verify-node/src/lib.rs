@@ -6,7 +6,7 @@
 //!
 //! Map: [`settings`] (typed config) → [`App`] (wiring, lifecycle) → `service` (gRPC edge) →
 //! [`batcher`] (one task, one forward per batch) → [`sessions`] (per-session state and checks) and
-//! [`verdict`] (acceptance rule, per-round RNG); [`load`] (load reports); `registration`
+//! [`verdict`] (acceptance rule, per-round RNG); [`load`] (load reports); [`metrics`] (Prometheus metrics); `registration`
 //! (coordinator edge).
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ mod app;
 pub mod batcher;
 mod error;
 pub mod load;
+pub mod metrics;
 mod registration;
 mod service;
 pub mod sessions;
