@@ -4,18 +4,21 @@
 //! candle's CPU quantized matmul quantizes each activation row on its own and then picks a kernel
 //! by the row count `m`. On x86_64 with AVX512-VNNI (this project's CPUs) the choices are:
 //! - Q4K / Q8_0 weights with `n % 16 == 0` and `k % 256 == 0`: repacked 16-column tiles, each row
-//!   accumulated independently (bit-identical for any `m`) — **except** Q4K with `m >= 32` on CPUs
-//!   with AMX, which switches to an AMX kernel that rounds differently;
+//!   accumulated on its own (bit-identical for any `m`); for Q4K with `m >= 32` on CPUs with AMX,
+//!   an AMX kernel instead (bit-identical to the tiles in our measurements, but not promised, and
+//!   about 1.7x slower than the tiles here at m = 40..128);
 //! - Q6K with the same shape rule: the compact `vec_dot` kernel for `m == 1`, repacked tiles for
-//!   `m > 1`; the two sum in different orders, so one position's logits would differ between a
-//!   decode step and a verify block;
+//!   `m > 1`. The two sum in different orders (|Δ| ≈ 1e-6 per output), so one position's logits
+//!   would differ between a decode step and a verify block;
 //! - everything else: one `vec_dot` per (row, column), row-independent.
 //!
 //! [`Linear::forward_group`] therefore sends every tileable matmul through
-//! `QTensor::gemv_fused_shared_lhs` (the tiled kernel for any `m`, never AMX; it also shares one
-//! activation quantization between q/k/v and gate/up) and pads a single Q6K row to two rows so that
-//! it takes the tiled kernel too. Only where those return `None` (other CPUs, other dtypes) does it
-//! fall back to `QMatMul::forward`.
+//! `QTensor::gemv_fused_shared_lhs` (the tiled kernel for any `m`, never AMX; layers of one dtype
+//! reading the same input share one activation quantization and one pass over the worker pool)
+//! and pads a single Q6K row to two identical rows so that it takes the tiled kernel too; the
+//! padding costs nothing measurable (the output projection is memory-bound either way). Only where
+//! those return `None` (other CPUs, other dtypes, other shapes) does it fall back to
+//! `QMatMul::forward`.
 
 use std::sync::Arc;
 
@@ -74,35 +77,52 @@ impl Linear {
             .collect()
     }
 
+    /// Layers with the same weight dtype share one fused call (one activation quantization, one
+    /// pass over the worker pool).
     fn cpu_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let same_dtype = layers
-            .iter()
-            .all(|l| l.weight.dtype() == layers[0].weight.dtype());
-        if same_dtype && layers.len() > 1 {
-            let ws: Vec<&QTensor> = layers.iter().map(|l| l.weight.as_ref()).collect();
-            if let Some(outs) = QTensor::gemv_fused_shared_lhs(&ws, x)? {
-                return Ok(outs);
+        let mut outs: Vec<Option<Tensor>> = vec![None; layers.len()];
+        let mut done = vec![false; layers.len()];
+        for i in 0..layers.len() {
+            if done[i] {
+                continue;
+            }
+            let dtype = layers[i].weight.dtype();
+            let idx: Vec<usize> = (i..layers.len())
+                .filter(|&j| layers[j].weight.dtype() == dtype)
+                .collect();
+            let group: Vec<&Linear> = idx.iter().map(|&j| layers[j]).collect();
+            for (j, y) in idx.iter().zip(Self::cpu_same_dtype(&group, x)?) {
+                done[*j] = true;
+                outs[*j] = Some(y);
             }
         }
-        layers.iter().map(|l| l.cpu_single(x)).collect()
+        Ok(outs.into_iter().flatten().collect())
     }
 
-    fn cpu_single(&self, x: &Tensor) -> Result<Tensor> {
+    fn cpu_same_dtype(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let m = x.dim(0)?;
-        if m == 1 && self.weight.dtype() == GgmlDType::Q6K {
-            // Two identical rows take the same (tiled) kernel as a multi-row block; the second
-            // row is discarded.
-            let x2 = Tensor::cat(&[x, x], 0)?;
-            let y2 = self.cpu_tiled_or_plain(&x2)?;
-            return y2.narrow(0, 0, 1);
-        }
-        self.cpu_tiled_or_plain(x)
-    }
-
-    fn cpu_tiled_or_plain(&self, x: &Tensor) -> Result<Tensor> {
-        match QTensor::gemv_fused_shared_lhs(&[self.weight.as_ref()], x)? {
-            Some(mut outs) => Ok(outs.remove(0)),
-            None => self.matmul.forward(x),
+        // A single row takes the compact Q6K kernel; two identical rows take the same tiled
+        // kernel as a multi-row block. The second row is discarded.
+        let pad = m == 1 && layers[0].weight.dtype() == GgmlDType::Q6K;
+        let x2;
+        let x = if pad {
+            x2 = Tensor::cat(&[x, x], 0)?;
+            &x2
+        } else {
+            x
+        };
+        let ws: Vec<&QTensor> = layers.iter().map(|l| l.weight.as_ref()).collect();
+        let outs = match QTensor::gemv_fused_shared_lhs(&ws, x)? {
+            Some(outs) => outs,
+            None => layers
+                .iter()
+                .map(|l| l.matmul.forward(x))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if pad {
+            outs.iter().map(|y| y.narrow(0, 0, 1)).collect()
+        } else {
+            Ok(outs)
         }
     }
 }

@@ -10,11 +10,16 @@
 //! On the CPU a position's logits are bit-identical whether it is computed in a single-token step,
 //! inside a multi-token block, or in a ragged batch beside other sessions. That is what makes
 //! speculative greedy decoding produce exactly the target-only greedy output. It holds because
-//! - every linear layer quantizes and reduces each activation row on its own, and
-//!   [`linear`] steers candle away from the two kernels that do not (AMX Q4K for `m >= 32`, and the
-//!   compact Q6K kernel used only for `m == 1`);
-//! - attention is computed per (query row, head) with a fixed summation order ([`attention`]);
+//! - every linear layer quantizes and reduces each activation row on its own, and `linear.rs`
+//!   keeps candle on one kernel per weight whatever the row count (candle would otherwise switch
+//!   Q6K weights between two kernels that round differently, and Q4K to AMX for `m >= 32`);
+//! - attention is computed per (query row, head) with a fixed summation order (`attention.rs`);
 //! - norms, rotary embeddings and element-wise ops are per row or per element.
+//!
+//! Weight matrices stored as F32/F16 (none in the supported files) would go through candle's
+//! f32 gemm, which is not row-invariant. For comparison, MODELS.md measured logits differing by
+//! up to ~0.5 between block and single-step forwards of candle-transformers' `quantized_qwen2`,
+//! which mixes those kernels and computes attention with shape-dependent matmuls.
 //!
 //! The tests in `model/tests/forward_*.rs` check it bit for bit on tiny models (generic and
 //! tiled kernels) and on the real models. Invariance is established for x86_64; other CPUs pick
