@@ -133,35 +133,39 @@ fn decode_ms(m: &mut dyn CausalLm, path: &Path, args: &Args) -> Result<(f64, f64
     Ok((median(a), median(b)))
 }
 
-/// Median ms of `f` over runs.
-fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut xs = Vec::new();
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        f()?;
-        xs.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(median(xs))
+/// Wall-clock ms of `f`.
+fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t0 = Instant::now();
+    f()?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
-/// Verifying k new tokens after a 128-token prefix, all-position logits.
+const VERIFY_KS: [usize; 7] = [1, 2, 4, 6, 8, 12, 16];
+
+/// Verifying k new tokens after a 128-token prefix, all-position logits; the k values are
+/// interleaved within each run so that background load hits them alike. Medians per k.
 fn verify_table(m: &mut dyn CausalLm, runs: usize) -> Result<Vec<(usize, f64)>> {
-    let p = prompt(128);
-    m.forward_batch(&[req(1, 0, p, 1)])?;
-    let mut rows = Vec::new();
-    for k in [1, 2, 4, 8, 12, 16] {
-        let block = prompt(128 + k)[128..].to_vec();
-        let ms = time_ms(runs, || {
-            m.forward_batch(&[req(1, 128, block.clone(), usize::MAX)])?;
-            Ok(())
-        })?;
-        rows.push((k, ms));
+    let p = prompt(128 + 16);
+    m.forward_batch(&[req(1, 0, p[..128].to_vec(), 1)])?;
+    let mut times = vec![Vec::new(); VERIFY_KS.len()];
+    for _ in 0..runs {
+        for (i, &k) in VERIFY_KS.iter().enumerate() {
+            let block = p[128..128 + k].to_vec();
+            times[i].push(time_ms(|| {
+                m.forward_batch(&[req(1, 128, block, usize::MAX)])?;
+                Ok(())
+            })?);
+        }
     }
     m.release(1);
-    Ok(rows)
+    Ok(VERIFY_KS
+        .iter()
+        .copied()
+        .zip(times.into_iter().map(median))
+        .collect())
 }
 
-/// 8 sessions × 5 new tokens (after 64-token prefixes): one ragged batch vs 8 calls.
+/// 8 sessions × 5 new tokens (after 64-token prefixes): one ragged batch vs 8 calls, alternated.
 fn ragged(m: &mut dyn CausalLm, runs: usize) -> Result<(f64, f64)> {
     let p = prompt(69);
     for s in 0..8 {
@@ -169,20 +173,23 @@ fn ragged(m: &mut dyn CausalLm, runs: usize) -> Result<(f64, f64)> {
     }
     let new = |s: u64| req(s, 64, p[64..].to_vec(), usize::MAX);
     let batch: Vec<SeqRequest> = (0..8).map(new).collect();
-    let one = time_ms(runs, || {
-        m.forward_batch(&batch)?;
-        Ok(())
-    })?;
-    let separate = time_ms(runs, || {
-        for s in 0..8 {
-            m.forward_batch(&[new(s)])?;
-        }
-        Ok(())
-    })?;
+    let (mut one, mut separate) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        one.push(time_ms(|| {
+            m.forward_batch(&batch)?;
+            Ok(())
+        })?);
+        separate.push(time_ms(|| {
+            for s in 0..8 {
+                m.forward_batch(&[new(s)])?;
+            }
+            Ok(())
+        })?);
+    }
     for s in 0..8 {
         m.release(s);
     }
-    Ok((one, separate))
+    Ok((median(one), median(separate)))
 }
 
 fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {

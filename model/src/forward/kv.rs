@@ -151,6 +151,22 @@ impl LayerKv {
     }
 }
 
+/// Grows `buf` for `extra` more values by a quarter of its size, rounded up to 64 positions:
+/// amortised O(1) appends like `Vec`'s doubling, but at most ~25% unused memory per cache (the
+/// KV budget counts capacity).
+fn reserve_positions(buf: &mut Vec<f32>, extra: usize, width: usize) {
+    let need = buf.len() + extra;
+    if need <= buf.capacity() {
+        return;
+    }
+    let chunk = 64 * width;
+    let target = need
+        .max(buf.capacity() + buf.capacity() / 4)
+        .div_ceil(chunk)
+        * chunk;
+    buf.reserve_exact(target - buf.len());
+}
+
 /// All layers' caches of one session.
 #[derive(Debug)]
 pub(crate) struct SessionKv {
@@ -193,5 +209,30 @@ impl SessionKv {
 
     pub(crate) fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reserve_positions;
+
+    #[test]
+    fn growth_is_amortised_and_bounded() {
+        let width = 8;
+        let mut buf = Vec::new();
+        let mut reallocs = 0;
+        for _ in 0..5000 {
+            let cap = buf.capacity();
+            reserve_positions(&mut buf, width, width);
+            buf.extend_from_slice(&[0f32; 8]);
+            reallocs += usize::from(buf.capacity() != cap);
+            let slack = buf.capacity() - buf.len();
+            assert!(
+                slack <= buf.len() / 4 + 64 * width,
+                "{slack} for {}",
+                buf.len()
+            );
+        }
+        assert!(reallocs < 40, "{reallocs} reallocations");
     }
 }

@@ -346,6 +346,11 @@ impl CausalLm for GgufModel {
 
     fn forward_batch(&mut self, batch: &[SeqRequest]) -> Result<Vec<SeqLogits>, ModelError> {
         let segments = self.validate(batch)?;
+        tracing::trace!(
+            sessions = segments.len(),
+            rows = segments.iter().map(|s| s.len).sum::<usize>(),
+            "forward batch"
+        );
         let (logits, staged) = self.run(batch, &segments)?;
         let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         for s in &segments {
