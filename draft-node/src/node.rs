@@ -81,7 +81,8 @@ impl Node {
     /// `Ok` when the node can serve; otherwise why not.
     pub fn readiness(&self) -> Result<(), GenError> {
         match &*self.inner.model.health().borrow() {
-            ModelHealth::Ready => {}
+            // `ModelHandle::spawn` returns after the load, possibly before the watch says Ready.
+            ModelHealth::Ready | ModelHealth::Loading => {}
             other => {
                 return Err(GenError::Unavailable(format!(
                     "the draft model is not ready ({other:?})"

@@ -4,17 +4,16 @@
 
 mod draft;
 mod output;
+mod pipeline;
 mod state;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgespec_model::TextTokenizer;
 use edgespec_proto::domain::{DraftBlock, ErrorCode, SessionError};
-use edgespec_specdec::{argmax, SamplingParams};
+use edgespec_specdec::SamplingParams;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -22,9 +21,10 @@ use crate::connection::{Connection, SessionEvent, Verdict};
 use crate::engine::Engine;
 use crate::error::GenError;
 use crate::metrics::Metrics;
-use draft::{BlockDraft, Drafter, StepPlan};
+use draft::{BlockDraft, Drafter};
 pub use output::FinishReason;
 use output::Output;
+use pipeline::{Spec, StepFuture};
 pub(crate) use state::GammaBounds;
 pub use state::GenStats;
 use state::{SessionSpec, SessionState, Telemetry};
@@ -162,19 +162,6 @@ impl From<GenError> for Halt {
     fn from(e: GenError) -> Self {
         Halt::Failed(e)
     }
-}
-
-type StepFuture = Pin<Box<dyn Future<Output = (StepPlan, Result<Vec<f32>, GenError>)> + Send>>;
-
-/// The block drafted ahead while the previous one is in flight, valid if that block is fully
-/// accepted and the target's bonus token equals `guess`.
-struct Spec {
-    /// How many tokens to draft ahead.
-    want: usize,
-    /// The draft's own guess of the bonus token.
-    guess: Option<u32>,
-    /// Drafts after committed + in-flight drafts + guess.
-    draft: Option<BlockDraft>,
 }
 
 struct Driver {
@@ -394,77 +381,6 @@ impl Driver {
         let mut b = block.clone();
         b.client_send_unix_ns = self.telemetry().send_unix_ns;
         self.ctx.conn.send(b).await;
-    }
-
-    /// Whether to draft ahead of `block`, and how far.
-    fn plan_spec(&self, block: &DraftBlock) -> Option<Spec> {
-        let gamma = block.block.draft_tokens.len();
-        let eos = self.ctx.tokenizer.eos_token_ids();
-        if !self.ctx.cfg.pipeline
-            || gamma == 0
-            || block.block.draft_tokens.iter().any(|t| eos.contains(t))
-        {
-            return None;
-        }
-        // Budget left if the block is fully accepted (γ drafts + the bonus token).
-        let after = self.state.remaining().checked_sub(gamma + 1)?;
-        let want = gamma.min(after.saturating_sub(1));
-        (want > 0).then_some(Spec {
-            want,
-            guess: None,
-            draft: None,
-        })
-    }
-
-    /// The next speculative step, if any is left.
-    fn spec_step(&self, spec: &Spec, block: &DraftBlock) -> Option<StepFuture> {
-        let committed = self.state.committed();
-        let drafts = &block.block.draft_tokens;
-        let plan = match (spec.guess, &spec.draft) {
-            (None, _) => self.drafter.plan(&[committed, drafts]),
-            (Some(g), Some(d)) if d.len() < spec.want => {
-                self.drafter.plan(&[committed, drafts, &[g], &d.tokens])
-            }
-            _ => return None,
-        };
-        let (engine, session) = self.drafter.engine();
-        Some(Box::pin(async move {
-            let r = engine.step(session, plan.start, plan.tokens.clone()).await;
-            (plan, r)
-        }))
-    }
-
-    fn spec_step_done(
-        &mut self,
-        spec: &mut Option<Spec>,
-        done: (StepPlan, Result<Vec<f32>, GenError>),
-    ) {
-        let (plan, result) = done;
-        let Ok(row) = result else {
-            *spec = None;
-            return;
-        };
-        self.drafter.applied(&plan);
-        let Some(s) = spec.as_mut() else { return };
-        let sampling = *self.state.sampling();
-        match s.guess {
-            None => {
-                let guess = argmax(&row);
-                if self.ctx.tokenizer.eos_token_ids().contains(&guess) {
-                    *spec = None;
-                    return;
-                }
-                s.guess = Some(guess);
-                // committed + γ drafts + guess
-                let base = plan.start + plan.tokens.len() + 1;
-                s.draft = Some(BlockDraft::new(base, &sampling));
-            }
-            Some(_) => {
-                if let Some(d) = s.draft.as_mut() {
-                    d.choose(&row, &sampling, self.ctx.cfg.top_k);
-                }
-            }
-        }
     }
 }
 
