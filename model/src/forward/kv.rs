@@ -129,8 +129,10 @@ impl LayerKv {
                     width,
                 },
             ) => {
-                k.extend_from_slice(&sk[row0 * width..(row0 + len) * width]);
-                v.extend_from_slice(&sv[row0 * width..(row0 + len) * width]);
+                for (dst, src) in [(k, sk), (v, sv)] {
+                    reserve_positions(dst, len * width, *width);
+                    dst.extend_from_slice(&src[row0 * width..(row0 + len) * width]);
+                }
             }
             (LayerKv::Device { k, v }, StagedKv::Device { k: sk, v: sv }) => {
                 *k = Tensor::cat(&[&*k, &sk.narrow(0, row0, len)?], 0)?;
