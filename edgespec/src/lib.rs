@@ -1,7 +1,8 @@
 //! `edgespec` library half: the pieces the operator CLI is built from — the local cluster, a
-//! small OpenAI-API client, and the link emulator.
+//! small OpenAI-API client, the link emulator and the benchmark harness.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod linkemu;

@@ -40,6 +40,8 @@ enum Command {
     },
     /// Run the link emulator: a TCP proxy adding delay, jitter and a bandwidth limit.
     Link(LinkArgs),
+    /// Run a benchmark scenario (docs/BENCHMARKS.md): JSON, PNG plots and a markdown table.
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,6 +108,79 @@ struct LinkArgs {
     mbit: f64,
 }
 
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Scenario: single (a), rtt (b), server (c) or edge (d).
+    #[arg(value_parser = ["single", "rtt", "server", "edge"])]
+    scenario: String,
+    /// Measured runs per configuration (medians over them; use ≥ 3 for reported numbers).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Output directory (JSON, markdown table, PNG plots).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Number of prompts, picked round-robin over kinds (default: 12 for single, 4 otherwise).
+    #[arg(long)]
+    prompts: Option<usize>,
+    /// Completion budget per request (default: 128; server: 64).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Prompt file, JSONL with id, kind, prompt (default: bench/prompts/dev-prompts.jsonl).
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Target model GGUF (default: the cached Qwen2.5-Coder-1.5B).
+    #[arg(long)]
+    target: Option<PathBuf>,
+    /// Draft model GGUF (default: the cached Qwen2.5-Coder-0.5B).
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// rtt / edge: RTTs in ms, comma-separated (default: 0,20,50,100 / 0,20,50).
+    #[arg(long, value_delimiter = ',')]
+    rtts: Option<Vec<u64>>,
+    /// server: stream counts, comma-separated (default: 1,4,8,16).
+    #[arg(long, value_delimiter = ',')]
+    streams: Option<Vec<usize>>,
+    /// edge: directory of the edgespec-* binaries (default: beside this executable).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// edge: do not pin the processes with taskset.
+    #[arg(long)]
+    no_pin: bool,
+    /// Suffix of the output file names (e.g. smoke).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Skip the PNG plots.
+    #[arg(long)]
+    no_plots: bool,
+}
+
+impl BenchArgs {
+    fn into_options(self) -> edgespec::bench::BenchOptions {
+        use edgespec::bench::Scenario;
+        edgespec::bench::BenchOptions {
+            scenario: match self.scenario.as_str() {
+                "single" => Scenario::Single,
+                "rtt" => Scenario::Rtt,
+                "server" => Scenario::Server,
+                _ => Scenario::Edge,
+            },
+            runs: self.runs,
+            out: self.out,
+            prompts: self.prompts,
+            max_tokens: self.max_tokens,
+            prompt_file: self.prompt_file,
+            target: self.target,
+            draft: self.draft,
+            rtts_ms: self.rtts,
+            streams: self.streams,
+            bin_dir: self.bin_dir,
+            no_pin: self.no_pin,
+            tag: self.tag,
+            no_plots: self.no_plots,
+        }
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,6 +196,7 @@ fn main() -> Result<()> {
             Command::Up(a) => up(a).await,
             Command::Models { cmd } => models(cmd),
             Command::Link(a) => link(a).await,
+            Command::Bench(a) => edgespec::bench::run(a.into_options()).await.map(|_| ()),
         }
     })
 }
@@ -254,7 +330,7 @@ async fn up(a: UpArgs) -> Result<()> {
 
 async fn link(a: LinkArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen).await?;
-    let bw = (a.mbit > 0.0).then(|| (a.mbit * 1e6) as u64);
+    let bw = (a.mbit > 0.0).then_some((a.mbit * 1e6) as u64);
     let profile = LinkProfile {
         one_way_delay: a.rtt / 2,
         jitter: Duration::ZERO,

@@ -1,0 +1,359 @@
+//! `edgespec bench`: the benchmark harness of issue 8.
+//!
+//! Four scenarios, all on the real Qwen pair and the dev prompts (`bench/prompts/`):
+//!
+//! - [`Scenario::Single`] — one stream, no link delay: target-only (γ = 0 through the same path),
+//!   fixed γ ∈ {2, 4, 8} and adaptive γ (in-process [`LocalCluster`](crate::cluster::LocalCluster)).
+//! - [`Scenario::Rtt`] — emulated RTT ∈ {0, 20, 50, 100} ms at 20 Mbit/s on the draft ↔
+//!   coordinator link: fixed γ ∈ {1, 2, 4, 8}, adaptive, adaptive + pipelined.
+//! - [`Scenario::Server`] — one verify node serving N ∈ {1, 4, 8, 16} streams whose drafts are
+//!   replayed from recorded (teacher-forced) draft-model predictions, against batched
+//!   target-only decoding of the same N streams.
+//! - [`Scenario::Edge`] — real binaries in separate processes, draft node pinned to core 0,
+//!   coordinator and verify node to core 1: SD (adaptive, pipelined) vs target-only.
+//!
+//! Every configuration is measured `runs` times, interleaved (run 1 of every configuration, then
+//! run 2, ...), so slow drift of a shared machine spreads over all of them; medians are reported
+//! and ratios are taken between medians measured in the same invocation. Results go to
+//! `<out>/<scenario>[-tag].json` (every run's raw numbers), a markdown table (printed and written
+//! beside it) and PNG plots drawn by `bench/plot.py`.
+
+mod edge;
+mod inproc;
+mod report;
+mod server;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use report::{ConfigResult, Report, RunRecord, SummaryLine};
+
+/// The dev prompts, embedded so the harness works from any directory of a clone.
+pub const DEV_PROMPTS: &str = include_str!("../../../bench/prompts/dev-prompts.jsonl");
+
+/// Which benchmark to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// (a) one stream, no link delay.
+    Single,
+    /// (b) emulated RTT sweep at 20 Mbit/s.
+    Rtt,
+    /// (c) verify-node throughput with replayed drafts.
+    Server,
+    /// (d) edge–cloud emulation with pinned processes.
+    Edge,
+}
+
+impl Scenario {
+    /// Lowercase name (file names, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Single => "single",
+            Scenario::Rtt => "rtt",
+            Scenario::Server => "server",
+            Scenario::Edge => "edge",
+        }
+    }
+
+    /// Prompts used when `--prompts` is not given.
+    pub fn default_prompts(self) -> usize {
+        match self {
+            Scenario::Single => 12,
+            _ => 4,
+        }
+    }
+
+    /// Completion budget when `--max-tokens` is not given.
+    pub fn default_max_tokens(self) -> u32 {
+        match self {
+            Scenario::Server => 64,
+            _ => 128,
+        }
+    }
+}
+
+/// Everything `edgespec bench` takes.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// Measured runs per configuration (medians over them; ≥ 3 for reported numbers).
+    pub runs: usize,
+    /// Output directory for JSON, markdown and PNG files.
+    pub out: PathBuf,
+    /// How many prompts (picked round-robin over kinds); None = the scenario's default.
+    pub prompts: Option<usize>,
+    /// Completion budget per request; None = the scenario's default.
+    pub max_tokens: Option<u32>,
+    /// Prompt file (JSONL: id, kind, prompt); None = the embedded dev prompts.
+    pub prompt_file: Option<PathBuf>,
+    /// Target GGUF; None = the cached Qwen2.5-Coder-1.5B (fetched if missing).
+    pub target: Option<PathBuf>,
+    /// Draft GGUF; None = the cached Qwen2.5-Coder-0.5B (fetched if missing).
+    pub draft: Option<PathBuf>,
+    /// Override of the RTT list (ms) of `rtt` / `edge`.
+    pub rtts_ms: Option<Vec<u64>>,
+    /// Override of the stream counts of `server`.
+    pub streams: Option<Vec<usize>>,
+    /// `edge`: directory of the edgespec-* binaries (default: beside this executable).
+    pub bin_dir: Option<PathBuf>,
+    /// `edge`: do not pin with taskset (for machines with one core or without taskset).
+    pub no_pin: bool,
+    /// Suffix of the output file names (e.g. "smoke").
+    pub tag: Option<String>,
+    /// Skip the PNG plots.
+    pub no_plots: bool,
+}
+
+/// One benchmark prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prompt {
+    /// Stable id.
+    pub id: String,
+    /// code / prose / math / structured.
+    pub kind: String,
+    /// The user message.
+    pub prompt: String,
+}
+
+/// Parses a JSONL prompt file.
+pub fn parse_prompts(text: &str) -> Result<Vec<Prompt>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("prompt line {}", i + 1)))
+        .collect()
+}
+
+/// Picks `n` prompts round-robin over kinds (in order of first appearance), so a small `n`
+/// still covers every kind: n = 4 gives one code, prose, math and structured prompt.
+pub fn select_prompts(all: &[Prompt], n: usize) -> Vec<Prompt> {
+    let mut kinds: Vec<&str> = Vec::new();
+    for p in all {
+        if !kinds.contains(&p.kind.as_str()) {
+            kinds.push(&p.kind);
+        }
+    }
+    let mut queues: Vec<Vec<&Prompt>> = kinds
+        .iter()
+        .map(|k| all.iter().filter(|p| p.kind == *k).collect())
+        .collect();
+    for q in &mut queues {
+        q.reverse();
+    }
+    let mut out = Vec::new();
+    while out.len() < n && queues.iter().any(|q| !q.is_empty()) {
+        for q in &mut queues {
+            if out.len() < n {
+                if let Some(p) = q.pop() {
+                    out.push(p.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Median of the finite values (None if there are none).
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+/// Median of every metric over the runs.
+pub fn medians(runs: &[RunRecord]) -> BTreeMap<String, f64> {
+    let mut keys: Vec<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let vals: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.metrics.get(k).copied())
+                .collect();
+            median(&vals).map(|m| (k.clone(), m))
+        })
+        .collect()
+}
+
+/// Resolved model paths.
+#[derive(Debug, Clone)]
+pub(crate) struct Models {
+    pub target: PathBuf,
+    pub draft: PathBuf,
+}
+
+async fn resolve_models(o: &BenchOptions) -> Result<Models> {
+    use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
+    async fn get(m: KnownModel) -> Result<PathBuf> {
+        tokio::task::spawn_blocking(move || ensure_model(m, &default_cache_dir(), true))
+            .await?
+            .with_context(|| format!("fetching {}", m.file_name()))
+    }
+    let target = match &o.target {
+        Some(p) => p.clone(),
+        None => get(KnownModel::Qwen15bTarget).await?,
+    };
+    let draft = match &o.draft {
+        Some(p) => p.clone(),
+        None => get(KnownModel::Qwen05bDraft).await?,
+    };
+    Ok(Models { target, draft })
+}
+
+/// The settings every scenario needs, resolved once.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub opts: BenchOptions,
+    pub models: Models,
+    pub prompts: Vec<Prompt>,
+    pub max_tokens: u32,
+}
+
+/// Runs one scenario end to end: measure, write JSON + markdown, draw plots, print the table.
+pub async fn run(opts: BenchOptions) -> Result<Report> {
+    if opts.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let text = match &opts.prompt_file {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => DEV_PROMPTS.to_string(),
+    };
+    let all = parse_prompts(&text)?;
+    let n = opts.prompts.unwrap_or(opts.scenario.default_prompts());
+    let prompts = select_prompts(&all, n.max(1));
+    if prompts.is_empty() {
+        bail!("no prompts");
+    }
+    let max_tokens = opts
+        .max_tokens
+        .unwrap_or(opts.scenario.default_max_tokens())
+        .max(2);
+    let models = resolve_models(&opts).await?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let ctx = Ctx {
+        opts: opts.clone(),
+        models,
+        prompts,
+        max_tokens,
+    };
+    eprintln!(
+        "bench {}: {} run(s), {} prompt(s) [{}], max_tokens {}",
+        opts.scenario.name(),
+        opts.runs,
+        ctx.prompts.len(),
+        ctx.prompts
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        max_tokens
+    );
+    let report = match opts.scenario {
+        Scenario::Single => inproc::single(&ctx).await?,
+        Scenario::Rtt => inproc::rtt(&ctx).await?,
+        Scenario::Server => server::run(&ctx).await?,
+        Scenario::Edge => edge::run(&ctx).await?,
+    };
+    let files = report::write(&report, &opts.out, opts.tag.as_deref(), !opts.no_plots)?;
+    println!("{}", report.markdown());
+    for f in files {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(report)
+}
+
+/// Host facts recorded with every report (results from a loaded machine must say so).
+pub(crate) fn host_info() -> serde_json::Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "cpus": cpus,
+        "cpu_model": model,
+        "loadavg_at_start": load.trim(),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "debug_build": cfg!(debug_assertions),
+    })
+}
+
+/// Current 1-minute load average.
+pub(crate) fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `a / b` when both are finite and b > 0.
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() && b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Where `bench/plot.py` is: under the current directory, else beside this crate's source.
+pub(crate) fn plot_script() -> Option<PathBuf> {
+    let here = Path::new("bench/plot.py");
+    if here.exists() {
+        return Some(here.to_path_buf());
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/plot.py");
+    src.exists().then_some(src)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_prompts_parse_and_select_round_robin() {
+        let all = parse_prompts(DEV_PROMPTS).unwrap();
+        assert!(all.len() >= 4);
+        let four = select_prompts(&all, 4);
+        let kinds: Vec<&str> = four.iter().map(|p| p.kind.as_str()).collect();
+        assert_eq!(kinds, ["code", "prose", "math", "structured"]);
+        assert_eq!(select_prompts(&all, 100).len(), all.len());
+    }
+
+    #[test]
+    fn median_handles_odd_even_and_nan() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(median(&[]), None);
+    }
+}
