@@ -119,18 +119,38 @@ fn candle_decode_run(model: &mut ModelWeights, steps: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1e3 / steps as f64)
 }
 
-/// Decode ms/token of both implementations, runs interleaved so that background load hits both
-/// alike; medians.
-fn decode_ms(m: &mut dyn CausalLm, path: &Path, args: &Args) -> Result<(f64, f64)> {
+/// Medians of one measurement for ours and candle-transformers'.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    ours: f64,
+    theirs: f64,
+}
+
+/// Decode ms/token and 128-token prefill ms of both implementations, runs interleaved so that
+/// background load hits both alike.
+fn compare(m: &mut dyn CausalLm, path: &Path, args: &Args) -> Result<(Pair, Pair)> {
     let mut file = File::open(path)?;
     let ct = gguf_file::Content::read(&mut file)?;
     let mut theirs = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let long = prompt(128);
+    let x = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut t: [Vec<f64>; 4] = Default::default();
     for run in 0..args.runs {
-        a.push(ours_decode_run(m, 1000 + run as u64, args.decode)?);
-        b.push(candle_decode_run(&mut theirs, args.decode)?);
+        t[0].push(ours_decode_run(m, 1000 + run as u64, args.decode)?);
+        t[1].push(candle_decode_run(&mut theirs, args.decode)?);
+        t[2].push(time_ms(|| {
+            m.forward_batch(&[req(2000, 0, long.clone(), 1)])?;
+            Ok(())
+        })?);
+        m.release(2000);
+        theirs.clear_kv_cache();
+        t[3].push(time_ms(|| {
+            theirs.forward(&x, 0)?;
+            Ok(())
+        })?);
     }
-    Ok((median(a), median(b)))
+    let [a, b, c, d] = t.map(median);
+    Ok((Pair { ours: a, theirs: b }, Pair { ours: c, theirs: d }))
 }
 
 /// Wall-clock ms of `f`.
@@ -200,22 +220,31 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
         );
     }
     let mut m = load_gguf(path, DeviceKind::Cpu)?;
-    let (ours, theirs) = decode_ms(m.as_mut(), path, args)?;
+    let (decode, prefill) = compare(m.as_mut(), path, args)?;
     println!(
         "\n### {label} (`{}`)\n",
         path.file_name().unwrap_or_default().to_string_lossy()
     );
     println!(
-        "| decode ({} steps after a 32-token prompt) | ms/token | tokens/s |",
+        "| | decode ms/token ({} steps after 32 tokens) | tokens/s | prefill 128 tokens, ms |",
         args.decode
     );
-    println!("|---|---:|---:|");
-    println!("| edgespec forward | {ours:.1} | {:.1} |", 1e3 / ours);
+    println!("|---|---:|---:|---:|");
+    for (name, d, p) in [
+        ("edgespec forward", decode.ours, prefill.ours),
+        (
+            "candle-transformers quantized_qwen2",
+            decode.theirs,
+            prefill.theirs,
+        ),
+    ] {
+        println!("| {name} | {d:.1} | {:.1} | {p:.0} |", 1e3 / d);
+    }
     println!(
-        "| candle-transformers quantized_qwen2 | {theirs:.1} | {:.1} |",
-        1e3 / theirs
+        "| ratio ours / candle | {:.3} | | {:.3} |",
+        decode.ours / decode.theirs,
+        prefill.ours / prefill.theirs
     );
-    println!("| ratio ours / candle | {:.3} | |", ours / theirs);
 
     let rows = verify_table(m.as_mut(), args.runs)?;
     let step = rows[0].1;
