@@ -69,3 +69,13 @@ pub const PROMPTS: [&str; 3] = [
     "Write a Rust struct `Stack<T>` backed by a Vec with push, pop and peek methods.",
     "Explain in two sentences what a hash map is.",
 ];
+
+/// Routes the components' logs to the test output (`RUST_LOG`, default `warn`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

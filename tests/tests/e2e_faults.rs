@@ -50,6 +50,7 @@ fn start_stream(
 
 /// Waits until the stream has produced `n` pieces of text (bounded by a deadline).
 async fn wait_pieces(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Result<()> {
+    edgespec_tests::init_logs();
     let deadline = tokio::time::sleep(Duration::from_secs(120));
     tokio::pin!(deadline);
     loop {
@@ -88,6 +89,7 @@ fn fixed_gamma() -> PolicyOverrides {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_node_death_mid_generation_fails_over_without_loss() -> Result<()> {
+    edgespec_tests::init_logs();
     let (target, draft) = qwen_pair()?;
     let t = target.clone();
     let reference = tokio::task::spawn_blocking(move || {
@@ -121,6 +123,7 @@ async fn verify_node_death_mid_generation_fails_over_without_loss() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_draft_link_resumes_the_stream() -> Result<()> {
+    edgespec_tests::init_logs();
     let (target, draft) = qwen_pair()?;
     let t = target.clone();
     let reference = tokio::task::spawn_blocking(move || {
@@ -154,6 +157,7 @@ async fn cut_draft_link_resumes_the_stream() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_restart_mid_generation_loses_nothing() -> Result<()> {
+    edgespec_tests::init_logs();
     let (target, draft) = qwen_pair()?;
     let t = target.clone();
     let reference = tokio::task::spawn_blocking(move || {

@@ -27,6 +27,7 @@ async fn complete(cluster: &LocalCluster, prompt: &str) -> anyhow::Result<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speculative_greedy_equals_target_only_greedy_on_the_real_pair() -> anyhow::Result<()> {
+    edgespec_tests::init_logs();
     let (target, draft) = qwen_pair()?;
     let t = target.clone();
     let references = tokio::task::spawn_blocking(move || {

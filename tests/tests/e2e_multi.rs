@@ -17,6 +17,7 @@ const MAX_TOKENS: u32 = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draft_nodes_over_different_links_share_one_verifier() -> Result<()> {
+    edgespec_tests::init_logs();
     let model = smollm()?;
     let m = model.clone();
     let references = tokio::task::spawn_blocking(move || {

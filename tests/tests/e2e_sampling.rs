@@ -73,6 +73,7 @@ fn request(seed: u64, max_tokens: u32) -> ChatRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampled_tokens_follow_the_target_distribution_and_seeds_reproduce() -> Result<()> {
+    edgespec_tests::init_logs();
     let dir = tempfile::tempdir()?;
     let target = dir.path().join("target.gguf");
     let draft = dir.path().join("draft.gguf");
