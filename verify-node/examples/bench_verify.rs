@@ -1,7 +1,7 @@
 //! Verify-node throughput: verified (committed) tokens per second and forwards per committed
-//! token for 1, 4, 8 and 16 concurrent sessions, batched (every session sends its blocks at once
-//! and the node's batcher merges them into one forward) versus one session at a time (one block
-//! per forward), with the real Qwen2.5-Coder 1.5B target on this CPU.
+//! token for 1, 4, 8 and 16 concurrent sessions, batched (all sessions' blocks in one forward)
+//! versus one session at a time (one block per forward), with the real Qwen2.5-Coder 1.5B target on this CPU. Batched mode sends one
+//! `VerifyBatch` with every active session per round, the way the coordinator calls a node.
 //!
 //! Drafts are replayed: the target's own greedy continuation of each prompt is computed first
 //! (through the node, γ = 0, batched), and each draft position is then corrupted with probability
@@ -169,29 +169,6 @@ impl Ctx {
     }
 }
 
-/// One session's timed rounds; returns (committed tokens, drafted, accepted).
-async fn run_session(
-    ctx: &Ctx,
-    session: u64,
-    truth: &[u32],
-    mut committed: Vec<u32>,
-    target: usize,
-) -> Result<(Vec<u32>, usize, usize)> {
-    let (mut drafted, mut accepted) = (0, 0);
-    while committed.len() < target {
-        let d = ctx.drafts(session, truth, committed.len());
-        drafted += d.len();
-        let o = ctx
-            .verify(vec![ctx.block(session, &committed, false, d.clone())])
-            .await?[0];
-        let a = o.accepted as usize;
-        accepted += a;
-        committed.extend_from_slice(&d[..a]);
-        committed.push(o.next_token);
-    }
-    Ok((committed, drafted, accepted))
-}
-
 struct Measure {
     tokens_per_s: f64,
     forwards_per_token: f64,
@@ -224,43 +201,45 @@ async fn measure(
     }
     let (forwards0, rows0) = (app_metrics.forwards.get(), app_metrics.forward_rows.get());
     let started = Instant::now();
-    let results: Vec<(Vec<u32>, usize, usize)> = if batched {
-        let futs =
-            ids.iter()
-                .zip(starts.iter())
-                .zip(truths)
-                .zip(prompts)
-                .map(|(((&id, c), t), p)| {
-                    run_session(ctx, id, t, c.clone(), p.len() + 1 + ctx.args.new_tokens)
-                });
-        futures::future::try_join_all(futs).await?
-    } else {
-        // One block at a time, round-robin over the sessions.
-        let mut states: Vec<(Vec<u32>, usize, usize)> =
-            starts.iter().map(|c| (c.clone(), 0, 0)).collect();
-        loop {
-            let mut progressed = false;
-            for (i, st) in states.iter_mut().enumerate() {
-                let target = prompts[i].len() + 1 + ctx.args.new_tokens;
-                if st.0.len() >= target {
-                    continue;
-                }
-                progressed = true;
-                let d = ctx.drafts(ids[i], &truths[i], st.0.len());
+    let mut states: Vec<(Vec<u32>, usize, usize)> =
+        starts.iter().map(|c| (c.clone(), 0, 0)).collect();
+    let targets: Vec<usize> = prompts
+        .iter()
+        .map(|p| p.len() + 1 + ctx.args.new_tokens)
+        .collect();
+    loop {
+        let active: Vec<usize> = (0..n).filter(|&i| states[i].0.len() < targets[i]).collect();
+        if active.is_empty() {
+            break;
+        }
+        // Batched: one VerifyBatch with every active session per round (as the coordinator
+        // sends them). One at a time: one block per call, round-robin.
+        let groups: Vec<Vec<usize>> = if batched {
+            vec![active]
+        } else {
+            active.into_iter().map(|i| vec![i]).collect()
+        };
+        for group in groups {
+            let drafts: Vec<Vec<u32>> = group
+                .iter()
+                .map(|&i| ctx.drafts(ids[i], &truths[i], states[i].0.len()))
+                .collect();
+            let items = group
+                .iter()
+                .zip(&drafts)
+                .map(|(&i, d)| ctx.block(ids[i], &states[i].0, false, d.clone()))
+                .collect();
+            for ((&i, d), o) in group.iter().zip(&drafts).zip(ctx.verify(items).await?) {
+                let st = &mut states[i];
+                let a = o.accepted as usize;
                 st.1 += d.len();
-                let o = ctx
-                    .verify(vec![ctx.block(ids[i], &st.0, false, d.clone())])
-                    .await?[0];
-                st.2 += o.accepted as usize;
-                st.0.extend_from_slice(&d[..o.accepted as usize]);
+                st.2 += a;
+                st.0.extend_from_slice(&d[..a]);
                 st.0.push(o.next_token);
             }
-            if !progressed {
-                break;
-            }
         }
-        states
-    };
+    }
+    let results = states;
     let wall = started.elapsed().as_secs_f64();
     let forwards = app_metrics.forwards.get() - forwards0;
     let rows = app_metrics.forward_rows.get() - rows0;

@@ -304,7 +304,11 @@ impl Actor {
     }
 
     async fn evict(&mut self, id: SessionId) {
-        self.sessions.remove(id);
+        if let Some(s) = self.sessions.remove(id) {
+            // Keep the KV estimate current until the next measurement.
+            let freed = (s.committed_len - 1) as f64 * self.bytes_per_token;
+            self.kv_bytes = self.kv_bytes.saturating_sub(freed as u64);
+        }
         if let Err(e) = self.model.release(id).await {
             tracing::warn!(error = %e, "evicting a session's KV cache failed");
         }
@@ -527,14 +531,12 @@ impl Actor {
         }
         let budget = self.config.kv_budget_bytes as f64;
         let new_rows: usize = planned.iter().map(|(_, _, p)| p.seq.tokens.len()).sum();
-        let mut projected = self.kv_bytes as f64 + new_rows as f64 * self.bytes_per_token;
-        while projected > budget {
+        let new_bytes = new_rows as f64 * self.bytes_per_token;
+        while self.kv_bytes as f64 + new_bytes > budget {
             let Some(victim) = self.sessions.lru_idle(pinned) else {
                 tracing::warn!("KV budget exceeded by sessions of the current batch");
                 break;
             };
-            let cached = self.sessions.get(victim).map_or(0, |s| s.committed_len - 1);
-            projected -= cached as f64 * self.bytes_per_token;
             self.metrics.evictions.inc();
             self.evict(victim).await;
         }

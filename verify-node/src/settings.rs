@@ -238,6 +238,26 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_files_and_defaults() {
+        // The only test that sets these variables; the others do not depend on them.
+        std::env::set_var("EDGESPEC__MODEL__PATH", "/models/t.gguf");
+        std::env::set_var("EDGESPEC__COORDINATOR__ADDRESSES", "http://a:1,http://b:2");
+        std::env::set_var("EDGESPEC__SESSIONS__CAPACITY", "9");
+        let s = load_settings(None);
+        for k in [
+            "MODEL__PATH",
+            "COORDINATOR__ADDRESSES",
+            "SESSIONS__CAPACITY",
+        ] {
+            std::env::remove_var(format!("EDGESPEC__{k}"));
+        }
+        let s = s.unwrap();
+        assert_eq!(s.model.path, PathBuf::from("/models/t.gguf"));
+        assert_eq!(s.coordinator.addresses, ["http://a:1", "http://b:2"]);
+        assert_eq!(s.sessions.capacity, 9);
+    }
+
+    #[test]
     fn devices_parse() {
         assert_eq!(parse_device("cpu").unwrap(), DeviceKind::Cpu);
         assert_eq!(parse_device("cuda:1").unwrap(), DeviceKind::Cuda(1));
