@@ -1,7 +1,620 @@
-//! Scenario (c): placeholder.
-use super::{Ctx, Report};
-use anyhow::Result;
+//! Scenario (c) `server`: one verify node (real target) behind a coordinator, serving N
+//! concurrent streams whose drafts are **replayed** from recorded real draft-model output, so
+//! drafting costs no CPU; against the same node doing batched target-only decoding (γ = 0 blocks)
+//! of the same N streams.
+//!
+//! Recording (once per prompt set, cached in `<out>/server-recording.json`): the target's greedy
+//! continuation T of each prompt, and the draft model's **teacher-forced** greedy prediction at
+//! every position of T (`pred[j]` = the draft's argmax after prompt + T[..j]). A replayed block at
+//! committed length prompt + j is `pred[j..j+γ]`. Under greedy verification this accepts exactly
+//! as many tokens as the real draft model drafting from that prefix would: while the real draft
+//! agrees with T its own continuation *is* T's prefix, so its next prediction is `pred[..]`; at the
+//! first disagreement both are rejected at the same position, and what follows is never looked
+//! at. So replay has a faithful draft for every committed prefix along the target's path. If the
+//! served output ever leaves T (a numeric near-tie), that stream continues with γ = 0 and the
+//! report counts it (`off_path_streams`).
+//!
+//! The bench process drives the coordinator's `Drafts` gRPC stream directly (the
+//! `edgespec_coordinator::testing::DraftClient` stream) with these blocks.
 
-pub(super) async fn run(_ctx: &Ctx) -> Result<Report> {
-    anyhow::bail!("not yet")
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use edgespec_coordinator::testing::DraftClient;
+use edgespec_model::forward::load_gguf;
+use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
+use edgespec_proto::domain::{Block, CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode};
+use edgespec_specdec::SamplingParams;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::inproc::paired_ratio;
+use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
+use super::{host_info, loadavg, medians, ratio, unix_s, Ctx};
+
+/// Draft seconds per token the replaying client reports (drafting is free here).
+const REPLAY_DRAFT_S_PER_TOKEN: f32 = 0.001;
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// One prompt's recording.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Recorded {
+    id: String,
+    prompt_tokens: Vec<u32>,
+    /// The target's greedy continuation (ends at eos or the budget).
+    target: Vec<u32>,
+    /// `pred[j]`: the draft's greedy prediction after prompt + target[..j]; `target.len() + 1`.
+    pred: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Recording {
+    target_model: String,
+    target_bytes: u64,
+    draft_model: String,
+    draft_bytes: u64,
+    max_tokens: u32,
+    prompts: Vec<Recorded>,
+    /// Greedy agreement draft vs target over all positions (teacher-forced).
+    agreement: f64,
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// Records (or loads the cached) target paths and teacher-forced draft predictions.
+async fn recording(ctx: &Ctx) -> Result<Recording> {
+    let path = ctx.opts.out.join("server-recording.json");
+    let (t, d) = (&ctx.models.target, &ctx.models.draft);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(r) = serde_json::from_str::<Recording>(&text) {
+            let ids: Vec<&String> = r.prompts.iter().map(|p| &p.id).collect();
+            let want: Vec<&String> = ctx.prompts.iter().map(|p| &p.id).collect();
+            if r.max_tokens == ctx.max_tokens
+                && ids == want
+                && r.target_model == t.display().to_string()
+                && r.draft_model == d.display().to_string()
+                && r.target_bytes == file_len(t)
+                && r.draft_bytes == file_len(d)
+            {
+                eprintln!("using the recorded drafts in {}", path.display());
+                return Ok(r);
+            }
+        }
+    }
+    eprintln!("recording target paths and teacher-forced draft predictions ...");
+    let (t, d) = (t.clone(), d.clone());
+    let prompts = ctx.prompts.clone();
+    let max = ctx.max_tokens as usize;
+    let rec = tokio::task::spawn_blocking(move || -> Result<Recording> {
+        let tok = TextTokenizer::from_gguf(&t).context("target tokenizer")?;
+        let eos = tok.eos_token_ids().to_vec();
+        let mut target = load_gguf(&t, DeviceKind::Cpu).context("loading the target")?;
+        let mut out = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &p.prompt)], true);
+            let prompt = tok.encode(&rendered)?;
+            let sid = i as u64 + 1;
+            let mut logits = target.forward_batch(&[SeqRequest {
+                session: sid,
+                start: 0,
+                tokens: prompt.clone(),
+                logits_for_last: 1,
+            }])?;
+            let mut path = Vec::new();
+            loop {
+                let next = argmax(logits[0].row(0));
+                path.push(next);
+                if path.len() >= max || eos.contains(&next) {
+                    break;
+                }
+                logits = target.forward_batch(&[SeqRequest {
+                    session: sid,
+                    start: prompt.len() + path.len() - 1,
+                    tokens: vec![next],
+                    logits_for_last: 1,
+                }])?;
+            }
+            target.release(sid);
+            out.push(Recorded {
+                id: p.id.clone(),
+                prompt_tokens: prompt,
+                target: path,
+                pred: Vec::new(),
+            });
+        }
+        drop(target);
+        let mut draft = load_gguf(&d, DeviceKind::Cpu).context("loading the draft")?;
+        let (mut agree, mut total) = (0usize, 0usize);
+        for (i, r) in out.iter_mut().enumerate() {
+            let mut tokens = r.prompt_tokens.clone();
+            tokens.extend_from_slice(&r.target);
+            let rows = r.target.len() + 1;
+            let sid = 1000 + i as u64;
+            let l = draft.forward_batch(&[SeqRequest {
+                session: sid,
+                start: 0,
+                tokens,
+                logits_for_last: rows,
+            }])?;
+            draft.release(sid);
+            r.pred = (0..l[0].rows).map(|k| argmax(l[0].row(k))).collect();
+            for (j, t) in r.target.iter().enumerate() {
+                total += 1;
+                agree += usize::from(r.pred[j] == *t);
+            }
+        }
+        Ok(Recording {
+            target_model: t.display().to_string(),
+            target_bytes: file_len(&t),
+            draft_model: d.display().to_string(),
+            draft_bytes: file_len(&d),
+            max_tokens: max as u32,
+            prompts: out,
+            agreement: agree as f64 / total.max(1) as f64,
+        })
+    })
+    .await??;
+    std::fs::write(&path, serde_json::to_string(&rec)?)?;
+    eprintln!(
+        "recorded {} prompts (teacher-forced draft/target agreement {:.2}) into {}",
+        rec.prompts.len(),
+        rec.agreement,
+        path.display()
+    );
+    Ok(rec)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    TargetOnly,
+    Fixed(u32),
+    Adaptive,
+}
+
+impl Mode {
+    fn series(self) -> String {
+        match self {
+            Mode::TargetOnly => "target-only".into(),
+            Mode::Fixed(g) => format!("SD replay γ={g}"),
+            Mode::Adaptive => "SD replay adaptive".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct StreamStats {
+    id: String,
+    generated: usize,
+    rounds: usize,
+    drafted: usize,
+    accepted: usize,
+    resyncs: usize,
+    retries: usize,
+    off_path: bool,
+    seconds: f64,
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+static SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Drives one session to its recorded end (or the budget) with replayed drafts.
+async fn drive(
+    client: &DraftClient,
+    rec: &Recorded,
+    max_new: usize,
+    mode: Mode,
+    eos: &[u32],
+) -> Result<StreamStats> {
+    let sid = SESSION.fetch_add(1, Ordering::Relaxed);
+    let mut rx = client.subscribe(sid);
+    let started = Instant::now();
+    let p = rec.prompt_tokens.len();
+    let mut st = StreamStats {
+        id: rec.id.clone(),
+        ..StreamStats::default()
+    };
+    let mut committed = rec.prompt_tokens.clone();
+    let mut gamma = client.welcome().initial_gamma;
+    let (mut with_history, mut round, mut last_rt) = (true, 1u64, 0u64);
+    loop {
+        let j = committed.len() - p;
+        if j >= max_new || (j > 0 && eos.contains(committed.last().expect("non-empty"))) {
+            break;
+        }
+        let remaining = max_new - j;
+        let g = match mode {
+            Mode::TargetOnly => 0,
+            Mode::Fixed(g) => g as usize,
+            Mode::Adaptive => gamma as usize,
+        }
+        .min(remaining - 1);
+        let drafts: Vec<u32> = if st.off_path || j >= rec.pred.len() {
+            Vec::new()
+        } else {
+            rec.pred[j..(j + g).min(rec.pred.len())].to_vec()
+        };
+        let block = DraftBlock {
+            block: Block {
+                session_id: sid,
+                round,
+                committed_len: committed.len(),
+                history: with_history.then(|| committed.clone()),
+                draft_tokens: drafts.clone(),
+                draft_probs: Vec::new(),
+                sampling: SamplingParams::GREEDY,
+            },
+            max_new_tokens: remaining as u32,
+            client_send_unix_ns: unix_ns(),
+            draft_s_per_token: REPLAY_DRAFT_S_PER_TOKEN,
+            last_round_trip_ns: last_rt,
+        };
+        let sent = Instant::now();
+        client
+            .send(DraftMessage::Block(block))
+            .await
+            .map_err(|e| anyhow!("sending a block: {e}"))?;
+        let answer = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .map_err(|_| anyhow!("session {sid}: no answer to round {round} within 120 s"))?
+            .ok_or_else(|| anyhow!("session {sid}: stream closed"))?;
+        match answer {
+            CoordinatorMessage::Verdict(v) => {
+                if v.round != round {
+                    bail!("verdict for round {} while at {round}", v.round);
+                }
+                last_rt = sent.elapsed().as_nanos() as u64;
+                let accepted = (v.accepted as usize).min(drafts.len());
+                committed.extend_from_slice(&drafts[..accepted]);
+                committed.push(v.next_token);
+                if committed.len() != v.committed_len as usize {
+                    bail!(
+                        "committed_len {} but the replay holds {}",
+                        v.committed_len,
+                        committed.len()
+                    );
+                }
+                let new = &committed[p + j..];
+                if !st.off_path && rec.target.get(j..j + new.len()) != Some(new) {
+                    st.off_path = true;
+                }
+                st.rounds += 1;
+                st.drafted += drafts.len();
+                st.accepted += accepted;
+                gamma = v.next_gamma;
+                with_history = false;
+                round += 1;
+            }
+            CoordinatorMessage::Error(e) => match e.code {
+                ErrorCode::ResyncNeeded => {
+                    st.resyncs += 1;
+                    with_history = true;
+                }
+                ErrorCode::Overloaded | ErrorCode::Unavailable => {
+                    st.retries += 1;
+                    if st.retries > 5000 {
+                        bail!("session {sid}: gave up after {} retries", st.retries);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                other => bail!("session {sid}: {other:?}: {}", e.message),
+            },
+            other => bail!("session {sid}: unexpected message {other:?}"),
+        }
+    }
+    client
+        .close(sid)
+        .await
+        .map_err(|e| anyhow!("closing: {e}"))?;
+    st.generated = committed.len() - p;
+    st.seconds = started.elapsed().as_secs_f64();
+    Ok(st)
+}
+
+/// Verify calls the coordinator has made (sum over its `batch_sessions` histogram).
+async fn verify_calls(http: &reqwest::Client, admin: std::net::SocketAddr) -> Result<f64> {
+    let text = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find(|l| l.starts_with("edgespec_coordinator_batch_sessions_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no edgespec_coordinator_batch_sessions_count in /metrics"))
+}
+
+struct Node {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl Node {
+    async fn start(target: &Path) -> Result<Self> {
+        let mut cs = edgespec_coordinator::Settings::for_tests();
+        cs.admin.token = ADMIN_TOKEN.into();
+        // A 16-stream batch on a loaded 2-core CPU can take seconds; this is not a failover test.
+        cs.verify.timeout = Duration::from_secs(120);
+        let app = edgespec_coordinator::App::build(cs).await?;
+        let (grpc, admin) = (app.grpc_addr(), app.http_addr());
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = app.run(s.cancelled_owned()).await {
+                eprintln!("coordinator: {e}");
+            }
+        }));
+        let mut vs = edgespec_verify_node::Settings::default();
+        vs.server.listen = ([127, 0, 0, 1], 0).into();
+        vs.server.node_id = "verify-bench".into();
+        vs.model.path = target.to_path_buf();
+        vs.coordinator.addresses = vec![format!("http://{grpc}")];
+        let node = Self {
+            stop: stop.clone(),
+            tasks,
+            grpc,
+            admin,
+        };
+        let app = edgespec_verify_node::App::build(vs)
+            .await
+            .context("starting the verify node")?;
+        let mut node = node;
+        let s = stop.clone();
+        node.tasks.push(tokio::spawn(async move {
+            if let Err(e) = app.run(s.cancelled_owned()).await {
+                eprintln!("verify node: {e}");
+            }
+        }));
+        // Wait for registration.
+        let http = reqwest::Client::new();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let up = http
+                .get(format!("http://{admin}/admin/v1/nodes"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok();
+            if let Some(r) = up {
+                let v: Value = r.json().await.unwrap_or_default();
+                if v["verifiers"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n["health"] == "up"))
+                {
+                    return Ok(node);
+                }
+            }
+            if Instant::now() > until {
+                node.shutdown().await;
+                bail!("the verify node did not register within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+        }
+    }
+}
+
+/// One measurement: N concurrent streams (stream i replays prompt i mod P).
+async fn measure(
+    node: &Node,
+    fingerprint: &str,
+    rec: &Recording,
+    n: usize,
+    mode: Mode,
+    max_new: usize,
+    eos: &[u32],
+) -> Result<(BTreeMap<String, f64>, Value)> {
+    let http = reqwest::Client::new();
+    let client = DraftClient::connect_with(
+        &format!("http://{}", node.grpc),
+        "bench-replay",
+        fingerprint,
+    )
+    .await
+    .map_err(|e| anyhow!("connecting to the coordinator: {e}"))?;
+    let calls0 = verify_calls(&http, node.admin).await?;
+    let started = Instant::now();
+    let futs = (0..n).map(|i| {
+        let r = &rec.prompts[i % rec.prompts.len()];
+        drive(&client, r, max_new, mode, eos)
+    });
+    let streams: Vec<StreamStats> = futures::future::try_join_all(futs).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let calls = verify_calls(&http, node.admin).await? - calls0;
+    let tokens: usize = streams.iter().map(|s| s.generated).sum();
+    let drafted: usize = streams.iter().map(|s| s.drafted).sum();
+    let accepted: usize = streams.iter().map(|s| s.accepted).sum();
+    let rounds: usize = streams.iter().map(|s| s.rounds).sum();
+    let mut m = BTreeMap::new();
+    m.insert("tokens".into(), tokens as f64);
+    m.insert("seconds".into(), secs);
+    m.insert("tokens_per_s".into(), tokens as f64 / secs.max(1e-9));
+    m.insert("verify_calls".into(), calls);
+    m.insert("forwards_per_token".into(), calls / (tokens.max(1) as f64));
+    m.insert(
+        "session_rounds_per_token".into(),
+        rounds as f64 / tokens.max(1) as f64,
+    );
+    if drafted > 0 {
+        m.insert("acceptance".into(), accepted as f64 / drafted as f64);
+        m.insert("gamma_mean".into(), drafted as f64 / rounds.max(1) as f64);
+    }
+    m.insert(
+        "off_path_streams".into(),
+        streams.iter().filter(|s| s.off_path).count() as f64,
+    );
+    Ok((m, json!(streams)))
+}
+
+/// Scenario (c).
+pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
+    let ns = ctx
+        .opts
+        .streams
+        .clone()
+        .unwrap_or_else(|| vec![1, 4, 8, 16]);
+    let rec = recording(ctx).await?;
+    let tok = TextTokenizer::from_gguf(&ctx.models.target)?;
+    let fingerprint = tok.fingerprint().to_string();
+    let eos = tok.eos_token_ids().to_vec();
+    let max_new = ctx.max_tokens as usize;
+    let modes = [Mode::TargetOnly, Mode::Fixed(4), Mode::Adaptive];
+    let mut configs: Vec<ConfigResult> = Vec::new();
+    for &n in &ns {
+        for m in modes {
+            configs.push(ConfigResult {
+                name: format!("N={n} {}", m.series()),
+                series: m.series(),
+                x: n as f64,
+                params: json!({
+                    "streams": n,
+                    "mode": m.series(),
+                    "draft_s_per_token_reported": REPLAY_DRAFT_S_PER_TOKEN,
+                }),
+                runs: Vec::new(),
+                median: BTreeMap::new(),
+                ratios: BTreeMap::new(),
+            });
+        }
+    }
+    let node = Node::start(&ctx.models.target).await?;
+    let result = async {
+        // Warm-up: one short target-only stream.
+        measure(&node, &fingerprint, &rec, 1, Mode::TargetOnly, 4, &eos).await?;
+        let total = ctx.opts.runs * configs.len();
+        let mut k = 0;
+        for run in 1..=ctx.opts.runs {
+            for (ni, &n) in ns.iter().enumerate() {
+                for (mi, &mode) in modes.iter().enumerate() {
+                    k += 1;
+                    let started = unix_s();
+                    let load = loadavg();
+                    let (metrics, detail) =
+                        measure(&node, &fingerprint, &rec, n, mode, max_new, &eos)
+                            .await
+                            .with_context(|| format!("N={n} {} (run {run})", mode.series()))?;
+                    eprintln!(
+                        "[{k}/{total}] run {run} N={n:<2} {:<20} {:>7.2} tok/s  verify calls/tok {:.3}  acc {}",
+                        mode.series(),
+                        metrics["tokens_per_s"],
+                        metrics["forwards_per_token"],
+                        metrics
+                            .get("acceptance")
+                            .map_or("–".into(), |a| format!("{a:.2}")),
+                    );
+                    configs[ni * modes.len() + mi].runs.push(RunRecord {
+                        run,
+                        started_unix_s: started,
+                        loadavg: load,
+                        metrics,
+                        detail,
+                    });
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    node.shutdown().await;
+    result?;
+    for c in &mut configs {
+        c.median = medians(&c.runs);
+    }
+    let mut summary = Vec::new();
+    for (ni, &n) in ns.iter().enumerate() {
+        let base = configs[ni * modes.len()].clone();
+        for c in configs[ni * modes.len()..(ni + 1) * modes.len()].iter_mut() {
+            let r = ratio(
+                c.median.get("tokens_per_s").copied(),
+                base.median.get("tokens_per_s").copied(),
+            );
+            if let Some(v) = r {
+                c.ratios.insert("tokens_per_s_vs_target_only".into(), v);
+            }
+            if let Some(v) = paired_ratio(c, &base, "tokens_per_s") {
+                c.ratios
+                    .insert("tokens_per_s_vs_target_only_paired".into(), v);
+            }
+            if c.series != base.series {
+                summary.push(SummaryLine::ratio(
+                    format!(
+                        "N = {n}: {} / batched target-only committed tokens/s",
+                        c.series
+                    ),
+                    r,
+                    (n == 8).then_some(2.0),
+                ));
+            }
+        }
+    }
+    Ok(Report {
+        scenario: "server".into(),
+        created_unix_s: unix_s(),
+        host: host_info(),
+        params: json!({
+            "runs": ctx.opts.runs,
+            "max_tokens": ctx.max_tokens,
+            "prompts": ctx.prompts.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "target": ctx.models.target,
+            "draft": ctx.models.draft,
+            "streams": ns,
+            "teacher_forced_agreement": rec.agreement,
+            "recording": ctx.opts.out.join("server-recording.json"),
+        }),
+        x_label: "streams N".into(),
+        baseline: "batched target-only decoding (γ = 0 blocks) of the same N streams on the same node".into(),
+        configs,
+        summary,
+        columns: vec![
+            Column::new("tokens_per_s", "committed tok/s", 2),
+            Column::new("ratio:tokens_per_s_vs_target_only", "× target-only", 2),
+            Column::new("forwards_per_token", "verify calls/token", 3),
+            Column::new("session_rounds_per_token", "rounds/token", 3),
+            Column::new("acceptance", "acceptance", 2),
+            Column::new("gamma_mean", "γ mean", 2),
+            Column::new("off_path_streams", "off-path", 0),
+        ],
+        plots: vec![
+            PlotSpec::new("server-tokens-per-s.png", "tokens_per_s", "committed tokens/s (all streams)", "One verify node, N streams, replayed drafts"),
+            PlotSpec::new("server-forwards-per-token.png", "forwards_per_token", "verify calls per committed token", "Target forwards per committed token"),
+        ],
+        notes: vec![
+            "Drafts are replayed from a recording (teacher-forced greedy predictions of the real draft model along the target's greedy path), so drafting costs no CPU and every stream's acceptance is exactly the real draft model's under greedy verification.".into(),
+            "verify calls/token = Verify calls the coordinator made (its batch_sessions histogram count) / committed tokens; each call is one batched target forward (the verify node may merge concurrent calls, so this is an upper bound on forwards). rounds/token counts per-stream rounds.".into(),
+            "Stream i replays prompt i mod P; all N streams start together; tokens/s = committed tokens of all streams / wall time until the last finishes (prefill included, the same for both modes).".into(),
+            format!("The replaying client reports {REPLAY_DRAFT_S_PER_TOKEN} s per draft token to the γ controller (drafting is free here)."),
+            "off-path counts streams whose served output left the recorded target path (numeric near-tie); they continue with γ = 0.".into(),
+        ],
+    })
 }
