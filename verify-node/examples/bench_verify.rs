@@ -125,13 +125,14 @@ impl Ctx {
         }
     }
 
-    /// The true continuation with each position wrong with probability `corrupt`.
-    fn drafts(&self, session: u64, truth: &[u32], len: usize) -> Vec<u32> {
+    /// The true continuation with each position wrong with probability `corrupt`; the pattern
+    /// depends on the prompt index, so batched and one-at-a-time runs see the same drafts.
+    fn drafts(&self, prompt_index: u64, truth: &[u32], len: usize) -> Vec<u32> {
         let g = self.args.gamma.min(truth.len().saturating_sub(len));
         (0..g)
             .map(|i| {
                 let t = truth[len + i];
-                let h = mix(session.wrapping_mul(1_000_003) ^ ((len * 64 + i) as u64));
+                let h = mix(prompt_index.wrapping_mul(1_000_003) ^ ((len * 64 + i) as u64));
                 if (h as f64 / u64::MAX as f64) < self.args.corrupt {
                     (t + 1) % self.vocab
                 } else {
@@ -222,7 +223,7 @@ async fn measure(
         for group in groups {
             let drafts: Vec<Vec<u32>> = group
                 .iter()
-                .map(|&i| ctx.drafts(ids[i], &truths[i], states[i].0.len()))
+                .map(|&i| ctx.drafts(i as u64, &truths[i], states[i].0.len()))
                 .collect();
             let items = group
                 .iter()
