@@ -140,10 +140,20 @@ fn cpu_attention(
             }
         })
     };
-    candle_core::utils::barrier_pool().execute_chunked(n_units, work);
+    // Waking the worker pool costs more than it saves on small work (a decode step over a short
+    // context); which thread computes a unit never changes its result.
+    let macs: usize = row_info.iter().map(|&(_, pos)| (pos + 1) * q_dim).sum();
+    if macs < PARALLEL_MIN_MACS {
+        work(0..n_units);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n_units, work);
+    }
     drop(units);
     Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)
 }
+
+/// Below this many multiply-adds (per K or V pass) attention runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
