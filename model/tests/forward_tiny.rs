@@ -261,6 +261,21 @@ fn logits_for_last_returns_trailing_rows() {
     }
 }
 
+/// A long prefill (attention spread over the worker pool) equals single steps (attention on the
+/// calling thread).
+#[test]
+fn long_prefill_matches_steps() {
+    let t = tiny(TinySpec::default());
+    let v = t.spec.vocab_size();
+    let toks = tokens(21, 320, v);
+    let mut m = load(&t.path);
+    let block = one(m.as_mut(), req(1, 0, &toks));
+    for (i, &tok) in toks.iter().enumerate() {
+        let step = one(m.as_mut(), req(2, i, &[tok]));
+        assert_rows_eq(block.row(i), step.row(0), &format!("position {i}"));
+    }
+}
+
 #[test]
 fn bad_inputs_error_without_changing_caches() {
     let t = tiny(TinySpec::default());
