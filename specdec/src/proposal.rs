@@ -44,14 +44,18 @@ pub fn truncate(probs: &[f32], top_k: usize) -> SparseDist {
             probs: vec![1.0],
         };
     }
-    ids.sort_unstable_by(|&a, &b| {
-        probs[b as usize]
-            .total_cmp(&probs[a as usize])
-            .then(a.cmp(&b))
-    });
-    if top_k > 0 {
+    let by_prob_desc = |a: &u32, b: &u32| {
+        probs[*b as usize]
+            .total_cmp(&probs[*a as usize])
+            .then(a.cmp(b))
+    };
+    // Partial selection first: sorting a 152k-entry vocabulary per drafted token would cost
+    // more than the draft forward itself; only the kept top-k need ordering.
+    if top_k > 0 && top_k < ids.len() {
+        ids.select_nth_unstable_by(top_k - 1, by_prob_desc);
         ids.truncate(top_k);
     }
+    ids.sort_unstable_by(by_prob_desc);
     let mass: f64 = ids.iter().map(|&i| f64::from(probs[i as usize])).sum();
     let q: Vec<f32> = ids
         .iter()
