@@ -182,6 +182,8 @@ impl BenchArgs {
 }
 
 fn main() -> Result<()> {
+    // Before any thread exists: size candle's pool to this process's CPU affinity.
+    edgespec_model::configure_cpu_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
