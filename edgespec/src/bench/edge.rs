@@ -111,6 +111,10 @@ fn spawn(
     cmd.arg("--config")
         .arg(&cfg)
         .env("RUST_LOG", "warn")
+        // This process sized candle's pool for its own (unpinned) CPUs; each pinned child must
+        // size its own from its affinity (edgespec_model::configure_cpu_threads).
+        .env_remove("CANDLE_NUM_THREADS")
+        .env_remove("RAYON_NUM_THREADS")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
