@@ -205,7 +205,9 @@ fn speculation_off_forces_gamma_zero_and_load_shortens_gamma() {
         let launch = out.launches.pop().expect("a batch");
         let mut resp = answer_all(&launch, 3);
         resp.load = Some(pb::VerifierLoad {
+            // Busy with other sessions too (a session's own load does not price its γ).
             busy_fraction: if round > 3 { 0.98 } else { 0.0 },
+            active_sessions: 8,
             ..Default::default()
         });
         let mut out = Out::default();

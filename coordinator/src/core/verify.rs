@@ -12,6 +12,12 @@ use std::time::Instant;
 /// Draft cost assumed for a draft node that has not reported one.
 const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
 
+/// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
+/// speculation off for good; every `PROBE_EVERY` rounds such a session gets a short block.
+const PROBE_EVERY: u64 = 16;
+/// γ of such a probe block.
+const PROBE_GAMMA: u32 = 2;
+
 impl Core {
     /// A verify node registers.
     pub fn register(
@@ -317,7 +323,17 @@ impl Core {
         };
         let link = self.streams.get(&s.stream);
         let v = self.registry.get(node);
-        let utilisation = v.map_or(0.0, |v| f64::from(v.reported.busy_fraction));
+        // The node's busy time that this session itself causes is not load against it: only the
+        // other sessions' share prices γ up (a single stream keeps its node busy by itself).
+        let on_node = self
+            .node_sessions
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+            .max(v.map_or(0, |v| v.reported.active_sessions as usize))
+            .max(1) as f64;
+        let utilisation =
+            v.map_or(0.0, |v| f64::from(v.reported.busy_fraction)) * (1.0 - 1.0 / on_node);
         let cost = v.map(|v| v.verify_cost()).unwrap_or_default();
         let queue_s =
             self.predicted_delay(node).as_secs_f64() + self.policy.batch_window.as_secs_f64() / 2.0;
@@ -342,7 +358,10 @@ impl Core {
             max_gamma: self.policy.gamma_max as usize,
             pipelined: self.policy.pipelined,
         };
-        let gamma = plan(&inputs).gamma as u32;
+        let mut gamma = plan(&inputs).gamma as u32;
+        if gamma == 0 && self.policy.gamma_max > 0 && s.rounds % PROBE_EVERY == PROBE_EVERY - 1 {
+            gamma = PROBE_GAMMA.min(self.policy.gamma_max);
+        }
         // Never ask for more draft tokens than the request can still use (0 = no budget given).
         if remaining > 0 {
             gamma.min(remaining.saturating_sub(1).max(self.policy.gamma_min))
