@@ -180,13 +180,17 @@ impl Core {
         if let (Some(v), Some(load)) = (self.registry.get_mut(&b.node), resp.load) {
             v.reported = load;
         }
+        // A resync prefill is compute-bound (tens of ms per token on a CPU) while a verify block
+        // is memory-bound (nearly flat in its length); one straight line through both would
+        // price every drafted token like a prompt token, so prefill forwards are not fitted.
+        let fit = !b.items.iter().any(|i| i.block.history.is_some());
         let mut seen = Vec::new();
         let mut results = resp.results.into_iter();
         for item in b.items {
             let r = results.next().filter(|r| r.session_id == item.global);
             if let Some(t) = r.as_ref().and_then(|r| r.timings) {
                 let key = (t.forward_ns, t.batch_tokens);
-                if t.batch_tokens > 0 && !seen.contains(&key) {
+                if fit && t.batch_tokens > 0 && !seen.contains(&key) {
                     seen.push(key);
                     if let Some(v) = self.registry.get_mut(&b.node) {
                         v.cost
