@@ -240,7 +240,10 @@ mod tests {
     #[test]
     fn defaults_deserialize_and_need_a_model_path() {
         let s = Settings::default();
-        assert!(s.drafting.pipeline);
+        assert!(
+            !s.drafting.pipeline,
+            "pipelining is off by default (it lost the benchmark)"
+        );
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("model.path"), "{err}");
     }

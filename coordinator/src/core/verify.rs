@@ -13,8 +13,10 @@ use std::time::Instant;
 const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
 
 /// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
-/// speculation off for good; every `PROBE_EVERY` rounds such a session gets a short block.
-const PROBE_EVERY: u64 = 16;
+/// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
+/// then at every power of two (exponential backoff: where speculation really does not pay, as on
+/// one shared CPU, the probes' cost fades; where it does, one probe brings γ back).
+const PROBE_FIRST: u64 = 16;
 /// γ of such a probe block.
 const PROBE_GAMMA: u32 = 2;
 
@@ -363,7 +365,8 @@ impl Core {
             pipelined: self.policy.pipelined,
         };
         let mut gamma = plan(&inputs).gamma as u32;
-        if gamma == 0 && self.policy.gamma_max > 0 && s.rounds % PROBE_EVERY == PROBE_EVERY - 1 {
+        let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
+        if gamma == 0 && self.policy.gamma_max > 0 && probe {
             gamma = PROBE_GAMMA.min(self.policy.gamma_max);
         }
         // Never ask for more draft tokens than the request can still use (0 = no budget given).
