@@ -1,8 +1,8 @@
 //! Our forward on the real cached models: coherent greedy text, agreement with
 //! candle-transformers' `quantized_qwen2`, and bit-exact batch invariance at full scale.
 //!
-//! Model files are found in `$EDGESPEC_MODEL_DIR` or `$HOME/.cache/edgespec/models` (put there by
-//! `edgespec fetch`); a missing file fails the test with instructions rather than skipping it.
+//! The real models are fetched into the cache (`$EDGESPEC_MODEL_DIR` or
+//! `$HOME/.cache/edgespec/models`) on first use, like every other command does.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -10,28 +10,17 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
+use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{CausalLm, ChatMessage, DeviceKind, SeqLogits, SeqRequest, TextTokenizer};
 
-const TARGET: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
-const DRAFT: &str = "qwen2.5-coder-0.5b-instruct-q8_0.gguf";
-const SMOL: &str = "smollm2-135m-instruct-q8_0.gguf";
+const TARGET: KnownModel = KnownModel::Qwen15bTarget;
+const DRAFT: KnownModel = KnownModel::Qwen05bDraft;
+const SMOL: KnownModel = KnownModel::SmolLm135m;
 
-fn model_path(file: &str) -> PathBuf {
-    let dir = std::env::var_os("EDGESPEC_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set"))
-                .join(".cache/edgespec/models")
-        });
-    let path = dir.join(file);
-    assert!(
-        path.exists(),
-        "model file {} is missing: run `edgespec fetch` (or `cargo test -p edgespec-model --test \
-         fetch_real_models`) first, or point EDGESPEC_MODEL_DIR at a directory holding {file}",
-        path.display()
-    );
-    path
+fn model_path(m: KnownModel) -> PathBuf {
+    ensure_model(m, &default_cache_dir(), false)
+        .unwrap_or_else(|e| panic!("fetching {}: {e}", m.file_name()))
 }
 
 fn req(session: u64, start: usize, tokens: &[u32], last: usize) -> SeqRequest {
@@ -147,7 +136,7 @@ fn qwen_target_greedy_writes_code_and_matches_candle_transformers() {
 /// Logits of a verify block, of single steps, and of a ragged batch beside another session are
 /// bit-identical on the real models (tiled Q4K/Q6K kernels on the target, generic Q8_0 on the
 /// draft).
-fn invariance_at_scale(file: &str) {
+fn invariance_at_scale(file: KnownModel) {
     let path = model_path(file);
     let tok = TextTokenizer::from_gguf(&path).unwrap();
     let mut m = load_gguf(&path, DeviceKind::Cpu).unwrap();
@@ -178,7 +167,7 @@ fn invariance_at_scale(file: &str) {
         assert_bits_eq(
             batched[1].row(i),
             s.row(0),
-            &format!("{file}: block row {i}"),
+            &format!("{}: block row {i}", file.file_name()),
         );
     }
     let alone = m
@@ -188,7 +177,7 @@ fn invariance_at_scale(file: &str) {
     assert_bits_eq(
         &batched[0].data,
         &alone.data,
-        &format!("{file}: ragged neighbour"),
+        &format!("{}: ragged neighbour", file.file_name()),
     );
 }
 
