@@ -80,6 +80,17 @@ async fn serving_verifier(cluster: &LocalCluster) -> Result<String> {
         .context("no placed session in /admin/v1/sessions")
 }
 
+/// The uninterrupted answer (target-only greedy) and cluster options on the real pair.
+async fn reference_and_options() -> Result<(String, ClusterOptions)> {
+    let (target, draft) = qwen_pair()?;
+    let t = target.clone();
+    let reference = tokio::task::spawn_blocking(move || {
+        target_only_greedy(&t, PROMPTS[0], MAX_TOKENS as usize)
+    })
+    .await??;
+    Ok((reference, ClusterOptions::new(target, draft)))
+}
+
 fn fixed_gamma() -> PolicyOverrides {
     PolicyOverrides {
         gamma_bounds: Some((3, 3)),
@@ -90,13 +101,7 @@ fn fixed_gamma() -> PolicyOverrides {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_node_death_mid_generation_fails_over_without_loss() -> Result<()> {
     edgespec_tests::init_logs();
-    let (target, draft) = qwen_pair()?;
-    let t = target.clone();
-    let reference = tokio::task::spawn_blocking(move || {
-        target_only_greedy(&t, PROMPTS[0], MAX_TOKENS as usize)
-    })
-    .await??;
-    let mut opts = ClusterOptions::new(target, draft);
+    let (reference, mut opts) = reference_and_options().await?;
     opts.verify_nodes = 2;
     opts.policy = fixed_gamma();
     let mut cluster = LocalCluster::start(opts).await?;
@@ -124,13 +129,7 @@ async fn verify_node_death_mid_generation_fails_over_without_loss() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_draft_link_resumes_the_stream() -> Result<()> {
     edgespec_tests::init_logs();
-    let (target, draft) = qwen_pair()?;
-    let t = target.clone();
-    let reference = tokio::task::spawn_blocking(move || {
-        target_only_greedy(&t, PROMPTS[0], MAX_TOKENS as usize)
-    })
-    .await??;
-    let mut opts = ClusterOptions::new(target, draft);
+    let (reference, mut opts) = reference_and_options().await?;
     opts.policy = fixed_gamma();
     opts.drafts = vec![DraftSpec {
         link: Some(LinkProfile::delay(Duration::from_millis(5))),
@@ -158,13 +157,7 @@ async fn cut_draft_link_resumes_the_stream() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_restart_mid_generation_loses_nothing() -> Result<()> {
     edgespec_tests::init_logs();
-    let (target, draft) = qwen_pair()?;
-    let t = target.clone();
-    let reference = tokio::task::spawn_blocking(move || {
-        target_only_greedy(&t, PROMPTS[0], MAX_TOKENS as usize)
-    })
-    .await??;
-    let mut opts = ClusterOptions::new(target, draft);
+    let (reference, mut opts) = reference_and_options().await?;
     opts.policy = fixed_gamma();
     let mut cluster = LocalCluster::start(opts).await?;
 
