@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::inproc::{drive_prompts, http_client, paired_ratio, warmup, References};
+use super::inproc::{drive_prompts, http_client, warmup, References};
 use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
-use super::{host_info, loadavg, medians, ratio, unix_s, Ctx};
+use super::{host_info, loadavg, medians, record_run, set_tokens_per_s_ratio, unix_s, Ctx};
 use crate::linkemu::{LinkEmulator, LinkProfile};
 
 const TOKEN: &str = "bench-admin-token";
@@ -330,23 +330,15 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
             .await
             .with_context(|| format!("{} (run {run})", p.name))?;
             let (metrics, detail) = result;
-            eprintln!(
-                "[{}/{total}] run {run} {:<34} {:>6.2} tok/s  fwd/tok {:.3}  acc {}",
-                (run - 1) * plans.len() + i + 1,
-                p.name,
-                metrics["tokens_per_s"],
-                metrics["forwards_per_token"],
-                metrics
-                    .get("acceptance")
-                    .map_or("–".into(), |a| format!("{a:.2}")),
-            );
-            configs[i].runs.push(RunRecord {
+            let step = (run - 1) * plans.len() + i + 1;
+            let record = RunRecord {
                 run,
                 started_unix_s: started,
                 loadavg: load,
                 metrics,
                 detail,
-            });
+            };
+            record_run(&mut configs[i], step, total, record);
         }
     }
     for c in &mut configs {
@@ -355,22 +347,12 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
     let base = configs[0].clone();
     let mut summary = Vec::new();
     for c in configs.iter_mut() {
-        let r = ratio(
-            c.median.get("tokens_per_s").copied(),
-            base.median.get("tokens_per_s").copied(),
-        );
-        if let Some(v) = r {
-            c.ratios.insert("tokens_per_s_vs_target_only".into(), v);
-        }
-        if let Some(v) = paired_ratio(c, &base, "tokens_per_s") {
-            c.ratios
-                .insert("tokens_per_s_vs_target_only_paired".into(), v);
-        }
+        set_tokens_per_s_ratio(c, &base, "target_only");
         if c.params["speculation"] == true {
             let rtt = c.x;
             summary.push(SummaryLine::ratio(
                 format!("RTT {rtt} ms: SD (adaptive, pipelined) / target-only on the verify core"),
-                r,
+                c.ratios.get("tokens_per_s_vs_target_only").copied(),
                 Some(if rtt <= 20.0 { 1.5 } else { 1.2 }),
             ));
         }

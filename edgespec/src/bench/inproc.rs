@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
-use super::{host_info, loadavg, medians, ratio, unix_s, Ctx, Prompt};
+use super::{
+    host_info, loadavg, medians, ratio, record_run, set_tokens_per_s_ratio, unix_s, Ctx, Prompt,
+};
 use crate::client::{stream_chat, ChatOutcome, ChatRequest};
 use crate::cluster::{ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides};
 use crate::linkemu::LinkProfile;
@@ -270,45 +272,21 @@ async fn measure_all(ctx: &Ctx, plans: &[Plan]) -> Result<Vec<ConfigResult>> {
             let (metrics, detail) = measure_cluster(ctx, &p.variant, p.link, &mut refs)
                 .await
                 .with_context(|| format!("{} (run {run})", p.name))?;
-            eprintln!(
-                "[{}/{total}] run {run} {:<28} {:>6.2} tok/s  fwd/tok {:.3}  acc {}",
-                (run - 1) * plans.len() + i + 1,
-                p.name,
-                metrics["tokens_per_s"],
-                metrics["forwards_per_token"],
-                metrics
-                    .get("acceptance")
-                    .map_or("–".into(), |a| format!("{a:.2}")),
-            );
-            configs[i].runs.push(RunRecord {
+            let step = (run - 1) * plans.len() + i + 1;
+            let record = RunRecord {
                 run,
                 started_unix_s: started,
                 loadavg: load,
                 metrics,
                 detail,
-            });
+            };
+            record_run(&mut configs[i], step, total, record);
         }
     }
     for c in &mut configs {
         c.median = medians(&c.runs);
     }
     Ok(configs)
-}
-
-/// Median over runs of the per-run ratio `a.metric / b.metric` (paired by run number).
-pub(super) fn paired_ratio(a: &ConfigResult, b: &ConfigResult, metric: &str) -> Option<f64> {
-    let r: Vec<f64> = a
-        .runs
-        .iter()
-        .zip(&b.runs)
-        .filter_map(|(x, y)| {
-            ratio(
-                x.metrics.get(metric).copied(),
-                y.metrics.get(metric).copied(),
-            )
-        })
-        .collect();
-    super::median(&r)
 }
 
 fn params(ctx: &Ctx) -> Value {
@@ -345,17 +323,7 @@ pub(super) async fn single(ctx: &Ctx) -> Result<Report> {
     let mut configs = measure_all(ctx, &plans).await?;
     let base = configs[0].clone();
     for c in &mut configs {
-        let r = ratio(
-            c.median.get("tokens_per_s").copied(),
-            base.median.get("tokens_per_s").copied(),
-        );
-        if let Some(r) = r {
-            c.ratios.insert("tokens_per_s_vs_target_only".into(), r);
-        }
-        if let Some(r) = paired_ratio(c, &base, "tokens_per_s") {
-            c.ratios
-                .insert("tokens_per_s_vs_target_only_paired".into(), r);
-        }
+        set_tokens_per_s_ratio(c, &base, "target_only");
     }
     let get = |s: &str| configs.iter().find(|c| c.series == s);
     let adaptive_vs =
@@ -470,12 +438,7 @@ pub(super) async fn rtt(ctx: &Ctx) -> Result<Report> {
             }
             if c.series == "adaptive+pipelined" {
                 if let Some(a) = &adaptive {
-                    if let Some(v) = ratio(tps(c), tps(a)) {
-                        c.ratios.insert("tokens_per_s_vs_adaptive".into(), v);
-                    }
-                    if let Some(v) = paired_ratio(c, a, "tokens_per_s") {
-                        c.ratios.insert("tokens_per_s_vs_adaptive_paired".into(), v);
-                    }
+                    set_tokens_per_s_ratio(c, a, "adaptive");
                 }
             }
         }

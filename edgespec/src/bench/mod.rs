@@ -325,6 +325,52 @@ pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// Median over runs of the per-run ratio `a.metric / b.metric` (paired by run number).
+pub(crate) fn paired_ratio(a: &ConfigResult, b: &ConfigResult, metric: &str) -> Option<f64> {
+    let r: Vec<f64> = a
+        .runs
+        .iter()
+        .zip(&b.runs)
+        .filter_map(|(x, y)| {
+            ratio(
+                x.metrics.get(metric).copied(),
+                y.metrics.get(metric).copied(),
+            )
+        })
+        .collect();
+    median(&r)
+}
+
+/// Records `c`'s tokens/s against `base` as `tokens_per_s_vs_<against>` (ratio of medians) and
+/// `tokens_per_s_vs_<against>_paired` (median of per-run ratios).
+pub(crate) fn set_tokens_per_s_ratio(c: &mut ConfigResult, base: &ConfigResult, against: &str) {
+    let key = format!("tokens_per_s_vs_{against}");
+    if let Some(v) = ratio(
+        c.median.get("tokens_per_s").copied(),
+        base.median.get("tokens_per_s").copied(),
+    ) {
+        c.ratios.insert(key.clone(), v);
+    }
+    if let Some(v) = paired_ratio(c, base, "tokens_per_s") {
+        c.ratios.insert(format!("{key}_paired"), v);
+    }
+}
+
+/// Prints the progress line of run `step` of `total` and appends the run to its configuration.
+pub(crate) fn record_run(c: &mut ConfigResult, step: usize, total: usize, record: RunRecord) {
+    let m = &record.metrics;
+    eprintln!(
+        "[{step}/{total}] run {} {:<34} {:>6.2} tok/s  fwd/tok {:.3}  acc {}",
+        record.run,
+        c.name,
+        m.get("tokens_per_s").copied().unwrap_or(f64::NAN),
+        m.get("forwards_per_token").copied().unwrap_or(f64::NAN),
+        m.get("acceptance")
+            .map_or("–".into(), |a| format!("{a:.2}")),
+    );
+    c.runs.push(record);
+}
+
 /// Where `bench/plot.py` is: under the current directory, else beside this crate's source.
 pub(crate) fn plot_script() -> Option<PathBuf> {
     let here = Path::new("bench/plot.py");

@@ -32,9 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::inproc::paired_ratio;
 use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
-use super::{host_info, loadavg, medians, ratio, unix_s, Ctx};
+use super::{host_info, loadavg, medians, set_tokens_per_s_ratio, unix_s, Ctx};
 
 /// Draft seconds per token the replaying client reports (drafting is free here).
 const REPLAY_DRAFT_S_PER_TOKEN: f32 = 0.001;
@@ -555,24 +554,14 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
     for (ni, &n) in ns.iter().enumerate() {
         let base = configs[ni * modes.len()].clone();
         for c in configs[ni * modes.len()..(ni + 1) * modes.len()].iter_mut() {
-            let r = ratio(
-                c.median.get("tokens_per_s").copied(),
-                base.median.get("tokens_per_s").copied(),
-            );
-            if let Some(v) = r {
-                c.ratios.insert("tokens_per_s_vs_target_only".into(), v);
-            }
-            if let Some(v) = paired_ratio(c, &base, "tokens_per_s") {
-                c.ratios
-                    .insert("tokens_per_s_vs_target_only_paired".into(), v);
-            }
+            set_tokens_per_s_ratio(c, &base, "target_only");
             if c.series != base.series {
                 summary.push(SummaryLine::ratio(
                     format!(
                         "N = {n}: {} / batched target-only committed tokens/s",
                         c.series
                     ),
-                    r,
+                    c.ratios.get("tokens_per_s_vs_target_only").copied(),
                     (n == 8).then_some(2.0),
                 ));
             }
