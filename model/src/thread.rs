@@ -111,8 +111,9 @@ impl ModelHandle {
                         return;
                     }
                 };
-                let _ = loaded_tx.send(Ok(model.info().clone()));
+                // Ready before the caller is released, so `spawn` returning means Ready.
                 health_tx.send_replace(ModelHealth::Ready);
+                let _ = loaded_tx.send(Ok(model.info().clone()));
                 tracing::info!(model = %thread_name, "model ready");
                 serve(model, rx, &health_tx, &thread_name);
             })
