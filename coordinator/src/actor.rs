@@ -10,10 +10,11 @@ use crate::Error;
 use edgespec_proto::domain::DraftMessage;
 use edgespec_proto::pb;
 use edgespec_proto::pb::verifier_client::VerifierClient;
+use edgespec_proto::tls::Tls;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 /// Outgoing half of a draft stream. Unbounded on purpose: the coordinator writes at most one
@@ -196,6 +197,7 @@ pub type Ready = watch::Receiver<usize>;
 struct Actor {
     core: Core,
     verify: VerifySettings,
+    tls: Tls,
     tick: Duration,
     streams: HashMap<StreamId, StreamTx>,
     clients: HashMap<String, VerifierClient<Channel>>,
@@ -207,6 +209,7 @@ struct Actor {
 pub fn spawn(
     core: Core,
     verify: VerifySettings,
+    tls: Tls,
     tick: Duration,
 ) -> (Handle, Ready, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -214,6 +217,7 @@ pub fn spawn(
     let actor = Actor {
         core,
         verify,
+        tls,
         tick,
         streams: HashMap::new(),
         clients: HashMap::new(),
@@ -354,8 +358,10 @@ impl Actor {
         if let Some(c) = self.clients.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("bad verifier address {addr}: {e}"))?
+        let ep = self
+            .tls
+            .endpoint(addr)
+            .map_err(|e| format!("bad verifier address: {e}"))?
             .connect_timeout(self.verify.connect_timeout)
             .timeout(self.verify.timeout)
             .tcp_nodelay(true);

@@ -8,6 +8,7 @@ use crate::grpc::CoordinatorService;
 use crate::metrics::Metrics;
 use crate::{Error, Settings};
 use edgespec_proto::pb::coordinator_server::CoordinatorServer;
+use edgespec_proto::tls::Tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +27,7 @@ pub struct App {
     http: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    tls: Tls,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -48,6 +50,7 @@ impl App {
     /// Validates the settings and binds both listeners.
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
+        let tls = settings.tls.load()?;
         let (grpc, grpc_addr) = bind("gRPC", settings.grpc.listen).await?;
         let (http, http_addr) = bind("admin HTTP", settings.admin.listen).await?;
         Ok(App {
@@ -56,6 +59,7 @@ impl App {
             http,
             grpc_addr,
             http_addr,
+            tls,
         })
     }
 
@@ -81,6 +85,7 @@ impl App {
             http,
             grpc_addr,
             http_addr,
+            tls,
         } = self;
         let id = format!("coord-{:016x}", rand::random::<u64>());
         let metrics = Metrics::new();
@@ -93,7 +98,8 @@ impl App {
             metrics.clone(),
             tokio::time::Instant::now().into_std(),
         );
-        let (handle, ready, actor_task) = actor::spawn(core, settings.verify.clone(), tick);
+        let (handle, ready, actor_task) =
+            actor::spawn(core, settings.verify.clone(), tls.clone(), tick);
 
         let stop = CancellationToken::new();
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -107,15 +113,15 @@ impl App {
         let service = CoordinatorServer::new(CoordinatorService::new(handle.clone(), stop.clone()))
             .max_decoding_message_size(64 << 20);
         let grpc_stop = stop.clone();
-        let grpc_server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                incoming(grpc),
-                async move { grpc_stop.cancelled().await },
-            );
+        let grpc_server =
+            tls.apply_to_server(tonic::transport::Server::builder())?
+                .tcp_nodelay(true)
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming(grpc), async move {
+                    grpc_stop.cancelled().await
+                });
 
         if settings.admin.token.is_empty() {
             tracing::warn!("admin.token is empty: every /admin/v1 request will be refused");
@@ -125,7 +131,10 @@ impl App {
         let http_server = axum::serve(http, router)
             .with_graceful_shutdown(async move { http_stop.cancelled().await });
 
-        tracing::info!(coordinator_id = %id, %grpc_addr, %http_addr, "coordinator serving");
+        tracing::info!(
+            coordinator_id = %id, %grpc_addr, %http_addr, tls = tls.mode_name(),
+            "coordinator serving"
+        );
         let grpc_task = tokio::spawn(grpc_server);
         let http_task = tokio::spawn(async move { http_server.await });
 

@@ -10,6 +10,9 @@ pub enum Error {
     /// Loading or validating settings failed.
     #[error("invalid settings: {0}")]
     Settings(String),
+    /// TLS material could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] edgespec_proto::tls::TlsError),
     /// Binding a listener failed.
     #[error("cannot bind the {what} listener on {addr}: {source}")]
     Bind {
@@ -81,9 +84,11 @@ impl From<Error> for tonic::Status {
             Error::Policy(_) => Status::invalid_argument(msg),
             Error::UnknownVerifier(_) => Status::not_found(msg),
             Error::ShuttingDown => Status::unavailable(msg),
-            Error::Settings(_) | Error::Bind { .. } | Error::ServeGrpc(_) | Error::ServeHttp(_) => {
-                Status::internal("internal error")
-            }
+            Error::Settings(_)
+            | Error::Tls(_)
+            | Error::Bind { .. }
+            | Error::ServeGrpc(_)
+            | Error::ServeHttp(_) => Status::internal("internal error"),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::policy::Policy;
 use crate::Error;
+use edgespec_proto::tls::TlsSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,6 +34,9 @@ pub struct Settings {
     pub policy: Policy,
     /// Autoscaling signal.
     pub autoscale: AutoscaleSettings,
+    /// Transport security (mTLS or explicit plaintext) of the gRPC listener and of the calls
+    /// to verify nodes.
+    pub tls: TlsSettings,
 }
 
 /// `[grpc]`.
@@ -164,6 +168,7 @@ impl Settings {
         let mut s = Self::default();
         s.grpc.listen = ([127, 0, 0, 1], 0).into();
         s.admin.listen = ([127, 0, 0, 1], 0).into();
+        s.tls = TlsSettings::plaintext();
         s
     }
 

@@ -33,6 +33,9 @@ impl App {
     /// the HTTP listener (port 0 allowed).
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
+        let tls = settings.tls.load()?;
+        // Refuse an address this TLS mode cannot dial now, not after the model load.
+        tls.endpoint(&settings.coordinator.address)?;
         let device = settings.device()?;
         let path = settings.model.path.clone();
         let (tokenizer, model) = tokio::task::spawn_blocking(move || {
@@ -56,6 +59,7 @@ impl App {
         };
         let link_cfg = LinkConfig {
             address: c.address.clone(),
+            tls,
             connect_timeout: c.connect_timeout,
             hello: Hello {
                 node_id: node_id.clone(),
@@ -149,6 +153,8 @@ impl App {
 async fn first_link(cfg: &LinkConfig, backoff: Backoff, timeout: Duration) -> Result<Link, Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = backoff.initial;
+    // A TLS refusal says more than the cancelled attempt that may end the wait: keep it.
+    let mut tls_refusal: Option<String> = None;
     loop {
         match Link::open(cfg).await {
             Ok(link) => return Ok(link),
@@ -162,10 +168,13 @@ async fn first_link(cfg: &LinkConfig, backoff: Backoff, timeout: Duration) -> Re
                 })
             }
             Err(LinkError::Unreachable(reason)) => {
+                if edgespec_proto::tls::tls_hint(&reason).is_some() {
+                    tls_refusal = Some(reason.clone());
+                }
                 if tokio::time::Instant::now() + delay >= deadline {
                     return Err(Error::ConnectCoordinator {
                         address: cfg.address.clone(),
-                        reason,
+                        reason: tls_refusal.unwrap_or(reason),
                     });
                 }
                 tracing::warn!(%reason, "coordinator not reachable yet; retrying");

@@ -7,6 +7,9 @@ pub enum Error {
     /// Settings could not be loaded or are invalid (the message names the key).
     #[error("invalid settings: {0}")]
     Settings(String),
+    /// TLS material could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] edgespec_proto::tls::TlsError),
     /// Loading the draft model or its tokenizer failed.
     #[error("cannot load the draft model: {0}")]
     LoadModel(String),

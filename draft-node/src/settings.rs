@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 use edgespec_model::DeviceKind;
+use edgespec_proto::tls::TlsSettings;
 use serde::Deserialize;
 
 use crate::Error;
@@ -31,6 +32,8 @@ pub struct Settings {
     pub drafting: DraftingSettings,
     /// Request limits.
     pub limits: LimitSettings,
+    /// Transport security (mTLS or explicit plaintext) of the coordinator link.
+    pub tls: TlsSettings,
 }
 
 /// `[node]`

@@ -3,6 +3,7 @@
 //! WAN links between the draft nodes and the coordinator. Used by `edgespec demo`/`up`, the
 //! end-to-end tests and the benchmarks.
 
+use edgespec_proto::tls::TlsSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +52,20 @@ pub struct ClusterOptions {
     pub http_listen: SocketAddr,
     /// Coordinator policy.
     pub policy: PolicyOverrides,
+    /// Transport security between the nodes; `None` is explicit plaintext (the local demo on
+    /// loopback).
+    pub tls: Option<ClusterTls>,
+}
+
+/// mTLS settings of each node role of a [`LocalCluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The coordinator's `[tls]`.
+    pub coordinator: TlsSettings,
+    /// Every verify node's `[tls]`.
+    pub verify: TlsSettings,
+    /// Every draft node's `[tls]`.
+    pub draft: TlsSettings,
 }
 
 impl ClusterOptions {
@@ -63,6 +78,7 @@ impl ClusterOptions {
             drafts: vec![DraftSpec::default()],
             http_listen: ([127, 0, 0, 1], 0).into(),
             policy: PolicyOverrides::default(),
+            tls: None,
         }
     }
 }
@@ -130,7 +146,13 @@ impl LocalCluster {
         if opts.verify_nodes == 0 || opts.drafts.is_empty() {
             bail!("a cluster needs at least one verify node and one draft node");
         }
+        let tls = |pick: fn(&ClusterTls) -> &TlsSettings| {
+            opts.tls
+                .as_ref()
+                .map_or_else(TlsSettings::plaintext, |t| pick(t).clone())
+        };
         let mut cs = edgespec_coordinator::Settings::for_tests();
+        cs.tls = tls(|t| &t.coordinator);
         cs.admin.token = LOCAL_ADMIN_TOKEN.to_string();
         cs.policy.pipelined = opts.policy.pipelined;
         if let Some((lo, hi)) = opts.policy.gamma_bounds {
@@ -154,6 +176,7 @@ impl LocalCluster {
             vs.server.node_id = format!("verify-{i}");
             vs.model.path = opts.target.clone();
             vs.coordinator.addresses = vec![format!("http://{coordinator_grpc}")];
+            vs.tls = tls(|t| &t.verify);
             let app = edgespec_verify_node::App::build(vs)
                 .await
                 .with_context(|| format!("starting verify node {i}"))?;
@@ -198,6 +221,7 @@ impl LocalCluster {
             ds.model.path = opts.draft.clone();
             ds.coordinator.address = format!("http://{dial}");
             ds.drafting.pipeline = spec.pipelined;
+            ds.tls = tls(|t| &t.draft);
             let app = edgespec_draft_node::App::build(ds)
                 .await
                 .with_context(|| format!("starting draft node {i}"))?;

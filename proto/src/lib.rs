@@ -8,6 +8,7 @@
 
 pub mod domain;
 mod error;
+pub mod tls;
 
 pub use error::ProtocolError;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ModelHandle, ModelHealth};
 use edgespec_proto::pb::verifier_server::VerifierServer;
+use edgespec_proto::tls::Tls;
 use edgespec_proto::FILE_DESCRIPTOR_SET;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -57,6 +58,8 @@ pub struct App {
     model: ModelHandle,
     facts: Arc<NodeFacts>,
     metrics: Arc<Metrics>,
+    tls: Tls,
+    health_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -64,6 +67,8 @@ impl App {
     /// listener (port 0 allowed; see [`grpc_addr`](App::grpc_addr)).
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
+        // TLS files are checked before the (slow) model load, so a wrong path fails at once.
+        let tls = settings.tls.load()?;
         let device = settings.device()?;
         let path = settings.model.path.clone();
         let shown = path.display().to_string();
@@ -90,11 +95,27 @@ impl App {
             addr: listen.to_string(),
             source,
         })?;
+        let health_listener = match settings.server.health_listen.trim() {
+            "" => None,
+            addr => {
+                let parsed: SocketAddr = addr
+                    .parse()
+                    .map_err(|e| Error::Settings(format!("server.health_listen: `{addr}`: {e}")))?;
+                Some(
+                    TcpListener::bind(parsed)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+        };
         let facts = Arc::new(node_facts(&settings, &model, bound, device_label(device)));
         tracing::info!(
             node = %facts.node_id, addr = %bound, pool = %facts.pool, model = %facts.model_name,
             vocab = facts.vocab_size, max_context = facts.max_context, device = %facts.device,
-            "verify node ready"
+            tls = tls.mode_name(), "verify node ready"
         );
         Ok(App {
             settings,
@@ -102,6 +123,8 @@ impl App {
             model,
             facts,
             metrics: Arc::new(Metrics::new()),
+            tls,
+            health_listener,
         })
     }
 
@@ -110,6 +133,13 @@ impl App {
         self.listener
             .local_addr()
             .expect("a bound listener has a local address")
+    }
+
+    /// The bound plaintext health-only address (`server.health_listen`), if configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// What the node reports to coordinators.
@@ -139,6 +169,8 @@ impl App {
             model,
             facts,
             metrics,
+            tls,
+            health_listener,
         } = self;
         let limits = Limits {
             vocab_size: facts.vocab_size,
@@ -174,14 +206,28 @@ impl App {
                 retry_interval: settings.coordinator.retry_interval,
                 rpc_timeout: settings.coordinator.rpc_timeout,
             },
+            &tls,
             facts.clone(),
             batcher.clone(),
             stop.clone(),
         );
 
+        if let Some(listener) = health_listener {
+            let probe_health = health_service.clone();
+            let probe_stop = stop.clone();
+            tracing::info!(addr = ?listener.local_addr().ok(), "plaintext health listener");
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(probe_health)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        probe_stop.cancelled().await
+                    }),
+            );
+        }
         let service = VerifierService::new(batcher, facts);
         let signalled = stop.clone();
-        let server = tonic::transport::Server::builder()
+        let server = tls
+            .apply_to_server(tonic::transport::Server::builder())?
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VerifierServer::new(service))

@@ -18,6 +18,9 @@ pub enum Error {
         #[source]
         source: ModelError,
     },
+    /// TLS material could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] edgespec_proto::tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot bind {addr}: {source}")]
     Bind {

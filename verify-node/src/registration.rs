@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
+use edgespec_proto::tls::Tls;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::batcher::Batcher;
 use crate::service::{load_pb, node_info_pb};
@@ -31,6 +32,7 @@ pub struct RegistrationConfig {
 pub fn spawn(
     addresses: &[String],
     config: RegistrationConfig,
+    tls: &Tls,
     facts: Arc<NodeFacts>,
     batcher: Batcher,
     cancel: CancellationToken,
@@ -38,7 +40,7 @@ pub fn spawn(
     addresses
         .iter()
         .filter_map(|addr| {
-            let endpoint = match Endpoint::from_shared(addr.clone()) {
+            let endpoint = match tls.endpoint(addr) {
                 Ok(e) => e
                     .connect_timeout(config.rpc_timeout)
                     .timeout(config.rpc_timeout),

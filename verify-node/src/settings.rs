@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespec_model::DeviceKind;
+use edgespec_proto::tls::TlsSettings;
 use serde::Deserialize;
 
 use crate::Error;
@@ -28,6 +29,8 @@ pub struct Settings {
     pub batching: BatchingSettings,
     /// Registration with coordinators.
     pub coordinator: CoordinatorSettings,
+    /// Transport security (mTLS or explicit plaintext).
+    pub tls: TlsSettings,
 }
 
 /// `[server]`.
@@ -38,6 +41,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Address coordinators dial; empty derives it from the bound address.
     pub advertise_addr: String,
+    /// Plaintext gRPC-health-only listener for probes; empty = none.
+    pub health_listen: String,
     /// Node id; empty generates one.
     pub node_id: String,
     /// Placement pool label.

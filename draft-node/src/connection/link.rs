@@ -9,9 +9,9 @@ use std::time::Duration;
 use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
+use edgespec_proto::tls::{source_chain, Tls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 use super::{Inbound, Verdict, Welcome};
@@ -39,6 +39,8 @@ pub(crate) struct Hello {
 pub(crate) struct LinkConfig {
     /// gRPC URL.
     pub address: String,
+    /// mTLS material, or plaintext.
+    pub tls: Tls,
     /// One attempt's timeout (connect and Welcome).
     pub connect_timeout: Duration,
     /// Our identity.
@@ -71,14 +73,19 @@ impl Link {
     /// Opens the stream and completes the hello/welcome exchange.
     pub async fn open(cfg: &LinkConfig) -> Result<Link, LinkError> {
         let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(e.to_string());
-        let endpoint = Endpoint::from_shared(cfg.address.clone())
+        let endpoint = cfg
+            .tls
+            .endpoint(&cfg.address)
             .map_err(|e| unreachable(&e))?
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| unreachable(&e))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| LinkError::Unreachable(source_chain(&e)))?;
         let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let h = &cfg.hello;
         let hello = pb::DraftHello {
@@ -96,7 +103,11 @@ impl Link {
                 draft: h.fingerprint.clone(),
                 reason: s.message().to_string(),
             },
-            _ => LinkError::Unreachable(format!("{}: {}", s.code(), s.message())),
+            // The cause (e.g. the TLS alert of a refused certificate) is in the source chain.
+            _ => LinkError::Unreachable(match std::error::Error::source(s) {
+                Some(cause) => format!("{}: {}: {}", s.code(), s.message(), source_chain(cause)),
+                None => format!("{}: {}", s.code(), s.message()),
+            }),
         };
         let handshake = async {
             let mut inbound = CoordinatorClient::new(channel)

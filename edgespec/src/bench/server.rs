@@ -17,6 +17,7 @@
 //! The bench process drives the coordinator's `Drafts` gRPC stream directly (the
 //! `edgespec_coordinator::testing::DraftClient` stream) with these blocks.
 
+use edgespec_proto::tls::TlsSettings;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -373,6 +374,7 @@ impl Node {
         vs.server.node_id = "verify-bench".into();
         vs.model.path = target.to_path_buf();
         vs.coordinator.addresses = vec![format!("http://{grpc}")];
+        vs.tls = TlsSettings::plaintext();
         let node = Self {
             stop: stop.clone(),
             tasks,
