@@ -42,7 +42,22 @@ CRD_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "ClusterIssuer"),
+    ("cert-manager.io/v1", "Certificate"),
 }
+# Where every node finds its TLS material (systemd hosts: installed files; Kubernetes: Secret
+# edgespec-tls mounted there), and which file each [tls] key names.
+TLS_DIR = "/etc/edgespec/tls"
+TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
+TLS_SECRET = "edgespec-tls"
+# Settings that hold gRPC addresses of other nodes (dialled with TLS: must say https://).
+ADDRESS_KEYS = {("coordinator", "address"), ("coordinator", "addresses"),
+                ("server", "advertise_addr")}
+# The gRPC service the verify node's health probes ask about.
+VERIFIER_SERVICE = "edgespec.v1.Verifier"
+# Names the cert-manager Certificate usages must include: every node serves and dials.
+TLS_USAGES = {"server auth", "client auth"}
 # YAML files applied by hand (templates with placeholders), not listed in any kustomization.
 TEMPLATE_DIRS = {K8S / "secrets"}
 
@@ -114,6 +129,57 @@ def check_env_key(where: str, crate: str, name: str) -> None:
         fail(f"{where}: `{name}` sets {section}.{key}, which does not exist in {crate}/default.toml")
 
 
+def effective(crate: str, data: dict) -> dict:
+    """The crate's defaults with `data` (an overlay) applied, section by section."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in defaults(crate).items()}
+    for section, table in data.items():
+        if isinstance(table, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(table)
+    return merged
+
+
+def load_overlay(name: str) -> dict | None:
+    try:
+        with open(DEPLOY / "config" / name, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+
+
+def check_tls_overlay(where: str, crate: str, data: dict) -> None:
+    """A deployed node runs mutual TLS with the files of TLS_DIR and dials https:// addresses."""
+    eff = effective(crate, data)
+    tls = eff.get("tls") or {}
+    if tls.get("mode") != "mtls":
+        fail(f"{where}: tls.mode is {tls.get('mode')!r}; deployed nodes run \"mtls\" "
+             f"(plaintext is for the local demo only)")
+    for key, file in TLS_FILES.items():
+        want = f"{TLS_DIR}/{file}"
+        if tls.get(key) != want:
+            fail(f"{where}: tls.{key} is {tls.get(key)!r}, expected {want!r} (systemd hosts "
+                 f"install the files there, pods mount Secret {TLS_SECRET} there)")
+    for section, key in sorted(ADDRESS_KEYS):
+        value = (eff.get(section) or {}).get(key)
+        for addr in value if isinstance(value, list) else [value]:
+            if isinstance(addr, str) and addr and not addr.startswith("https://"):
+                fail(f"{where}: {section}.{key} `{addr}` must start with https:// "
+                     f"(the link is mutual TLS)")
+
+
+def check_env_value(where: str, name: str, value: str) -> None:
+    """Addresses in env files say https://; TLS settings are paths, never key material."""
+    parts = name.lower().split("__")
+    if len(parts) != 3:
+        return
+    _, section, key = parts
+    if (section, key) in ADDRESS_KEYS:
+        for addr in value.split(","):
+            if addr and not addr.startswith("https://"):
+                fail(f"{where}: {name} `{addr}` must start with https:// (the link is mutual TLS)")
+    if section == "tls" and key in TLS_FILES and not value.startswith("/"):
+        fail(f"{where}: {name} must be the absolute path of a PEM file, not its content")
+
+
 def cmd_config() -> None:
     cfg = DEPLOY / "config"
     present = {p.name for p in cfg.glob("*.toml")}
@@ -134,7 +200,8 @@ def cmd_config() -> None:
         n = check_toml_keys(rel(path), crate, data)
         if n == 0:
             fail(f"{rel(path)}: sets no key at all")
-        print(f"ok   {rel(path)}: {n} keys, all in {crate}/default.toml")
+        check_tls_overlay(rel(path), crate, data)
+        print(f"ok   {rel(path)}: {n} keys, all in {crate}/default.toml; mtls, https addresses")
     for name, crate in ENV_FILES.items():
         path = DEPLOY / "systemd" / name
         if not path.exists():
@@ -142,19 +209,24 @@ def cmd_config() -> None:
             continue
         n = 0
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            m = re.match(r"^\s*#?\s*(EDGESPEC__[A-Za-z0-9_]+)=", line)
+            if "-----BEGIN" in line:
+                fail(f"{rel(path)}:{lineno}: PEM material in an environment file; the [tls] "
+                     f"keys name files under {TLS_DIR}")
+            m = re.match(r"^\s*#?\s*(EDGESPEC__[A-Za-z0-9_]+)=(.*)$", line)
             if m:
                 n += 1
                 check_env_key(f"{rel(path)}:{lineno}", crate, m.group(1))
+                check_env_value(f"{rel(path)}:{lineno}", m.group(1), m.group(2).strip())
             elif line.strip() and not line.lstrip().startswith("#") and "=" not in line:
                 fail(f"{rel(path)}:{lineno}: not KEY=value")
         print(f"ok   {rel(path)}: {n} EDGESPEC__ variables checked against {crate}/default.toml")
     for unit in sorted((DEPLOY / "systemd").glob("*.service")):
         crate = unit.stem.removeprefix("edgespec-")
         for lineno, line in enumerate(unit.read_text().splitlines(), 1):
-            for m in re.finditer(r"\b(EDGESPEC__[A-Za-z0-9_]+)=", line):
+            for m in re.finditer(r"\b(EDGESPEC__[A-Za-z0-9_]+)=(\S*)", line):
                 if line.lstrip().startswith("Environment="):
                     check_env_key(f"{rel(unit)}:{lineno}", crate, m.group(1))
+                    check_env_value(f"{rel(unit)}:{lineno}", m.group(1), m.group(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +341,40 @@ def check_crd(w: str, api: str, kind: str, d: dict) -> None:
             if t.get("metricType") not in (None, "AverageValue", "Value", "Utilization"):
                 fail(f"{w}: metricType {t.get('metricType')!r} is not one KEDA knows")
         _ = ref
+    elif kind in ("Issuer", "ClusterIssuer"):
+        spec = require(w, d, "spec", dict) or {}
+        types = [t for t in ("selfSigned", "ca", "acme", "vault", "venafi") if t in spec]
+        if len(types) != 1:
+            fail(f"{w}: an Issuer needs exactly one of selfSigned, ca, acme, vault, venafi "
+                 f"(has {types})")
+        if "ca" in spec and not isinstance((spec["ca"] or {}).get("secretName"), str):
+            fail(f"{w}: spec.ca.secretName is required")
+    elif kind == "Certificate":
+        require(w, d, "spec.secretName", str)
+        require(w, d, "spec.issuerRef.name", str)
+        spec = d.get("spec") or {}
+        if not spec.get("isCA") and not spec.get("dnsNames") and not spec.get("ipAddresses"):
+            fail(f"{w}: a leaf certificate needs dnsNames (webpki ignores the common name)")
+        for k in ("dnsNames", "ipAddresses", "usages"):
+            if k in spec and not (isinstance(spec[k], list)
+                                  and all(isinstance(x, str) and x for x in spec[k])):
+                fail(f"{w}: spec.{k} must be a list of strings")
+        known = {"signing", "digital signature", "content commitment", "key encipherment",
+                 "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+                 "decipher only", "any", "server auth", "client auth", "code signing",
+                 "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+                 "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
+        for u in spec.get("usages") or []:
+            if u not in known:
+                fail(f"{w}: usage {u!r} is not one cert-manager knows")
+        pk = spec.get("privateKey") or {}
+        if pk.get("encoding", "PKCS1") not in ("PKCS1", "PKCS8"):
+            fail(f"{w}: privateKey.encoding must be PKCS1 or PKCS8")
+        if pk.get("algorithm", "RSA") not in ("RSA", "ECDSA", "Ed25519"):
+            fail(f"{w}: privateKey.algorithm must be RSA, ECDSA or Ed25519")
+        for k in ("duration", "renewBefore"):
+            if k in spec and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s))+", str(spec[k])):
+                fail(f"{w}: spec.{k} {spec[k]!r} is not a Go duration (e.g. 2160h)")
     elif kind == "ServiceMonitor":
         require(w, d, "spec.selector.matchLabels", dict)
         eps = require(w, d, "spec.endpoints", list) or []
@@ -288,6 +394,122 @@ def pod_labels(d: dict) -> dict:
 
 def matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def secret_keys(by_kind: dict, name) -> set | None:
+    """Keys of Secret `name`, from its manifest or from a cert-manager Certificate that issues
+    it (ca.crt, tls.crt, tls.key); None when nothing defines it."""
+    keys = None
+    sec = by_kind.get("Secret", {}).get(name)
+    if sec is not None:
+        keys = set((sec[2].get("stringData") or {})) | set(sec[2].get("data") or {})
+    for _p, _i, c in by_kind.get("Certificate", {}).values():
+        if (c.get("spec") or {}).get("secretName") == name:
+            keys = (keys or set()) | {"ca.crt", "tls.crt", "tls.key"}
+    return keys
+
+
+def check_tls_mounts(by_kind: dict, w: str, spec: dict, c: dict, crate: str) -> None:
+    """The container's overlay (its ConfigMap mounted at /etc/edgespec) names TLS files that a
+    read-only mount of Secret edgespec-tls provides."""
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    mounts = c.get("volumeMounts") or []
+    source = None
+    for m in mounts:
+        cm = (volumes.get(m.get("name")) or {}).get("configMap") or {}
+        if m.get("mountPath") == "/etc/edgespec":
+            source = next((src for _f, n, _c, src, _k in CONFIGMAPS if n == cm.get("name")), None)
+    if source is None:
+        fail(f"{w}: no ConfigMap generated from deploy/config is mounted at /etc/edgespec")
+        return
+    data = load_overlay(Path(source).name)
+    if data is None:
+        fail(f"{w}: cannot read {source}")
+        return
+    tls = effective(crate, data).get("tls") or {}
+    tls_mount = next((m for m in mounts if m.get("mountPath") == TLS_DIR), None)
+    if tls_mount is None:
+        fail(f"{w}: Secret {TLS_SECRET} must be mounted at {TLS_DIR} ({source} [tls])")
+        return
+    if not tls_mount.get("readOnly"):
+        fail(f"{w}: the TLS mount at {TLS_DIR} must be readOnly")
+    vol = volumes.get(tls_mount.get("name")) or {}
+    name = (vol.get("secret") or {}).get("secretName")
+    if name != TLS_SECRET:
+        fail(f"{w}: the volume mounted at {TLS_DIR} must be Secret {TLS_SECRET} (is {name})")
+        return
+    mode = (vol.get("secret") or {}).get("defaultMode", 0o644)
+    if mode & 0o007:
+        fail(f"{w}: Secret {TLS_SECRET} is mounted with defaultMode {mode:#o}; the key must not "
+             f"be world-readable (0440 with the pod's fsGroup)")
+    if mode & 0o077 and "fsGroup" not in (spec.get("securityContext") or {}):
+        fail(f"{w}: a group-readable TLS secret needs the pod's securityContext.fsGroup")
+    keys = secret_keys(by_kind, TLS_SECRET) or set()
+    items = {i.get("path"): i.get("key") for i in (vol.get("secret") or {}).get("items") or []}
+    for key in TLS_FILES:
+        path = tls.get(key, "")
+        if not path.startswith(TLS_DIR + "/"):
+            fail(f"{w}: {source} tls.{key} = {path!r} is not in the mounted {TLS_DIR}")
+            continue
+        file = path[len(TLS_DIR) + 1:]
+        secret_key = items.get(file, file) if items else file
+        if items and file not in items:
+            fail(f"{w}: {source} tls.{key} names {file}, which the volume's items do not project")
+        elif secret_key not in keys:
+            fail(f"{w}: {source} tls.{key} names {file}, but Secret {TLS_SECRET} has no key "
+                 f"{secret_key} ({sorted(keys)})")
+
+
+def check_certificate_names(by_kind: dict, replicas: int, cloud_addresses: list) -> None:
+    """The certificate that fills Secret edgespec-tls names everything its holders are dialled
+    as: each overlay's tls.server_name, or, where that is empty, the host it dials
+    (`cloud_addresses`: the cloud verify pods' EDGESPEC__COORDINATOR__ADDRESSES)."""
+    certs = [c for c in by_kind.get("Certificate", {}).values()
+             if (c[2].get("spec") or {}).get("secretName") == TLS_SECRET]
+    if len(certs) != 1:
+        fail(f"exactly one cert-manager Certificate must issue Secret {TLS_SECRET} "
+             f"(deploy/k8s/secrets); found {len(certs)}")
+        return
+    cert = certs[0]
+    cw = where(*cert)
+    spec = cert[2].get("spec") or {}
+    names = set(spec.get("dnsNames") or [])
+    usages = set(spec.get("usages") or [])
+    if not TLS_USAGES <= usages:
+        fail(f"{cw}: usages must include {sorted(TLS_USAGES)} (every node serves and dials)")
+    issuer = (spec.get("issuerRef") or {})
+    if issuer.get("name") not in by_kind.get(issuer.get("kind", "Issuer"), {}):
+        fail(f"{cw}: issuerRef {issuer.get('kind', 'Issuer')}/{issuer.get('name')} is not defined")
+    wanted = []  # (name, why)
+    for overlay, crate in OVERLAYS.items():
+        data = load_overlay(overlay)
+        if data is None:
+            continue
+        eff = effective(crate, data)
+        server_name = (eff.get("tls") or {}).get("server_name", "")
+        if crate == "coordinator":
+            if not server_name:
+                fail(f"deploy/config/{overlay}: tls.server_name must be set: cloud verify pods "
+                     f"advertise their pod IP, which no certificate names")
+            else:
+                wanted.append((server_name, f"tls.server_name of deploy/config/{overlay}"))
+            continue
+        if server_name:
+            wanted.append((server_name, f"tls.server_name of deploy/config/{overlay}"))
+            continue
+        co = eff.get("coordinator") or {}
+        addrs = co.get("addresses") if "addresses" in co else [co.get("address")]
+        if overlay == "cloud-verify.toml":
+            addrs = cloud_addresses
+        for a in addrs or []:
+            host = re.sub(r"^[a-z]+://", "", a or "").rsplit(":", 1)[0]
+            wanted.append((host, f"dialled by deploy/config/{overlay} (tls.server_name empty)"))
+        if overlay == "onprem-verify.toml" and len(addrs or []) != replicas:
+            fail(f"deploy/config/{overlay}: coordinator.addresses lists {len(addrs or [])} "
+                 f"coordinators, the StatefulSet has {replicas} replicas")
+    for name, why in wanted:
+        if name not in names:
+            fail(f"{cw}: dnsNames lack {name!r} ({why})")
 
 
 def check_cross_refs(docs) -> None:
@@ -337,6 +559,17 @@ def check_cross_refs(docs) -> None:
             if "configMap" in v and v["configMap"].get("name") not in by_kind.get("ConfigMap", {}):
                 fail(f"{w}: volume {v.get('name')} names ConfigMap {v['configMap'].get('name')}, "
                      f"which is not defined")
+            if "secret" in v:
+                name = (v["secret"] or {}).get("secretName")
+                keys = secret_keys(by_kind, name)
+                if keys is None:
+                    fail(f"{w}: volume {v.get('name')} names Secret {name}, which neither a "
+                         f"manifest nor a cert-manager Certificate (deploy/k8s/secrets templates "
+                         f"included) defines")
+                for item in (v["secret"] or {}).get("items") or []:
+                    if keys is not None and item.get("key") not in keys:
+                        fail(f"{w}: volume {v.get('name')}: Secret {name} has no key "
+                             f"{item.get('key')}")
             if "persistentVolumeClaim" in v:
                 claim = v["persistentVolumeClaim"].get("claimName")
                 if claim not in by_kind.get("PersistentVolumeClaim", {}):
@@ -406,7 +639,7 @@ def check_cross_refs(docs) -> None:
     if replicas < 2:
         fail(f"{where(*coord)}: replicas must be >= 2 (got {replicas})")
     peers = cs.get("serviceName")
-    want_grpc = [f"http://edgespec-coordinator-{n}.{peers}:50051" for n in range(replicas)]
+    want_grpc = [f"https://edgespec-coordinator-{n}.{peers}:50051" for n in range(replicas)]
     want_admin = [f"http://edgespec-coordinator-{n}.{peers}:9464" for n in range(replicas)]
     vspec = pod_spec(verify[2])
     c = next((c for c in vspec.get("containers") or [] if c.get("name") == "verify-node"), None)
@@ -424,7 +657,7 @@ def check_cross_refs(docs) -> None:
         fail(f"{vw}: COORDINATOR_ADMIN_URLS is {got}, expected {want_admin}")
     for name, value in (("EDGESPEC__SERVER__POOL", "cloud"),
                         ("EDGESPEC__SERVER__NODE_ID", "$(POD_NAME)"),
-                        ("EDGESPEC__SERVER__ADVERTISE_ADDR", "http://$(POD_IP):50061")):
+                        ("EDGESPEC__SERVER__ADVERTISE_ADDR", "https://$(POD_IP):50061")):
         if (env.get(name) or {}).get("value") != value:
             fail(f"{vw}: {name} must be {value!r}")
     for name, path_ in (("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP")):
@@ -432,8 +665,27 @@ def check_cross_refs(docs) -> None:
             fail(f"{vw}: {name} must come from the downward API ({path_})")
     if ((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu") != 1:
         fail(f"{vw}: must request nvidia.com/gpu: 1 in limits")
-    if (c.get("readinessProbe") or {}).get("grpc", {}).get("port") != 50061:
-        fail(f"{vw}: readiness must be a grpc probe on port 50061")
+    # Probes: the kubelet cannot present a client certificate, so they go to the plaintext
+    # health-only listener of cloud-verify.toml, never to the mTLS Verifier port.
+    cloud = effective("verify-node", load_overlay("cloud-verify.toml") or {})
+    health = (cloud.get("server") or {}).get("health_listen", "")
+    health_port = int(health.rsplit(":", 1)[1]) if re.fullmatch(r".+:\d+", health) else None
+    grpc_port = int(str((cloud.get("server") or {}).get("listen", ":0")).rsplit(":", 1)[1])
+    if health_port is None:
+        fail("deploy/config/cloud-verify.toml: server.health_listen must be set (host:port) for "
+             "the kubelet's gRPC probes")
+    else:
+        if health_port == grpc_port:
+            fail("deploy/config/cloud-verify.toml: server.health_listen must differ from "
+                 "server.listen")
+        if health_port not in [p.get("containerPort") for p in c.get("ports") or []]:
+            fail(f"{vw}: the health port {health_port} (server.health_listen) is not a "
+                 f"container port")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            g = (c.get(probe) or {}).get("grpc")
+            if not g or g.get("port") != health_port or g.get("service") != VERIFIER_SERVICE:
+                fail(f"{vw}: {probe} must be a grpc probe on the plaintext health port "
+                     f"{health_port} with service {VERIFIER_SERVICE} (got {g})")
     pre = " ".join(((c.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command") or [])
     if "/admin/v1/verifiers/$POD_NAME/drain" not in pre:
         fail(f"{vw}: preStop must drain the node through the admin API")
@@ -443,7 +695,12 @@ def check_cross_refs(docs) -> None:
     if grace < 20 + 2 * 5 + 2 * 30:
         fail(f"{vw}: terminationGracePeriodSeconds {grace} is shorter than preStop drain + "
              f"2 x server.shutdown_grace")
+    check_tls_mounts(by_kind, vw, vspec, c, "verify-node")
     cc = next(iter(pod_spec(coord[2]).get("containers") or []), {})
+    check_tls_mounts(by_kind, where(*coord), pod_spec(coord[2]), cc, "coordinator")
+    check_certificate_names(by_kind, replicas,
+                            (env.get("EDGESPEC__COORDINATOR__ADDRESSES") or {}).get("value", "")
+                            .split(","))
     if ((cc.get("readinessProbe") or {}).get("httpGet") or {}).get("path") != "/readyz":
         fail(f"{where(*coord)}: readiness must be httpGet /readyz")
     if ((cc.get("livenessProbe") or {}).get("httpGet") or {}).get("path") != "/healthz":
