@@ -109,6 +109,7 @@ impl App {
                 retry_max: c.backoff_max,
             },
             draft_cost,
+            recent_gamma: Arc::new(AtomicU32::new(crate::session::NO_GAMMA_YET)),
         };
         let node = Node::new(NodeParts {
             ctx,

@@ -3,6 +3,7 @@
 //! randomness are parameters, so every rule is unit-testable and reproducible.
 #![forbid(unsafe_code)]
 
+pub mod calibration;
 pub mod controller;
 pub mod cost;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod sampling;
 pub mod types;
 pub mod verify;
 
+pub use calibration::RoundCalibration;
 pub use controller::{ControllerConfig, GammaController, PlanContext, RoundObservation};
 pub use cost::{VerifyCost, VerifyCostModel, VerifyCostModelConfig};
 pub use error::SpecError;

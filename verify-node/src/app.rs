@@ -230,7 +230,7 @@ impl App {
             .apply_to_server(tonic::transport::Server::builder())?
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(VerifierServer::new(service))
+            .add_service(VerifierServer::new(service).max_decoding_message_size(64 << 20))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.await;
                 tracing::info!("shutting down: finishing in-flight batches");

@@ -7,7 +7,7 @@ use crate::registry::AdminState;
 use crate::Error;
 use edgespec_proto::domain::{DraftBlock, DraftMessage, ErrorCode};
 use edgespec_proto::pb;
-use edgespec_specdec::{AcceptanceEstimator, LinkEstimator};
+use edgespec_specdec::{AcceptanceEstimator, LinkEstimator, RoundCalibration};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -48,6 +48,7 @@ impl Core {
                 } else {
                     0.0
                 },
+                calibration: RoundCalibration::new(super::CALIBRATION_HALF_LIFE_S),
                 sessions: HashSet::new(),
                 next_probe_at: now,
                 probe_seq: 0,
@@ -164,16 +165,29 @@ impl Core {
             let msg = "a block of this session is already queued or in flight";
             return self.session_error(out, stream, sid, ErrorCode::InvalidArgument, msg);
         }
+        let gamma = db.block.draft_tokens.len();
+        let previous_block_at = s.last_block_at.replace(now);
         // The draft's last round trip minus our own time for that round is the link's RTT.
         if db.last_round_trip_ns > 0 && s.last_server_ns > 0 {
             let rt = db.last_round_trip_ns as f64 * 1e-9;
             let server = s.last_server_ns as f64 * 1e-9;
             s.last_server_ns = 0;
+            let pipelined = self.policy.pipelined;
             if let Some(link) = self.streams.get_mut(&stream) {
                 link.link.observe_round_trip(now_s - rt, now_s, server);
+                // The rest of the cycle since the previous block is the draft side: verdict
+                // received → this block sent (see edgespec_specdec::calibration).
+                if let (Some(prev), false) = (previous_block_at, pipelined) {
+                    let cycle = now.saturating_duration_since(prev).as_secs_f64();
+                    let t_draft = if link.draft_s_per_token > 0.0 {
+                        link.draft_s_per_token
+                    } else {
+                        super::verify::DEFAULT_DRAFT_S_PER_TOKEN
+                    };
+                    link.calibration.observe(gamma, cycle - rt, t_draft, now_s);
+                }
             }
         }
-        let gamma = db.block.draft_tokens.len();
         if gamma > 0 {
             let q_entries: usize = db.block.draft_probs.iter().map(|q| q.ids.len()).sum();
             s.bytes_per_token = TOKEN_BYTES + Q_ENTRY_BYTES * q_entries as f64 / gamma as f64;
@@ -251,6 +265,7 @@ impl Core {
                 drafted: 0,
                 accepted: 0,
                 last_server_ns: 0,
+                last_block_at: None,
                 bytes_per_token: TOKEN_BYTES,
             },
         );

@@ -17,7 +17,9 @@ use crate::registry::{Health, Registry};
 use crate::Settings;
 use edgespec_proto::domain::{Block, ErrorCode, SessionError};
 use edgespec_proto::pb;
-use edgespec_specdec::{AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator};
+use edgespec_specdec::{
+    AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator, RoundCalibration,
+};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,10 @@ impl Out {
     }
 }
 
+/// Half-life of a draft stream's round calibration: long enough to carry over between
+/// requests, short enough to follow a change of load.
+const CALIBRATION_HALF_LIFE_S: f64 = 60.0;
+
 /// A draft stream: its node, link estimates and probes.
 #[derive(Debug)]
 struct DraftLink {
@@ -76,6 +82,9 @@ struct DraftLink {
     model_name: String,
     link: LinkEstimator,
     draft_s_per_token: f64,
+    /// What this draft node's rounds cost beyond the round-time model (per stream, so it
+    /// carries over between requests).
+    calibration: RoundCalibration,
     sessions: HashSet<u64>,
     next_probe_at: Instant,
     probe_seq: u64,
@@ -101,6 +110,8 @@ struct Session {
     /// Receipt → verdict time of the last verdict (what the draft's next round trip includes
     /// besides the network), ns; 0 when not yet known.
     last_server_ns: u64,
+    /// When the session's previous block arrived (the start of the round now closing).
+    last_block_at: Option<Instant>,
     /// Wire bytes per drafted token of the last block.
     bytes_per_token: f64,
 }

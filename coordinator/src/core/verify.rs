@@ -10,7 +10,7 @@ use edgespec_specdec::{plan, GammaInputs};
 use std::time::Instant;
 
 /// Draft cost assumed for a draft node that has not reported one.
-const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
+pub(super) const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
 
 /// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
 /// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
@@ -19,6 +19,10 @@ const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
 const PROBE_FIRST: u64 = 16;
 /// γ of such a probe block.
 const PROBE_GAMMA: u32 = 2;
+/// A probe is skipped when, with the stream's measured drafting cost, even this acceptance
+/// would not make γ > 0 pay: then α is not what keeps speculation off, and measuring it again
+/// would only cost time.
+const PROBE_OPTIMISTIC_ALPHA: f64 = 0.9;
 
 impl Core {
     /// A verify node registers.
@@ -364,8 +368,20 @@ impl Core {
             max_gamma: self.policy.gamma_max as usize,
             pipelined: self.policy.pipelined,
         };
+        let mut inputs = inputs;
+        let drafting_measured = link.is_some_and(|l| l.calibration.knows_drafting());
+        if let Some(l) = link {
+            l.calibration.apply(&mut inputs);
+        }
         let mut gamma = plan(&inputs).gamma as u32;
-        let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
+        let could_pay = !drafting_measured || {
+            let optimistic = GammaInputs {
+                alpha: inputs.alpha.max(PROBE_OPTIMISTIC_ALPHA),
+                ..inputs
+            };
+            plan(&optimistic).gamma > 0
+        };
+        let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two() && could_pay;
         if gamma == 0 && self.policy.gamma_max > 0 && probe {
             gamma = PROBE_GAMMA.min(self.policy.gamma_max);
         }

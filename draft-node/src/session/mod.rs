@@ -94,7 +94,15 @@ pub(crate) struct SessionCtx {
     pub cfg: DraftConfig,
     /// Node-wide draft cost estimate (f32 bits), reported to the coordinator.
     pub draft_cost: Arc<AtomicU32>,
+    /// The coordinator's most recent γ for a session of this node with room to use it, or
+    /// [`NO_GAMMA_YET`]: a new session starts with it instead of the Welcome's initial γ, so
+    /// once the controller has found that speculation does not pay here (γ = 0) the next
+    /// request does not spend a draft prefill and a full block finding out again.
+    pub recent_gamma: Arc<AtomicU32>,
 }
+
+/// `recent_gamma` before any verdict.
+pub(crate) const NO_GAMMA_YET: u32 = u32::MAX;
 
 /// Starts a generation; events arrive on the returned channel. Dropping it cancels the
 /// generation (the session is closed at the coordinator).
@@ -110,10 +118,13 @@ pub(crate) fn spawn(
         min: ctx.cfg.bounds.min.min(welcome.max_gamma as usize),
         max: ctx.cfg.bounds.max.min(welcome.max_gamma as usize),
     };
-    let initial_gamma = if welcome.speculation_enabled {
-        welcome.initial_gamma
-    } else {
+    let initial_gamma = if !welcome.speculation_enabled {
         0
+    } else {
+        match ctx.recent_gamma.load(Ordering::Relaxed) {
+            NO_GAMMA_YET => welcome.initial_gamma,
+            g => g,
+        }
     };
     let output = Output::new(
         ctx.tokenizer.stream_decoder(),
@@ -220,6 +231,13 @@ impl Driver {
             };
             with_history = false;
             self.last_round_trip_ns = sent.elapsed().as_nanos() as u64;
+            // Near the end of a request the coordinator shortens γ to the tokens left; such a
+            // γ says nothing about the next request.
+            if self.state.remaining() > self.ctx.cfg.bounds.max + 1 {
+                self.ctx
+                    .recent_gamma
+                    .store(verdict.next_gamma, Ordering::Relaxed);
+            }
             let new = match self.state.apply(&block, &verdict) {
                 Ok(new) => new,
                 Err(e) => return Halt::Failed(e),
@@ -273,12 +291,23 @@ impl Driver {
             if self.out.is_closed() {
                 return Err(Halt::ClientGone);
             }
+            let fed = self
+                .drafter
+                .plan(&[self.state.committed(), &draft.tokens])
+                .tokens
+                .len();
             let started = Instant::now();
             let row = self
                 .drafter
                 .logits(&[self.state.committed(), &draft.tokens])
                 .await?;
-            self.observe_draft_cost(started.elapsed());
+            // t_draft is the cost of one decode step: a catch-up step (prompt prefill, or the
+            // tokens committed during γ = 0 rounds) would inflate it and talk the controller
+            // out of drafting. One or two fed tokens (the bonus after a full acceptance) are
+            // a decode step.
+            if fed <= 2 {
+                self.observe_draft_cost(started.elapsed());
+            }
             let sampling = *self.state.sampling();
             draft.choose(&row, &sampling, self.ctx.cfg.top_k);
         }
