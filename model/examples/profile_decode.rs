@@ -1,0 +1,54 @@
+//! A decode-only loop to profile under `perf` (no comparison model, no verify or batch runs):
+//!
+//! ```text
+//! cargo build --release -p edgespec-model --example profile_decode
+//! perf record -F 499 -g target/release/examples/profile_decode FILE.gguf [steps]
+//! perf report --no-children --sort symbol
+//! ```
+//! Prints decode ms/token (median of the steps) after a 32-token prefill.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use edgespec_model::forward::load_gguf;
+use edgespec_model::{configure_cpu_threads, DeviceKind, SeqRequest};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().context("usage: profile_decode FILE.gguf [steps]")?;
+    let steps: usize = args.next().map_or(Ok(200), |s| s.parse())?;
+    configure_cpu_threads();
+    let mut lm = load_gguf(std::path::Path::new(&path), DeviceKind::Cpu)?;
+    let prompt: Vec<u32> = (0..32).map(|i| 100 + i * 7).collect();
+    let mut next = 0u32;
+    let mut start = 0;
+    let mut tokens = prompt;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..=steps {
+        let n = tokens.len();
+        let t = Instant::now();
+        let out = lm.forward_batch(&[SeqRequest {
+            session: 1,
+            start,
+            tokens: std::mem::take(&mut tokens),
+            logits_for_last: 1,
+        }])?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        let row = out[0].row(0);
+        next = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(next, |(i, _)| i as u32);
+        start += n;
+        tokens = vec![next];
+    }
+    let mut decode = times[1..].to_vec();
+    decode.sort_by(f64::total_cmp);
+    println!(
+        "prefill 32 tokens {:.1} ms; decode median {:.1} ms/token over {steps} steps",
+        times[0],
+        decode[decode.len() / 2]
+    );
+    Ok(())
+}
