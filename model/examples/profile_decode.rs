@@ -15,7 +15,9 @@ use edgespec_model::{configure_cpu_threads, DeviceKind, SeqRequest};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().context("usage: profile_decode FILE.gguf [steps]")?;
+    let path = args
+        .next()
+        .context("usage: profile_decode FILE.gguf [steps]")?;
     let steps: usize = args.next().map_or(Ok(200), |s| s.parse())?;
     configure_cpu_threads();
     let mut lm = load_gguf(std::path::Path::new(&path), DeviceKind::Cpu)?;

@@ -167,6 +167,7 @@ impl Core {
         }
         let gamma = db.block.draft_tokens.len();
         let previous_block_at = s.last_block_at.replace(now);
+        let previous_gamma = std::mem::replace(&mut s.last_block_gamma, gamma);
         // The draft's last round trip minus our own time for that round is the link's RTT.
         if db.last_round_trip_ns > 0 && s.last_server_ns > 0 {
             let rt = db.last_round_trip_ns as f64 * 1e-9;
@@ -176,8 +177,13 @@ impl Core {
             if let Some(link) = self.streams.get_mut(&stream) {
                 link.link.observe_round_trip(now_s - rt, now_s, server);
                 // The rest of the cycle since the previous block is the draft side: verdict
-                // received → this block sent (see edgespec_specdec::calibration).
-                if let (Some(prev), false) = (previous_block_at, pipelined) {
+                // received → this block sent (see edgespec_specdec::calibration). A pipelined
+                // γ > 0 block may have been drafted during the previous round: no sample. Nor
+                // from the first γ > 0 block after γ = 0 rounds: its draft side includes the
+                // catch-up forward over every token committed meanwhile, a one-off cost of
+                // switching drafting on, not a per-token cost of drafting.
+                let steady = gamma == 0 || (previous_gamma > 0 && !pipelined);
+                if let (Some(prev), true) = (previous_block_at, steady) {
                     let cycle = now.saturating_duration_since(prev).as_secs_f64();
                     let t_draft = if link.draft_s_per_token > 0.0 {
                         link.draft_s_per_token
@@ -266,6 +272,7 @@ impl Core {
                 accepted: 0,
                 last_server_ns: 0,
                 last_block_at: None,
+                last_block_gamma: 0,
                 bytes_per_token: TOKEN_BYTES,
             },
         );

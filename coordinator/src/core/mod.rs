@@ -112,6 +112,8 @@ struct Session {
     last_server_ns: u64,
     /// When the session's previous block arrived (the start of the round now closing).
     last_block_at: Option<Instant>,
+    /// γ of the session's previous block.
+    last_block_gamma: usize,
     /// Wire bytes per drafted token of the last block.
     bytes_per_token: f64,
 }

@@ -267,3 +267,60 @@ fn closing_a_stream_releases_its_sessions() {
     assert_eq!(out.releases.len(), 1);
     assert_eq!(c.next_deadline(), None, "its queued block is gone too");
 }
+
+/// Runs one draft stream for `rounds` rounds at 20 ms RTT where every verdict accepts the whole
+/// block, the draft node reports 5 ms per draft token, but each drafted token really takes
+/// `real_s_per_token` on the draft side; returns the γ the coordinator asks for at the end.
+fn gamma_after_rounds(real_s_per_token: f64, rounds: u64) -> u32 {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let half_rtt = Duration::from_millis(10);
+    let (mut now, mut gamma, mut len, mut last_rt_ns) = (t0 + half_rtt, 4u32, 3usize, 0u64);
+    for round in 1..=rounds {
+        let history = (round == 1).then(|| vec![1; len]);
+        let mut msg = block(1, round, history, len, vec![9; gamma as usize]);
+        if let DraftMessage::Block(b) = &mut msg {
+            b.draft_s_per_token = 0.005;
+            b.last_round_trip_ns = last_rt_ns;
+        }
+        let sent = now - half_rtt;
+        let mut out = Out::default();
+        c.draft_message(s, msg, now, &mut out);
+        now += Duration::from_millis(2);
+        c.flush(now, &mut out);
+        let launch = out.launches.last().expect("a batch was launched").clone();
+        now += Duration::from_millis(5);
+        let mut out = Out::default();
+        c.batch_done(
+            launch.batch_id,
+            Ok(answer_all(&launch, gamma)),
+            now,
+            &mut out,
+        );
+        let next = out
+            .messages
+            .iter()
+            .find_map(|(_, m)| match &m.kind {
+                Some(pb::coordinator_message::Kind::Verdict(v)) => Some(v.next_gamma),
+                _ => None,
+            })
+            .expect("a verdict");
+        len += gamma as usize + 1;
+        let received = now + half_rtt;
+        last_rt_ns = (received - sent).as_nanos() as u64;
+        gamma = next;
+        let draft_side = 0.002 + f64::from(gamma) * real_s_per_token;
+        now = received + Duration::from_secs_f64(draft_side) + half_rtt;
+    }
+    gamma
+}
+
+#[test]
+fn the_round_calibration_turns_speculation_off_when_drafting_really_costs_more_than_it_saves() {
+    // Reported 5 ms per draft token but really 300 ms (a draft node starved of CPU): even with
+    // every token accepted, γ = 0 commits tokens faster, and the calibrated controller finds it.
+    assert_eq!(gamma_after_rounds(0.3, 40), 0);
+    // Drafting as cheap as reported: the same full acceptance keeps γ up.
+    assert!(gamma_after_rounds(0.005, 40) > 0);
+}

@@ -124,6 +124,10 @@ fn spawn(
     Ok(Proc { name, child, log })
 }
 
+/// The benchmark's processes talk over loopback only: plaintext, said explicitly (the nodes'
+/// default is mutual TLS).
+const PLAINTEXT: &str = "[tls]\nmode = \"plaintext\"\n";
+
 /// One deployment: coordinator + verify node on core 1, draft node on core 0 behind a link.
 struct Deployment {
     procs: Vec<Proc>,
@@ -154,7 +158,7 @@ impl Deployment {
             1,
             &format!(
                 "[grpc]\nlisten = \"{grpc}\"\n[admin]\nlisten = \"{admin}\"\ntoken = \"{TOKEN}\"\n\
-                 [policy]\nspeculation_enabled = {speculation}\npipelined = true\n"
+                 [policy]\nspeculation_enabled = {speculation}\npipelined = true\n{PLAINTEXT}"
             ),
         )?);
         procs.push(spawn(
@@ -165,7 +169,7 @@ impl Deployment {
             1,
             &format!(
                 "[server]\nlisten = \"{verify}\"\nnode_id = \"verify-edge\"\n[model]\npath = {:?}\n\
-                 [coordinator]\naddresses = [\"http://{grpc}\"]\n",
+                 [coordinator]\naddresses = [\"http://{grpc}\"]\n{PLAINTEXT}",
                 ctx.models.target.display().to_string()
             ),
         )?);
@@ -190,7 +194,8 @@ impl Deployment {
             0,
             &format!(
                 "[node]\nid = \"draft-edge\"\n[model]\npath = {:?}\n[http]\nlisten = \"{http}\"\n\
-                 [coordinator]\naddress = \"http://{link_addr}\"\n[drafting]\npipeline = true\n",
+                 [coordinator]\naddress = \"http://{link_addr}\"\n[drafting]\npipeline = true\n\
+                 {PLAINTEXT}",
                 ctx.models.draft.display().to_string()
             ),
         )?);
