@@ -78,7 +78,12 @@ async fn pipelined_blocks_are_kept_when_the_target_agrees() {
     assert_eq!(text(&v), h.model.tokenizer.decode(&out[..n]).unwrap());
     let ext = &v["edgespec"];
     assert_eq!(ext["acceptance_rate"], 1.0, "{ext}");
-    assert!(ext["pipelined_kept"].as_u64().unwrap() >= 3, "{ext}");
+    let kept = ext["pipelined_kept"].as_u64().unwrap();
+    assert!(kept >= 3, "{ext}");
+    // Blocks that carry tokens drafted ahead say so (their send time says nothing about drafting
+    // cost). A kept guess whose verdict came before any token was drafted ahead is not one.
+    let ahead = h.coordinator.record().drafted_ahead as u64;
+    assert!((1..=kept).contains(&ahead), "{ahead} of {kept} kept: {ext}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

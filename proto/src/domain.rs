@@ -303,6 +303,8 @@ pub struct DraftBlock {
     pub draft_s_per_token: f32,
     /// Previous round's send→verdict time on the draft node (ns; 0 if none).
     pub last_round_trip_ns: u64,
+    /// Drafted during the previous round (pipelining) and kept.
+    pub drafted_ahead: bool,
 }
 
 impl TryFrom<pb::DraftBlock> for DraftBlock {
@@ -329,6 +331,7 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
             client_send_unix_ns: m.client_send_unix_ns,
             draft_s_per_token: m.draft_s_per_token,
             last_round_trip_ns: m.last_round_trip_ns,
+            drafted_ahead: m.drafted_ahead,
         })
     }
 }
@@ -348,6 +351,7 @@ impl From<&DraftBlock> for pb::DraftBlock {
             client_send_unix_ns: d.client_send_unix_ns,
             draft_s_per_token: d.draft_s_per_token,
             last_round_trip_ns: d.last_round_trip_ns,
+            drafted_ahead: d.drafted_ahead,
         }
     }
 }

@@ -204,6 +204,7 @@ fn draft_block_round_trips_through_the_stream_message() {
         client_send_unix_ns: 123,
         draft_s_per_token: 0.03,
         last_round_trip_ns: 0,
+        drafted_ahead: false,
     };
     let msg = pb::DraftMessage {
         kind: Some(pb::draft_message::Kind::Block(block.clone())),

@@ -20,8 +20,8 @@
 //! is learnt as two decaying averages — `fixed` from γ = 0 rounds, `per_token` from the others
 //! as `(r − fixed) / γ` — and added to the model: `fixed` to the per-round cost (with the RTT)
 //! and `per_token` to t_draft. Both are per draft stream (one draft node), so they carry over
-//! from one request to the next. In pipelined mode a γ > 0 block may have been drafted while the
-//! previous one was verified, so only γ = 0 rounds (never pipelined) give samples there. The first
+//! from one request to the next. A block the draft node drafted while the previous one was being
+//! verified (pipelining; it says so in `DraftBlock.drafted_ahead`) gives no sample. The first
 //! γ > 0 block after γ = 0 rounds gives none either: its draft side includes the catch-up forward
 //! over the tokens committed meanwhile (a cost of switching drafting on, not of drafting).
 

@@ -173,16 +173,15 @@ impl Core {
             let rt = db.last_round_trip_ns as f64 * 1e-9;
             let server = s.last_server_ns as f64 * 1e-9;
             s.last_server_ns = 0;
-            let pipelined = self.policy.pipelined;
             if let Some(link) = self.streams.get_mut(&stream) {
                 link.link.observe_round_trip(now_s - rt, now_s, server);
                 // The rest of the cycle since the previous block is the draft side: verdict
-                // received → this block sent (see edgespec_specdec::calibration). A pipelined
-                // γ > 0 block may have been drafted during the previous round: no sample. Nor
+                // received → this block sent (see edgespec_specdec::calibration). A block drafted
+                // during the previous round (pipelining, kept) says nothing about drafting. Nor
                 // from the first γ > 0 block after γ = 0 rounds: its draft side includes the
                 // catch-up forward over every token committed meanwhile, a one-off cost of
                 // switching drafting on, not a per-token cost of drafting.
-                let steady = gamma == 0 || (previous_gamma > 0 && !pipelined);
+                let steady = gamma == 0 || (previous_gamma > 0 && !db.drafted_ahead);
                 if let (Some(prev), true) = (previous_block_at, steady) {
                     let cycle = now.saturating_duration_since(prev).as_secs_f64();
                     let t_draft = if link.draft_s_per_token > 0.0 {

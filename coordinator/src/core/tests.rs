@@ -52,6 +52,7 @@ fn block(
         client_send_unix_ns: 0,
         draft_s_per_token: 0.0,
         last_round_trip_ns: 0,
+        drafted_ahead: false,
     })
 }
 

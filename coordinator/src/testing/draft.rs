@@ -231,6 +231,7 @@ impl DraftClient {
                 client_send_unix_ns: unix_ns(),
                 draft_s_per_token: 0.001,
                 last_round_trip_ns: last_rt,
+                drafted_ahead: false,
             };
             let sent = Instant::now();
             self.send(DraftMessage::Block(block))

@@ -21,6 +21,7 @@ fn first_block(session_id: u64, prompt: Vec<u32>, drafts: Vec<u32>) -> DraftMess
         client_send_unix_ns: 0,
         draft_s_per_token: 0.001,
         last_round_trip_ns: 0,
+        drafted_ahead: false,
     })
 }
 

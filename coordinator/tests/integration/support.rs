@@ -197,6 +197,7 @@ impl Manual {
             client_send_unix_ns: 1_000_000 + self.round,
             draft_s_per_token: 0.001,
             last_round_trip_ns: 0,
+            drafted_ahead: false,
         };
         d.send(DraftMessage::Block(block)).await.unwrap();
         let m = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())

@@ -219,10 +219,13 @@ impl Driver {
                 None => BlockDraft::new(self.state.committed().len(), self.state.sampling()),
             };
             draft.truncate(gamma);
+            let drafted_ahead = draft.len() > 0;
             if let Err(h) = self.extend(&mut draft, gamma).await {
                 return h;
             }
-            let block = self.state.block(&draft, with_history, self.telemetry());
+            let block = self
+                .state
+                .block(&draft, with_history, self.telemetry(drafted_ahead));
             let sent = Instant::now();
             self.ctx.conn.send(block.clone()).await;
             let (verdict, ahead) = match self.await_verdict(&block).await {
@@ -314,8 +317,9 @@ impl Driver {
         Ok(())
     }
 
-    fn telemetry(&self) -> Telemetry {
+    fn telemetry(&self, drafted_ahead: bool) -> Telemetry {
         Telemetry {
+            drafted_ahead,
             send_unix_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
@@ -408,7 +412,7 @@ impl Driver {
             self.ctx.metrics.resync();
         }
         let mut b = block.clone();
-        b.client_send_unix_ns = self.telemetry().send_unix_ns;
+        b.client_send_unix_ns = self.telemetry(false).send_unix_ns;
         self.ctx.conn.send(b).await;
     }
 }

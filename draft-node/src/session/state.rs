@@ -70,6 +70,8 @@ pub(crate) struct Telemetry {
     pub draft_s_per_token: f32,
     /// Previous round trip, ns.
     pub last_round_trip_ns: u64,
+    /// This block was drafted ahead (pipelining) and kept.
+    pub drafted_ahead: bool,
 }
 
 /// One session's rounds.
@@ -173,6 +175,7 @@ impl SessionState {
             client_send_unix_ns: t.send_unix_ns,
             draft_s_per_token: t.draft_s_per_token,
             last_round_trip_ns: t.last_round_trip_ns,
+            drafted_ahead: t.drafted_ahead,
         }
     }
 

@@ -157,6 +157,8 @@ pub struct Record {
     pub probe_replies: usize,
     pub invalid: Vec<String>,
     pub draft_probs_seen: usize,
+    /// Blocks marked `drafted_ahead` (pipelined and kept).
+    pub drafted_ahead: usize,
 }
 
 struct Shared {
@@ -377,6 +379,7 @@ async fn handle_block(
         r.blocks += 1;
         r.blocks_with_history += usize::from(b.history.is_some());
         r.draft_probs_seen += b.draft_probs.len();
+        r.drafted_ahead += usize::from(d.drafted_ahead);
         if script.silent {
             return Reply::Nothing;
         }

@@ -268,6 +268,7 @@ async fn drive(
             client_send_unix_ns: unix_ns(),
             draft_s_per_token: REPLAY_DRAFT_S_PER_TOKEN,
             last_round_trip_ns: last_rt,
+            drafted_ahead: false,
         };
         let sent = Instant::now();
         client
