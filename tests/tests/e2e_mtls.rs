@@ -204,7 +204,7 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     ds.model.path = model.clone();
     ds.http.listen = ([127, 0, 0, 1], 0).into();
     ds.coordinator.address = format!("https://{grpc}");
-    ds.coordinator.timeout = Duration::from_secs(2);
+    ds.coordinator.timeout = Duration::from_secs(4);
     ds.coordinator.backoff_initial = Duration::from_millis(50);
     ds.tls = rogue.settings("draft", &ca.ca_pem)?;
     let err = match edgespec_draft_node::App::build(ds).await {
@@ -221,7 +221,7 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     ds.model.path = model;
     ds.http.listen = ([127, 0, 0, 1], 0).into();
     ds.coordinator.address = format!("http://{grpc}");
-    ds.coordinator.timeout = Duration::from_secs(2);
+    ds.coordinator.timeout = Duration::from_secs(4);
     ds.coordinator.backoff_initial = Duration::from_millis(50);
     ds.tls = TlsSettings::plaintext();
     ensure!(
