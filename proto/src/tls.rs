@@ -165,35 +165,31 @@ impl Tls {
             address: address.to_string(),
             why: why.to_string(),
         };
-        match (scheme, &self.material) {
-            (Some("http" | "https") | None, _) => {}
-            (Some(other), _) => return Err(bad(&format!("unknown scheme {other:?}"))),
+        match scheme {
+            None | Some("http" | "https") => {}
+            Some(other) => return Err(bad(&format!("unknown scheme {other:?}"))),
         }
-        if scheme == Some("https") && self.material.is_none() {
-            return Err(bad(
-                "https:// asks for TLS but tls.mode = \"plaintext\"; set tls.mode = \"mtls\" \
-                 with certificates, or use http://",
-            ));
-        }
-        let full = match self.material {
-            Some(_) => format!("https://{rest}"),
-            None => format!("http://{rest}"),
-        };
-        let endpoint = Endpoint::from_shared(full).map_err(|e| bad(&e.to_string()))?;
-        match &self.material {
-            None => Ok(endpoint),
-            Some(m) => {
-                let mut c = ClientTlsConfig::new()
-                    .ca_certificate(m.ca.clone())
-                    .identity(m.identity.clone());
-                if let Some(name) = &m.server_name {
-                    c = c.domain_name(name.clone());
-                }
-                endpoint
-                    .tls_config(c)
-                    .map_err(|e| bad(&format!("client TLS: {}", source_chain(&e))))
+        let Some(m) = &self.material else {
+            if scheme == Some("https") {
+                return Err(bad(
+                    "https:// asks for TLS but tls.mode = \"plaintext\"; set tls.mode = \
+                     \"mtls\" with certificates, or use http://",
+                ));
             }
+            return Endpoint::from_shared(format!("http://{rest}"))
+                .map_err(|e| bad(&e.to_string()));
+        };
+        let endpoint =
+            Endpoint::from_shared(format!("https://{rest}")).map_err(|e| bad(&e.to_string()))?;
+        let mut c = ClientTlsConfig::new()
+            .ca_certificate(m.ca.clone())
+            .identity(m.identity.clone());
+        if let Some(name) = &m.server_name {
+            c = c.domain_name(name.clone());
         }
+        endpoint
+            .tls_config(c)
+            .map_err(|e| bad(&format!("client TLS: {}", source_chain(&e))))
     }
 }
 

@@ -94,6 +94,40 @@ async fn health_check(addr: std::net::SocketAddr, tls: Option<ClientTlsConfig>) 
     Ok(())
 }
 
+/// A tiny model and two CAs (the fleet's and a rogue one) in a temporary folder.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    ca: TestCa,
+    rogue: TestCa,
+}
+
+fn fixture() -> Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default())?;
+    let ca = TestCa::new(dir.path(), "fleet")?;
+    let rogue = TestCa::new(dir.path(), "rogue")?;
+    Ok(Fixture {
+        _dir: dir,
+        model,
+        ca,
+        rogue,
+    })
+}
+
+/// A draft node that tries to join the coordinator at `address` for a few seconds with `tls`.
+fn joining_draft(model: &Path, address: &str, tls: TlsSettings) -> edgespec_draft_node::Settings {
+    let mut ds = edgespec_draft_node::Settings::default();
+    ds.model.path = model.to_path_buf();
+    ds.http.listen = ([127, 0, 0, 1], 0).into();
+    ds.coordinator.address = address.to_string();
+    ds.coordinator.timeout = Duration::from_secs(4);
+    ds.coordinator.backoff_initial = Duration::from_millis(50);
+    ds.tls = tls;
+    ds
+}
+
 fn pem(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -101,11 +135,12 @@ fn pem(path: &Path) -> Result<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_serves_over_mtls_and_refuses_peers_without_a_valid_certificate() -> Result<()> {
     edgespec_tests::init_logs();
-    let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&model, &TinySpec::default())?;
-    let ca = TestCa::new(dir.path(), "fleet")?;
-    let rogue = TestCa::new(dir.path(), "rogue")?;
+    let Fixture {
+        _dir,
+        model,
+        ca,
+        rogue,
+    } = fixture()?;
 
     let mut opts = ClusterOptions::new(model.clone(), model);
     opts.tls = Some(ClusterTls {
@@ -186,11 +221,12 @@ async fn a_cluster_serves_over_mtls_and_refuses_peers_without_a_valid_certificat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     edgespec_tests::init_logs();
-    let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&model, &TinySpec::default())?;
-    let ca = TestCa::new(dir.path(), "fleet")?;
-    let rogue = TestCa::new(dir.path(), "rogue")?;
+    let Fixture {
+        _dir,
+        model,
+        ca,
+        rogue,
+    } = fixture()?;
 
     let mut cs = edgespec_coordinator::Settings::for_tests();
     cs.tls = ca.settings("coordinator", &ca.ca_pem)?;
@@ -200,13 +236,11 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     let task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
 
     // Signed by another CA, but trusting the fleet's CA (so only the coordinator can object).
-    let mut ds = edgespec_draft_node::Settings::default();
-    ds.model.path = model.clone();
-    ds.http.listen = ([127, 0, 0, 1], 0).into();
-    ds.coordinator.address = format!("https://{grpc}");
-    ds.coordinator.timeout = Duration::from_secs(4);
-    ds.coordinator.backoff_initial = Duration::from_millis(50);
-    ds.tls = rogue.settings("draft", &ca.ca_pem)?;
+    let ds = joining_draft(
+        &model,
+        &format!("https://{grpc}"),
+        rogue.settings("draft", &ca.ca_pem)?,
+    );
     let err = match edgespec_draft_node::App::build(ds).await {
         Ok(_) => anyhow::bail!("a draft node with a foreign certificate joined the fleet"),
         Err(e) => e.to_string(),
@@ -217,13 +251,7 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     );
 
     // A draft node that asks for plaintext against the TLS coordinator cannot join either.
-    let mut ds = edgespec_draft_node::Settings::default();
-    ds.model.path = model;
-    ds.http.listen = ([127, 0, 0, 1], 0).into();
-    ds.coordinator.address = format!("http://{grpc}");
-    ds.coordinator.timeout = Duration::from_secs(4);
-    ds.coordinator.backoff_initial = Duration::from_millis(50);
-    ds.tls = TlsSettings::plaintext();
+    let ds = joining_draft(&model, &format!("http://{grpc}"), TlsSettings::plaintext());
     ensure!(
         edgespec_draft_node::App::build(ds).await.is_err(),
         "a plaintext draft node joined a TLS coordinator"
@@ -237,10 +265,9 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_reach_the_plaintext_health_port_while_the_verifier_stays_behind_mtls() -> Result<()>
 {
-    let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&model, &TinySpec::default())?;
-    let ca = TestCa::new(dir.path(), "fleet")?;
+    let Fixture {
+        _dir, model, ca, ..
+    } = fixture()?;
     let mut vs = edgespec_verify_node::Settings::default();
     vs.model.path = model;
     vs.server.listen = ([127, 0, 0, 1], 0).into();
@@ -281,9 +308,7 @@ async fn probes_reach_the_plaintext_health_port_while_the_verifier_stays_behind_
 
 #[tokio::test]
 async fn a_node_in_mtls_mode_without_certificates_refuses_to_start() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&model, &TinySpec::default())?;
+    let Fixture { _dir, model, .. } = fixture()?;
     // The shipped default is mTLS: with no files configured every node stops at start-up and
     // names the missing key and the plaintext alternative.
     let cs = edgespec_coordinator::Settings::default();

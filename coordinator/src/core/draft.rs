@@ -184,11 +184,7 @@ impl Core {
                 let steady = gamma == 0 || (previous_gamma > 0 && !db.drafted_ahead);
                 if let (Some(prev), true) = (previous_block_at, steady) {
                     let cycle = now.saturating_duration_since(prev).as_secs_f64();
-                    let t_draft = if link.draft_s_per_token > 0.0 {
-                        link.draft_s_per_token
-                    } else {
-                        super::verify::DEFAULT_DRAFT_S_PER_TOKEN
-                    };
+                    let t_draft = link.t_draft_s();
                     link.calibration.observe(gamma, cycle - rt, t_draft, now_s);
                 }
             }

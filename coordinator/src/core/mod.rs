@@ -70,6 +70,9 @@ impl Out {
     }
 }
 
+/// Draft cost assumed for a draft node that has not reported one.
+const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
+
 /// Half-life of a draft stream's round calibration: long enough to carry over between
 /// requests, short enough to follow a change of load.
 const CALIBRATION_HALF_LIFE_S: f64 = 60.0;
@@ -90,6 +93,17 @@ struct DraftLink {
     probe_seq: u64,
     /// Outstanding probes: id → (sent at, padding bytes).
     probes: HashMap<u64, (Instant, usize)>,
+}
+
+impl DraftLink {
+    /// Draft seconds per token to plan with: the node's report, or a default before one.
+    fn t_draft_s(&self) -> f64 {
+        if self.draft_s_per_token > 0.0 {
+            self.draft_s_per_token
+        } else {
+            DEFAULT_DRAFT_S_PER_TOKEN
+        }
+    }
 }
 
 /// A session known to the coordinator.

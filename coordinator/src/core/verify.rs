@@ -1,16 +1,13 @@
 //! Verify side of the state: registration, heartbeats, sending batches, routing results back as
 //! verdicts (with the next γ) and failover.
 
-use super::{Core, Inflight, Item, Launch, Out};
+use super::{Core, DraftLink, Inflight, Item, Launch, Out, DEFAULT_DRAFT_S_PER_TOKEN};
 use crate::registry::{AdminState, Health, NodeAction};
 use crate::Error;
 use edgespec_proto::domain::{ErrorCode, Outcome, SessionError};
 use edgespec_proto::pb;
 use edgespec_specdec::{plan, GammaInputs};
 use std::time::Instant;
-
-/// Draft cost assumed for a draft node that has not reported one.
-pub(super) const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
 
 /// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
 /// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
@@ -347,13 +344,9 @@ impl Core {
         let cost = v.map(|v| v.verify_cost()).unwrap_or_default();
         let queue_s =
             self.predicted_delay(node).as_secs_f64() + self.policy.batch_window.as_secs_f64() / 2.0;
-        let t_draft = link
-            .map(|l| l.draft_s_per_token)
-            .filter(|t| *t > 0.0)
-            .unwrap_or(DEFAULT_DRAFT_S_PER_TOKEN);
-        let inputs = GammaInputs {
+        let mut inputs = GammaInputs {
             alpha: s.alpha.alpha(),
-            t_draft_s: t_draft,
+            t_draft_s: link.map_or(DEFAULT_DRAFT_S_PER_TOKEN, DraftLink::t_draft_s),
             rtt_s: link.map_or(self.settings.link.default_rtt.as_secs_f64(), |l| {
                 l.link.rtt_s()
             }),
@@ -368,7 +361,6 @@ impl Core {
             max_gamma: self.policy.gamma_max as usize,
             pipelined: self.policy.pipelined,
         };
-        let mut inputs = inputs;
         let drafting_measured = link.is_some_and(|l| l.calibration.knows_drafting());
         if let Some(l) = link {
             l.calibration.apply(&mut inputs);

@@ -126,15 +126,16 @@ impl Drafter {
         self.mirror.extend_from_slice(&plan.tokens);
     }
 
-    /// Runs a step now; the logits after the last token of `parts`.
-    pub async fn logits(&mut self, parts: &[&[u32]]) -> Result<Vec<f32>, GenError> {
+    /// Runs a step now; the logits after the last token of `parts`, and how many tokens the
+    /// step fed (1 or 2 for a decode step, more for a prefill or catch-up).
+    pub async fn logits(&mut self, parts: &[&[u32]]) -> Result<(Vec<f32>, usize), GenError> {
         let plan = self.plan(parts);
         let row = self
             .engine
             .step(self.session, plan.start, plan.tokens.clone())
             .await?;
         self.applied(&plan);
-        Ok(row)
+        Ok((row, plan.tokens.len()))
     }
 
     /// The engine and session, for steps run as owned futures.

@@ -294,13 +294,8 @@ impl Driver {
             if self.out.is_closed() {
                 return Err(Halt::ClientGone);
             }
-            let fed = self
-                .drafter
-                .plan(&[self.state.committed(), &draft.tokens])
-                .tokens
-                .len();
             let started = Instant::now();
-            let row = self
+            let (row, fed) = self
                 .drafter
                 .logits(&[self.state.committed(), &draft.tokens])
                 .await?;
