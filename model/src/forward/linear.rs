@@ -20,10 +20,19 @@
 //! those return `None` (other CPUs, other dtypes, other shapes) does it fall back to
 //! `QMatMul::forward`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Result, Tensor};
+
+/// candle's tiled kernels need the input width to be a multiple of this (a K-quant super-block).
+const TILE_K: usize = 256;
+/// … and the output width to be a multiple of this (one tile of rows).
+const TILE_N: usize = 16;
+/// Bytes of one Q8_0 block (an f16 scale and 32 i8 values); all zero is the block of 32 zeros.
+const Q8_0_BLOCK_BYTES: usize = 34;
+const Q8_0_BLOCK: usize = 32;
 
 /// `y = x · Wᵀ (+ b)` with a quantized `W` of shape `[n_out, n_in]`.
 #[derive(Debug)]
@@ -32,11 +41,21 @@ pub(crate) struct Linear {
     matmul: QMatMul,
     bias: Option<Tensor>,
     cpu: bool,
+    /// Input width of the model (`n_in`).
+    in_dim: usize,
+    /// Input width of `weight`: `in_dim`, or more where zero columns were appended (module docs).
+    weight_in: usize,
 }
 
 impl Linear {
     pub(crate) fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let cpu = weight.device().is_cpu();
+        let (_, in_dim) = weight.shape().dims2()?;
+        let weight = match cpu.then(|| pad_q8_0_for_tiles(&weight)).transpose()? {
+            Some(Some(padded)) => padded,
+            _ => weight,
+        };
+        let (_, weight_in) = weight.shape().dims2()?;
         let weight = Arc::new(weight);
         let matmul = QMatMul::from_arc(weight.clone())?;
         Ok(Self {
@@ -44,7 +63,15 @@ impl Linear {
             matmul,
             bias,
             cpu,
+            in_dim,
+            weight_in,
         })
+    }
+
+    /// Whether the weight carries appended zero columns (for tests and logs).
+    #[cfg(test)]
+    pub(crate) fn is_padded(&self) -> bool {
+        self.weight_in != self.in_dim
     }
 
     /// Output width.
@@ -77,8 +104,8 @@ impl Linear {
             .collect()
     }
 
-    /// Layers with the same weight dtype share one fused call (one activation quantization, one
-    /// pass over the worker pool).
+    /// Layers with the same weight dtype and input width share one fused call (one activation
+    /// quantization, one pass over the worker pool).
     fn cpu_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outs: Vec<Option<Tensor>> = vec![None; layers.len()];
         let mut done = vec![false; layers.len()];
@@ -86,12 +113,20 @@ impl Linear {
             if done[i] {
                 continue;
             }
-            let dtype = layers[i].weight.dtype();
+            let key = |l: &Linear| (l.weight.dtype(), l.weight_in);
             let idx: Vec<usize> = (i..layers.len())
-                .filter(|&j| layers[j].weight.dtype() == dtype)
+                .filter(|&j| key(layers[j]) == key(layers[i]))
                 .collect();
             let group: Vec<&Linear> = idx.iter().map(|&j| layers[j]).collect();
-            for (j, y) in idx.iter().zip(Self::cpu_same_dtype(&group, x)?) {
+            let padded;
+            let xg = match layers[i].weight_in - layers[i].in_dim {
+                0 => x,
+                extra => {
+                    padded = x.pad_with_zeros(1, 0, extra)?;
+                    &padded
+                }
+            };
+            for (j, y) in idx.iter().zip(Self::cpu_same_dtype(&group, xg)?) {
                 done[*j] = true;
                 outs[*j] = Some(y);
             }
@@ -124,5 +159,97 @@ impl Linear {
         } else {
             Ok(outs)
         }
+    }
+}
+
+/// A copy of a Q8_0 `[n, k]` CPU weight with zero blocks appended to every row up to the next
+/// multiple of [`TILE_K`] columns, if that lets candle's tiled kernel take it; `None` where the
+/// weight is not Q8_0, is already tileable, has `n` off the tile grid, or the kernel is not
+/// available on this CPU (probed with one zero row).
+fn pad_q8_0_for_tiles(weight: &QTensor) -> Result<Option<QTensor>> {
+    let (n, k) = weight.shape().dims2()?;
+    if weight.dtype() != GgmlDType::Q8_0
+        || k.is_multiple_of(TILE_K)
+        || !n.is_multiple_of(TILE_N)
+        || !k.is_multiple_of(Q8_0_BLOCK)
+    {
+        return Ok(None);
+    }
+    let k_pad = k.next_multiple_of(TILE_K);
+    let row = k / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+    let extra = (k_pad - k) / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+    let data = weight.data()?;
+    let mut bytes = Vec::with_capacity(n * (row + extra));
+    for r in data.chunks_exact(row) {
+        bytes.extend_from_slice(r);
+        bytes.resize(bytes.len() + extra, 0);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, GgmlDType::Q8_0)?;
+    let padded = QTensor::new(storage, (n, k_pad))?;
+    let probe = Tensor::zeros((1, k_pad), candle_core::DType::F32, &Device::Cpu)?;
+    Ok(QTensor::gemv_fused_shared_lhs(&[&padded], &probe)?.map(|_| padded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q8_0(n: usize, k: usize) -> Result<QTensor> {
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        QTensor::quantize(
+            &Tensor::from_vec(vals, (n, k), &Device::Cpu)?,
+            GgmlDType::Q8_0,
+        )
+    }
+
+    /// The padded layer computes the same product as the unpadded weight (up to the activation
+    /// quantization, which differs between the kernels), with the output shape of the original.
+    #[test]
+    fn padded_q8_0_layer_matches_the_plain_product() -> Result<()> {
+        let (n, k) = (32, 96);
+        let w = q8_0(n, k)?;
+        let reference = w.dequantize(&Device::Cpu)?;
+        let lin = Linear::new(q8_0(n, k)?, None)?;
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let x = Tensor::from_vec(x, (3, k), &Device::Cpu)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.dims(), &[3, n]);
+        let want = x.matmul(&reference.t()?)?;
+        let diff = (y - &want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(
+            diff <= 0.02 * scale,
+            "max |Δ| {diff} against max |y| {scale}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn only_q8_0_off_the_tile_grid_is_padded() -> Result<()> {
+        // Already a multiple of 256: nothing to do.
+        assert!(pad_q8_0_for_tiles(&q8_0(16, 256)?)?.is_none());
+        // Rows off the 16-row grid cannot take the tiles either way.
+        assert!(pad_q8_0_for_tiles(&q8_0(8, 96)?)?.is_none());
+        // Not Q8_0.
+        let f = QTensor::quantize(
+            &Tensor::zeros((16, 96), candle_core::DType::F32, &Device::Cpu)?,
+            GgmlDType::Q4_0,
+        )?;
+        assert!(pad_q8_0_for_tiles(&f)?.is_none());
+        // Where the CPU has the tiled Q8_0 kernel, the padded copy has the next multiple of 256.
+        if let Some(p) = pad_q8_0_for_tiles(&q8_0(16, 96)?)? {
+            assert_eq!(p.shape().dims(), &[16, 256]);
+            let lin = Linear::new(q8_0(16, 96)?, None)?;
+            assert!(lin.is_padded());
+        }
+        Ok(())
     }
 }
