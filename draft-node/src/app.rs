@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgespec_model::forward::load_gguf;
+use edgespec_model::forward::load_gguf_with;
 use edgespec_model::{ModelHandle, TextTokenizer};
 use tokio::net::TcpListener;
 
@@ -38,9 +38,10 @@ impl App {
         tls.endpoint(&settings.coordinator.address)?;
         let device = settings.device()?;
         let path = settings.model.path.clone();
+        let opts = settings.model.load_options();
         let (tokenizer, model) = tokio::task::spawn_blocking(move || {
             let tokenizer = TextTokenizer::from_gguf(&path)?;
-            let model = ModelHandle::spawn("draft", move || load_gguf(&path, device))?;
+            let model = ModelHandle::spawn("draft", move || load_gguf_with(&path, device, &opts))?;
             Ok::<_, edgespec_model::ModelError>((tokenizer, model))
         })
         .await

@@ -54,6 +54,18 @@ pub struct ModelSettings {
     pub served_name: String,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// Logits only for token ids below this (plus control tokens); 0 = the whole vocabulary
+    /// (`edgespec_model::forward::LoadOptions::head_vocab`).
+    pub head_vocab: usize,
+}
+
+impl ModelSettings {
+    /// How the draft model is loaded.
+    pub fn load_options(&self) -> edgespec_model::forward::LoadOptions {
+        edgespec_model::forward::LoadOptions {
+            head_vocab: (self.head_vocab > 0).then_some(self.head_vocab),
+        }
+    }
 }
 
 /// `[http]`
@@ -159,6 +171,12 @@ impl Settings {
             return bad("model.served_name", "must not be empty");
         }
         self.device()?;
+        if self.model.head_vocab > 0 && self.model.head_vocab < 256 {
+            return bad(
+                "model.head_vocab",
+                "must be 0 (whole vocabulary) or at least 256 (the byte tokens)",
+            );
+        }
         if !(self.coordinator.address.starts_with("http://")
             || self.coordinator.address.starts_with("https://"))
         {
@@ -279,5 +297,12 @@ mod tests {
         .unwrap();
         let err = load_settings(Some(&p)).unwrap_err().to_string();
         assert!(err.contains("drafting.min_gamma"), "{err}");
+        std::fs::write(&p, "[model]\npath = \"/m.gguf\"\nhead_vocab = 100\n").unwrap();
+        let err = load_settings(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("model.head_vocab"), "{err}");
+        std::fs::write(&p, "[model]\npath = \"/m.gguf\"\nhead_vocab = 65536\n").unwrap();
+        let s = load_settings(Some(&p)).unwrap();
+        assert_eq!(s.model.load_options().head_vocab, Some(65536));
+        assert_eq!(Settings::default().model.load_options().head_vocab, None);
     }
 }

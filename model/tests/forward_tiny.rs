@@ -449,3 +449,40 @@ fn tiny_vocabulary_layout() {
         assert!(toks[..256 + i].iter().any(|t| t == r), "{m}");
     }
 }
+
+/// A draft head limited to the first ids: those logits are the full head's, bit for bit; the
+/// special tokens above stay reachable; every other token is −∞, so it is never drafted.
+#[test]
+fn limited_head_keeps_the_first_ids_and_the_special_tokens() {
+    use edgespec_model::forward::{load_gguf_with, LoadOptions};
+    let t = tiny(TinySpec::default());
+    let vocab = t.spec.vocab_size();
+    let mut full = load(&t.path);
+    let opts = LoadOptions {
+        head_vocab: Some(260),
+    };
+    let mut part = load_gguf_with(&t.path, DeviceKind::Cpu, &opts).unwrap();
+    let prompt = tokens(3, 9, vocab);
+    let a = one(full.as_mut(), req(1, 0, &prompt));
+    let b = one(part.as_mut(), req(1, 0, &prompt));
+    assert_eq!((a.rows, b.vocab_size), (9, vocab));
+    let specials = [t.spec.eos_id(), t.spec.endoftext_id(), t.spec.im_start_id()];
+    for r in 0..a.rows {
+        let (fa, pb) = (a.row(r), b.row(r));
+        assert_rows_eq(&fa[..260], &pb[..260], "kept ids");
+        for id in 260..vocab {
+            if specials.contains(&(id as u32)) {
+                assert_eq!(fa[id].to_bits(), pb[id].to_bits(), "special token {id}");
+            } else {
+                assert_eq!(pb[id], f32::NEG_INFINITY, "token {id} outside the head");
+            }
+        }
+    }
+    // A limit at or above the vocabulary is the whole head.
+    let opts = LoadOptions {
+        head_vocab: Some(vocab + 5),
+    };
+    let mut whole = load_gguf_with(&t.path, DeviceKind::Cpu, &opts).unwrap();
+    let c = one(whole.as_mut(), req(1, 0, &prompt));
+    assert_rows_eq(&a.data, &c.data, "limit above the vocabulary");
+}

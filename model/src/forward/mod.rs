@@ -46,6 +46,29 @@ use crate::{CausalLm, DeviceKind, ModelError};
 /// Hyperparameters come from the `{arch}.*` metadata keys; the vocabulary size from the rows of
 /// `token_embd.weight`; a missing `output.weight` means tied embeddings.
 pub fn load_gguf(path: &Path, device: DeviceKind) -> Result<Box<dyn CausalLm>, ModelError> {
+    load_gguf_with(path, device, &LoadOptions::default())
+}
+
+/// How to load a model: everything off by default (the model exactly as the file has it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Compute logits only for token ids below this (plus every control and user-defined token
+    /// above it); every other logit is −∞. For a **draft** model only: its output head is the
+    /// largest matrix of a small model (a quarter of the Qwen2.5 0.5B's weights), and byte-level
+    /// BPE numbers tokens in merge order, so the first ids are the frequent ones (65 536 of
+    /// 151 936 cover about 98 % of code and English). A token outside is never drafted, which
+    /// costs acceptance, never correctness: verification decides every token, and under sampling
+    /// the draft distribution sent for verification is the one drafted from (zero outside).
+    /// Never set it for a target model: it would change the output. `None`: the whole vocabulary.
+    pub head_vocab: Option<usize>,
+}
+
+/// [`load_gguf`] with [`LoadOptions`].
+pub fn load_gguf_with(
+    path: &Path,
+    device: DeviceKind,
+    opts: &LoadOptions,
+) -> Result<Box<dyn CausalLm>, ModelError> {
     let shown = path.display().to_string();
     let device = open_device(device)?;
     let mut file = File::open(path).map_err(|source| ModelError::Io {
@@ -56,7 +79,7 @@ pub fn load_gguf(path: &Path, device: DeviceKind) -> Result<Box<dyn CausalLm>, M
         path: shown.clone(),
         reason: e.to_string(),
     })?;
-    let model = model::GgufModel::load(&content, &mut file, &device, path)?;
+    let model = model::GgufModel::load(&content, &mut file, &device, path, opts)?;
     Ok(Box::new(model))
 }
 

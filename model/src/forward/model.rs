@@ -4,14 +4,17 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 
+use std::borrow::Cow;
+
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::attention::{attention, HeadShape, SessionRows};
 use super::hparams::Hparams;
 use super::kv::{SessionKv, StagedKv};
 use super::linear::Linear;
+use super::LoadOptions;
 use crate::{CausalLm, ModelError, ModelInfo, SeqLogits, SeqRequest, SessionId};
 
 #[derive(Debug)]
@@ -48,6 +51,9 @@ pub(crate) struct GgufModel {
     blocks: Vec<Block>,
     out_norm: Tensor,
     output: Linear,
+    /// Token id of each output row where the head keeps only part of the vocabulary
+    /// ([`LoadOptions::head_vocab`]); `None` when it computes every token's logit.
+    head_ids: Option<Vec<u32>>,
     sessions: HashMap<SessionId, SessionKv>,
     /// KV caches as host vectors with the CPU attention kernel (true on the CPU); false keeps
     /// them as device tensors with tensor-op attention.
@@ -76,6 +82,34 @@ impl Loader<'_> {
             })
     }
 
+    /// Rows `rows` of the 2-d quantized tensor `name` (read on the host, then placed on the
+    /// device); a quantized row is a whole number of blocks, so rows are copied byte for byte.
+    fn qtensor_rows(&mut self, name: &str, rows: &[u32]) -> Result<QTensor, ModelError> {
+        let err = |reason: String| ModelError::Load {
+            path: self.path.clone(),
+            reason: format!("tensor `{name}`: {reason}"),
+        };
+        let full = self
+            .ct
+            .tensor(self.file, name, &Device::Cpu)
+            .map_err(|e| err(e.to_string()))?;
+        let (n, k) = full.shape().dims2().map_err(|e| err(e.to_string()))?;
+        let dtype = full.dtype();
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let data = full.data().map_err(|e| err(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(rows.len() * row_bytes);
+        for &r in rows {
+            let r = r as usize;
+            if r >= n {
+                return Err(err(format!("row {r} out of {n}")));
+            }
+            bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), self.device, dtype)
+            .map_err(|e| err(e.to_string()))?;
+        QTensor::new(storage, (rows.len(), k)).map_err(|e| err(e.to_string()))
+    }
+
     fn f32(&mut self, name: &str) -> Result<Tensor, ModelError> {
         let q = self.qtensor(name)?;
         q.dequantize(self.device).map_err(|e| ModelError::Load {
@@ -85,7 +119,20 @@ impl Loader<'_> {
     }
 
     fn linear(&mut self, name: &str, bias: bool) -> Result<Linear, ModelError> {
-        let w = self.qtensor(&format!("{name}.weight"))?;
+        self.linear_rows(name, bias, None)
+    }
+
+    /// A linear layer, optionally with only the output rows `rows` (in that order) of the weight.
+    fn linear_rows(
+        &mut self,
+        name: &str,
+        bias: bool,
+        rows: Option<&[u32]>,
+    ) -> Result<Linear, ModelError> {
+        let w = match rows {
+            None => self.qtensor(&format!("{name}.weight"))?,
+            Some(rows) => self.qtensor_rows(&format!("{name}.weight"), rows)?,
+        };
         let bias_name = format!("{name}.bias");
         let b = if bias && self.has(&bias_name) {
             Some(self.f32(&bias_name)?)
@@ -105,9 +152,14 @@ impl GgufModel {
         file: &mut File,
         device: &Device,
         path: &Path,
+        opts: &LoadOptions,
     ) -> Result<Self, ModelError> {
         let shown = path.display().to_string();
         let hp = Hparams::from_gguf(ct, &shown)?;
+        let head_ids = opts
+            .head_vocab
+            .filter(|&n| n < hp.vocab)
+            .map(|n| head_rows(ct, n, hp.vocab));
         let mut ld = Loader {
             ct,
             file,
@@ -131,16 +183,17 @@ impl GgufModel {
             });
         }
         let out_norm = ld.f32("output_norm.weight")?;
-        let output = if ld.has("output.weight") {
-            ld.linear("output", false)?
+        let head_name = if ld.has("output.weight") {
+            "output"
         } else {
-            ld.linear("token_embd", false)?
+            "token_embd"
         };
+        let output = ld.linear_rows(head_name, false, head_ids.as_deref())?;
         let load_err = |reason: String| ModelError::Load {
             path: shown.clone(),
             reason,
         };
-        if output.out_dim() != hp.vocab {
+        if head_ids.is_none() && output.out_dim() != hp.vocab {
             return Err(load_err(format!(
                 "output projection has {} rows, vocabulary has {}",
                 output.out_dim(),
@@ -163,7 +216,7 @@ impl GgufModel {
         };
         tracing::info!(
             arch = %info.arch, name = %info.name, layers = hp.n_layer, hidden = hp.hidden,
-            vocab = hp.vocab, "model loaded"
+            vocab = hp.vocab, head_rows = output.out_dim(), "model loaded"
         );
         Ok(Self {
             info,
@@ -173,6 +226,7 @@ impl GgufModel {
             blocks,
             out_norm,
             output,
+            head_ids,
             sessions: HashMap::new(),
             host_kv: device.is_cpu(),
         })
@@ -353,6 +407,10 @@ impl CausalLm for GgufModel {
         );
         let (logits, staged) = self.run(batch, &segments)?;
         let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let logits = match &self.head_ids {
+            None => logits,
+            Some(ids) => scatter_rows(&logits, ids, self.hp.vocab),
+        };
         for s in &segments {
             match self.sessions.get_mut(&s.session) {
                 Some(kv) => kv.commit(s.start, &staged, (s.row0, s.len))?,
@@ -410,6 +468,41 @@ impl CausalLm for GgufModel {
     }
 }
 
+/// The output rows of a head limited to `n` tokens: ids `0..n` (byte-level BPE vocabularies
+/// number tokens in merge order, so the first ids are the most frequent ones) and every control
+/// or user-defined token above (end-of-turn and chat markers must stay reachable).
+fn head_rows(ct: &Content, n: usize, vocab: usize) -> Vec<u32> {
+    const TOKEN_TYPE_CONTROL: i32 = 3;
+    const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+    let special = |id: usize| match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(types)) => matches!(
+            types.get(id).and_then(|t| t.to_i32().ok()),
+            Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+        ),
+        _ => false,
+    };
+    (0..vocab)
+        .filter(|&id| id < n || special(id))
+        .map(|id| id as u32)
+        .collect()
+}
+
+/// Full-vocabulary logit rows from rows over `ids` only: every other token gets −∞ (probability
+/// zero, never the argmax).
+fn scatter_rows(kept: &[f32], ids: &[u32], vocab: usize) -> Vec<f32> {
+    let rows = kept.len() / ids.len();
+    let mut out = vec![f32::NEG_INFINITY; rows * vocab];
+    for (src, dst) in kept
+        .chunks_exact(ids.len())
+        .zip(out.chunks_exact_mut(vocab))
+    {
+        for (&id, &v) in ids.iter().zip(src) {
+            dst[id as usize] = v;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,7 +511,8 @@ mod tests {
     fn load(path: &Path, host_kv: bool) -> GgufModel {
         let mut file = File::open(path).unwrap();
         let ct = Content::read(&mut file).unwrap();
-        let mut m = GgufModel::load(&ct, &mut file, &Device::Cpu, path).unwrap();
+        let mut m =
+            GgufModel::load(&ct, &mut file, &Device::Cpu, path, &LoadOptions::default()).unwrap();
         m.host_kv = host_kv;
         m
     }
