@@ -68,6 +68,7 @@ impl App {
                 fingerprint: info.fingerprint.clone(),
                 vocab_size: info.vocab_size as u32,
                 draft_s_per_token: Arc::clone(&draft_cost),
+                pipelined: settings.drafting.pipeline,
             },
         };
         let backoff = Backoff {

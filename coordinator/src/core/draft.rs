@@ -48,6 +48,7 @@ impl Core {
                 } else {
                     0.0
                 },
+                pipelined: hello.pipelined,
                 calibration: RoundCalibration::new(super::CALIBRATION_HALF_LIFE_S),
                 sessions: HashSet::new(),
                 next_probe_at: now,
@@ -56,7 +57,10 @@ impl Core {
             },
         );
         self.metrics.draft_streams.set(self.streams.len() as i64);
-        tracing::info!(stream = id, draft_node = %hello.node_id, "draft node connected");
+        tracing::info!(
+            stream = id, draft_node = %hello.node_id, pipelined = hello.pipelined,
+            "draft node connected"
+        );
         Ok((
             id,
             pb::Welcome {

@@ -85,6 +85,8 @@ struct DraftLink {
     model_name: String,
     link: LinkEstimator,
     draft_s_per_token: f64,
+    /// The node drafts ahead while a block is verified (its DraftHello).
+    pipelined: bool,
     /// What this draft node's rounds cost beyond the round-time model (per stream, so it
     /// carries over between requests).
     calibration: RoundCalibration,

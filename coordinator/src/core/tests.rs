@@ -273,9 +273,14 @@ fn closing_a_stream_releases_its_sessions() {
 /// block, the draft node reports 5 ms per draft token, but each drafted token really takes
 /// `real_s_per_token` on the draft side; returns the γ the coordinator asks for at the end.
 fn gamma_after_rounds(real_s_per_token: f64, rounds: u64) -> u32 {
+    gamma_after_rounds_of(hello("x"), real_s_per_token, rounds)
+}
+
+/// [`gamma_after_rounds`] for a draft node that says `hello`.
+fn gamma_after_rounds_of(hello: pb::DraftHello, real_s_per_token: f64, rounds: u64) -> u32 {
     let (mut c, t0) = core();
     c.register(&info("a", "onprem"), t0).unwrap();
-    let (s, _) = c.hello(&hello("x"), t0).unwrap();
+    let (s, _) = c.hello(&hello, t0).unwrap();
     let half_rtt = Duration::from_millis(10);
     let (mut now, mut gamma, mut len, mut last_rt_ns) = (t0 + half_rtt, 4u32, 3usize, 0u64);
     for round in 1..=rounds {
@@ -324,4 +329,32 @@ fn the_round_calibration_turns_speculation_off_when_drafting_really_costs_more_t
     assert_eq!(gamma_after_rounds(0.3, 40), 0);
     // Drafting as cheap as reported: the same full acceptance keeps γ up.
     assert!(gamma_after_rounds(0.005, 40) > 0);
+}
+
+/// A draft node that drafts ahead says so in its hello; the coordinator shows it and plans that
+/// node's γ with the pipelined round time, which never asks for less than the serial one.
+#[test]
+fn a_pipelining_draft_node_is_planned_as_pipelined() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let piped = pb::DraftHello {
+        pipelined: true,
+        ..hello("p")
+    };
+    c.hello(&piped, t0).unwrap();
+    c.hello(&hello("s"), t0).unwrap();
+    let view = c.nodes_view(t0);
+    let flag = |id: &str| {
+        view.drafts
+            .iter()
+            .find(|d| d.node_id == id)
+            .unwrap()
+            .pipelined
+    };
+    assert!(flag("p"));
+    assert!(!flag("s"));
+    // 30 ms per drafted token against a 20 ms RTT round: serially drafting costs more than it
+    // saves (γ = 0); drafting ahead hides it behind the round, so the same node speculates.
+    assert_eq!(gamma_after_rounds_of(hello("s"), 0.03, 40), 0);
+    assert!(gamma_after_rounds_of(piped, 0.03, 40) > 0);
 }

@@ -359,7 +359,8 @@ impl Core {
             verify: cost.marginal(utilisation),
             min_gamma: self.policy.gamma_min as usize,
             max_gamma: self.policy.gamma_max as usize,
-            pipelined: self.policy.pipelined,
+            // The node says whether it drafts ahead; the policy can assume it for all nodes.
+            pipelined: self.policy.pipelined || link.is_some_and(|l| l.pipelined),
         };
         let drafting_measured = link.is_some_and(|l| l.calibration.knows_drafting());
         if let Some(l) = link {

@@ -60,6 +60,8 @@ pub struct DraftView {
     pub bandwidth_bytes_per_s: f64,
     /// Draft cost per token, ms.
     pub draft_ms_per_token: f64,
+    /// Whether the node drafts ahead while a block is verified.
+    pub pipelined: bool,
     /// Mean α of its sessions.
     pub acceptance: Option<f64>,
 }
@@ -149,6 +151,7 @@ impl Core {
                     rtt_ms: l.link.rtt_s() * 1e3,
                     bandwidth_bytes_per_s: l.link.bandwidth_bytes_per_s(),
                     draft_ms_per_token: l.draft_s_per_token * 1e3,
+                    pipelined: l.pipelined,
                     acceptance: (!alphas.is_empty())
                         .then(|| alphas.iter().sum::<f64>() / alphas.len() as f64),
                 }

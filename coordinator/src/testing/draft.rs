@@ -117,6 +117,7 @@ impl DraftClient {
             fingerprint: fingerprint.into(),
             vocab_size: VOCAB,
             draft_s_per_token: 0.001,
+            pipelined: false,
         };
         tx.send(DraftMessage::Hello(hello).into())
             .await

@@ -32,6 +32,8 @@ pub(crate) struct Hello {
     pub vocab_size: u32,
     /// Measured draft seconds per token (f32 bits), updated by sessions.
     pub draft_s_per_token: Arc<AtomicU32>,
+    /// Whether sessions draft ahead (`drafting.pipeline`).
+    pub pipelined: bool,
 }
 
 /// How to reach the coordinator.
@@ -94,6 +96,7 @@ impl Link {
             fingerprint: h.fingerprint.clone(),
             vocab_size: h.vocab_size,
             draft_s_per_token: f32::from_bits(h.draft_s_per_token.load(Ordering::Relaxed)),
+            pipelined: h.pipelined,
         };
         out.send(DraftMessage::Hello(hello).into())
             .await
