@@ -137,6 +137,25 @@ pub fn plan(inputs: &GammaInputs) -> GammaPlan {
     best
 }
 
+/// [`plan`] for a session currently at `current_gamma`: from γ = 0, drafting is switched back on
+/// only when the best γ is expected to commit tokens at least `switch_on_gain` times as fast as
+/// γ = 0. Switching on has a cost the per-round model leaves out (the draft side's catch-up
+/// forward over every token committed while it was not drafting), and near break-even flapping
+/// in and out of speculation loses more than it wins.
+pub fn plan_from(inputs: &GammaInputs, current_gamma: usize, switch_on_gain: f64) -> GammaPlan {
+    let best = plan(inputs);
+    let zero = tokens_per_s(inputs, 0);
+    let below_gain = best.tokens_per_s_expected < switch_on_gain * zero;
+    if best.gamma > 0 && current_gamma == 0 && inputs.min_gamma == 0 && below_gain {
+        GammaPlan {
+            gamma: 0,
+            tokens_per_s_expected: zero,
+        }
+    } else {
+        best
+    }
+}
+
 fn sanitize_alpha(alpha: f64) -> f64 {
     if alpha.is_nan() {
         0.0

@@ -315,3 +315,33 @@ proptest! {
         prop_assert!(pipelined.tokens_per_s_expected >= serial.tokens_per_s_expected * (1.0 - 1e-12));
     }
 }
+
+/// From γ = 0 a small expected gain does not switch drafting on; a clear one does, and a
+/// session already drafting keeps the plain optimum.
+#[test]
+fn switching_drafting_on_needs_a_clear_gain() {
+    // Scan the draft cost for a point where the optimum is γ > 0 by only a few per cent.
+    let near = (1..2000)
+        .map(|i| GammaInputs {
+            t_draft_s: f64::from(i) * 1e-4,
+            ..wan()
+        })
+        .find(|i| {
+            let best = plan(i);
+            best.gamma > 0 && best.tokens_per_s_expected < 1.05 * tokens_per_s(i, 0)
+        })
+        .expect("a near-break-even draft cost");
+    assert_eq!(plan_from(&near, 0, 1.10).gamma, 0);
+    assert_eq!(plan_from(&near, 0, 1.0), plan(&near));
+    assert_eq!(plan_from(&near, 2, 1.10), plan(&near));
+    // Where drafting clearly pays, γ = 0 switches on.
+    let clear = wan();
+    assert!(plan(&clear).tokens_per_s_expected > 1.5 * tokens_per_s(&clear, 0));
+    assert_eq!(plan_from(&clear, 0, 1.10), plan(&clear));
+    // A configured minimum γ > 0 is never overridden.
+    let forced = GammaInputs {
+        min_gamma: 1,
+        ..near
+    };
+    assert!(plan_from(&forced, 0, 1.10).gamma >= 1);
+}

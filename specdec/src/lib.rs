@@ -21,7 +21,7 @@ pub use cost::{VerifyCost, VerifyCostModel, VerifyCostModelConfig};
 pub use error::SpecError;
 pub use estimate::{AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator};
 pub use gamma::{
-    expected_tokens, plan, round_time_s, tokens_per_s, GammaInputs, GammaPlan, MAX_GAMMA,
+    expected_tokens, plan, plan_from, round_time_s, tokens_per_s, GammaInputs, GammaPlan, MAX_GAMMA,
 };
 pub use proposal::{propose, truncate, PROPOSAL_SUM_TOLERANCE};
 pub use rng::{round_rng, RngSide};

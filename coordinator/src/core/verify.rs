@@ -6,7 +6,7 @@ use crate::registry::{AdminState, Health, NodeAction};
 use crate::Error;
 use edgespec_proto::domain::{ErrorCode, Outcome, SessionError};
 use edgespec_proto::pb;
-use edgespec_specdec::{plan, GammaInputs};
+use edgespec_specdec::{plan, plan_from, GammaInputs};
 use std::time::Instant;
 
 /// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
@@ -20,6 +20,11 @@ const PROBE_GAMMA: u32 = 2;
 /// would not make γ > 0 pay: then α is not what keeps speculation off, and measuring it again
 /// would only cost time.
 const PROBE_OPTIMISTIC_ALPHA: f64 = 0.9;
+/// A session at γ = 0 switches drafting back on only when the model expects it to commit tokens
+/// at least this much faster: the switch itself costs a catch-up forward on the draft side over
+/// every token committed meanwhile, which the per-round model does not price, and where drafting
+/// is about break-even (one shared CPU) flapping in and out of speculation lost 6 %.
+const SWITCH_ON_GAIN: f64 = 1.10;
 
 impl Core {
     /// A verify node registers.
@@ -366,7 +371,7 @@ impl Core {
         if let Some(l) = link {
             l.calibration.apply(&mut inputs);
         }
-        let mut gamma = plan(&inputs).gamma as u32;
+        let mut gamma = plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma as u32;
         let could_pay = !drafting_measured || {
             let optimistic = GammaInputs {
                 alpha: inputs.alpha.max(PROBE_OPTIMISTIC_ALPHA),
