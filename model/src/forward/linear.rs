@@ -169,9 +169,9 @@ impl Linear {
 fn pad_q8_0_for_tiles(weight: &QTensor) -> Result<Option<QTensor>> {
     let (n, k) = weight.shape().dims2()?;
     if weight.dtype() != GgmlDType::Q8_0
-        || k.is_multiple_of(TILE_K)
-        || !n.is_multiple_of(TILE_N)
-        || !k.is_multiple_of(Q8_0_BLOCK)
+        || k % TILE_K == 0
+        || n % TILE_N != 0
+        || k % Q8_0_BLOCK != 0
     {
         return Ok(None);
     }
