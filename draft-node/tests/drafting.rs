@@ -51,6 +51,11 @@ async fn greedy_output_equals_the_target_with_and_without_pipelining() {
         let rec = h.coordinator.record();
         assert!(rec.invalid.is_empty(), "{rec:?}");
         assert_eq!(
+            rec.hello_pipelined,
+            Some(pipeline),
+            "the hello says how it drafts"
+        );
+        assert_eq!(
             rec.blocks_with_history,
             PROMPTS.len(),
             "history only on open: {rec:?}"
@@ -84,6 +89,8 @@ async fn pipelined_blocks_are_kept_when_the_target_agrees() {
     // cost). A kept guess whose verdict came before any token was drafted ahead is not one.
     let ahead = h.coordinator.record().drafted_ahead as u64;
     assert!((1..=kept).contains(&ahead), "{ahead} of {kept} kept: {ext}");
+    // The node told the coordinator that it drafts ahead, so γ is planned for pipelining.
+    assert_eq!(h.coordinator.record().hello_pipelined, Some(true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

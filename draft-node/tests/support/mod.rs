@@ -159,6 +159,8 @@ pub struct Record {
     pub draft_probs_seen: usize,
     /// Blocks marked `drafted_ahead` (pipelined and kept).
     pub drafted_ahead: usize,
+    /// `pipelined` of the last hello.
+    pub hello_pipelined: Option<bool>,
 }
 
 struct Shared {
@@ -256,6 +258,7 @@ impl Coordinator for Service {
         {
             let mut r = self.0.record.lock().unwrap();
             r.hellos += 1;
+            r.hello_pipelined = Some(hello.pipelined);
             if r.hellos > 1 && r.rejected_streams < script.reject_reconnects {
                 r.rejected_streams += 1;
                 return Err(Status::unavailable("scripted: coordinator restarting"));
