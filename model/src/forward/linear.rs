@@ -51,9 +51,10 @@ impl Linear {
     pub(crate) fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let cpu = weight.device().is_cpu();
         let (_, in_dim) = weight.shape().dims2()?;
-        let weight = match cpu.then(|| pad_q8_0_for_tiles(&weight)).transpose()? {
-            Some(Some(padded)) => padded,
-            _ => weight,
+        let weight = if cpu {
+            pad_q8_0_for_tiles(&weight)?.unwrap_or(weight)
+        } else {
+            weight
         };
         let (_, weight_in) = weight.shape().dims2()?;
         let weight = Arc::new(weight);

@@ -1,10 +1,9 @@
 //! The transformer itself: weights, one ragged-batch forward, and the session table.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
-
-use std::borrow::Cow;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QStorage, QTensor};
@@ -15,6 +14,7 @@ use super::hparams::Hparams;
 use super::kv::{SessionKv, StagedKv};
 use super::linear::Linear;
 use super::LoadOptions;
+use crate::tokenizer::is_special_type;
 use crate::{CausalLm, ModelError, ModelInfo, SeqLogits, SeqRequest, SessionId};
 
 #[derive(Debug)]
@@ -472,14 +472,15 @@ impl CausalLm for GgufModel {
 /// number tokens in merge order, so the first ids are the most frequent ones) and every control
 /// or user-defined token above (end-of-turn and chat markers must stay reachable).
 fn head_rows(ct: &Content, n: usize, vocab: usize) -> Vec<u32> {
-    const TOKEN_TYPE_CONTROL: i32 = 3;
-    const TOKEN_TYPE_USER_DEFINED: i32 = 4;
-    let special = |id: usize| match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(types)) => matches!(
-            types.get(id).and_then(|t| t.to_i32().ok()),
-            Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
-        ),
-        _ => false,
+    let types: &[Value] = match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(types)) => types,
+        _ => &[],
+    };
+    let special = |id: usize| {
+        types
+            .get(id)
+            .and_then(|t| t.to_i32().ok())
+            .is_some_and(is_special_type)
     };
     (0..vocab)
         .filter(|&id| id < n || special(id))

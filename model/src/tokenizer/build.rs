@@ -100,11 +100,15 @@ impl Metadata {
     }
 
     fn is_special(&self, id: usize) -> bool {
-        matches!(
-            self.token_types.get(id),
-            Some(&TOKEN_TYPE_CONTROL) | Some(&TOKEN_TYPE_USER_DEFINED)
-        )
+        self.token_types
+            .get(id)
+            .is_some_and(|&t| is_special_type(t))
     }
+}
+
+/// Whether a GGUF token type marks a special token (control or user-defined).
+pub(crate) fn is_special_type(token_type: i32) -> bool {
+    matches!(token_type, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
 }
 
 pub(super) struct Built {

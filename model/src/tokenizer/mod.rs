@@ -4,6 +4,8 @@
 //! models can pair for speculative decoding.
 
 mod build;
+
+pub(crate) use build::is_special_type;
 mod chat;
 mod stream;
 
