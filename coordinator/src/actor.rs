@@ -313,7 +313,7 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Command::Heartbeat { req, reply } => {
-                let _ = reply.send(self.core.heartbeat(&req.node_id, req.load, t));
+                let _ = reply.send(self.core.heartbeat(&req.node_id, req.load, req.draining, t));
             }
             Command::BatchDone { batch_id, result } => {
                 if result.is_err() {
@@ -409,9 +409,11 @@ impl Actor {
                 continue;
             };
             let timeout = self.verify.timeout;
+            let coordinator_id = self.core.id().to_string();
             tokio::spawn(async move {
                 let req = pb::ReleaseRequest {
                     session_ids: r.session_ids,
+                    coordinator_id,
                 };
                 if let Ok(Err(e)) = tokio::time::timeout(timeout, c.release(req)).await {
                     tracing::debug!(node = %r.node_id, error = %e.message(), "release failed");

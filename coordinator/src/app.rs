@@ -8,6 +8,7 @@ use crate::grpc::CoordinatorService;
 use crate::metrics::Metrics;
 use crate::{Error, Settings};
 use edgespec_proto::pb::coordinator_server::CoordinatorServer;
+use edgespec_proto::auth::{Role, COORDINATOR_RULES};
 use edgespec_proto::tls::Tls;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,7 +51,7 @@ impl App {
     /// Validates the settings and binds both listeners.
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
-        let tls = settings.tls.load()?;
+        let tls = settings.tls.load(Role::Coordinator)?;
         let (grpc, grpc_addr) = bind("gRPC", settings.grpc.listen).await?;
         let (http, http_addr) = bind("admin HTTP", settings.admin.listen).await?;
         Ok(App {
@@ -87,7 +88,9 @@ impl App {
             http_addr,
             tls,
         } = self;
-        let id = format!("coord-{:016x}", rand::random::<u64>());
+        // 128 random bits: verify nodes scope this instance's session ids by it, so two
+        // coordinators (or one restarted) never address each other's sessions.
+        let id = format!("coord-{:032x}", rand::random::<u128>());
         let metrics = Metrics::new();
         let tick = (settings.registry.heartbeat_interval / 4)
             .min(settings.link.probe_interval / 2)
@@ -114,7 +117,7 @@ impl App {
             .max_decoding_message_size(64 << 20);
         let grpc_stop = stop.clone();
         let grpc_server =
-            tls.apply_to_server(tonic::transport::Server::builder())?
+            tls.apply_to_server(tonic::transport::Server::builder(), COORDINATOR_RULES)?
                 .tcp_nodelay(true)
                 .add_service(health_service)
                 .add_service(reflection)
@@ -128,15 +131,32 @@ impl App {
         }
         let router = admin::router(handle.clone(), ready, metrics, settings.admin.token.clone());
         let http_stop = stop.clone();
-        let http_server = axum::serve(http, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let https = if settings.admin.plaintext {
+            None
+        } else {
+            tls.https_server_config()?
+        };
+        let admin_scheme = if https.is_some() { "https" } else { "http" };
+        let http_task = match https {
+            Some(config) => {
+                let listener = crate::https::HttpsListener::new(http, config)
+                    .map_err(|e| Error::Settings(format!("admin HTTPS listener: {e}")))?;
+                let server = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { http_stop.cancelled().await });
+                tokio::spawn(async move { server.await })
+            }
+            None => {
+                let server = axum::serve(http, router)
+                    .with_graceful_shutdown(async move { http_stop.cancelled().await });
+                tokio::spawn(async move { server.await })
+            }
+        };
 
         tracing::info!(
-            coordinator_id = %id, %grpc_addr, %http_addr, tls = tls.mode_name(),
+            coordinator_id = %id, %grpc_addr, %http_addr, tls = tls.mode_name(), admin_scheme,
             "coordinator serving"
         );
         let grpc_task = tokio::spawn(grpc_server);
-        let http_task = tokio::spawn(async move { http_server.await });
 
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight batches");

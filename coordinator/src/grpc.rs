@@ -3,6 +3,7 @@
 
 use crate::actor::Handle;
 use crate::Error;
+use edgespec_proto::auth::{caller, check_claim, check_node_id};
 use edgespec_proto::domain::DraftMessage;
 use edgespec_proto::pb;
 use futures::Stream;
@@ -45,6 +46,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::DraftMessage>>,
     ) -> Result<Response<Self::DraftsStream>, Status> {
+        // Only the certificate's own node id may say hello (checked once the hello is read).
+        let peer = caller(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -59,6 +62,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .into())
             }
         };
+        check_claim(peer.as_deref(), &hello.node_id)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = self.handle.hello(hello, tx).await?;
         let handle = self.handle.clone();
@@ -97,9 +101,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::RegisterVerifierRequest>,
     ) -> Result<Response<pb::RegisterVerifierResponse>, Status> {
         let info = request
-            .into_inner()
+            .get_ref()
             .info
+            .clone()
             .ok_or_else(|| Status::invalid_argument("RegisterVerifierRequest.info is missing"))?;
+        check_node_id(&request, &info.node_id)?;
         tracing::Span::current().record("node", info.node_id.as_str());
         Ok(Response::new(self.handle.register(info).await?))
     }
@@ -108,6 +114,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::VerifierHeartbeatRequest>,
     ) -> Result<Response<pb::VerifierHeartbeatResponse>, Status> {
+        check_node_id(&request, &request.get_ref().node_id)?;
         Ok(Response::new(
             self.handle.heartbeat(request.into_inner()).await?,
         ))

@@ -14,6 +14,7 @@ pub mod batching;
 pub mod core;
 mod error;
 mod grpc;
+mod https;
 pub mod metrics;
 pub mod placement;
 pub mod policy;

@@ -55,6 +55,9 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Bearer token of `/admin/v1/*`; empty refuses every admin request.
     pub token: String,
+    /// Serve the admin API over plain HTTP even in mTLS mode (by default it is HTTPS with the
+    /// node's certificate whenever `tls.mode = "mtls"`).
+    pub plaintext: bool,
 }
 
 impl std::fmt::Debug for AdminSettings {
@@ -70,6 +73,7 @@ impl std::fmt::Debug for AdminSettings {
                     "<redacted>"
                 },
             )
+            .field("plaintext", &self.plaintext)
             .finish()
     }
 }

@@ -33,7 +33,11 @@ impl App {
     /// the HTTP listener (port 0 allowed).
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
-        let tls = settings.tls.load()?;
+        let tls = settings.tls.load(edgespec_proto::auth::Role::Draft)?;
+        // With mTLS the node is the one its certificate names (peers refuse any other id).
+        let node_id = tls.node_id("node.id", &settings.node.id, || {
+            format!("draft-{:08x}", rand::random::<u32>())
+        })?;
         // Refuse an address this TLS mode cannot dial now, not after the model load.
         tls.endpoint(&settings.coordinator.address)?;
         let device = settings.device()?;
@@ -53,11 +57,6 @@ impl App {
         let metrics = Metrics::new();
         let draft_cost = Arc::new(AtomicU32::new(0));
         let c = &settings.coordinator;
-        let node_id = if settings.node.id.is_empty() {
-            format!("draft-{:08x}", rand::random::<u32>())
-        } else {
-            settings.node.id.clone()
-        };
         let link_cfg = LinkConfig {
             address: c.address.clone(),
             tls,

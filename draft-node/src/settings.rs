@@ -209,8 +209,11 @@ impl Settings {
         if d.max_gamma > 64 {
             return bad("drafting.max_gamma", "must be at most 64");
         }
-        if d.top_k == 0 {
-            return bad("drafting.top_k", "must be at least 1");
+        if d.top_k == 0 || d.top_k as usize > edgespec_proto::domain::MAX_DIST_SUPPORT {
+            return bad(
+                "drafting.top_k",
+                "must be between 1 and 256 (the protocol's cap on a draft distribution)",
+            );
         }
         if d.max_batch_sessions == 0 {
             return bad("drafting.max_batch_sessions", "must be at least 1");

@@ -10,6 +10,11 @@ use edgespec_specdec::{SamplingParams, SparseDist};
 /// Tolerance on the sum of a draft distribution (f32 renormalisation error on ~100 entries).
 pub const PROB_SUM_TOLERANCE: f32 = 1e-3;
 
+/// Most entries a draft distribution may carry on the wire (the draft node's `drafting.top_k`
+/// is bounded by it). A larger q is refused before any work: it costs the coordinator and the
+/// verify node memory and time, and buys no acceptance a top-K truncation does not.
+pub const MAX_DIST_SUPPORT: usize = 256;
+
 /// Per-session error cause (mirror of `pb::ErrorCode` without the unspecified value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -146,6 +151,12 @@ pub fn sparse_from_pb(position: usize, m: pb::SparseDist) -> Result<SparseDist, 
     }
     if m.ids.is_empty() {
         return Err(bad("empty support".into()));
+    }
+    if m.ids.len() > MAX_DIST_SUPPORT {
+        return Err(bad(format!(
+            "{} entries; at most {MAX_DIST_SUPPORT} are accepted",
+            m.ids.len()
+        )));
     }
     if let Some(p) = m.probs.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
         return Err(bad(format!("probability {p} outside (0, 1]")));

@@ -6,6 +6,7 @@
 //! messages with a typed [`ProtocolError`] that says what was wrong.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod domain;
 mod error;
 pub mod tls;

@@ -11,7 +11,17 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+use crate::auth::{identity_from_der, AuthorizeLayer, PeerIdentity, Role, Rule};
+
+/// The trust domain of node identities when `tls.trust_domain` is not set.
+pub const DEFAULT_TRUST_DOMAIN: &str = "edgespec";
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
 
 /// How a node talks to other nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -40,6 +50,10 @@ pub struct TlsSettings {
     /// address dialled (so certificates need that DNS name or IP address as a SAN).
     #[serde(default)]
     pub server_name: String,
+    /// Trust domain of the node identities: every certificate names its node as the URI SAN
+    /// `spiffe://<trust_domain>/<role>/<node-id>`, and peers of another domain are refused.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
 }
 
 impl TlsSettings {
@@ -51,6 +65,7 @@ impl TlsSettings {
             cert: PathBuf::new(),
             key: PathBuf::new(),
             server_name: String::new(),
+            trust_domain: default_trust_domain(),
         }
     }
 
@@ -62,13 +77,15 @@ impl TlsSettings {
             cert: cert.into(),
             key: key.into(),
             server_name: String::new(),
+            trust_domain: default_trust_domain(),
         }
     }
 
-    /// Reads and checks the files named in the settings.
-    pub fn load(&self) -> Result<Tls, TlsError> {
+    /// Reads and checks the files named in the settings for a node of `role`: in mTLS mode the
+    /// certificate must name a node of that role in this trust domain (see [`crate::auth`]).
+    pub fn load(&self, role: Role) -> Result<Tls, TlsError> {
         if self.mode == TlsMode::Plaintext {
-            return Ok(Tls { material: None });
+            return Ok(Tls::plaintext());
         }
         let ca = read_pem("tls.ca", &self.ca)?;
         let cert = read_pem("tls.cert", &self.cert)?;
@@ -82,11 +99,31 @@ impl TlsSettings {
         if !has_block(&key, "PRIVATE KEY") {
             return Err(bad_pem("tls.key", &self.key, "no PRIVATE KEY block"));
         }
+        let identity = own_identity(&cert, &self.trust_domain)
+            .map_err(|why| TlsError::File {
+                key: "tls.cert",
+                path: self.cert.clone(),
+                why,
+            })?;
+        if identity.role != role {
+            return Err(TlsError::File {
+                key: "tls.cert",
+                path: self.cert.clone(),
+                why: format!(
+                    "the certificate is for {identity} (role {}), but this is a {role} node; \
+                     each role needs its own certificate",
+                    identity.role
+                ),
+            });
+        }
         let tls = Tls {
             material: Some(Material {
-                ca: Certificate::from_pem(ca),
-                identity: Identity::from_pem(cert, key),
+                ca: Certificate::from_pem(ca.clone()),
+                identity: Identity::from_pem(cert.clone(), key.clone()),
                 server_name: (!self.server_name.is_empty()).then(|| self.server_name.clone()),
+                pem: Arc::new(Pem { cert, key }),
+                own: identity,
+                trust_domain: self.trust_domain.clone(),
             }),
         };
         // Build both configurations once, so a key that does not match its certificate or a
@@ -109,12 +146,99 @@ struct Material {
     ca: Certificate,
     identity: Identity,
     server_name: Option<String>,
+    pem: Arc<Pem>,
+    own: PeerIdentity,
+    trust_domain: String,
+}
+
+/// This node's certificate and key as read (the admin HTTPS listener builds its own rustls
+/// configuration from them).
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pem { .. }")
+    }
+}
+
+/// The identity the first certificate of a PEM chain names.
+fn own_identity(cert_pem: &[u8], trust_domain: &str) -> Result<PeerIdentity, String> {
+    let first = x509_parser::pem::Pem::iter_from_buffer(cert_pem)
+        .next()
+        .ok_or("no CERTIFICATE block (expected PEM)")?
+        .map_err(|e| format!("unreadable PEM: {e}"))?;
+    identity_from_der(&first.contents, trust_domain).map_err(|e| e.to_string())
 }
 
 impl Tls {
-    /// Plaintext.
+    /// Plaintext (no certificates, no identities: every peer may call everything).
     pub fn plaintext() -> Tls {
         Tls { material: None }
+    }
+
+    /// The identity this node's certificate names (mTLS only).
+    pub fn own_identity(&self) -> Option<&PeerIdentity> {
+        self.material.as_ref().map(|m| &m.own)
+    }
+
+    /// The per-role authorization layer for a gRPC server with these `rules`: enforcing in
+    /// mTLS mode, a pass-through in plaintext mode.
+    pub fn authorize(&self, rules: &'static [Rule]) -> AuthorizeLayer {
+        match &self.material {
+            Some(m) => AuthorizeLayer::new(true, &m.trust_domain, rules),
+            None => AuthorizeLayer::new(false, "", rules),
+        }
+    }
+
+    /// The node id this node runs as: `configured` unless empty, else the id in its
+    /// certificate (mTLS), else `fallback()`. A configured id other than the certificate's is
+    /// refused: peers would refuse every message that claims it.
+    pub fn node_id(
+        &self,
+        key: &'static str,
+        configured: &str,
+        fallback: impl FnOnce() -> String,
+    ) -> Result<String, TlsError> {
+        match (self.own_identity(), configured) {
+            (Some(id), "") => Ok(id.node_id.clone()),
+            (Some(id), c) if c != id.node_id => Err(TlsError::Invalid(format!(
+                "{key} = {c:?} but tls.cert is the certificate of node {:?} ({id}); leave {key} \
+                 empty to use the certificate's id, or use a certificate issued for {c:?}",
+                id.node_id
+            ))),
+            (_, "") => Ok(fallback()),
+            (_, c) => Ok(c.to_string()),
+        }
+    }
+
+    /// A rustls server configuration for an HTTPS listener (the coordinator's admin API) with
+    /// this node's certificate; client certificates are not asked for (a bearer token
+    /// authorizes there). `None` in plaintext mode.
+    pub fn https_server_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let Some(m) = &self.material else {
+            return Ok(None);
+        };
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            TlsError::Invalid(format!("admin HTTPS: {what}: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(&m.pem.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("tls.cert", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&m.pem.key).map_err(|e| bad("tls.key", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("certificate and key", &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
     }
 
     /// Whether connections are mutually authenticated TLS.
@@ -142,14 +266,20 @@ impl Tls {
         })
     }
 
-    /// Applies [`Tls::server_config`] to a tonic server builder.
-    pub fn apply_to_server<L>(&self, server: Server<L>) -> Result<Server<L>, TlsError> {
-        match self.server_config() {
+    /// Applies [`Tls::server_config`] to a tonic server builder and wraps its routes in the
+    /// per-role authorization of `rules` ([`Tls::authorize`]).
+    pub fn apply_to_server<L>(
+        &self,
+        server: Server<L>,
+        rules: &'static [Rule],
+    ) -> Result<Server<tower::layer::util::Stack<AuthorizeLayer, L>>, TlsError> {
+        let server = match self.server_config() {
             Some(c) => server
                 .tls_config(c)
-                .map_err(|e| TlsError::Invalid(format!("server TLS: {}", source_chain(&e)))),
-            None => Ok(server),
-        }
+                .map_err(|e| TlsError::Invalid(format!("server TLS: {}", source_chain(&e))))?,
+            None => server,
+        };
+        Ok(server.layer(self.authorize(rules)))
     }
 
     /// An endpoint for `address` (`host:port`, `http://host:port` or `https://host:port`): in
@@ -335,14 +465,14 @@ mod tests {
     #[test]
     fn mtls_without_files_names_the_missing_key() {
         let s = TlsSettings::mtls("", "", "");
-        let err = s.load().unwrap_err().to_string();
+        let err = s.load(Role::Coordinator).unwrap_err().to_string();
         assert!(err.contains("tls.ca") && err.contains("plaintext"), "{err}");
     }
 
     #[test]
     fn a_missing_file_is_named() {
         let s = TlsSettings::mtls("/nonexistent/ca.pem", "/x", "/y");
-        let err = s.load().unwrap_err().to_string();
+        let err = s.load(Role::Coordinator).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 
@@ -353,7 +483,7 @@ mod tests {
         let f = dir.join("junk.pem");
         std::fs::write(&f, "not a certificate").unwrap();
         let err = TlsSettings::mtls(&f, &f, &f)
-            .load()
+            .load(Role::Verify)
             .unwrap_err()
             .to_string();
         assert!(

@@ -141,6 +141,13 @@ fn bad_distributions_are_rejected() {
         q(&[10, 10], &[0.5, 0.5]),      // duplicate id
         q(&[12], &[1.0]),               // draft token 10 not in support
         q(&[10, 11], &[f32::NAN, 0.5]), // NaN
+        // More entries than the protocol's cap, each valid on its own (a q that is "almost
+        // uniform" over a huge support).
+        {
+            let n = edgespec_proto::domain::MAX_DIST_SUPPORT as u32 + 1;
+            let ids: Vec<u32> = (10..10 + n).collect();
+            q(&ids, &vec![1.0 / n as f32; n as usize])
+        },
     ];
     for c in cases {
         let mut m = item();
@@ -166,6 +173,7 @@ fn gamma_zero_block_is_valid() {
 fn empty_batch_and_duplicate_sessions_are_rejected() {
     let empty = pb::VerifyBatchRequest {
         batch_id: 1,
+        coordinator_id: "test-coordinator".into(),
         fingerprint: "f".into(),
         items: vec![],
     };
@@ -175,6 +183,7 @@ fn empty_batch_and_duplicate_sessions_are_rejected() {
     ));
     let dup = pb::VerifyBatchRequest {
         batch_id: 1,
+        coordinator_id: "test-coordinator".into(),
         fingerprint: "f".into(),
         items: vec![item(), item()],
     };

@@ -37,8 +37,7 @@ pub fn smollm() -> Result<PathBuf> {
 /// needed and none is applied.
 pub fn target_only_greedy(model: &PathBuf, prompt: &str, max_tokens: usize) -> Result<String> {
     let tok = TextTokenizer::from_gguf(model)?;
-    let text = tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true);
-    let ids = tok.encode(&text)?;
+    let ids = tok.encode_chat(&[ChatMessage::new("user", prompt)], true)?;
     let mut lm = load_gguf(model, DeviceKind::Cpu).context("loading the reference model")?;
     let eos = tok.eos_token_ids().to_vec();
     let mut out = Vec::new();

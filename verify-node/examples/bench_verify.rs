@@ -93,6 +93,7 @@ impl Ctx {
             .clone()
             .verify(pb::VerifyBatchRequest {
                 batch_id: 0,
+                coordinator_id: "test-coordinator".into(),
                 fingerprint: self.fingerprint.clone(),
                 items,
             })
@@ -164,7 +165,10 @@ impl Ctx {
     async fn release(&self, ids: Vec<u64>) -> Result<()> {
         self.client
             .clone()
-            .release(pb::ReleaseRequest { session_ids: ids })
+            .release(pb::ReleaseRequest {
+                session_ids: ids,
+                coordinator_id: "test-coordinator".into(),
+            })
             .await?;
         Ok(())
     }

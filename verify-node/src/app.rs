@@ -9,15 +9,19 @@ use std::sync::Arc;
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ModelHandle, ModelHealth};
 use edgespec_proto::pb::verifier_server::VerifierServer;
+use edgespec_proto::auth::{Role, VERIFIER_RULES};
 use edgespec_proto::tls::Tls;
 use edgespec_proto::FILE_DESCRIPTOR_SET;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::metrics::Metrics;
-use crate::registration::{self, RegistrationConfig};
+use crate::registration::{self, Registration, RegistrationConfig};
 use crate::service::VerifierService;
 use crate::sessions::Limits;
 use crate::settings::device_label;
@@ -68,7 +72,11 @@ impl App {
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
         // TLS files are checked before the (slow) model load, so a wrong path fails at once.
-        let tls = settings.tls.load()?;
+        let tls = settings.tls.load(Role::Verify)?;
+        // With mTLS the node is the one its certificate names (coordinators refuse any other id).
+        let node_id = tls.node_id("server.node_id", &settings.server.node_id, || {
+            format!("verify-{:08x}", rand::random::<u32>())
+        })?;
         let device = settings.device()?;
         let path = settings.model.path.clone();
         let shown = path.display().to_string();
@@ -111,7 +119,13 @@ impl App {
                 )
             }
         };
-        let facts = Arc::new(node_facts(&settings, &model, bound, device_label(device)));
+        let facts = Arc::new(node_facts(
+            &settings,
+            &model,
+            node_id,
+            bound,
+            device_label(device),
+        ));
         tracing::info!(
             node = %facts.node_id, addr = %bound, pool = %facts.pool, model = %facts.model_name,
             vocab = facts.vocab_size, max_context = facts.max_context, device = %facts.device,
@@ -199,16 +213,20 @@ impl App {
             .map_err(|e| Error::Reflection(e.to_string()))?;
         let stop = CancellationToken::new();
         tokio::spawn(watch_model_health(model.clone(), health, stop.clone()));
+        let (draining, draining_rx) = watch::channel(false);
         let registrations = registration::spawn(
             &settings.coordinator.addresses,
-            RegistrationConfig {
-                heartbeat_interval: settings.coordinator.heartbeat_interval,
-                retry_interval: settings.coordinator.retry_interval,
-                rpc_timeout: settings.coordinator.rpc_timeout,
-            },
             &tls,
-            facts.clone(),
-            batcher.clone(),
+            Registration {
+                config: RegistrationConfig {
+                    heartbeat_interval: settings.coordinator.heartbeat_interval,
+                    retry_interval: settings.coordinator.retry_interval,
+                    rpc_timeout: settings.coordinator.rpc_timeout,
+                },
+                facts: facts.clone(),
+                batcher: batcher.clone(),
+                draining: draining_rx,
+            },
             stop.clone(),
         );
 
@@ -224,15 +242,25 @@ impl App {
                     }),
             );
         }
+        let drain = Drain {
+            timeout: if settings.coordinator.addresses.is_empty() {
+                Duration::ZERO
+            } else {
+                settings.server.drain_timeout
+            },
+            draining,
+            load: batcher.clone(),
+        };
         let service = VerifierService::new(batcher, facts);
         let signalled = stop.clone();
         let server = tls
-            .apply_to_server(tonic::transport::Server::builder())?
+            .apply_to_server(tonic::transport::Server::builder(), VERIFIER_RULES)?
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VerifierServer::new(service).max_decoding_message_size(64 << 20))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.await;
+                drain.run().await;
                 tracing::info!("shutting down: finishing in-flight batches");
                 signalled.cancel();
             });
@@ -255,6 +283,36 @@ impl App {
         model.shutdown().await;
         tracing::info!("verify node stopped");
         outcome
+    }
+}
+
+/// The first step of a graceful stop: coordinators are told the node is draining (by the
+/// registration loops' next heartbeat, sent at once) and move its sessions away at their next
+/// blocks; the node keeps serving until it holds no session or the timeout passes.
+struct Drain {
+    timeout: Duration,
+    draining: watch::Sender<bool>,
+    load: Batcher,
+}
+
+impl Drain {
+    async fn run(self) {
+        if self.timeout.is_zero() {
+            return;
+        }
+        let held = self.load.load().active_sessions;
+        tracing::info!(sessions = held, timeout = ?self.timeout, "stopping: draining this node");
+        self.draining.send_replace(true);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        while self.load.load().active_sessions > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.load.load().active_sessions;
+        if left > 0 {
+            tracing::warn!(sessions = left, "drain timed out; the remaining sessions will resync elsewhere");
+        } else {
+            tracing::info!("drained: no session left on this node");
+        }
     }
 }
 
@@ -284,7 +342,13 @@ async fn watch_model_health(
     }
 }
 
-fn node_facts(s: &Settings, model: &ModelHandle, bound: SocketAddr, device: String) -> NodeFacts {
+fn node_facts(
+    s: &Settings,
+    model: &ModelHandle,
+    node_id: String,
+    bound: SocketAddr,
+    device: String,
+) -> NodeFacts {
     let info = model.info();
     let max_context = match s.model.max_context {
         0 => info.max_context,
@@ -298,11 +362,6 @@ fn node_facts(s: &Settings, model: &ModelHandle, bound: SocketAddr, device: Stri
         format!("http://{addr}")
     } else {
         s.server.advertise_addr.clone()
-    };
-    let node_id = if s.server.node_id.is_empty() {
-        format!("verify-{:08x}", rand::random::<u32>())
-    } else {
-        s.server.node_id.clone()
     };
     NodeFacts {
         node_id,

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::load::{BusyMeter, CostFit, Load};
 use crate::metrics::Metrics;
-use crate::sessions::{Limits, Planned, Sessions};
+use crate::sessions::{Limits, Owner, Planned, SessionKey, Sessions};
 use crate::verdict::decide;
 use crate::Error;
 
@@ -80,6 +80,7 @@ pub struct BatchReply {
 }
 
 struct VerifyJob {
+    owner: Owner,
     blocks: Vec<Block>,
     tokens: usize,
     arrived: Instant,
@@ -89,7 +90,7 @@ struct VerifyJob {
 
 enum Command {
     Verify(VerifyJob),
-    Release(Vec<SessionId>, oneshot::Sender<usize>),
+    Release(Owner, Vec<u64>, oneshot::Sender<usize>),
 }
 
 /// Handle to the batcher task. When every clone is dropped the task serves what is queued and
@@ -142,12 +143,18 @@ impl Batcher {
         (handle, task)
     }
 
-    /// Verifies `blocks` (distinct sessions) in the next forward; `arrived` is when the request
-    /// reached the node.
-    pub async fn verify(&self, blocks: Vec<Block>, arrived: Instant) -> Result<BatchReply, Error> {
+    /// Verifies `blocks` (distinct sessions of `owner`) in the next forward; `arrived` is when
+    /// the request reached the node.
+    pub async fn verify(
+        &self,
+        owner: Owner,
+        blocks: Vec<Block>,
+        arrived: Instant,
+    ) -> Result<BatchReply, Error> {
         let tokens = blocks.iter().map(forward_tokens).sum();
         let (reply, rx) = oneshot::channel();
         let job = VerifyJob {
+            owner,
             blocks,
             tokens,
             arrived,
@@ -162,11 +169,11 @@ impl Batcher {
         rx.await.map_err(|_| Error::Stopped)
     }
 
-    /// Drops the sessions' state; returns how many were known.
-    pub async fn release(&self, sessions: Vec<SessionId>) -> Result<usize, Error> {
+    /// Drops the state of `owner`'s sessions `ids`; returns how many were known.
+    pub async fn release(&self, owner: Owner, ids: Vec<u64>) -> Result<usize, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Release(sessions, reply))
+            .send(Command::Release(owner, ids, reply))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)
@@ -183,7 +190,7 @@ impl Batcher {
 /// Requests gathered for one forward.
 struct Collected {
     jobs: Vec<VerifyJob>,
-    sessions: HashSet<SessionId>,
+    sessions: HashSet<SessionKey>,
     tokens: usize,
 }
 
@@ -199,15 +206,16 @@ impl Collected {
     /// Takes `job` unless it shares a session with the batch or would push a non-empty batch
     /// over the token budget.
     fn try_add(&mut self, job: VerifyJob, max_tokens: usize) -> Result<(), VerifyJob> {
-        let clash = job
-            .blocks
-            .iter()
-            .any(|b| self.sessions.contains(&b.session_id));
+        let key = |b: &Block| SessionKey {
+            owner: job.owner.clone(),
+            id: b.session_id,
+        };
+        let clash = job.blocks.iter().any(|b| self.sessions.contains(&key(b)));
         if !self.jobs.is_empty() && (clash || self.tokens + job.tokens > max_tokens) {
             return Err(job);
         }
-        self.sessions
-            .extend(job.blocks.iter().map(|b| b.session_id));
+        let keys: Vec<SessionKey> = job.blocks.iter().map(key).collect();
+        self.sessions.extend(keys);
         self.tokens += job.tokens;
         self.jobs.push(job);
         Ok(())
@@ -247,8 +255,8 @@ impl Actor {
                 Some(job) => job,
                 None if open => match rx.recv().await {
                     Some(Command::Verify(job)) => job,
-                    Some(Command::Release(ids, reply)) => {
-                        let _ = reply.send(self.release(&ids).await);
+                    Some(Command::Release(owner, ids, reply)) => {
+                        let _ = reply.send(self.release(owner, &ids).await);
                         continue;
                     }
                     None => break,
@@ -277,8 +285,8 @@ impl Actor {
                             carry.push_back(job);
                         }
                     }
-                    Some(Command::Release(ids, reply)) => {
-                        let _ = reply.send(self.release(&ids).await);
+                    Some(Command::Release(owner, ids, reply)) => {
+                        let _ = reply.send(self.release(owner, &ids).await);
                     }
                     None => open = false,
                 }
@@ -288,14 +296,19 @@ impl Actor {
         tracing::debug!("batcher stopped");
     }
 
-    async fn release(&mut self, ids: &[SessionId]) -> usize {
+    async fn release(&mut self, owner: Owner, ids: &[u64]) -> usize {
         let mut released = 0;
         for &id in ids {
-            if self.sessions.remove(id).is_some() {
-                released += 1;
-            }
-            // The model may hold a cache the table does not (a failed open); drop it either way.
-            if let Err(e) = self.model.release(id).await {
+            let key = SessionKey {
+                owner: owner.clone(),
+                id,
+            };
+            let Some(local) = self.sessions.local_id(&key) else {
+                continue;
+            };
+            self.sessions.remove(local);
+            released += 1;
+            if let Err(e) = self.model.release(local).await {
                 tracing::warn!(error = %e, "releasing a session's KV cache failed");
             }
         }
@@ -319,9 +332,14 @@ impl Actor {
     async fn serve(&mut self, batch: Collected) {
         let Collected {
             jobs,
-            sessions: pinned,
+            sessions: keys,
             tokens,
         } = batch;
+        // Node-local ids of every session in the batch: none of them may be evicted for it.
+        let pinned: HashSet<SessionId> = keys
+            .iter()
+            .filter_map(|k| self.sessions.local_id(k))
+            .collect();
         self.queued_tokens.fetch_sub(tokens, Ordering::Relaxed);
         let span = tracing::debug_span!(
             "verify_batch",
@@ -344,7 +362,12 @@ impl Actor {
                     result: None,
                     forwarded: false,
                 };
-                match self.sessions.plan(block) {
+                let key = SessionKey {
+                    owner: job.owner.clone(),
+                    id: block.session_id,
+                };
+                let local = self.sessions.resolve(&key);
+                match self.sessions.plan(key, local, block) {
                     Ok(p) => planned.push((j, i, p)),
                     Err(e) => slot.result = Some(Err(e)),
                 }
@@ -395,6 +418,11 @@ impl Actor {
                 tracing::error!(parent: &span, error = %e, "the batched forward failed");
                 for (j, i, p) in planned {
                     slots[j][i].result = Some(Err(forward_error(&p.block, &e)));
+                    // An open under a fresh local id may have left a cache the table never
+                    // names; drop it so it cannot leak.
+                    if self.sessions.get(p.local).is_none() {
+                        let _ = self.model.release(p.local).await;
+                    }
                 }
             }
         }
@@ -461,9 +489,9 @@ impl Actor {
                 m.accepted_tokens.inc_by(v.accepted as u64);
                 m.emitted_tokens.inc_by(v.accepted as u64 + 1);
                 self.sessions
-                    .commit(b.session_id, committed_len, v.next_token);
+                    .commit(&p.key, p.local, committed_len, v.next_token);
                 if v.accepted < b.draft_tokens.len() {
-                    truncations.push((b.session_id, n + v.accepted));
+                    truncations.push((p.local, n + v.accepted));
                 }
                 Ok(Outcome {
                     accepted: v.accepted,
@@ -475,7 +503,7 @@ impl Actor {
                 tracing::error!(error = %e, "verification failed after the forward");
                 // An open replaced the session's cache; without a verdict the old state is gone.
                 if p.is_open() {
-                    self.evict(b.session_id).await;
+                    self.evict(p.local).await;
                 }
                 Err(internal(
                     b.session_id,
@@ -498,7 +526,7 @@ impl Actor {
         let mut new_sessions = 0;
         let mut refused = Vec::new();
         for (k, (_, _, p)) in planned.iter().enumerate() {
-            if self.sessions.get(p.block.session_id).is_some() {
+            if self.sessions.get(p.local).is_some() {
                 continue;
             }
             if self.sessions.len() + new_sessions >= capacity {

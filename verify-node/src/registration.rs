@@ -9,6 +9,7 @@ use std::time::Duration;
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
 use edgespec_proto::tls::Tls;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -28,15 +29,27 @@ pub struct RegistrationConfig {
     pub rpc_timeout: Duration,
 }
 
+/// What the registration loops share.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Timing.
+    pub config: RegistrationConfig,
+    /// The node's facts.
+    pub facts: Arc<NodeFacts>,
+    /// For load reports.
+    pub batcher: Batcher,
+    /// Becomes true when the node stops: each loop heartbeats `draining` at once.
+    pub draining: watch::Receiver<bool>,
+}
+
 /// Starts one registration loop per coordinator address; they stop when `cancel` fires.
 pub fn spawn(
     addresses: &[String],
-    config: RegistrationConfig,
     tls: &Tls,
-    facts: Arc<NodeFacts>,
-    batcher: Batcher,
+    shared: Registration,
     cancel: CancellationToken,
 ) -> Vec<JoinHandle<()>> {
+    let config = shared.config;
     addresses
         .iter()
         .filter_map(|addr| {
@@ -53,8 +66,9 @@ pub fn spawn(
                 addr: addr.clone(),
                 client: CoordinatorClient::new(endpoint.connect_lazy()),
                 config,
-                facts: facts.clone(),
-                batcher: batcher.clone(),
+                facts: shared.facts.clone(),
+                batcher: shared.batcher.clone(),
+                draining: shared.draining.clone(),
             };
             Some(tokio::spawn(registrar.run(cancel.clone())))
         })
@@ -67,6 +81,7 @@ struct Registrar {
     config: RegistrationConfig,
     facts: Arc<NodeFacts>,
     batcher: Batcher,
+    draining: watch::Receiver<bool>,
 }
 
 impl Registrar {
@@ -111,6 +126,8 @@ impl Registrar {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
+                // Stopping: tell the coordinator now, not at the next period.
+                Ok(()) = self.draining.changed() => {}
             }
         }
         tracing::debug!(coordinator = %self.addr, "registration stopped");
@@ -132,11 +149,13 @@ impl Registrar {
 
     /// Sends one heartbeat; returns whether the coordinator knows the node.
     async fn heartbeat(&mut self) -> Result<bool, tonic::Status> {
+        let draining = *self.draining.borrow();
         let resp = self
             .client
             .verifier_heartbeat(pb::VerifierHeartbeatRequest {
                 node_id: self.facts.node_id.clone(),
                 load: Some(load_pb(self.batcher.load())),
+                draining,
             })
             .await?
             .into_inner();

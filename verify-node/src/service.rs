@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use edgespec_proto::auth;
 use edgespec_proto::domain::{Block, ErrorCode, SessionError};
 use edgespec_proto::pb;
 use tokio::time::Instant;
@@ -12,7 +13,28 @@ use tonic::{Request, Response, Status};
 
 use crate::batcher::{Batcher, ItemResult, Timings};
 use crate::load::Load;
+use crate::sessions::Owner;
 use crate::{Error, NodeFacts};
+
+/// Longest coordinator instance id accepted.
+const MAX_COORDINATOR_ID_LEN: usize = 128;
+
+/// The owner of the sessions a call names: the caller's certificate identity (mTLS) plus the
+/// coordinator instance id the request carries, which is required.
+fn owner<T>(request: &Request<T>, coordinator_id: &str) -> Result<Owner, Status> {
+    if coordinator_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "coordinator_id is empty; it scopes the request's session ids and is required",
+        ));
+    }
+    if coordinator_id.len() > MAX_COORDINATOR_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "coordinator_id is longer than {MAX_COORDINATOR_ID_LEN} bytes"
+        )));
+    }
+    let peer = auth::caller(request).map(|c| c.uri.clone()).unwrap_or_default();
+    Ok(Owner::new(&peer, coordinator_id))
+}
 
 /// The `edgespec.v1.Verifier` implementation.
 #[derive(Debug, Clone)]
@@ -95,6 +117,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         request: Request<pb::VerifyBatchRequest>,
     ) -> Result<Response<pb::VerifyBatchResponse>, Status> {
         let arrived = Instant::now();
+        let owner = owner(&request, &request.get_ref().coordinator_id)?;
         let m = request.into_inner();
         let batch_id = m.batch_id;
         let span = tracing::Span::current();
@@ -111,7 +134,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         } else {
             let reply = self
                 .batcher
-                .verify(blocks, arrived)
+                .verify(owner, blocks, arrived)
                 .await
                 .map_err(|e| status(CallError::Node(e)))?;
             (reply.results, reply.load)
@@ -144,11 +167,12 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let owner = owner(&request, &request.get_ref().coordinator_id)?;
         let ids = request.into_inner().session_ids;
         tracing::Span::current().record("sessions", ids.len());
         let released = self
             .batcher
-            .release(ids)
+            .release(owner, ids)
             .await
             .map_err(|e| status(CallError::Node(e)))?;
         Ok(Response::new(pb::ReleaseResponse {

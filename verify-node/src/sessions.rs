@@ -6,8 +6,15 @@
 //! c_n and drafts d_1..d_γ runs `start: n-1, tokens: [c_n, d_1..d_γ]` and needs the γ+1 logit
 //! rows; an open or resync runs `start: 0, tokens: history ++ drafts`. After the verdict
 //! (a accepted, next token x) the cache is truncated to n+a and x is the new uncached last token.
+//!
+//! Tenancy: a session id on the wire is chosen by one coordinator process and means nothing to
+//! another, so the table is keyed by [`SessionKey`] — the caller's certificate identity, the
+//! coordinator's per-process instance id and the wire id — and every key gets its own node-local
+//! [`SessionId`] for the model's KV caches. Two coordinators (or one restarted) that use the same
+//! wire id never share or release each other's state.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use edgespec_model::{SeqRequest, SessionId};
 use edgespec_proto::domain::{Block, ErrorCode, SessionError};
@@ -25,9 +32,40 @@ pub struct Limits {
     pub capacity: usize,
 }
 
+/// Whose sessions these are: the calling coordinator as authenticated (its certificate's
+/// identity; empty in plaintext mode) and the instance id it sends (new at every start).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// The caller's certificate identity (`spiffe://…/coordinator/<id>`), or empty.
+    pub peer: Arc<str>,
+    /// The coordinator process's instance id.
+    pub instance: Arc<str>,
+}
+
+impl Owner {
+    /// An owner from its parts.
+    pub fn new(peer: &str, instance: &str) -> Self {
+        Owner {
+            peer: peer.into(),
+            instance: instance.into(),
+        }
+    }
+}
+
+/// One session as its owner names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// The owner.
+    pub owner: Owner,
+    /// The owner's session id (the wire's `session_id`).
+    pub id: u64,
+}
+
 /// What the node knows about one session between rounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
+    /// Whose session it is.
+    pub key: SessionKey,
     /// Committed tokens (prompt + accepted output).
     pub committed_len: usize,
     /// The last committed token: the one token not in the KV cache.
@@ -39,7 +77,11 @@ pub struct Session {
 /// A block that passed every check, with the forward it needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planned {
-    /// The block.
+    /// The session as its owner names it.
+    pub key: SessionKey,
+    /// The node-local id of its KV cache (`seq.session`).
+    pub local: SessionId,
+    /// The block (its `session_id` is the owner's wire id).
     pub block: Block,
     /// Its part of the batched forward (`logits_for_last == γ + 1`).
     pub seq: SeqRequest,
@@ -57,6 +99,8 @@ impl Planned {
 pub struct Sessions {
     limits: Limits,
     map: HashMap<SessionId, Session>,
+    ids: HashMap<SessionKey, SessionId>,
+    next_local: SessionId,
     clock: u64,
 }
 
@@ -66,6 +110,8 @@ impl Sessions {
         Self {
             limits,
             map: HashMap::new(),
+            ids: HashMap::new(),
+            next_local: 0,
             clock: 0,
         }
     }
@@ -85,9 +131,29 @@ impl Sessions {
         self.map.is_empty()
     }
 
-    /// The session's state, if live.
+    /// The session's state, if live (by node-local id).
     pub fn get(&self, id: SessionId) -> Option<&Session> {
         self.map.get(&id)
+    }
+
+    /// The node-local id of a live session.
+    pub fn local_id(&self, key: &SessionKey) -> Option<SessionId> {
+        self.ids.get(key).copied()
+    }
+
+    /// The node-local id of `key`: its live session's, or a fresh one never used before (the
+    /// session is recorded only by [`Sessions::commit`]).
+    pub fn resolve(&mut self, key: &SessionKey) -> SessionId {
+        if let Some(&id) = self.ids.get(key) {
+            return id;
+        }
+        self.next_local += 1;
+        self.next_local
+    }
+
+    /// Live sessions of one owner (all owners: [`Sessions::len`]).
+    pub fn owned_by(&self, owner: &Owner) -> usize {
+        self.ids.keys().filter(|k| &k.owner == owner).count()
     }
 
     /// Tokens held in KV caches across all sessions (committed minus the uncached last one).
@@ -95,9 +161,15 @@ impl Sessions {
         self.map.values().map(|s| s.committed_len - 1).sum()
     }
 
-    /// Checks `block` against the limits and the session's state and returns the forward it
-    /// needs. Changes nothing: a rejected block leaves the session as it was.
-    pub fn plan(&self, block: Block) -> Result<Planned, SessionError> {
+    /// Checks `block` of session `key` (node-local id `local`, from [`Sessions::resolve`])
+    /// against the limits and the session's state and returns the forward it needs. Changes
+    /// nothing: a rejected block leaves the session as it was.
+    pub fn plan(
+        &self,
+        key: SessionKey,
+        local: SessionId,
+        block: Block,
+    ) -> Result<Planned, SessionError> {
         let fail = |code: ErrorCode, message: String| SessionError {
             session_id: block.session_id,
             round: block.round,
@@ -163,14 +235,14 @@ impl Sessions {
                 tokens.extend_from_slice(history);
                 tokens.extend_from_slice(&block.draft_tokens);
                 SeqRequest {
-                    session: block.session_id,
+                    session: local,
                     start: 0,
                     tokens,
                     logits_for_last: gamma + 1,
                 }
             }
             None => {
-                let Some(s) = self.map.get(&block.session_id) else {
+                let Some(s) = self.map.get(&local) else {
                     return Err(fail(
                         ErrorCode::ResyncNeeded,
                         "this verify node holds no state for the session; resend the block \
@@ -179,11 +251,13 @@ impl Sessions {
                     ));
                 };
                 if s.committed_len != n {
+                    // The session's own length is not echoed: errors tell a caller what was
+                    // wrong with its request, never another party's state.
                     return Err(fail(
                         ErrorCode::InvalidArgument,
                         format!(
-                            "committed_len {n} does not match the session's {} on this node",
-                            s.committed_len
+                            "committed_len {n} does not match the session's state on this node; \
+                             resend the block with the full history"
                         ),
                     ));
                 }
@@ -191,23 +265,34 @@ impl Sessions {
                 tokens.push(s.last_token);
                 tokens.extend_from_slice(&block.draft_tokens);
                 SeqRequest {
-                    session: block.session_id,
+                    session: local,
                     start: n - 1,
                     tokens,
                     logits_for_last: gamma + 1,
                 }
             }
         };
-        Ok(Planned { block, seq })
+        Ok(Planned {
+            key,
+            local,
+            block,
+            seq,
+        })
     }
 
-    /// Records a round's result: the session now has `committed_len` tokens ending in
-    /// `last_token`, and is the most recently used.
-    pub fn commit(&mut self, id: SessionId, committed_len: usize, last_token: u32) {
+    /// Records a round's result: session `key` (node-local `id`) now has `committed_len`
+    /// tokens ending in `last_token`, and is the most recently used.
+    pub fn commit(&mut self, key: &SessionKey, id: SessionId, committed_len: usize, last_token: u32) {
         self.clock += 1;
+        if let Some(old) = self.ids.insert(key.clone(), id) {
+            if old != id {
+                self.map.remove(&old);
+            }
+        }
         self.map.insert(
             id,
             Session {
+                key: key.clone(),
                 committed_len,
                 last_token,
                 last_used: self.clock,
@@ -215,9 +300,11 @@ impl Sessions {
         );
     }
 
-    /// Forgets a session.
+    /// Forgets a session (by node-local id).
     pub fn remove(&mut self, id: SessionId) -> Option<Session> {
-        self.map.remove(&id)
+        let s = self.map.remove(&id)?;
+        self.ids.remove(&s.key);
+        Some(s)
     }
 
     /// The least recently used session not in `pinned` (the sessions of the batch being
@@ -260,17 +347,36 @@ mod tests {
         r.unwrap_err().code
     }
 
+    fn key_of(owner: &str, id: u64) -> SessionKey {
+        SessionKey {
+            owner: Owner::new("", owner),
+            id,
+        }
+    }
+
+    /// Plans `b` for coordinator instance "a".
+    fn plan(s: &mut Sessions, b: Block) -> Result<Planned, SessionError> {
+        let key = key_of("a", b.session_id);
+        let local = s.resolve(&key);
+        s.plan(key, local, b)
+    }
+
+    fn commit(s: &mut Sessions, id: u64, n: usize, last: u32) -> SessionId {
+        let key = key_of("a", id);
+        let local = s.resolve(&key);
+        s.commit(&key, local, n, last);
+        local
+    }
+
     #[test]
     fn open_and_continue_follow_the_kv_convention() {
         let mut s = Sessions::new(LIMITS);
-        let p = s
-            .plan(block(1, 3, Some(vec![5, 6, 7]), vec![8, 9]))
-            .unwrap();
+        let p = plan(&mut s, block(1, 3, Some(vec![5, 6, 7]), vec![8, 9])).unwrap();
         assert_eq!(p.seq.start, 0);
         assert_eq!(p.seq.tokens, vec![5, 6, 7, 8, 9]);
         assert_eq!(p.seq.logits_for_last, 3);
-        s.commit(1, 5, 42);
-        let p = s.plan(block(1, 5, None, vec![1])).unwrap();
+        s.commit(&p.key, p.local, 5, 42);
+        let p = plan(&mut s, block(1, 5, None, vec![1])).unwrap();
         assert_eq!(p.seq.start, 4);
         assert_eq!(p.seq.tokens, vec![42, 1]);
         assert_eq!(p.seq.logits_for_last, 2);
@@ -280,30 +386,30 @@ mod tests {
     #[test]
     fn bad_blocks_are_rejected_without_state_change() {
         let mut s = Sessions::new(LIMITS);
-        s.commit(1, 3, 7);
-        let before = *s.get(1).unwrap();
+        let local = commit(&mut s, 1, 3, 7);
+        let before = s.get(local).unwrap().clone();
         assert_eq!(
-            code(s.plan(block(2, 3, None, vec![]))),
+            code(plan(&mut s, block(2, 3, None, vec![]))),
             ErrorCode::ResyncNeeded
         );
         assert_eq!(
-            code(s.plan(block(1, 4, None, vec![]))),
+            code(plan(&mut s, block(1, 4, None, vec![]))),
             ErrorCode::InvalidArgument
         );
         assert_eq!(
-            code(s.plan(block(1, 3, None, vec![100]))),
+            code(plan(&mut s, block(1, 3, None, vec![100]))),
             ErrorCode::InvalidArgument
         );
         assert_eq!(
-            code(s.plan(block(1, 3, None, vec![1, 2, 3, 4, 5]))),
+            code(plan(&mut s, block(1, 3, None, vec![1, 2, 3, 4, 5]))),
             ErrorCode::InvalidArgument
         );
         assert_eq!(
-            code(s.plan(block(1, 3, Some(vec![1, 200, 3]), vec![]))),
+            code(plan(&mut s, block(1, 3, Some(vec![1, 200, 3]), vec![]))),
             ErrorCode::InvalidArgument
         );
         assert_eq!(
-            code(s.plan(block(1, 30, Some(vec![1; 30]), vec![1, 2, 3]))),
+            code(plan(&mut s, block(1, 30, Some(vec![1; 30]), vec![1, 2, 3]))),
             ErrorCode::ContextOverflow
         );
         let mut b = block(1, 3, None, vec![1]);
@@ -312,7 +418,7 @@ mod tests {
             ids: vec![1, 150],
             probs: vec![0.5, 0.5],
         }];
-        assert_eq!(code(s.plan(b)), ErrorCode::InvalidArgument);
+        assert_eq!(code(plan(&mut s, b)), ErrorCode::InvalidArgument);
         assert_eq!(*s.get(1).unwrap(), before);
         assert_eq!(s.len(), 1);
     }
@@ -320,12 +426,38 @@ mod tests {
     #[test]
     fn lru_skips_pinned_sessions() {
         let mut s = Sessions::new(LIMITS);
-        s.commit(1, 2, 0);
-        s.commit(2, 2, 0);
-        s.commit(3, 2, 0);
-        s.commit(1, 3, 0); // 1 is now the most recent
-        assert_eq!(s.lru_idle(&HashSet::new()), Some(2));
-        assert_eq!(s.lru_idle(&HashSet::from([2])), Some(3));
-        assert_eq!(s.lru_idle(&HashSet::from([1, 2, 3])), None);
+        let one = commit(&mut s, 1, 2, 0);
+        let two = commit(&mut s, 2, 2, 0);
+        let three = commit(&mut s, 3, 2, 0);
+        commit(&mut s, 1, 3, 0); // 1 is now the most recent
+        assert_eq!(s.lru_idle(&HashSet::new()), Some(two));
+        assert_eq!(s.lru_idle(&HashSet::from([two])), Some(three));
+        assert_eq!(s.lru_idle(&HashSet::from([one, two, three])), None);
+    }
+
+    #[test]
+    fn equal_wire_ids_of_different_owners_are_different_sessions() {
+        let mut s = Sessions::new(LIMITS);
+        let a = key_of("coordinator-a", 1);
+        let b = key_of("coordinator-b", 1);
+        let la = s.resolve(&a);
+        s.commit(&a, la, 3, 7);
+        let lb = s.resolve(&b);
+        assert_ne!(la, lb, "two owners' session 1 share a KV cache");
+        // Without history, b's session 1 is unknown here even though a's exists.
+        assert_eq!(
+            code(s.plan(b.clone(), lb, block(1, 3, None, vec![]))),
+            ErrorCode::ResyncNeeded
+        );
+        s.commit(&b, lb, 3, 9);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.owned_by(&a.owner), 1);
+        // Releasing b's session leaves a's alone.
+        s.remove(s.local_id(&b).unwrap());
+        assert_eq!(s.local_id(&a), Some(la));
+        assert_eq!(s.get(la).unwrap().last_token, 7);
+        // The wrong-length error does not echo the session's state.
+        let err = s.plan(a.clone(), la, block(1, 4, None, vec![])).unwrap_err();
+        assert!(!err.message.contains('3'), "{}", err.message);
     }
 }

@@ -50,6 +50,10 @@ pub struct ServerSettings {
     /// How long shutdown waits for in-flight work.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long the node keeps serving after telling its coordinators it is
+    /// draining, while they move its sessions away (stops early once it holds none).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// `[model]`.

@@ -119,6 +119,7 @@ async fn drive(
                     .clone()
                     .verify(pb::VerifyBatchRequest {
                         batch_id: r as u64,
+                        coordinator_id: "test-coordinator".into(),
                         fingerprint: fingerprint.clone(),
                         items: vec![it],
                     })

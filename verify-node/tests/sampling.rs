@@ -102,7 +102,10 @@ async fn first_emitted_token_follows_the_target_distribution() {
         }
         node.client
             .clone()
-            .release(pb::ReleaseRequest { session_ids: ids })
+            .release(pb::ReleaseRequest {
+                session_ids: ids,
+                coordinator_id: "test-coordinator".into(),
+            })
             .await
             .unwrap();
     }

@@ -150,6 +150,7 @@ async fn release_drops_sessions() {
     let r = client
         .release(pb::ReleaseRequest {
             session_ids: vec![5, 77],
+            coordinator_id: "test-coordinator".into(),
         })
         .await
         .unwrap()
@@ -278,6 +279,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let status = client
         .verify(pb::VerifyBatchRequest {
             batch_id: 9,
+            coordinator_id: "test-coordinator".into(),
             fingerprint: "0000".into(),
             items: vec![good.clone()],
         })
@@ -321,6 +323,7 @@ async fn shutdown_finishes_the_batch_in_flight() {
                 .clone()
                 .verify(pb::VerifyBatchRequest {
                     batch_id: 1,
+                    coordinator_id: "test-coordinator".into(),
                     fingerprint: fp,
                     items: vec![it],
                 })

@@ -186,7 +186,7 @@ fn missed_heartbeats_answer_queued_blocks_with_resync() {
     c.tick(t0 + Duration::from_secs(60), &mut out);
     assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
     assert_eq!(c.verifiers_up(), 0);
-    assert!(!c.heartbeat("a", None, t0).known, "down nodes re-register");
+    assert!(!c.heartbeat("a", None, false, t0).known, "down nodes re-register");
 }
 
 #[test]

@@ -59,14 +59,26 @@ impl Core {
         })
     }
 
-    /// A verify node's heartbeat.
+    /// A verify node's heartbeat. `draining`: the node is stopping and asks to be drained
+    /// (its sessions move away at their next blocks), as an operator's drain would.
     pub fn heartbeat(
         &mut self,
         node_id: &str,
         load: Option<pb::VerifierLoad>,
+        draining: bool,
         now: Instant,
     ) -> pb::VerifierHeartbeatResponse {
         let r = self.registry.heartbeat(node_id, load, now);
+        if r.known && draining {
+            let already = self
+                .registry
+                .get(node_id)
+                .is_some_and(|v| v.admin == AdminState::Draining);
+            if !already && self.registry.apply(node_id, NodeAction::Drain).is_ok() {
+                tracing::info!(node = node_id, "verify node is stopping: draining it");
+                self.update_gauges();
+            }
+        }
         pb::VerifierHeartbeatResponse {
             known: r.known,
             cordoned: r.cordoned,
@@ -117,6 +129,7 @@ impl Core {
                 self.next_batch += 1;
                 let request = pb::VerifyBatchRequest {
                     batch_id,
+                    coordinator_id: self.id.clone(),
                     fingerprint: fleet.clone(),
                     items: taken
                         .items

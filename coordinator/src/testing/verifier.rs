@@ -349,6 +349,7 @@ async fn heartbeat_loop(svc: Service, coordinator: String) {
                 let req = pb::VerifierHeartbeatRequest {
                     node_id: svc.cfg.node_id.clone(),
                     load: Some(svc.load()),
+                    draining: false,
                 };
                 match c.verifier_heartbeat(req).await {
                     Ok(r) => registered = r.into_inner().known,

@@ -211,8 +211,11 @@ impl ChatRequest {
             };
             messages.push(ChatMessage::new(role, content));
         }
-        let rendered = node.tokenizer().apply_chat_template(&messages, true);
-        let prompt = encode(node, &rendered, "messages")?;
+        // The template's markers become control tokens; what the messages say never does.
+        let prompt = node
+            .tokenizer()
+            .encode_chat(&messages, true)
+            .map_err(|_| ApiError::invalid(Some("messages"), "the text could not be tokenized"))?;
         prepare_common(
             self.common,
             prompt,
@@ -230,9 +233,11 @@ fn check_model(c: &CommonParams, node: &Node) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A raw prompt as plain text: strings that spell control tokens stay text (a client that
+/// embeds untrusted text in its prompt cannot have it end the prompt or open a turn).
 fn encode(node: &Node, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
     node.tokenizer()
-        .encode(text)
+        .encode_plain(text)
         .map_err(|_| ApiError::invalid(Some(param), "the text could not be tokenized"))
 }
 

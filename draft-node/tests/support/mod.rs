@@ -572,11 +572,10 @@ impl Harness {
     }
 
     pub fn chat_prompt(&self, user: &str) -> Vec<u32> {
-        let rendered = self
-            .model
+        self.model
             .tokenizer
-            .apply_chat_template(&[edgespec_model::ChatMessage::new("user", user)], true);
-        self.model.tokenizer.encode(&rendered).unwrap()
+            .encode_chat(&[edgespec_model::ChatMessage::new("user", user)], true)
+            .unwrap()
     }
 }
 

@@ -43,18 +43,36 @@ pub(super) fn default_system_prompt(
     (arch == Some("qwen2") || pre == Some("qwen2")).then(|| QWEN_SYSTEM.to_string())
 }
 
-pub(super) fn render_chatml(
-    messages: &[ChatMessage],
-    default_system: Option<&str>,
+/// The markers ChatML puts around each message; only these become control tokens.
+pub(super) const IM_START: &str = "<|im_start|>";
+pub(super) const IM_END: &str = "<|im_end|>";
+
+/// One piece of a rendered conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Segment<'a> {
+    /// A template marker: its control token.
+    Marker(&'static str),
+    /// Text between markers (role names and message content): plain text, whatever it
+    /// contains.
+    Text(String),
+    /// A borrowed plain-text piece.
+    Borrowed(&'a str),
+}
+
+/// The conversation as markers and plain text: `<|im_start|>` `role\ncontent` `<|im_end|>`
+/// `\n` per message, the model's default system prompt first when the conversation has none,
+/// and `<|im_start|>` `assistant\n` when `add_generation_prompt`.
+pub(super) fn chatml_segments<'a>(
+    messages: &'a [ChatMessage],
+    default_system: Option<&'a str>,
     add_generation_prompt: bool,
-) -> String {
-    let mut out = String::new();
+) -> Vec<Segment<'a>> {
+    let mut out = Vec::new();
     let mut push = |role: &str, content: &str| {
-        out.push_str("<|im_start|>");
-        out.push_str(role);
-        out.push('\n');
-        out.push_str(content);
-        out.push_str("<|im_end|>\n");
+        out.push(Segment::Marker(IM_START));
+        out.push(Segment::Text(format!("{role}\n{content}")));
+        out.push(Segment::Marker(IM_END));
+        out.push(Segment::Borrowed("\n"));
     };
     if let Some(system) = default_system {
         if messages.first().is_none_or(|m| m.role != "system") {
@@ -65,7 +83,23 @@ pub(super) fn render_chatml(
         push(&m.role, &m.content);
     }
     if add_generation_prompt {
-        out.push_str("<|im_start|>assistant\n");
+        out.push(Segment::Marker(IM_START));
+        out.push(Segment::Borrowed("assistant\n"));
     }
     out
+}
+
+pub(super) fn render_chatml(
+    messages: &[ChatMessage],
+    default_system: Option<&str>,
+    add_generation_prompt: bool,
+) -> String {
+    chatml_segments(messages, default_system, add_generation_prompt)
+        .iter()
+        .map(|s| match s {
+            Segment::Marker(m) => *m,
+            Segment::Text(t) => t.as_str(),
+            Segment::Borrowed(t) => t,
+        })
+        .collect()
 }

@@ -24,6 +24,9 @@ use crate::ModelError;
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Arc<tokenizers::Tokenizer>,
+    /// The same tokenizer with special-token matching off: text that spells a control token
+    /// (`<|im_start|>`) is encoded as the characters it is. For anything a user wrote.
+    plain: Arc<tokenizers::Tokenizer>,
     /// Raw bytes of every token id (byte-level mapping undone; special tokens verbatim).
     token_bytes: Arc<Vec<Vec<u8>>>,
     eos: Vec<u32>,
@@ -61,6 +64,8 @@ impl TextTokenizer {
     pub fn from_gguf_content(content: &gguf_file::Content) -> Result<Self, ModelError> {
         let meta = build::Metadata::read(content)?;
         let built = build::build(&meta)?;
+        let mut plain = built.tokenizer.clone();
+        plain.set_encode_special_tokens(true);
         let default_system = chat::default_system_prompt(
             meta.arch.as_deref(),
             meta.pre.as_deref(),
@@ -68,6 +73,7 @@ impl TextTokenizer {
         );
         Ok(TextTokenizer {
             inner: Arc::new(built.tokenizer),
+            plain: Arc::new(plain),
             token_bytes: Arc::new(built.token_bytes),
             eos: built.eos,
             fingerprint: fingerprint_from_metadata(&meta.tokens, &meta.merges),
@@ -83,6 +89,45 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids for `text` as plain text: strings that spell special tokens are encoded as
+    /// ordinary characters, never as control tokens. No BOS is added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .plain
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a conversation in ChatML (see [`TextTokenizer::apply_chat_template`]):
+    /// the template's own markers become their control tokens, everything the messages say
+    /// (roles and content) is encoded as plain text, so a user who writes `<|im_start|>` or
+    /// `<|endoftext|>` into a message cannot inject a turn or end the prompt. For conversations
+    /// without such strings the ids equal `encode(&apply_chat_template(..))`.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::new();
+        for segment in chat::chatml_segments(
+            messages,
+            self.default_system.as_deref(),
+            add_generation_prompt,
+        ) {
+            match segment {
+                chat::Segment::Marker(m) => match self.inner.token_to_id(m) {
+                    Some(id) => ids.push(id),
+                    // A vocabulary without ChatML markers: they are plain text there too.
+                    None => ids.extend(self.encode_plain(m)?),
+                },
+                chat::Segment::Text(t) => ids.extend(self.encode_plain(&t)?),
+                chat::Segment::Borrowed(t) => ids.extend(self.encode_plain(t)?),
+            }
+        }
+        Ok(ids)
     }
 
     /// Text for `ids`, special tokens included verbatim; invalid UTF-8 becomes U+FFFD.

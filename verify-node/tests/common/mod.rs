@@ -101,6 +101,7 @@ impl Node {
     ) -> Result<pb::VerifyBatchResponse, tonic::Status> {
         let req = pb::VerifyBatchRequest {
             batch_id: 1,
+            coordinator_id: "test-coordinator".into(),
             fingerprint: self.fingerprint.clone(),
             items,
         };
