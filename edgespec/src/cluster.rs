@@ -121,6 +121,9 @@ pub struct LocalCluster {
     pub verify_grpc: Vec<SocketAddr>,
     /// The draft nodes.
     pub drafts: Vec<DraftHandle>,
+    /// A client for the admin API (trusting the fleet CA when the cluster runs mTLS).
+    admin: reqwest::Client,
+    admin_scheme: &'static str,
     coordinator_settings: edgespec_coordinator::Settings,
     coordinator: Option<Component>,
     verifiers: Vec<Option<Component>>,
@@ -164,6 +167,18 @@ impl LocalCluster {
             cs.policy.speculation_enabled = false;
         }
         let (coordinator, coordinator_grpc, admin_http) = start_coordinator(cs.clone()).await?;
+        // In mTLS mode the admin API is HTTPS with the coordinator's certificate.
+        let (admin, admin_scheme) = match &opts.tls {
+            Some(t) => {
+                let ca = std::fs::read(&t.coordinator.ca)
+                    .with_context(|| format!("reading {}", t.coordinator.ca.display()))?;
+                let client = reqwest::Client::builder()
+                    .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+                    .build()?;
+                (client, "https")
+            }
+            None => (reqwest::Client::new(), "http"),
+        };
         // A restart must come back on the same addresses, which the nodes keep dialling.
         cs.grpc.listen = coordinator_grpc;
         cs.admin.listen = admin_http;
@@ -174,6 +189,8 @@ impl LocalCluster {
             let mut vs = edgespec_verify_node::Settings::default();
             vs.server.listen = ([127, 0, 0, 1], 0).into();
             vs.server.node_id = format!("verify-{i}");
+            // Stopping a verify node here is a kill (the fault tests' failover), not a drain.
+            vs.server.drain_timeout = Duration::ZERO;
             vs.model.path = opts.target.clone();
             vs.coordinator.addresses = vec![format!("http://{coordinator_grpc}")];
             vs.tls = tls(|t| &t.verify);
@@ -240,6 +257,8 @@ impl LocalCluster {
             admin_http,
             verify_grpc,
             drafts,
+            admin,
+            admin_scheme,
             coordinator_settings: cs,
             coordinator: Some(coordinator),
             verifiers,
@@ -254,8 +273,8 @@ impl LocalCluster {
 
     /// Polls the coordinator until `verifiers` verify nodes are registered and up.
     async fn wait_ready(&self, verifiers: usize, deadline: Duration) -> Result<()> {
-        let client = reqwest::Client::new();
-        let url = format!("http://{}/admin/v1/nodes", self.admin_http);
+        let client = &self.admin;
+        let url = self.admin_url("/admin/v1/nodes");
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let (up, drafts) = match client.get(&url).bearer_auth(LOCAL_ADMIN_TOKEN).send().await {
@@ -277,6 +296,16 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The admin API's URL for `path` (`https://` when the cluster runs mTLS).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.admin_scheme, self.admin_http)
+    }
+
+    /// A client for [`LocalCluster::admin_url`] (it trusts the fleet CA in mTLS mode).
+    pub fn admin_client(&self) -> &reqwest::Client {
+        &self.admin
     }
 
     /// The first draft node's API base URL.

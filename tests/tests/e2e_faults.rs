@@ -68,7 +68,7 @@ async fn wait_pieces(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Resul
 /// Verify node id serving the first session, from the admin API.
 async fn serving_verifier(cluster: &LocalCluster) -> Result<String> {
     let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/admin/v1/sessions", cluster.admin_http))
+        .get(cluster.admin_url("/admin/v1/sessions"))
         .bearer_auth(LOCAL_ADMIN_TOKEN)
         .send()
         .await?

@@ -14,6 +14,7 @@ use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
 use edgespec_proto::tls::{source_chain, TlsSettings};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_client::HealthClient;
@@ -47,9 +48,26 @@ impl TestCa {
     }
 
     /// A node certificate for loopback (DNS `localhost`, IP 127.0.0.1), good for server and
-    /// client authentication; returns (cert, key) paths.
+    /// client authentication, naming the node `spiffe://edgespec/<role>/<id>` with the id the
+    /// local cluster gives that role (`verify-0`, `draft-0`); returns (cert, key) paths.
     fn node(&self, role: &str) -> Result<(PathBuf, PathBuf)> {
+        let id = match role {
+            "verify" => "verify-0",
+            "draft" => "draft-0",
+            other => other,
+        };
+        self.node_as(role, id, true)
+    }
+
+    /// A certificate for node `id` of `role`; `with_identity = false` leaves out the URI SAN
+    /// (a certificate from before per-role identities).
+    fn node_as(&self, role: &str, id: &str, with_identity: bool) -> Result<(PathBuf, PathBuf)> {
         let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        if with_identity {
+            params.subject_alt_names.push(SanType::URI(
+                format!("spiffe://edgespec/{role}/{id}").try_into()?,
+            ));
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, format!("edgespec {role}"));
@@ -59,8 +77,12 @@ impl TestCa {
         ];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_path = self.dir.join(format!("{}-{role}.pem", self.name));
-        let key_path = self.dir.join(format!("{}-{role}.key", self.name));
+        let cert_path = self
+            .dir
+            .join(format!("{}-{role}-{id}-{with_identity}.pem", self.name));
+        let key_path = self
+            .dir
+            .join(format!("{}-{role}-{id}-{with_identity}.key", self.name));
         std::fs::write(&cert_path, cert.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;
         Ok((cert_path, key_path))
@@ -215,6 +237,25 @@ async fn a_cluster_serves_over_mtls_and_refuses_peers_without_a_valid_certificat
         "a client trusting another CA accepted the coordinator's certificate"
     );
 
+    // The admin API is HTTPS with the coordinator's certificate: a client trusting the fleet CA
+    // gets in (the cluster itself polled /admin/v1/nodes that way to start), plain HTTP does not.
+    let healthz = cluster
+        .admin_client()
+        .get(cluster.admin_url("/healthz"))
+        .send()
+        .await
+        .context("HTTPS /healthz with the fleet CA")?;
+    ensure!(healthz.status().is_success(), "{healthz:?}");
+    ensure!(cluster.admin_url("/").starts_with("https://"));
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/healthz", cluster.admin_http))
+        .send()
+        .await;
+    ensure!(
+        plain.map_or(true, |r| !r.status().is_success()),
+        "the admin API answered plain HTTP in mTLS mode"
+    );
+
     cluster.stop().await
 }
 
@@ -338,5 +379,227 @@ async fn a_node_in_mtls_mode_without_certificates_refuses_to_start() -> Result<(
         .context("draft node started without TLS files")?
         .to_string();
     ensure!(err.contains("tls.ca"), "{err}");
+    Ok(())
+}
+
+/// A gRPC channel to `addr` presenting `cert`/`key` and trusting the fleet CA.
+async fn channel_as(
+    ca: &TestCa,
+    addr: std::net::SocketAddr,
+    (cert, key): (PathBuf, PathBuf),
+) -> Result<tonic::transport::Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem(&ca.ca_pem)?))
+        .identity(Identity::from_pem(pem(&cert)?, pem(&key)?));
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// Asserts a call was refused for its role, and says which call.
+fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) -> Result<()> {
+    match r {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Ok(()),
+        other => anyhow::bail!("{what}: expected PERMISSION_DENIED, got {other:?}"),
+    }
+}
+
+fn verify_request() -> edgespec_proto::pb::VerifyBatchRequest {
+    edgespec_proto::pb::VerifyBatchRequest {
+        batch_id: 1,
+        coordinator_id: "intruder".into(),
+        fingerprint: String::new(),
+        items: vec![edgespec_proto::pb::VerifyItem {
+            session_id: 1,
+            round: 1,
+            committed_len: 1,
+            history: vec![1],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Per-role authorization: a certificate from the fleet CA lets a peer do what its role does,
+/// and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_may_call_only_its_own_rpcs() -> Result<()> {
+    use edgespec_proto::pb::coordinator_client::CoordinatorClient;
+    use edgespec_proto::pb::verifier_client::VerifierClient;
+    use edgespec_proto::pb::{
+        DraftHello, DraftMessage, InfoRequest, NodeInfo, RegisterVerifierRequest, ReleaseRequest,
+        VerifierHeartbeatRequest,
+    };
+    edgespec_tests::init_logs();
+    let Fixture {
+        _dir, model, ca, ..
+    } = fixture()?;
+
+    let mut cs = edgespec_coordinator::Settings::for_tests();
+    cs.tls = ca.settings("coordinator", &ca.ca_pem)?;
+    let coordinator = edgespec_coordinator::App::build(cs).await?;
+    let cgrpc = coordinator.grpc_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctask = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
+
+    let mut vs = edgespec_verify_node::Settings::default();
+    vs.model.path = model.clone();
+    vs.server.listen = ([127, 0, 0, 1], 0).into();
+    vs.tls = ca.settings("verify", &ca.ca_pem)?;
+    let verify = edgespec_verify_node::App::build(vs).await?;
+    // node_id was left empty: the node runs as the id its certificate names.
+    ensure!(verify.facts().node_id == "verify-0", "{:?}", verify.facts());
+    let vgrpc = verify.grpc_addr();
+    let vtask = tokio::spawn(verify.run(stop.clone().cancelled_owned()));
+
+    let draft = ca.node("draft")?;
+    let verify_b = ca.node_as("verify", "verify-b", true)?;
+    let coord = ca.node("coordinator")?;
+    let anonymous_role = ca.node_as("verify", "old", false)?;
+
+    // Only coordinators may verify, release or ask a verify node for its facts.
+    for (who, cert) in [
+        ("a draft node", draft.clone()),
+        ("another verify node", verify_b.clone()),
+        ("a certificate without a role", anonymous_role.clone()),
+    ] {
+        let mut v = VerifierClient::new(channel_as(&ca, vgrpc, cert).await?);
+        denied(
+            &format!("{who} calling Verify"),
+            v.verify(verify_request()).await,
+        )?;
+        denied(
+            &format!("{who} calling Release"),
+            v.release(ReleaseRequest {
+                session_ids: vec![1, 2, 3],
+                coordinator_id: "intruder".into(),
+            })
+            .await,
+        )?;
+        denied(&format!("{who} calling Info"), v.info(InfoRequest {}).await)?;
+    }
+    let mut v = VerifierClient::new(channel_as(&ca, vgrpc, coord.clone()).await?);
+    let info = v
+        .info(InfoRequest {})
+        .await
+        .context("a coordinator asks for Info")?;
+    ensure!(info.get_ref().node_id == "verify-0");
+    // The denial says what was needed.
+    let mut v = VerifierClient::new(channel_as(&ca, vgrpc, anonymous_role.clone()).await?);
+    let msg = v
+        .verify(verify_request())
+        .await
+        .unwrap_err()
+        .message()
+        .to_string();
+    ensure!(
+        msg.contains("spiffe://edgespec/") && msg.contains("coordinator"),
+        "{msg}"
+    );
+
+    // Registration and heartbeats: only verify nodes, each only as itself.
+    let register = |node_id: &str| RegisterVerifierRequest {
+        info: Some(NodeInfo {
+            node_id: node_id.into(),
+            advertise_addr: format!("https://{vgrpc}"),
+            pool: "onprem".into(),
+            ..Default::default()
+        }),
+    };
+    let heartbeat = |node_id: &str| VerifierHeartbeatRequest {
+        node_id: node_id.into(),
+        load: None,
+        draining: true,
+    };
+    for (who, cert) in [
+        ("a draft node", draft.clone()),
+        ("a coordinator", coord.clone()),
+    ] {
+        let mut c = CoordinatorClient::new(channel_as(&ca, cgrpc, cert).await?);
+        denied(
+            &format!("{who} registering a verify node"),
+            c.register_verifier(register("verify-0")).await,
+        )?;
+        denied(
+            &format!("{who} heartbeating for a verify node"),
+            c.verifier_heartbeat(heartbeat("verify-0")).await,
+        )?;
+    }
+    let mut c = CoordinatorClient::new(channel_as(&ca, cgrpc, verify_b.clone()).await?);
+    denied(
+        "verify node B registering as verify-0",
+        c.register_verifier(register("verify-0")).await,
+    )?;
+    denied(
+        "verify node B draining verify-0",
+        c.verifier_heartbeat(heartbeat("verify-0")).await,
+    )?;
+    let msg = c
+        .register_verifier(register("verify-0"))
+        .await
+        .unwrap_err()
+        .message()
+        .to_string();
+    ensure!(
+        msg.contains("verify-b") && msg.contains("verify-0"),
+        "{msg}"
+    );
+    // As itself, it is not refused for its role (whatever else registration checks).
+    if let Err(s) = c.register_verifier(register("verify-b")).await {
+        ensure!(s.code() != tonic::Code::PermissionDenied, "{s:?}");
+    }
+
+    // The draft stream: only draft nodes, each only under its own id.
+    let hello = |node_id: &str| DraftMessage {
+        kind: Some(edgespec_proto::pb::draft_message::Kind::Hello(DraftHello {
+            node_id: node_id.into(),
+            model_name: "draft".into(),
+            fingerprint: "0".repeat(64),
+            vocab_size: 100,
+            ..Default::default()
+        })),
+    };
+    for (who, cert, id) in [
+        ("a verify node", verify_b.clone(), "verify-b"),
+        ("a coordinator", coord.clone(), "coordinator"),
+        ("draft-0 saying hello as draft-9", draft.clone(), "draft-9"),
+    ] {
+        let mut c = CoordinatorClient::new(channel_as(&ca, cgrpc, cert).await?);
+        let first = hello(id);
+        denied(
+            &format!("{who} opening a Drafts stream"),
+            c.drafts(futures::stream::iter(vec![first])).await,
+        )?;
+    }
+
+    // A node refuses to start with another role's certificate, or under another node's id.
+    let mut vs = edgespec_verify_node::Settings::default();
+    vs.model.path = model.clone();
+    vs.server.listen = ([127, 0, 0, 1], 0).into();
+    vs.tls = ca.settings("draft", &ca.ca_pem)?;
+    let err = edgespec_verify_node::App::build(vs)
+        .await
+        .err()
+        .context("a verify node started with a draft certificate")?
+        .to_string();
+    ensure!(err.contains("role draft"), "{err}");
+    let mut ds = joining_draft(
+        &model,
+        &format!("https://{cgrpc}"),
+        ca.settings("draft", &ca.ca_pem)?,
+    );
+    ds.node.id = "draft-9".into();
+    let err = edgespec_draft_node::App::build(ds)
+        .await
+        .err()
+        .context("a draft node started under another node's id")?
+        .to_string();
+    ensure!(err.contains("draft-9") && err.contains("draft-0"), "{err}");
+
+    stop.cancel();
+    ctask.await??;
+    vtask.await??;
     Ok(())
 }
