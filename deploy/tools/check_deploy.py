@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Static checks of deploy/ (run by tests/tests/deploy_manifests.rs; usable on its own).
 
-    python3 deploy/tools/check_deploy.py config   # TOML overlays + EDGESPEC__ env keys vs default.toml
-    python3 deploy/tools/check_deploy.py k8s      # every deploy/k8s YAML (needs kubernetes-validate)
+    python3 deploy/tools/check_deploy.py config   # TOML overlays + EDGESPEC__ env keys vs default.toml,
+                                                  # trust domain, systemd stop timeout vs drain
+    python3 deploy/tools/check_deploy.py k8s      # every deploy/k8s YAML (needs kubernetes-validate),
+                                                  # per-role certificates, admin HTTPS, verify
+                                                  # self-drain wiring, network policies
     python3 deploy/tools/check_deploy.py sync     # rewrite the ConfigMaps from deploy/config
 
 Exit status 0 when every check passes, 1 with one "FAIL: ..." line per problem otherwise.
@@ -12,6 +15,7 @@ Needs Python >= 3.11 (tomllib); `k8s` also needs PyYAML and kubernetes-validate 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -45,12 +49,29 @@ CRD_KINDS = {
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "ClusterIssuer"),
     ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "CertificateRequest"),
 }
-# Where every node finds its TLS material (systemd hosts: installed files; Kubernetes: Secret
-# edgespec-tls mounted there), and which file each [tls] key names.
+# Where every node finds its TLS material (systemd hosts: installed files; coordinator pods:
+# Secret edgespec-coordinator-tls; verify pods: a csi.cert-manager.io volume of their own), and
+# which file each [tls] key names.
 TLS_DIR = "/etc/edgespec/tls"
 TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
-TLS_SECRET = "edgespec-tls"
+COORDINATOR_TLS_SECRET = "edgespec-coordinator-tls"
+ADMIN_TOKEN_SECRET = "edgespec-admin-token"
+# The cert-manager csi-driver: one certificate per verify pod, made when the pod starts.
+CSI_DRIVER = "csi.cert-manager.io"
+# csi-driver attribute -> the file it names (and its default).
+CSI_FILES = {"csi.cert-manager.io/ca-file": "ca.crt",
+             "csi.cert-manager.io/certificate-file": "tls.crt",
+             "csi.cert-manager.io/privatekey-file": "tls.key"}
+# Each crate's role in the URI SAN spiffe://<trust-domain>/<role>/<node-id> of its certificate.
+ROLES = {"coordinator": "coordinator", "verify-node": "verify", "draft-node": "draft"}
+# tls.trust_domain when an overlay does not set it (proto/src/tls.rs DEFAULT_TRUST_DOMAIN).
+DEFAULT_TRUST_DOMAIN = "edgespec"
+# Node ids in certificates: proto/src/auth.rs parse_spiffe.
+NODE_ID_RE = r"[A-Za-z0-9._-]{1,128}"
+# Seconds a stopping verify node needs beyond drain_timeout + 2 x shutdown_grace (model teardown).
+STOP_MARGIN_S = 10
 # Settings that hold gRPC addresses of other nodes (dialled with TLS: must say https://).
 ADDRESS_KEYS = {("coordinator", "address"), ("coordinator", "addresses"),
                 ("server", "advertise_addr")}
@@ -146,6 +167,50 @@ def load_overlay(name: str) -> dict | None:
         return None
 
 
+_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def seconds(value) -> float | None:
+    """A humantime duration ("30s", "2m", "1m30s", "250ms") in seconds; None if unparsable."""
+    text = re.sub(r"\s", "", str(value))
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    total = 0.0
+    for n, u in parts:
+        if u not in _UNITS:
+            return None
+        total += float(n) * _UNITS[u]
+    return total
+
+
+def trust_domain(crate: str, data: dict) -> str:
+    return (effective(crate, data).get("tls") or {}).get("trust_domain", DEFAULT_TRUST_DOMAIN)
+
+
+def spiffe_ids(uris, td: str, role: str | None = None) -> list:
+    """(role, node id) of every spiffe:// URI of trust domain `td` (and `role`, when given)."""
+    out = []
+    for u in uris or []:
+        m = re.fullmatch(r"spiffe://([^/]+)/([^/]+)/(.+)", str(u))
+        if m and m.group(1) == td and (role is None or m.group(2) == role):
+            out.append((m.group(2), m.group(3)))
+    return out
+
+
+def stop_budget(where: str, data: dict) -> float | None:
+    """drain_timeout + 2 x shutdown_grace + margin of a verify overlay: what SIGTERM needs."""
+    server = effective("verify-node", data).get("server") or {}
+    drain = server.get("drain_timeout", "20s")
+    grace = server.get("shutdown_grace", "30s")
+    d, g = seconds(drain), seconds(grace)
+    if d is None or g is None:
+        fail(f"{where}: server.drain_timeout {drain!r} / server.shutdown_grace {grace!r} are not "
+             f"durations like \"30s\"")
+        return None
+    return d + 2 * g + STOP_MARGIN_S
+
+
 def check_tls_overlay(where: str, crate: str, data: dict) -> None:
     """A deployed node runs mutual TLS with the files of TLS_DIR and dials https:// addresses."""
     eff = effective(crate, data)
@@ -157,7 +222,7 @@ def check_tls_overlay(where: str, crate: str, data: dict) -> None:
         want = f"{TLS_DIR}/{file}"
         if tls.get(key) != want:
             fail(f"{where}: tls.{key} is {tls.get(key)!r}, expected {want!r} (systemd hosts "
-                 f"install the files there, pods mount Secret {TLS_SECRET} there)")
+                 f"install the files there, pods mount their certificate volume there)")
     for section, key in sorted(ADDRESS_KEYS):
         value = (eff.get(section) or {}).get(key)
         for addr in value if isinstance(value, list) else [value]:
@@ -187,6 +252,7 @@ def cmd_config() -> None:
         fail(f"deploy/config/{missing} is missing")
     for extra in sorted(present - set(OVERLAYS)):
         fail(f"deploy/config/{extra}: unknown overlay (add it to OVERLAYS in {rel(Path(__file__))})")
+    domains: dict[str, list] = {}
     for name, crate in OVERLAYS.items():
         path = cfg / name
         if not path.exists():
@@ -201,7 +267,18 @@ def cmd_config() -> None:
         if n == 0:
             fail(f"{rel(path)}: sets no key at all")
         check_tls_overlay(rel(path), crate, data)
-        print(f"ok   {rel(path)}: {n} keys, all in {crate}/default.toml; mtls, https addresses")
+        td = trust_domain(crate, data)
+        domains.setdefault(td, []).append(name)
+        if not re.fullmatch(r"[a-z0-9._-]+", td):
+            fail(f"{rel(path)}: tls.trust_domain {td!r} must be lower-case letters, digits, '.', "
+                 f"'-' or '_' (the host part of spiffe://{td}/{ROLES[crate]}/<node-id>)")
+        if crate == "verify-node":
+            if "drain_timeout" not in (data.get("server") or {}):
+                fail(f"{rel(path)}: set server.drain_timeout (how long a stopping node waits for "
+                     f"its sessions to move) so the stop timeouts can be checked against it")
+            stop_budget(rel(path), data)
+        print(f"ok   {rel(path)}: {n} keys, all in {crate}/default.toml; mtls, https addresses, "
+              f"trust domain {td}")
     for name, crate in ENV_FILES.items():
         path = DEPLOY / "systemd" / name
         if not path.exists():
@@ -220,13 +297,37 @@ def cmd_config() -> None:
             elif line.strip() and not line.lstrip().startswith("#") and "=" not in line:
                 fail(f"{rel(path)}:{lineno}: not KEY=value")
         print(f"ok   {rel(path)}: {n} EDGESPEC__ variables checked against {crate}/default.toml")
+    if len(domains) > 1:
+        fail(f"deploy/config: the overlays disagree on tls.trust_domain ({domains}); every node "
+             f"of a fleet must use the trust domain its certificates name")
     for unit in sorted((DEPLOY / "systemd").glob("*.service")):
         crate = unit.stem.removeprefix("edgespec-")
+        stop_timeout = None
         for lineno, line in enumerate(unit.read_text().splitlines(), 1):
             for m in re.finditer(r"\b(EDGESPEC__[A-Za-z0-9_]+)=(\S*)", line):
                 if line.lstrip().startswith("Environment="):
                     check_env_key(f"{rel(unit)}:{lineno}", crate, m.group(1))
                     check_env_value(f"{rel(unit)}:{lineno}", m.group(1), m.group(2))
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                continue
+            if crate == "verify-node" and re.match(r"ExecStop(Post)?=", stripped):
+                fail(f"{rel(unit)}:{lineno}: no {stripped.split('=')[0]}= on the verify node: "
+                     f"SIGTERM makes it drain itself over its own certificate (a curl to the "
+                     f"admin API would need the fleet-wide admin token on the host)")
+            if stripped.startswith("TimeoutStopSec="):
+                value = stripped.split("=", 1)[1].strip()
+                stop_timeout = float(value) if value.isdigit() else seconds(value)
+        if crate == "verify-node":
+            data = load_overlay("onprem-verify.toml")
+            need = stop_budget("deploy/config/onprem-verify.toml", data) if data is not None else None
+            if need is not None and (stop_timeout is None or stop_timeout < need):
+                fail(f"{rel(unit)}: TimeoutStopSec= is {stop_timeout}s; a stopping verify node "
+                     f"needs server.drain_timeout + 2 x server.shutdown_grace + {STOP_MARGIN_S}s "
+                     f"= {need:g}s (deploy/config/onprem-verify.toml)")
+            elif need is not None:
+                print(f"ok   {rel(unit)}: TimeoutStopSec {stop_timeout:g}s >= drain + 2 x grace "
+                      f"+ margin ({need:g}s); no ExecStop drain")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,16 +450,32 @@ def check_crd(w: str, api: str, kind: str, d: dict) -> None:
                  f"(has {types})")
         if "ca" in spec and not isinstance((spec["ca"] or {}).get("secretName"), str):
             fail(f"{w}: spec.ca.secretName is required")
-    elif kind == "Certificate":
-        require(w, d, "spec.secretName", str)
+    elif kind in ("Certificate", "CertificateRequest"):
+        if kind == "Certificate":
+            require(w, d, "spec.secretName", str)
+        else:
+            require(w, d, "spec.request", str)
         require(w, d, "spec.issuerRef.name", str)
         spec = d.get("spec") or {}
-        if not spec.get("isCA") and not spec.get("dnsNames") and not spec.get("ipAddresses"):
+        if kind == "Certificate" and not spec.get("isCA") and not spec.get("dnsNames") \
+                and not spec.get("ipAddresses"):
             fail(f"{w}: a leaf certificate needs dnsNames (webpki ignores the common name)")
-        for k in ("dnsNames", "ipAddresses", "usages"):
+        for k in ("dnsNames", "ipAddresses", "uris", "usages"):
             if k in spec and not (isinstance(spec[k], list)
                                   and all(isinstance(x, str) and x for x in spec[k])):
                 fail(f"{w}: spec.{k} must be a list of strings")
+        if kind == "Certificate" and not spec.get("isCA"):
+            ids = [u for u in spec.get("uris") or [] if str(u).startswith("spiffe://")]
+            if len(ids) != 1:
+                fail(f"{w}: a node certificate needs exactly one URI SAN "
+                     f"spiffe://<trust-domain>/<role>/<node-id> (has {ids})")
+            for u in ids:
+                m = re.fullmatch(r"spiffe://[a-z0-9._-]+/(draft|verify|coordinator)/" + NODE_ID_RE,
+                                 u)
+                if not m:
+                    fail(f"{w}: URI SAN {u!r} is not spiffe://<trust-domain>/<role>/<node-id> "
+                         f"(role draft, verify or coordinator; node id of letters, digits, "
+                         f"'.', '-', '_')")
         known = {"signing", "digital signature", "content commitment", "key encipherment",
                  "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
                  "decipher only", "any", "server auth", "client auth", "code signing",
@@ -380,6 +497,22 @@ def check_crd(w: str, api: str, kind: str, d: dict) -> None:
         eps = require(w, d, "spec.endpoints", list) or []
         if not eps or not all(isinstance(e, dict) and e.get("port") for e in eps):
             fail(f"{w}: every endpoint needs a named `port`")
+        for e in eps:
+            if e.get("scheme", "http") not in ("http", "https"):
+                fail(f"{w}: endpoint scheme {e.get('scheme')!r} must be http or https")
+            tls = e.get("tlsConfig") or {}
+            for k in tls:
+                if k not in {"ca", "cert", "keySecret", "serverName", "insecureSkipVerify",
+                             "caFile", "certFile", "keyFile"}:
+                    fail(f"{w}: unexpected tlsConfig field `{k}`")
+            for k in ("ca", "cert"):
+                src = tls.get(k)
+                if src is not None and not (isinstance(src, dict) and len(src) == 1
+                                            and set(src) <= {"secret", "configMap"}
+                                            and (src.get("secret") or src.get("configMap") or {})
+                                            .get("name") and (src.get("secret")
+                                                              or src.get("configMap")).get("key")):
+                    fail(f"{w}: tlsConfig.{k} must be {{secret|configMap: {{name, key}}}}")
 
 
 def pod_spec(d: dict):
@@ -409,78 +542,134 @@ def secret_keys(by_kind: dict, name) -> set | None:
     return keys
 
 
-def check_tls_mounts(by_kind: dict, w: str, spec: dict, c: dict, crate: str) -> None:
-    """The container's overlay (its ConfigMap mounted at /etc/edgespec) names TLS files that a
-    read-only mount of Secret edgespec-tls provides."""
+def overlay_of(spec: dict, c: dict) -> tuple[str | None, dict | None]:
+    """The deploy/config overlay whose ConfigMap the container mounts at /etc/edgespec."""
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
-    mounts = c.get("volumeMounts") or []
-    source = None
-    for m in mounts:
+    for m in c.get("volumeMounts") or []:
         cm = (volumes.get(m.get("name")) or {}).get("configMap") or {}
         if m.get("mountPath") == "/etc/edgespec":
-            source = next((src for _f, n, _c, src, _k in CONFIGMAPS if n == cm.get("name")), None)
+            src = next((src for _f, n, _c, src, _k in CONFIGMAPS if n == cm.get("name")), None)
+            if src is not None:
+                return src, load_overlay(Path(src).name)
+    return None, None
+
+
+def check_tls_mounts(by_kind: dict, w: str, spec: dict, c: dict, crate: str) -> dict | None:
+    """The container's overlay (its ConfigMap mounted at /etc/edgespec) names TLS files that a
+    read-only volume at TLS_DIR provides: Secret edgespec-coordinator-tls for the coordinators, a
+    csi.cert-manager.io volume (one certificate per pod) for the verify pods. Returns the csi
+    volume's attributes (verify pods) for the identity checks."""
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    mounts = c.get("volumeMounts") or []
+    source, data = overlay_of(spec, c)
     if source is None:
         fail(f"{w}: no ConfigMap generated from deploy/config is mounted at /etc/edgespec")
-        return
-    data = load_overlay(Path(source).name)
+        return None
     if data is None:
         fail(f"{w}: cannot read {source}")
-        return
+        return None
     tls = effective(crate, data).get("tls") or {}
     tls_mount = next((m for m in mounts if m.get("mountPath") == TLS_DIR), None)
     if tls_mount is None:
-        fail(f"{w}: Secret {TLS_SECRET} must be mounted at {TLS_DIR} ({source} [tls])")
-        return
+        fail(f"{w}: nothing is mounted at {TLS_DIR} ({source} [tls] names files there)")
+        return None
     if not tls_mount.get("readOnly"):
         fail(f"{w}: the TLS mount at {TLS_DIR} must be readOnly")
     vol = volumes.get(tls_mount.get("name")) or {}
-    name = (vol.get("secret") or {}).get("secretName")
-    if name != TLS_SECRET:
-        fail(f"{w}: the volume mounted at {TLS_DIR} must be Secret {TLS_SECRET} (is {name})")
-        return
-    mode = (vol.get("secret") or {}).get("defaultMode", 0o644)
-    if mode & 0o007:
-        fail(f"{w}: Secret {TLS_SECRET} is mounted with defaultMode {mode:#o}; the key must not "
-             f"be world-readable (0440 with the pod's fsGroup)")
-    if mode & 0o077 and "fsGroup" not in (spec.get("securityContext") or {}):
-        fail(f"{w}: a group-readable TLS secret needs the pod's securityContext.fsGroup")
-    keys = secret_keys(by_kind, TLS_SECRET) or set()
-    items = {i.get("path"): i.get("key") for i in (vol.get("secret") or {}).get("items") or []}
+    files: dict[str, str] = {}  # file name in the volume -> where it comes from
+    attrs = None
+    if crate == "coordinator":
+        name = (vol.get("secret") or {}).get("secretName")
+        if name != COORDINATOR_TLS_SECRET:
+            fail(f"{w}: the volume mounted at {TLS_DIR} must be Secret {COORDINATOR_TLS_SECRET} "
+                 f"(the coordinators' certificate, role coordinator; is {name or vol})")
+            return None
+        mode = (vol.get("secret") or {}).get("defaultMode", 0o644)
+        if mode & 0o007:
+            fail(f"{w}: Secret {name} is mounted with defaultMode {mode:#o}; the key must not be "
+                 f"world-readable (0440 with the pod's fsGroup)")
+        if mode & 0o077 and "fsGroup" not in (spec.get("securityContext") or {}):
+            fail(f"{w}: a group-readable TLS secret needs the pod's securityContext.fsGroup")
+        keys = secret_keys(by_kind, name) or set()
+        items = {i.get("path"): i.get("key") for i in (vol.get("secret") or {}).get("items") or []}
+        for f in TLS_FILES.values():
+            key = items.get(f, f) if items else f
+            if (not items or f in items) and key in keys:
+                files[f] = f"Secret {name} key {key}"
+    else:
+        csi = vol.get("csi") or {}
+        if csi.get("driver") != CSI_DRIVER:
+            fail(f"{w}: the volume mounted at {TLS_DIR} must be a {CSI_DRIVER} csi volume (each "
+                 f"pod its own certificate, role {ROLES[crate]}; is {vol})")
+            return None
+        if not csi.get("readOnly"):
+            fail(f"{w}: the {CSI_DRIVER} volume must be readOnly: true (the driver refuses "
+                 f"writable volumes)")
+        attrs = csi.get("volumeAttributes") or {}
+        for key, default in CSI_FILES.items():
+            files[attrs.get(key, default)] = f"{CSI_DRIVER} {key}"
+        group = attrs.get("csi.cert-manager.io/fs-group")
+        want = (spec.get("securityContext") or {}).get("runAsGroup")
+        if group is None or str(want) != str(group):
+            fail(f"{w}: csi.cert-manager.io/fs-group must be the pod's runAsGroup ({want}) so "
+                 f"the node can read its key (is {group!r})")
+        if attrs.get("csi.cert-manager.io/key-encoding", "PKCS1") not in ("PKCS1", "PKCS8"):
+            fail(f"{w}: csi.cert-manager.io/key-encoding must be PKCS1 or PKCS8")
+        for k in ("csi.cert-manager.io/duration", "csi.cert-manager.io/renew-before"):
+            if k in attrs and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s))+", str(attrs[k])):
+                fail(f"{w}: {k} {attrs[k]!r} is not a Go duration (e.g. 2160h)")
+        for k, v in attrs.items():
+            if not isinstance(v, str):
+                fail(f"{w}: volumeAttributes {k} must be a string (quote it)")
     for key in TLS_FILES:
         path = tls.get(key, "")
         if not path.startswith(TLS_DIR + "/"):
             fail(f"{w}: {source} tls.{key} = {path!r} is not in the mounted {TLS_DIR}")
             continue
         file = path[len(TLS_DIR) + 1:]
-        secret_key = items.get(file, file) if items else file
-        if items and file not in items:
-            fail(f"{w}: {source} tls.{key} names {file}, which the volume's items do not project")
-        elif secret_key not in keys:
-            fail(f"{w}: {source} tls.{key} names {file}, but Secret {TLS_SECRET} has no key "
-                 f"{secret_key} ({sorted(keys)})")
+        if file not in files:
+            fail(f"{w}: {source} tls.{key} names {file}, which the volume at {TLS_DIR} does not "
+                 f"provide (it provides {sorted(files)})")
+    return attrs
 
 
-def check_certificate_names(by_kind: dict, replicas: int, cloud_addresses: list) -> None:
-    """The certificate that fills Secret edgespec-tls names everything its holders are dialled
-    as: each overlay's tls.server_name, or, where that is empty, the host it dials
-    (`cloud_addresses`: the cloud verify pods' EDGESPEC__COORDINATOR__ADDRESSES)."""
+def cert_hosts(eff: dict) -> list:
+    """The hosts a node dials (coordinator.address / coordinator.addresses)."""
+    co = eff.get("coordinator") or {}
+    addrs = co.get("addresses") if "addresses" in co else [co.get("address")]
+    return [re.sub(r"^[a-z]+://", "", a or "").rsplit(":", 1)[0] for a in addrs or [] if a]
+
+
+def check_certificate_names(by_kind: dict, replicas: int, cloud_addresses: list,
+                            verify_attrs: dict | None, vw: str) -> dict | None:
+    """One identity per role. The coordinators' Certificate (Secret edgespec-coordinator-tls)
+    carries spiffe://<td>/coordinator/<name> and names everything the coordinators are dialled
+    as; each verify pod's csi volume asks for spiffe://<td>/verify/${POD_NAME} and the name the
+    coordinators check (their tls.server_name). Returns the coordinators' Certificate spec."""
     certs = [c for c in by_kind.get("Certificate", {}).values()
-             if (c[2].get("spec") or {}).get("secretName") == TLS_SECRET]
+             if (c[2].get("spec") or {}).get("secretName") == COORDINATOR_TLS_SECRET]
     if len(certs) != 1:
-        fail(f"exactly one cert-manager Certificate must issue Secret {TLS_SECRET} "
+        fail(f"exactly one cert-manager Certificate must issue Secret {COORDINATOR_TLS_SECRET} "
              f"(deploy/k8s/secrets); found {len(certs)}")
-        return
+        return None
     cert = certs[0]
     cw = where(*cert)
     spec = cert[2].get("spec") or {}
     names = set(spec.get("dnsNames") or [])
     usages = set(spec.get("usages") or [])
     if not TLS_USAGES <= usages:
-        fail(f"{cw}: usages must include {sorted(TLS_USAGES)} (every node serves and dials)")
+        fail(f"{cw}: usages must include {sorted(TLS_USAGES)} (the coordinators serve and dial)")
     issuer = (spec.get("issuerRef") or {})
     if issuer.get("name") not in by_kind.get(issuer.get("kind", "Issuer"), {}):
         fail(f"{cw}: issuerRef {issuer.get('kind', 'Issuer')}/{issuer.get('name')} is not defined")
+    coord_data = load_overlay("coordinator.toml") or {}
+    td = trust_domain("coordinator", coord_data)
+    ids = spiffe_ids(spec.get("uris"), td)
+    if [r for r, _ in ids] != ["coordinator"]:
+        fail(f"{cw}: uris must hold exactly one spiffe://{td}/coordinator/<name> (the trust "
+             f"domain of deploy/config/coordinator.toml); has {spec.get('uris')}")
     wanted = []  # (name, why)
+    coord_server_name = ""
     for overlay, crate in OVERLAYS.items():
         data = load_overlay(overlay)
         if data is None:
@@ -491,25 +680,65 @@ def check_certificate_names(by_kind: dict, replicas: int, cloud_addresses: list)
             if not server_name:
                 fail(f"deploy/config/{overlay}: tls.server_name must be set: cloud verify pods "
                      f"advertise their pod IP, which no certificate names")
-            else:
-                wanted.append((server_name, f"tls.server_name of deploy/config/{overlay}"))
+            coord_server_name = server_name
             continue
         if server_name:
             wanted.append((server_name, f"tls.server_name of deploy/config/{overlay}"))
-            continue
-        co = eff.get("coordinator") or {}
-        addrs = co.get("addresses") if "addresses" in co else [co.get("address")]
-        if overlay == "cloud-verify.toml":
-            addrs = cloud_addresses
-        for a in addrs or []:
-            host = re.sub(r"^[a-z]+://", "", a or "").rsplit(":", 1)[0]
-            wanted.append((host, f"dialled by deploy/config/{overlay} (tls.server_name empty)"))
-        if overlay == "onprem-verify.toml" and len(addrs or []) != replicas:
-            fail(f"deploy/config/{overlay}: coordinator.addresses lists {len(addrs or [])} "
-                 f"coordinators, the StatefulSet has {replicas} replicas")
+        else:
+            hosts = cert_hosts(eff)
+            if overlay == "cloud-verify.toml":
+                hosts = [re.sub(r"^[a-z]+://", "", a).rsplit(":", 1)[0] for a in cloud_addresses]
+            for host in hosts:
+                wanted.append((host, f"dialled by deploy/config/{overlay} (tls.server_name empty)"))
+        if overlay == "onprem-verify.toml":
+            n = len(cert_hosts(eff))
+            if n != replicas:
+                fail(f"deploy/config/{overlay}: coordinator.addresses lists {n} coordinators, the "
+                     f"StatefulSet has {replicas} replicas")
     for name, why in wanted:
         if name not in names:
             fail(f"{cw}: dnsNames lack {name!r} ({why})")
+    if coord_server_name and coord_server_name in names:
+        fail(f"{cw}: dnsNames include {coord_server_name!r}, the name the coordinators check in "
+             f"VERIFY nodes' certificates (tls.server_name of deploy/config/coordinator.toml): "
+             f"it belongs in the verify nodes' certificates only")
+    if verify_attrs is not None:
+        vtd = trust_domain("verify-node", load_overlay("cloud-verify.toml") or {})
+        uris = [u.strip() for u in verify_attrs.get("csi.cert-manager.io/uri-sans", "").split(",")
+                if u.strip()]
+        want_uri = f"spiffe://{vtd}/verify/${{POD_NAME}}"
+        if uris != [want_uri]:
+            fail(f"{vw}: csi.cert-manager.io/uri-sans must be exactly {want_uri!r} (role verify, "
+                 f"node id = pod name; trust domain of deploy/config/cloud-verify.toml); is {uris}")
+        dns = [n.strip() for n in verify_attrs.get("csi.cert-manager.io/dns-names", "").split(",")
+               if n.strip()]
+        if coord_server_name and coord_server_name not in dns:
+            fail(f"{vw}: csi.cert-manager.io/dns-names must include {coord_server_name!r} (the "
+                 f"coordinators' tls.server_name; they dial verify pods by IP); is {dns}")
+        for n in dns:
+            if n in names:
+                fail(f"{vw}: csi.cert-manager.io/dns-names include {n!r}, a name of the "
+                     f"coordinators' certificate: a verify pod must not be able to pass for one")
+        usages = {u.strip() for u in verify_attrs.get(
+            "csi.cert-manager.io/key-usages", "digital signature,key encipherment").split(",")}
+        if not TLS_USAGES <= usages:
+            fail(f"{vw}: csi.cert-manager.io/key-usages must include {sorted(TLS_USAGES)} (a "
+                 f"verify node serves the coordinators and dials them); is {sorted(usages)}")
+        kind = verify_attrs.get("csi.cert-manager.io/issuer-kind", "Issuer")
+        iname = verify_attrs.get("csi.cert-manager.io/issuer-name")
+        issuer = by_kind.get(kind, {}).get(iname)
+        if issuer is None:
+            fail(f"{vw}: csi.cert-manager.io/issuer-name {kind}/{iname} is not defined")
+        elif "selfSigned" in (issuer[2].get("spec") or {}):
+            fail(f"{vw}: the csi-driver cannot use a selfSigned issuer ({kind}/{iname})")
+        elif iname != issuer_of_coordinators(spec):
+            fail(f"{vw}: the verify pods' issuer {iname} differs from the coordinators' "
+                 f"({issuer_of_coordinators(spec)}): both must chain to the one fleet CA")
+    return spec
+
+
+def issuer_of_coordinators(spec: dict):
+    return (spec.get("issuerRef") or {}).get("name")
 
 
 def check_cross_refs(docs) -> None:
@@ -640,7 +869,6 @@ def check_cross_refs(docs) -> None:
         fail(f"{where(*coord)}: replicas must be >= 2 (got {replicas})")
     peers = cs.get("serviceName")
     want_grpc = [f"https://edgespec-coordinator-{n}.{peers}:50051" for n in range(replicas)]
-    want_admin = [f"http://edgespec-coordinator-{n}.{peers}:9464" for n in range(replicas)]
     vspec = pod_spec(verify[2])
     c = next((c for c in vspec.get("containers") or [] if c.get("name") == "verify-node"), None)
     if c is None:
@@ -652,14 +880,38 @@ def check_cross_refs(docs) -> None:
     if got != want_grpc:
         fail(f"{vw}: EDGESPEC__COORDINATOR__ADDRESSES is {got}, expected one entry per "
              f"coordinator replica: {want_grpc}")
-    got = (env.get("COORDINATOR_ADMIN_URLS") or {}).get("value", "").split()
-    if got != want_admin:
-        fail(f"{vw}: COORDINATOR_ADMIN_URLS is {got}, expected {want_admin}")
     for name, value in (("EDGESPEC__SERVER__POOL", "cloud"),
-                        ("EDGESPEC__SERVER__NODE_ID", "$(POD_NAME)"),
                         ("EDGESPEC__SERVER__ADVERTISE_ADDR", "https://$(POD_IP):50061")):
         if (env.get(name) or {}).get("value") != value:
             fail(f"{vw}: {name} must be {value!r}")
+    # The node id is the pod name, as in the pod's certificate (or left to the certificate).
+    node_id = env.get("EDGESPEC__SERVER__NODE_ID")
+    if node_id is not None and node_id.get("value", "") not in ("", "$(POD_NAME)"):
+        fail(f"{vw}: EDGESPEC__SERVER__NODE_ID must be $(POD_NAME) (the node id in the pod's "
+             f"certificate, spiffe://.../verify/${{POD_NAME}}) or unset; is {node_id}")
+    # The verify pods drain themselves on SIGTERM over their own certificate: no admin API
+    # client, no fleet-wide admin token on GPU pods, no preStop hook.
+    for stale in ("COORDINATOR_ADMIN_URLS", "ADMIN_TOKEN"):
+        if stale in env:
+            fail(f"{vw}: env {stale} is left over from the preStop drain; the node drains itself "
+                 f"on SIGTERM (remove it)")
+    for ctr in (vspec.get("containers") or []) + (vspec.get("initContainers") or []):
+        cw = f"{vw} container {ctr.get('name')}"
+        for e in ctr.get("env") or []:
+            if ((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == ADMIN_TOKEN_SECRET:
+                fail(f"{cw}: env {e.get('name')} reads Secret {ADMIN_TOKEN_SECRET}: verify pods "
+                     f"must not carry the fleet-wide admin token")
+        for e in ctr.get("envFrom") or []:
+            if (e.get("secretRef") or {}).get("name") == ADMIN_TOKEN_SECRET:
+                fail(f"{cw}: envFrom reads Secret {ADMIN_TOKEN_SECRET}: verify pods must not "
+                     f"carry the fleet-wide admin token")
+        if (ctr.get("lifecycle") or {}).get("preStop"):
+            fail(f"{cw}: no preStop hook: on SIGTERM the node drains itself (heartbeat "
+                 f"draining = true over its own certificate); a hook only delays that")
+    for v in vspec.get("volumes") or []:
+        if (v.get("secret") or {}).get("secretName") == ADMIN_TOKEN_SECRET:
+            fail(f"{vw}: volume {v.get('name')} mounts Secret {ADMIN_TOKEN_SECRET}: verify pods "
+                 f"must not carry the fleet-wide admin token")
     for name, path_ in (("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP")):
         if ((env.get(name) or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != path_:
             fail(f"{vw}: {name} must come from the downward API ({path_})")
@@ -686,30 +938,271 @@ def check_cross_refs(docs) -> None:
             if not g or g.get("port") != health_port or g.get("service") != VERIFIER_SERVICE:
                 fail(f"{vw}: {probe} must be a grpc probe on the plaintext health port "
                      f"{health_port} with service {VERIFIER_SERVICE} (got {g})")
-    pre = " ".join(((c.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command") or [])
-    if "/admin/v1/verifiers/$POD_NAME/drain" not in pre:
-        fail(f"{vw}: preStop must drain the node through the admin API")
     if not any(m.get("mountPath") == "/models" and m.get("readOnly") for m in c.get("volumeMounts") or []):
         fail(f"{vw}: the model volume must be mounted read-only at /models")
     grace = vspec.get("terminationGracePeriodSeconds", 30)
-    if grace < 20 + 2 * 5 + 2 * 30:
-        fail(f"{vw}: terminationGracePeriodSeconds {grace} is shorter than preStop drain + "
-             f"2 x server.shutdown_grace")
-    check_tls_mounts(by_kind, vw, vspec, c, "verify-node")
+    need = stop_budget("deploy/config/cloud-verify.toml", load_overlay("cloud-verify.toml") or {})
+    if need is not None and grace < need:
+        fail(f"{vw}: terminationGracePeriodSeconds {grace} is shorter than server.drain_timeout + "
+             f"2 x server.shutdown_grace + {STOP_MARGIN_S}s = {need:g}s "
+             f"(deploy/config/cloud-verify.toml)")
+    verify_attrs = check_tls_mounts(by_kind, vw, vspec, c, "verify-node")
     cc = next(iter(pod_spec(coord[2]).get("containers") or []), {})
-    check_tls_mounts(by_kind, where(*coord), pod_spec(coord[2]), cc, "coordinator")
-    check_certificate_names(by_kind, replicas,
-                            (env.get("EDGESPEC__COORDINATOR__ADDRESSES") or {}).get("value", "")
-                            .split(","))
-    if ((cc.get("readinessProbe") or {}).get("httpGet") or {}).get("path") != "/readyz":
-        fail(f"{where(*coord)}: readiness must be httpGet /readyz")
-    if ((cc.get("livenessProbe") or {}).get("httpGet") or {}).get("path") != "/healthz":
-        fail(f"{where(*coord)}: liveness must be httpGet /healthz")
+    cw = where(*coord)
+    check_tls_mounts(by_kind, cw, pod_spec(coord[2]), cc, "coordinator")
+    coord_cert = check_certificate_names(
+        by_kind, replicas,
+        (env.get("EDGESPEC__COORDINATOR__ADDRESSES") or {}).get("value", "").split(","),
+        verify_attrs, vw)
+    # The admin port serves HTTPS with the coordinators' certificate unless tls.mode is
+    # plaintext or admin.plaintext = true: probes and scrapers must say https.
+    coord_eff = effective("coordinator", load_overlay("coordinator.toml") or {})
+    admin_https = ((coord_eff.get("tls") or {}).get("mode") == "mtls"
+                   and not (coord_eff.get("admin") or {}).get("plaintext", False))
+    scheme = "HTTPS" if admin_https else "HTTP"
+    admin_port = int(str((coord_eff.get("admin") or {}).get("listen", ":9464")).rsplit(":", 1)[1])
+    coord_ports = {p.get("name"): p.get("containerPort") for p in cc.get("ports") or []}
+    for probe, path_ in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = (cc.get(probe) or {}).get("httpGet") or {}
+        if get.get("path") != path_:
+            fail(f"{cw}: {probe} must be httpGet {path_}")
+        if get.get("scheme", "HTTP") != scheme:
+            fail(f"{cw}: {probe} must use scheme: {scheme} (the admin port serves "
+                 f"{scheme} with tls.mode = {(coord_eff.get('tls') or {}).get('mode')!r}, "
+                 f"admin.plaintext = {(coord_eff.get('admin') or {}).get('plaintext', False)})")
+        if coord_ports.get(get.get("port"), get.get("port")) != admin_port:
+            fail(f"{cw}: {probe} must go to the admin port {admin_port} (admin.listen)")
+    for svc in by_kind.get("Service", {}).values():
+        if not matches((svc[2].get("spec") or {}).get("selector") or {}, pod_labels(coord[2])):
+            continue
+        for port in (svc[2].get("spec") or {}).get("ports") or []:
+            if port.get("targetPort") in ("admin", admin_port) and \
+                    port.get("appProtocol", scheme.lower()) != scheme.lower():
+                fail(f"{where(*svc)}: port {port.get('name')} appProtocol must be "
+                     f"{scheme.lower()} (the admin port serves {scheme})")
+    for sm in by_kind.get("ServiceMonitor", {}).values():
+        smw = where(*sm)
+        for e in (sm[2].get("spec") or {}).get("endpoints") or []:
+            if e.get("port") != "admin":
+                continue
+            if e.get("scheme", "http") != scheme.lower():
+                fail(f"{smw}: endpoint admin must scrape with scheme: {scheme.lower()}")
+            if not admin_https:
+                continue
+            tls = e.get("tlsConfig") or {}
+            if tls.get("insecureSkipVerify"):
+                fail(f"{smw}: tlsConfig.insecureSkipVerify: check the coordinators' certificate "
+                     f"against the fleet CA instead")
+            ca = (tls.get("ca") or {}).get("secret") or {}
+            if (ca.get("name"), ca.get("key")) != (COORDINATOR_TLS_SECRET, "ca.crt") \
+                    and not (tls.get("ca") or {}).get("configMap"):
+                fail(f"{smw}: tlsConfig.ca must be the fleet CA (Secret {COORDINATOR_TLS_SECRET} "
+                     f"key ca.crt, or a ConfigMap bundle); is {tls.get('ca')}")
+            names = set((coord_cert or {}).get("dnsNames") or [])
+            if tls.get("serverName") not in names:
+                fail(f"{smw}: tlsConfig.serverName {tls.get('serverName')!r} must be a DNS name of "
+                     f"the coordinators' certificate ({sorted(names)}): Prometheus scrapes pod IPs")
+    check_network_policies(by_kind, coord, verify, c, cc)
     for kind in ("PodDisruptionBudget",):
         for target in (coord, verify):
             if not any(matches(((p[2].get("spec") or {}).get("selector") or {}).get("matchLabels") or {},
                                pod_labels(target[2])) for p in by_kind.get(kind, {}).values()):
                 fail(f"{where(*target)}: no PodDisruptionBudget covers it")
+
+
+def np_selects(np: dict, labels: dict) -> bool:
+    sel = (np.get("spec") or {}).get("podSelector") or {}
+    return all(labels.get(k) == v for k, v in (sel.get("matchLabels") or {}).items())
+
+
+def ingress_peers(by_kind: dict, labels: dict, number: int, name: str | None) -> list:
+    """Who may connect to TCP port `number` (container port `name`) of pods with `labels`:
+    [(policy, peer)], peer None meaning anyone. Empty: nobody (default deny)."""
+    out = []
+    for np in by_kind.get("NetworkPolicy", {}).values():
+        spec = np[2].get("spec") or {}
+        types = spec.get("policyTypes") or ["Ingress"]
+        if "Ingress" not in types or not np_selects(np[2], labels):
+            continue
+        for rule in spec.get("ingress") or []:
+            ports = rule.get("ports") or []
+            hit = not ports or any(
+                p.get("protocol", "TCP") == "TCP" and (
+                    p.get("port") is None or p.get("port") == name
+                    or (isinstance(p.get("port"), int)
+                        and p["port"] <= number <= p.get("endPort", p["port"])))
+                for p in ports)
+            if not hit:
+                continue
+            peers = rule.get("from") or []
+            out.extend((np, peer) for peer in peers) if peers else out.append((np, None))
+    return out
+
+
+def peer_kind(peer) -> str:
+    if peer is None:
+        return "anyone"
+    if "ipBlock" in peer:
+        return "ipBlock"
+    if "namespaceSelector" in peer:
+        return "namespace"
+    return "pod"
+
+
+def check_network_policies(by_kind: dict, coord, verify, vc: dict, cc: dict) -> None:
+    """Default-deny ingress, and each edgespec port open to exactly the peers that need it."""
+    nps = by_kind.get("NetworkPolicy", {})
+    if not nps:
+        fail("deploy/k8s: no NetworkPolicy (base/networkpolicy.yaml: default-deny ingress plus "
+             "one policy per edgespec port)")
+        return
+    workloads = [x for k in ("Deployment", "StatefulSet") for x in by_kind.get(k, {}).values()]
+    deny = [np for np in nps.values()
+            if not ((np[2].get("spec") or {}).get("podSelector") or {})
+            and "Ingress" in ((np[2].get("spec") or {}).get("policyTypes") or [])
+            and not (np[2].get("spec") or {}).get("ingress")]
+    if not deny:
+        fail("deploy/k8s: no default-deny ingress NetworkPolicy (podSelector {}, policyTypes "
+             "[Ingress], no ingress rules)")
+    for np in nps.values():
+        w = where(*np)
+        spec = np[2].get("spec") or {}
+        if (spec.get("podSelector") or {}).get("matchExpressions"):
+            fail(f"{w}: use podSelector.matchLabels (matchExpressions are not checked here)")
+        selected = [x for x in workloads if np_selects(np[2], pod_labels(x[2]))]
+        if (spec.get("podSelector") or {}).get("matchLabels") and not selected:
+            fail(f"{w}: podSelector matches no Deployment/StatefulSet pods")
+        ports = {(p.get("name"), p.get("containerPort")) for x in selected
+                 for ctr in pod_spec(x[2]).get("containers") or [] for p in ctr.get("ports") or []}
+        for rule in spec.get("ingress") or []:
+            for p in rule.get("ports") or []:
+                if p.get("port") is not None and not any(p.get("port") in pair for pair in ports):
+                    fail(f"{w}: port {p.get('port')} is not a container port of the pods it "
+                         f"selects ({sorted(n for n, _ in ports)})")
+            for peer in rule.get("from") or []:
+                blk = peer.get("ipBlock")
+                if blk is None:
+                    continue
+                try:
+                    net = ipaddress.ip_network(blk.get("cidr", ""), strict=True)
+                    for e in blk.get("except") or []:
+                        if not ipaddress.ip_network(e, strict=True).subnet_of(net):
+                            fail(f"{w}: ipBlock except {e} is not inside {net}")
+                except (ValueError, TypeError) as e:
+                    fail(f"{w}: ipBlock {blk}: {e}")
+
+    vlabels, clabels = pod_labels(verify[2]), pod_labels(coord[2])
+    vw, cw = where(*verify), where(*coord)
+
+    def port_of(overlay: str, crate: str, section: str, key: str, default: str) -> int:
+        eff = effective(crate, load_overlay(overlay) or {})
+        return int(str((eff.get(section) or {}).get(key, default)).rsplit(":", 1)[1])
+
+    def name_of(ctr: dict, number: int):
+        return next((p.get("name") for p in ctr.get("ports") or []
+                     if p.get("containerPort") == number), None)
+
+    def cidrs(peers) -> list:
+        return [ipaddress.ip_network(p["ipBlock"]["cidr"], strict=False)
+                for _np, p in peers if peer_kind(p) == "ipBlock"
+                and re.fullmatch(r"[0-9a-fA-F.:]+/\d+", str(p["ipBlock"].get("cidr", "")))]
+
+    def covered(net, nets) -> bool:
+        return any(net.version == n.version and net.subnet_of(n) for n in nets)
+
+    def show(peers) -> str:
+        return ", ".join(f"{(np[2].get('metadata') or {}).get('name')}: {peer}"
+                         for np, peer in peers) or "nobody"
+
+    # Verify pods' Verifier: only the coordinator pods.
+    vgrpc = port_of("cloud-verify.toml", "verify-node", "server", "listen", ":50061")
+    peers = ingress_peers(by_kind, vlabels, vgrpc, name_of(vc, vgrpc))
+    if not peers:
+        fail(f"{vw}: no NetworkPolicy admits the coordinators to the Verifier port {vgrpc}")
+    for np, peer in peers:
+        sel = ((peer or {}).get("podSelector") or {}).get("matchLabels") or {}
+        if peer_kind(peer) != "pod" or not matches(sel, clabels) or matches(sel, vlabels):
+            fail(f"{where(*np)}: admits {peer or 'anyone'} to the verify pods' Verifier port "
+                 f"{vgrpc}; only the coordinator pods (podSelector {clabels}) may connect")
+    # Verify pods' plaintext health port: only the kubelet (node CIDR).
+    health = str(effective("verify-node", load_overlay("cloud-verify.toml") or {})
+                 .get("server", {}).get("health_listen", ""))
+    probe_nets = []
+    if re.fullmatch(r".+:\d+", health):
+        hport = int(health.rsplit(":", 1)[1])
+        peers = ingress_peers(by_kind, vlabels, hport, name_of(vc, hport))
+        if not peers:
+            fail(f"{vw}: no NetworkPolicy admits the kubelet's probes (the node CIDR) to the "
+                 f"health port {hport}")
+        for np, peer in peers:
+            if peer_kind(peer) != "ipBlock":
+                fail(f"{where(*np)}: admits {peer or 'anyone'} to the plaintext health port "
+                     f"{hport}; only the kubelet's probes (an ipBlock of the node CIDR) may")
+        probe_nets = cidrs(peers)
+    # Coordinators' gRPC: the verify pods and the on-prem ranges (draft and verify nodes).
+    cgrpc = port_of("coordinator.toml", "coordinator", "grpc", "listen", ":50051")
+    peers = ingress_peers(by_kind, clabels, cgrpc, name_of(cc, cgrpc))
+    kinds = [peer_kind(p) for _np, p in peers]
+    if not any(peer_kind(p) == "pod" and matches((p.get("podSelector") or {}).get("matchLabels")
+                                                 or {}, vlabels) for _np, p in peers):
+        fail(f"{cw}: no NetworkPolicy admits the verify pods to the coordinators' gRPC port "
+             f"{cgrpc} (registration, heartbeats, their drain on SIGTERM); admitted: {show(peers)}")
+    if "ipBlock" not in kinds:
+        fail(f"{cw}: no NetworkPolicy admits the on-prem draft and verify nodes (an ipBlock of "
+             f"the sites' ranges) to the coordinators' gRPC port {cgrpc}")
+    for np, peer in peers:
+        if peer_kind(peer) not in ("pod", "ipBlock"):
+            fail(f"{where(*np)}: admits {peer or 'anyone'} to the coordinators' gRPC port "
+                 f"{cgrpc}; only the verify pods and the on-prem ranges may connect")
+    grpc_nets = cidrs(peers)
+    for svc in by_kind.get("Service", {}).values():
+        sspec = svc[2].get("spec") or {}
+        if sspec.get("type") != "LoadBalancer" or not matches(
+                {k: v for k, v in (sspec.get("selector") or {}).items()
+                 if k != "statefulset.kubernetes.io/pod-name"}, clabels):
+            continue
+        if sspec.get("externalTrafficPolicy") != "Local":
+            fail(f"{where(*svc)}: externalTrafficPolicy must be Local, or the coordinators see "
+                 f"node addresses instead of the on-prem clients' and the NetworkPolicy's ipBlock "
+                 f"does not apply")
+        for r in sspec.get("loadBalancerSourceRanges") or []:
+            try:
+                net = ipaddress.ip_network(r, strict=False)
+            except ValueError as e:
+                fail(f"{where(*svc)}: loadBalancerSourceRanges {r}: {e}")
+                continue
+            if not covered(net, grpc_nets):
+                fail(f"{where(*svc)}: loadBalancerSourceRanges {r} is not admitted to the "
+                     f"coordinators' gRPC port by any NetworkPolicy ipBlock "
+                     f"({[str(n) for n in grpc_nets]}): keep the two lists the same")
+    # Coordinators' admin port: Prometheus, operators, the kubelet's probes. Not the GPU pods.
+    admin = port_of("coordinator.toml", "coordinator", "admin", "listen", ":9464")
+    peers = ingress_peers(by_kind, clabels, admin, name_of(cc, admin))
+    if not peers:
+        fail(f"{cw}: no NetworkPolicy admits Prometheus and the kubelet to the admin port {admin}")
+    for np, peer in peers:
+        kind = peer_kind(peer)
+        sel = ((peer or {}).get("podSelector") or {}).get("matchLabels") or {}
+        if kind == "anyone" or (kind == "pod" and (not sel or matches(sel, vlabels))):
+            fail(f"{where(*np)}: admits {peer or 'anyone'} to the admin port {admin}; only the "
+                 f"monitoring and operator namespaces/ranges and the kubelet may")
+    prom_ns = None
+    for so in by_kind.get("ScaledObject", {}).values():
+        for t in (so[2].get("spec") or {}).get("triggers") or []:
+            m = re.match(r"https?://[^./:]+\.([^./:]+)\.svc", (t.get("metadata") or {})
+                         .get("serverAddress", ""))
+            prom_ns = prom_ns or (m and m.group(1))
+    if prom_ns and not any(
+            peer_kind(p) == "namespace"
+            and ((p.get("namespaceSelector") or {}).get("matchLabels") or {})
+            .get("kubernetes.io/metadata.name") == prom_ns for _np, p in peers):
+        fail(f"{cw}: no NetworkPolicy admits namespace {prom_ns} (Prometheus, the KEDA trigger's "
+             f"serverAddress) to the admin port {admin}: /metrics would not be scraped")
+    for net in probe_nets:
+        if not covered(net, cidrs(peers)):
+            fail(f"{cw}: the node CIDR {net} (admitted to the verify pods' health port for the "
+                 f"kubelet's probes) is not admitted to the admin port {admin}, where the "
+                 f"coordinators' probes go")
 
 
 def check_kustomizations(files) -> None:
