@@ -44,27 +44,49 @@ where
     Running { stop, task }
 }
 
+const ADMIN_TOKEN: &str = "tenancy-test";
+
 /// A plaintext coordinator on `grpc` (port 0: any) with a fixed γ of 2.
 async fn coordinator(grpc: SocketAddr) -> Result<(SocketAddr, Running)> {
+    let (grpc, _, running) = coordinator_with_admin(grpc).await?;
+    Ok((grpc, running))
+}
+
+/// [`coordinator`], also returning its admin HTTP address (token [`ADMIN_TOKEN`]).
+async fn coordinator_with_admin(grpc: SocketAddr) -> Result<(SocketAddr, SocketAddr, Running)> {
     let mut cs = edgespec_coordinator::Settings::for_tests();
+    cs.admin.token = ADMIN_TOKEN.into();
     cs.grpc.listen = grpc;
     cs.policy.gamma_min = 2;
     cs.policy.gamma_max = 2;
     cs.policy.initial_gamma = 2;
     let app = edgespec_coordinator::App::build(cs).await?;
-    let addr = app.grpc_addr();
-    Ok((addr, spawn(|stop| async move { Ok(app.run(stop).await?) })))
+    let (addr, admin) = (app.grpc_addr(), app.http_addr());
+    Ok((
+        addr,
+        admin,
+        spawn(|stop| async move { Ok(app.run(stop).await?) }),
+    ))
 }
 
 async fn verify_node(
     model: &std::path::Path,
     coordinators: &[SocketAddr],
 ) -> Result<(SocketAddr, Running)> {
+    verify_node_as(model, coordinators, "shared-verify", Duration::ZERO).await
+}
+
+async fn verify_node_as(
+    model: &std::path::Path,
+    coordinators: &[SocketAddr],
+    id: &str,
+    drain_timeout: Duration,
+) -> Result<(SocketAddr, Running)> {
     let mut vs = edgespec_verify_node::Settings::default();
     vs.model.path = model.to_path_buf();
     vs.server.listen = ([127, 0, 0, 1], 0).into();
-    vs.server.node_id = "shared-verify".into();
-    vs.server.drain_timeout = Duration::ZERO;
+    vs.server.node_id = id.into();
+    vs.server.drain_timeout = drain_timeout;
     vs.coordinator.addresses = coordinators.iter().map(|a| format!("http://{a}")).collect();
     vs.coordinator.heartbeat_interval = Duration::from_millis(100);
     vs.coordinator.retry_interval = Duration::from_millis(100);
@@ -238,27 +260,135 @@ async fn a_restarted_coordinator_never_touches_its_predecessors_sessions() -> Re
     // A new instance on the same address numbers from 1 again. The draft node reconnects and
     // resyncs its session; a second request opens another one.
     let (_, coord) = coordinator(grpc).await?;
-    let ((a, b), peak) = watching(verify, async {
-        let second = ask(&base, prompts[1]);
-        let first = async { first.await.context("first request task")? };
-        tokio::try_join!(first, second)
-    })
-    .await?;
+    let second = ask(&base, prompts[1]);
+    let first = async { first.await.context("first request task")? };
+    let (a, b) = tokio::try_join!(first, second)?;
     check(&a, &want[0], "the request that crossed the restart")?;
     check(&b, &want[1], "a request on the new instance")?;
-    // The old instance's state stayed where it was, beside the new instance's sessions.
-    // Old state + the resynced session + the new one, all at once.
+    // The new instance numbered its sessions from 1 again and released them when they ended;
+    // the old instance's state must still be there, untouched (had the node keyed sessions by
+    // the bare id, the new session 1 would have reused and then released the old one's slot).
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut live = live_sessions(verify).await?;
+    while live != orphans && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_sessions(verify).await?;
+    }
     ensure!(
-        peak >= orphans + 2,
-        "the new instance's sessions took over the old instance's slots (peak {peak}, \
-         orphans {orphans})"
-    );
-    ensure!(
-        live_sessions(verify).await? >= orphans,
-        "the new instance released the old instance's sessions"
+        live == orphans,
+        "after the new instance's sessions ended the node holds {live} sessions; the old \
+         instance left {orphans}"
     );
 
     for n in [draft, coord, vnode] {
+        n.stop().await?;
+    }
+    Ok(())
+}
+
+/// The verify nodes in the coordinator's admin view: (id, health, admin state).
+async fn nodes(admin: SocketAddr) -> Result<Vec<(String, String, String)>> {
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{admin}/admin/v1/nodes"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["verifiers"]
+        .as_array()
+        .context("verifiers")?
+        .iter()
+        .map(|n| {
+            let s = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+            (s("id"), s("health"), s("admin"))
+        })
+        .collect())
+}
+
+/// A verify node that is stopped (SIGTERM's path) drains itself: it tells the coordinator over
+/// its own heartbeat, which moves the session to the other node at its next block, and it
+/// exits only once it holds none. No admin token involved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_verify_node_drains_itself_through_its_coordinator() -> Result<()> {
+    edgespec_tests::init_logs();
+    let model = smollm()?;
+    let prompt = "Write a Python function that adds two numbers.";
+    let want = references(&model, [prompt, prompt]).await?;
+
+    let (grpc, admin, coord) = coordinator_with_admin(([127, 0, 0, 1], 0).into()).await?;
+    let drain = Duration::from_secs(60);
+    let (va, node_a) = verify_node_as(&model, &[grpc], "verify-a", drain).await?;
+    let (vb, node_b) = verify_node_as(&model, &[grpc], "verify-b", drain).await?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while nodes(admin).await?.iter().filter(|n| n.1 == "up").count() < 2 {
+        ensure!(
+            tokio::time::Instant::now() < until,
+            "verify nodes did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (base, draft) = draft_node(&model, grpc).await?;
+
+    let answer = tokio::spawn({
+        let base = base.clone();
+        async move { ask(&base, prompt).await }
+    });
+    // Stop whichever node holds the session, mid-answer.
+    let (holder, holder_id, other, mut remaining) = loop {
+        ensure!(
+            tokio::time::Instant::now() < until,
+            "no session reached a verify node"
+        );
+        let (a, b) = (live_sessions(va).await?, live_sessions(vb).await?);
+        if a > 0 {
+            break (node_a, "verify-a", vb, Some(node_b));
+        }
+        if b > 0 {
+            break (node_b, "verify-b", va, Some(node_a));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    ensure!(
+        !answer.is_finished(),
+        "the answer ended before the node was stopped"
+    );
+    let stopping = tokio::spawn(holder.stop());
+    let mut moved = 0;
+    while !stopping.is_finished() {
+        moved = moved.max(live_sessions(other).await.unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stopping.await??;
+    // The answer goes on, on the other node.
+    while !answer.is_finished() {
+        moved = moved.max(live_sessions(other).await.unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = nodes(admin)
+        .await?
+        .into_iter()
+        .find(|n| n.0 == holder_id)
+        .context("the stopped node left the registry at once")?;
+    ensure!(
+        state.2 == "draining",
+        "the coordinator did not drain {holder_id}: {state:?}"
+    );
+    ensure!(
+        moved >= 1,
+        "the session never reached the other node while {holder_id} drained"
+    );
+    let out = answer.await??;
+    ensure!(
+        out.text == want[0],
+        "the drained answer differs: {:?}",
+        out.text
+    );
+
+    for n in [Some(draft), Some(coord), remaining.take()]
+        .into_iter()
+        .flatten()
+    {
         n.stop().await?;
     }
     Ok(())

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ModelHandle, ModelHealth};
-use edgespec_proto::pb::verifier_server::VerifierServer;
 use edgespec_proto::auth::{Role, VERIFIER_RULES};
+use edgespec_proto::pb::verifier_server::VerifierServer;
 use edgespec_proto::tls::Tls;
 use edgespec_proto::FILE_DESCRIPTOR_SET;
 use std::time::Duration;
@@ -214,6 +214,7 @@ impl App {
         let stop = CancellationToken::new();
         tokio::spawn(watch_model_health(model.clone(), health, stop.clone()));
         let (draining, draining_rx) = watch::channel(false);
+        let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let registrations = registration::spawn(
             &settings.coordinator.addresses,
             &tls,
@@ -226,6 +227,7 @@ impl App {
                 facts: facts.clone(),
                 batcher: batcher.clone(),
                 draining: draining_rx,
+                told: told.clone(),
             },
             stop.clone(),
         );
@@ -249,6 +251,8 @@ impl App {
                 settings.server.drain_timeout
             },
             draining,
+            told,
+            coordinators: settings.coordinator.addresses.len(),
             load: batcher.clone(),
         };
         let service = VerifierService::new(batcher, facts);
@@ -292,6 +296,8 @@ impl App {
 struct Drain {
     timeout: Duration,
     draining: watch::Sender<bool>,
+    told: Arc<std::sync::atomic::AtomicUsize>,
+    coordinators: usize,
     load: Batcher,
 }
 
@@ -304,12 +310,20 @@ impl Drain {
         tracing::info!(sessions = held, timeout = ?self.timeout, "stopping: draining this node");
         self.draining.send_replace(true);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        while self.load.load().active_sessions > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every coordinator has heard it (no new session comes), and every session has moved.
+        let done = || {
+            self.told.load(std::sync::atomic::Ordering::SeqCst) >= self.coordinators
+                && self.load.load().active_sessions == 0
+        };
+        while !done() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.load.load().active_sessions;
         if left > 0 {
-            tracing::warn!(sessions = left, "drain timed out; the remaining sessions will resync elsewhere");
+            tracing::warn!(
+                sessions = left,
+                "drain timed out; the remaining sessions will resync elsewhere"
+            );
         } else {
             tracing::info!("drained: no session left on this node");
         }

@@ -40,6 +40,8 @@ pub struct Registration {
     pub batcher: Batcher,
     /// Becomes true when the node stops: each loop heartbeats `draining` at once.
     pub draining: watch::Receiver<bool>,
+    /// Coordinators that acknowledged a `draining` heartbeat.
+    pub told: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Starts one registration loop per coordinator address; they stop when `cancel` fires.
@@ -69,6 +71,8 @@ pub fn spawn(
                 facts: shared.facts.clone(),
                 batcher: shared.batcher.clone(),
                 draining: shared.draining.clone(),
+                told: shared.told.clone(),
+                acknowledged: false,
             };
             Some(tokio::spawn(registrar.run(cancel.clone())))
         })
@@ -82,6 +86,8 @@ struct Registrar {
     facts: Arc<NodeFacts>,
     batcher: Batcher,
     draining: watch::Receiver<bool>,
+    told: Arc<std::sync::atomic::AtomicUsize>,
+    acknowledged: bool,
 }
 
 impl Registrar {
@@ -98,6 +104,7 @@ impl Registrar {
                         Duration::ZERO
                     }
                     Err(e) => {
+                        self.drain_told();
                         if !down_reported {
                             tracing::warn!(coordinator = %self.addr, error = %e,
                                 "cannot register with the coordinator; retrying");
@@ -107,7 +114,10 @@ impl Registrar {
                     }
                 },
                 Some(interval) => match self.heartbeat().await {
-                    Ok(true) => interval,
+                    Ok(true) => {
+                        self.drain_told();
+                        interval
+                    }
                     Ok(false) => {
                         tracing::info!(coordinator = %self.addr,
                             "the coordinator does not know this node; registering again");
@@ -115,6 +125,8 @@ impl Registrar {
                         Duration::ZERO
                     }
                     Err(e) => {
+                        // Unreachable: it cannot place sessions here either.
+                        self.drain_told();
                         tracing::warn!(coordinator = %self.addr, error = %e,
                             "heartbeat failed; registering again once the coordinator is back");
                         down_reported = true;
@@ -131,6 +143,15 @@ impl Registrar {
             }
         }
         tracing::debug!(coordinator = %self.addr, "registration stopped");
+    }
+
+    /// Counts this coordinator as done with the drain announcement once the node is draining
+    /// and the coordinator has either heard a `draining` heartbeat or cannot be reached.
+    fn drain_told(&mut self) {
+        if *self.draining.borrow() && !self.acknowledged {
+            self.acknowledged = true;
+            self.told.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Registers; returns the heartbeat interval to use.

@@ -32,7 +32,9 @@ fn owner<T>(request: &Request<T>, coordinator_id: &str) -> Result<Owner, Status>
             "coordinator_id is longer than {MAX_COORDINATOR_ID_LEN} bytes"
         )));
     }
-    let peer = auth::caller(request).map(|c| c.uri.clone()).unwrap_or_default();
+    let peer = auth::caller(request)
+        .map(|c| c.uri.clone())
+        .unwrap_or_default();
     Ok(Owner::new(&peer, coordinator_id))
 }
 

@@ -282,7 +282,13 @@ impl Sessions {
 
     /// Records a round's result: session `key` (node-local `id`) now has `committed_len`
     /// tokens ending in `last_token`, and is the most recently used.
-    pub fn commit(&mut self, key: &SessionKey, id: SessionId, committed_len: usize, last_token: u32) {
+    pub fn commit(
+        &mut self,
+        key: &SessionKey,
+        id: SessionId,
+        committed_len: usize,
+        last_token: u32,
+    ) {
         self.clock += 1;
         if let Some(old) = self.ids.insert(key.clone(), id) {
             if old != id {
@@ -457,7 +463,9 @@ mod tests {
         assert_eq!(s.local_id(&a), Some(la));
         assert_eq!(s.get(la).unwrap().last_token, 7);
         // The wrong-length error does not echo the session's state.
-        let err = s.plan(a.clone(), la, block(1, 4, None, vec![])).unwrap_err();
+        let err = s
+            .plan(a.clone(), la, block(1, 4, None, vec![]))
+            .unwrap_err();
         assert!(!err.message.contains('3'), "{}", err.message);
     }
 }
