@@ -99,6 +99,9 @@ pub struct Verifier {
     pub cost: VerifyCostModel,
     /// Registration generation: bumps on every (re-)registration so stale clients are replaced.
     pub generation: u64,
+    /// The drain was the node's own (a `draining` heartbeat while it stopped), not an
+    /// operator's: a later registration (the restarted process) makes it active again.
+    pub self_drained: bool,
 }
 
 impl Verifier {
@@ -194,8 +197,16 @@ impl Registry {
         let previous = self.nodes.remove(&info.node_id);
         let was_known = previous.is_some();
         // A re-registering node keeps its operator state and its cost fit (same hardware).
+        // A node that drained itself to stop comes back active when it registers again.
         let (admin, cost) = previous
-            .map(|p| (p.admin, p.cost))
+            .map(|p| {
+                let admin = if p.self_drained {
+                    AdminState::Active
+                } else {
+                    p.admin
+                };
+                (admin, p.cost)
+            })
             .unwrap_or((AdminState::Active, VerifyCostModel::default()));
         self.nodes.insert(
             info.node_id.clone(),
@@ -213,6 +224,7 @@ impl Registry {
                 reported: info.load.unwrap_or_default(),
                 cost,
                 generation: self.generations,
+                self_drained: false,
             },
         );
         Ok(Registered { was_known })

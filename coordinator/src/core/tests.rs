@@ -186,7 +186,10 @@ fn missed_heartbeats_answer_queued_blocks_with_resync() {
     c.tick(t0 + Duration::from_secs(60), &mut out);
     assert_eq!(errors(&out), vec![(s, ErrorCode::ResyncNeeded)]);
     assert_eq!(c.verifiers_up(), 0);
-    assert!(!c.heartbeat("a", None, false, t0).known, "down nodes re-register");
+    assert!(
+        !c.heartbeat("a", None, false, t0).known,
+        "down nodes re-register"
+    );
 }
 
 #[test]
@@ -253,6 +256,33 @@ fn drain_moves_a_session_at_its_next_block_and_releases_it() {
     assert_eq!(out.releases.len(), 1);
     assert_eq!(out.releases[0].node_id, "a");
     assert_eq!(c.sessions_view()[0].verifier.as_deref(), Some("b"));
+}
+
+#[test]
+fn a_stopping_node_drains_itself_and_comes_back_active_when_restarted() {
+    use crate::registry::AdminState;
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    c.register(&info("b", "onprem"), t0).unwrap();
+    let admin = |c: &Core, id: &str| {
+        c.nodes_view(t0)
+            .verifiers
+            .iter()
+            .find(|v| v.id == id)
+            .unwrap()
+            .admin
+    };
+    assert!(c.heartbeat("a", None, true, t0).known);
+    assert_eq!(admin(&c, "a"), AdminState::Draining);
+    // The restarted process registers again: active.
+    c.register(&info("a", "onprem"), t0).unwrap();
+    assert_eq!(admin(&c, "a"), AdminState::Active);
+    // An operator's cordon is not turned into a self-drain, and survives a restart.
+    c.node_action("b", NodeAction::Cordon).unwrap();
+    c.heartbeat("b", None, true, t0);
+    assert_eq!(admin(&c, "b"), AdminState::Cordoned);
+    c.register(&info("b", "onprem"), t0).unwrap();
+    assert_eq!(admin(&c, "b"), AdminState::Cordoned);
 }
 
 #[test]

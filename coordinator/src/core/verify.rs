@@ -70,13 +70,14 @@ impl Core {
     ) -> pb::VerifierHeartbeatResponse {
         let r = self.registry.heartbeat(node_id, load, now);
         if r.known && draining {
-            let already = self
-                .registry
-                .get(node_id)
-                .is_some_and(|v| v.admin == AdminState::Draining);
-            if !already && self.registry.apply(node_id, NodeAction::Drain).is_ok() {
-                tracing::info!(node = node_id, "verify node is stopping: draining it");
-                self.update_gauges();
+            // An operator's drain or cordon stays the operator's (and outlives a restart).
+            if let Some(v) = self.registry.get_mut(node_id) {
+                if v.admin == AdminState::Active {
+                    v.admin = AdminState::Draining;
+                    v.self_drained = true;
+                    tracing::info!(node = node_id, "verify node is stopping: draining it");
+                    self.update_gauges();
+                }
             }
         }
         pb::VerifierHeartbeatResponse {
