@@ -35,20 +35,24 @@ pub struct Limits {
 /// Whose sessions these are: the calling coordinator as authenticated (its certificate's
 /// identity; empty in plaintext mode) and the instance id it sends (new at every start).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Owner {
+pub struct Owner(Arc<OwnerId>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct OwnerId {
     /// The caller's certificate identity (`spiffe://…/coordinator/<id>`), or empty.
-    pub peer: Arc<str>,
+    peer: String,
     /// The coordinator process's instance id.
-    pub instance: Arc<str>,
+    instance: String,
 }
 
 impl Owner {
-    /// An owner from its parts.
+    /// An owner from its parts: the caller's certificate identity (empty in plaintext mode)
+    /// and the coordinator's instance id.
     pub fn new(peer: &str, instance: &str) -> Self {
-        Owner {
-            peer: peer.into(),
-            instance: instance.into(),
-        }
+        Owner(Arc::new(OwnerId {
+            peer: peer.to_string(),
+            instance: instance.to_string(),
+        }))
     }
 }
 
