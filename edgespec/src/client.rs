@@ -39,6 +39,9 @@ pub struct ChatOutcome {
     pub stats: Option<Value>,
     /// `finish_reason` of the choice.
     pub finish_reason: Option<String>,
+    /// The completion's token ids (eos included), from the `edgespec` extension: the client
+    /// always asks for them (`return_token_ids`), so tests compare ids, not text.
+    pub token_ids: Vec<u32>,
 }
 
 impl ChatOutcome {
@@ -68,6 +71,7 @@ pub async fn stream_chat(
         "temperature": req.temperature,
         "stream": true,
         "stream_options": {"include_usage": true},
+        "return_token_ids": true,
     });
     if let Some(seed) = req.seed {
         body["seed"] = json!(seed);
@@ -145,6 +149,12 @@ fn absorb_chunk(
         out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
     }
     if let Some(s) = v.get("edgespec").filter(|s| !s.is_null()) {
+        if let Some(ids) = s["token_ids"].as_array() {
+            out.token_ids = ids
+                .iter()
+                .filter_map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()))
+                .collect();
+        }
         out.stats = Some(s.clone());
     }
 }

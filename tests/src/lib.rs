@@ -37,6 +37,21 @@ pub fn smollm() -> Result<PathBuf> {
 /// needed and none is applied.
 pub fn target_only_greedy(model: &PathBuf, prompt: &str, max_tokens: usize) -> Result<String> {
     let tok = TextTokenizer::from_gguf(model)?;
+    let mut ids = target_only_greedy_ids(model, prompt, max_tokens)?;
+    if ids.last().is_some_and(|t| tok.eos_token_ids().contains(t)) {
+        ids.pop();
+    }
+    Ok(tok.decode(&ids)?)
+}
+
+/// [`target_only_greedy`] as token ids, the way the API reports them
+/// (`ChatOutcome::token_ids`): the completion's ids in order, an end-of-turn token included.
+pub fn target_only_greedy_ids(
+    model: &PathBuf,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    let tok = TextTokenizer::from_gguf(model)?;
     let ids = tok.encode_chat(&[ChatMessage::new("user", prompt)], true)?;
     let mut lm = load_gguf(model, DeviceKind::Cpu).context("loading the reference model")?;
     let eos = tok.eos_token_ids().to_vec();
@@ -53,13 +68,13 @@ pub fn target_only_greedy(model: &PathBuf, prompt: &str, max_tokens: usize) -> R
         }])?;
         start += n;
         let t = edgespec_specdec::argmax(logits[0].row(0));
+        out.push(t);
         if eos.contains(&t) {
             break;
         }
-        out.push(t);
         next = vec![t];
     }
-    Ok(tok.decode(&out)?)
+    Ok(out)
 }
 
 /// Prompts used across the end-to-end tests (code prompts: high acceptance, no near-ties).

@@ -16,7 +16,7 @@ use edgespec_model::{ChatMessage, TextTokenizer};
 use edgespec_proto::pb::verifier_client::VerifierClient;
 use edgespec_proto::pb::InfoRequest;
 use edgespec_proto::tls::TlsSettings;
-use edgespec_tests::{smollm, target_only_greedy};
+use edgespec_tests::{smollm, target_only_greedy_ids};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -148,13 +148,13 @@ async fn ask(base: &str, prompt: &str) -> Result<ChatOutcome> {
     .await
 }
 
-/// Reference answers (text and token count) by target-only greedy decoding.
-async fn references(model: &std::path::Path, prompts: [&'static str; 2]) -> Result<Vec<String>> {
+/// Reference answers (token ids) by target-only greedy decoding, one token per forward.
+async fn references(model: &std::path::Path, prompts: [&'static str; 2]) -> Result<Vec<Vec<u32>>> {
     let m = model.to_path_buf();
     tokio::task::spawn_blocking(move || {
         prompts
             .iter()
-            .map(|p| target_only_greedy(&m, p, MAX_TOKENS as usize))
+            .map(|p| target_only_greedy_ids(&m, p, MAX_TOKENS as usize))
             .collect::<Result<Vec<_>>>()
     })
     .await?
@@ -178,11 +178,12 @@ async fn watching<T>(
     }
 }
 
-fn check(out: &ChatOutcome, reference: &str, what: &str) -> Result<()> {
+fn check(out: &ChatOutcome, reference: &[u32], what: &str) -> Result<()> {
     ensure!(
-        out.text == reference,
-        "{what}: the answer differs from target-only greedy for its own prompt\n got: {:?}\nwant: {:?}",
-        out.text,
+        out.token_ids == reference,
+        "{what}: the answer's token ids differ from target-only greedy for its own prompt\n \
+         got: {:?}\nwant: {:?}",
+        out.token_ids,
         reference
     );
     ensure!(
@@ -379,11 +380,7 @@ async fn a_stopping_verify_node_drains_itself_through_its_coordinator() -> Resul
         "the session never reached the other node while {holder_id} drained"
     );
     let out = answer.await??;
-    ensure!(
-        out.text == want[0],
-        "the drained answer differs: {:?}",
-        out.text
-    );
+    check(&out, &want[0], "the answer whose verify node drained")?;
 
     for n in [Some(draft), Some(coord), remaining.take()]
         .into_iter()

@@ -28,6 +28,8 @@ pub(crate) struct CommonParams {
     pub n: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// Extension: add the completion's token ids to the `edgespec` object of the response.
+    pub return_token_ids: Option<bool>,
 }
 
 /// `stream_options`.
@@ -106,6 +108,7 @@ pub(crate) struct Prepared {
     pub generate: GenerateRequest,
     pub stream: bool,
     pub include_usage: bool,
+    pub return_token_ids: bool,
 }
 
 /// Parses a JSON body, mapping syntax and type errors to 400.
@@ -339,6 +342,7 @@ fn prepare_common(
         },
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        return_token_ids: c.return_token_ids.unwrap_or(false),
     })
 }
 

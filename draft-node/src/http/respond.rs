@@ -72,9 +72,9 @@ impl Meta {
     }
 }
 
-fn extension(s: &Summary) -> Value {
+fn extension(s: &Summary, with_ids: bool) -> Value {
     let st = &s.stats;
-    json!({
+    let mut v = json!({
         "drafted": st.drafted,
         "accepted": st.accepted,
         "rounds": st.rounds,
@@ -83,7 +83,11 @@ fn extension(s: &Summary) -> Value {
         "target_forwards": st.rounds,
         "resyncs": st.resyncs,
         "pipelined_kept": st.pipelined_kept,
-    })
+    });
+    if with_ids {
+        v["token_ids"] = json!(s.token_ids);
+    }
+    v
 }
 
 /// Runs a prepared request and answers it.
@@ -126,7 +130,7 @@ pub(crate) async fn generate(
     };
     if p.stream {
         node.metrics().request(endpoint, "ok");
-        return sse(meta, first, rx, p.include_usage);
+        return sse(meta, first, rx, p.include_usage, p.return_token_ids);
     }
     let mut text = String::new();
     let mut next = Some(first);
@@ -157,7 +161,7 @@ pub(crate) async fn generate(
     };
     let mut body = meta.envelope(false, json!([choice]));
     body["usage"] = meta.usage(&summary);
-    body["edgespec"] = extension(&summary);
+    body["edgespec"] = extension(&summary, p.return_token_ids);
     Json(body).into_response()
 }
 
@@ -175,6 +179,7 @@ struct SseState {
     rx: mpsc::Receiver<GenEvent>,
     pending: Option<GenEvent>,
     include_usage: bool,
+    token_ids: bool,
     done: bool,
 }
 
@@ -182,7 +187,13 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
-fn sse(meta: Meta, first: GenEvent, rx: mpsc::Receiver<GenEvent>, include_usage: bool) -> Response {
+fn sse(
+    meta: Meta,
+    first: GenEvent,
+    rx: mpsc::Receiver<GenEvent>,
+    include_usage: bool,
+    token_ids: bool,
+) -> Response {
     let opening = match meta.kind {
         Kind::Chat => vec![data(&meta.envelope(
             true,
@@ -196,6 +207,7 @@ fn sse(meta: Meta, first: GenEvent, rx: mpsc::Receiver<GenEvent>, include_usage:
         rx,
         pending: Some(first),
         include_usage,
+        token_ids,
         done: false,
     };
     let body = stream::unfold(state, |mut st| async move {
@@ -232,7 +244,7 @@ fn chunks(st: &mut SseState, ev: Option<GenEvent>) -> Vec<Event> {
         Some(GenEvent::Done(s)) => {
             st.done = true;
             let mut last = m.envelope(true, choice(None, Some(s.finish_reason.as_str())));
-            last["edgespec"] = extension(&s);
+            last["edgespec"] = extension(&s, st.token_ids);
             let mut out = vec![data(&last)];
             if st.include_usage {
                 let mut usage = m.envelope(true, json!([]));

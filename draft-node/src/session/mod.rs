@@ -46,12 +46,14 @@ pub struct GenerateRequest {
 }
 
 /// The end of a successful generation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     /// Why it ended.
     pub finish_reason: FinishReason,
     /// Completion tokens (eos included).
     pub completion_tokens: usize,
+    /// Their ids, in order (sent to the client only when it asks: `return_token_ids`).
+    pub token_ids: Vec<u32>,
     /// Speculation statistics.
     pub stats: GenStats,
 }
@@ -198,6 +200,7 @@ impl Driver {
             Halt::Finish(finish_reason) => GenEvent::Done(Summary {
                 finish_reason,
                 completion_tokens: self.output.produced(),
+                token_ids: self.output.ids().to_vec(),
                 stats: self.state.stats(),
             }),
             Halt::Failed(e) => GenEvent::Failed(e),

@@ -89,6 +89,7 @@ pub(crate) struct Output {
     eos: Vec<u32>,
     max_new: usize,
     produced: usize,
+    ids: Vec<u32>,
     finished: Option<FinishReason>,
 }
 
@@ -101,6 +102,7 @@ impl Output {
             eos,
             max_new,
             produced: 0,
+            ids: Vec::new(),
             finished: None,
         }
     }
@@ -112,6 +114,7 @@ impl Output {
             return (String::new(), None);
         }
         self.produced += 1;
+        self.ids.push(token);
         if self.eos.contains(&token) {
             return self.finish(String::new(), FinishReason::Stop);
         }
@@ -138,6 +141,11 @@ impl Output {
     /// Completion tokens counted so far (eos included, nothing after the end).
     pub fn produced(&self) -> usize {
         self.produced
+    }
+
+    /// The completion's token ids so far (eos included, nothing after the end).
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
     }
 
     fn finish(
