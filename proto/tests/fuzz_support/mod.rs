@@ -1,0 +1,226 @@
+//! Shared by every fuzz harness of the workspace (`*/tests/fuzz_*.rs`; the other crates include
+//! this file with `#[path]`): the case count, a capped and measuring global allocator, and the
+//! campaign report.
+//!
+//! The harnesses are proptest-driven so they run on the stable toolchain inside `cargo test`:
+//! a CI-sized number of cases by default, a campaign when `EDGESPEC_FUZZ_CASES` says so:
+//!
+//! ```text
+//! EDGESPEC_FUZZ_CASES=1000000 cargo test --release -p edgespec-proto --test fuzz_proto -- --nocapture
+//! ```
+//!
+//! Properties every target checks: the decoder does not panic (proptest turns a panic into a
+//! failing case, shrinks it and prints the minimal input), no single allocation of a case exceeds
+//! the target's bound (a declared length of 2^60 must be refused, not allocated), and a refused
+//! input comes back as an error value. `PROPTEST_RNG_SEED=<u64>` replays a run.
+#![allow(dead_code, unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use proptest::strategy::Strategy;
+use proptest::test_runner::{Config, TestCaseError, TestCaseResult, TestRunner};
+
+/// Environment variable with the number of cases of a campaign (per target).
+pub const CASES_ENV: &str = "EDGESPEC_FUZZ_CASES";
+
+/// Any single allocation request larger than this is refused: the process aborts with
+/// "memory allocation of N bytes failed" instead of the machine swapping or the kernel killing
+/// something else. Far above what any harness input needs (inputs are capped at a few MiB).
+pub const HARD_ALLOC_LIMIT: usize = 1 << 31;
+
+/// Requests at least this large are recorded per thread (smaller ones cost one comparison).
+const TRACK_FROM: usize = 1 << 16;
+
+thread_local! {
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    if size >= TRACK_FROM {
+        let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
+    }
+}
+
+/// The system allocator, measuring the largest single request per thread and refusing requests
+/// above [`HARD_ALLOC_LIMIT`].
+pub struct CappedAlloc;
+
+// SAFETY: every call is forwarded unchanged to `System`; a refused request returns null, which
+// `GlobalAlloc` allows (the caller then reports the allocation failure).
+unsafe impl GlobalAlloc for CappedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        if layout.size() > HARD_ALLOC_LIMIT {
+            return std::ptr::null_mut();
+        }
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        if layout.size() > HARD_ALLOC_LIMIT {
+            return std::ptr::null_mut();
+        }
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        if new_size > HARD_ALLOC_LIMIT {
+            return std::ptr::null_mut();
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: CappedAlloc = CappedAlloc;
+
+/// Forgets this thread's largest allocation so far.
+pub fn reset_peak() {
+    let _ = PEAK.try_with(|p| p.set(0));
+}
+
+/// This thread's largest single allocation request since [`reset_peak`] (0 if all were below
+/// 64 KiB).
+pub fn peak() -> usize {
+    PEAK.try_with(Cell::get).unwrap_or(0)
+}
+
+/// Fails the case if a single allocation since [`reset_peak`] exceeded `limit` bytes.
+pub fn check_peak(limit: usize, what: &str) -> TestCaseResult {
+    let p = peak();
+    if p > limit {
+        return Err(TestCaseError::fail(format!(
+            "{what}: one allocation of {p} bytes (limit {limit})"
+        )));
+    }
+    Ok(())
+}
+
+/// Number of cases: `EDGESPEC_FUZZ_CASES` if set, else `ci`.
+pub fn cases(ci: u32) -> u32 {
+    match std::env::var(CASES_ENV) {
+        Ok(v) => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{CASES_ENV}={v:?} is not a number")),
+        Err(_) => ci,
+    }
+}
+
+/// True when running a campaign.
+pub fn campaign() -> bool {
+    std::env::var_os(CASES_ENV).is_some()
+}
+
+/// What one target did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Target name.
+    pub target: &'static str,
+    /// Test cases run (each one or more decoder executions).
+    pub cases: u64,
+    /// Decoder executions (inputs given to a decoder).
+    pub executions: u64,
+    /// Inputs the decoder under test accepted (where the harness counts them).
+    pub accepted: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Largest single allocation of any case (bytes; 0 if all were below 64 KiB).
+    pub peak_alloc: usize,
+    /// Slowest case.
+    pub slowest: Duration,
+}
+
+/// Counters a target's property updates.
+#[derive(Debug, Default)]
+pub struct Counters {
+    cases: Cell<u64>,
+    executions: Cell<u64>,
+    accepted: Cell<u64>,
+    peak: Cell<usize>,
+    slowest: Cell<Duration>,
+}
+
+impl Counters {
+    /// Adds `n` decoder executions.
+    pub fn exec(&self, n: u64) {
+        self.executions.set(self.executions.get() + n);
+    }
+
+    /// Counts an input the decoder accepted (the rest were refused with an error).
+    pub fn accepted(&self, ok: bool) {
+        self.accepted.set(self.accepted.get() + u64::from(ok));
+    }
+}
+
+/// Runs `property` over `strategy` for [`cases`]`(ci)` cases, with no failure persistence (every
+/// crash found becomes an explicit regression test instead), each case under a fresh allocation
+/// peak checked against `alloc_limit`. Panics with proptest's minimal failing input on failure;
+/// prints a one-line report (shown with `--nocapture`) and returns it otherwise.
+pub fn run<S: Strategy>(
+    target: &'static str,
+    ci: u32,
+    alloc_limit: usize,
+    strategy: S,
+    property: impl Fn(&Counters, S::Value) -> TestCaseResult,
+) -> Report {
+    let config = Config {
+        cases: cases(ci),
+        failure_persistence: None,
+        max_shrink_iters: 4096,
+        ..Config::default()
+    };
+    let counters = Counters::default();
+    let mut runner = TestRunner::new(config);
+    let start = Instant::now();
+    let result = runner.run(&strategy, |value| {
+        reset_peak();
+        let t = Instant::now();
+        let r = property(&counters, value);
+        let dt = t.elapsed();
+        counters.cases.set(counters.cases.get() + 1);
+        if dt > counters.slowest.get() {
+            counters.slowest.set(dt);
+        }
+        let p = peak();
+        if p > counters.peak.get() {
+            counters.peak.set(p);
+        }
+        r?;
+        check_peak(alloc_limit, target)
+    });
+    let report = Report {
+        target,
+        cases: counters.cases.get(),
+        executions: counters.executions.get(),
+        accepted: counters.accepted.get(),
+        elapsed: start.elapsed(),
+        peak_alloc: counters.peak.get(),
+        slowest: counters.slowest.get(),
+    };
+    if let Err(e) = result {
+        panic!("fuzz target `{target}` failed after {} cases: {e}", report.cases);
+    }
+    println!(
+        "fuzz target {}: {} cases, {} executions ({} accepted) in {:.1} s ({:.0} exec/s); \
+         largest allocation {} bytes; slowest case {:.1} ms",
+        report.target,
+        report.cases,
+        report.executions,
+        report.accepted,
+        report.elapsed.as_secs_f64(),
+        report.executions as f64 / report.elapsed.as_secs_f64().max(1e-9),
+        report.peak_alloc,
+        report.slowest.as_secs_f64() * 1e3,
+    );
+    report
+}
