@@ -2,6 +2,8 @@
 //! computed directly on the model (no speculation, single-token steps), and a few client helpers.
 #![forbid(unsafe_code)]
 
+pub mod procs;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

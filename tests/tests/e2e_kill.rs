@@ -1,0 +1,237 @@
+//! Hard faults on the real binaries, run as child processes: a verify node `SIGKILL`ed
+//! mid-answer, the coordinator `SIGKILL`ed and a new one started on the same address, and the
+//! draft node's link blackholed (packets dropped, no reset) mid-answer. Each answer must equal
+//! an independent single-token target-only reference, token id for token id, and each test
+//! proves its fault landed during the stream (the answer was still going, and the draft node
+//! resynced).
+//!
+//! SmolLM2-135M serves as target and draft (fast); γ is fixed at 3.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
+use edgespec::linkemu::{CutMode, LinkEmulator, LinkProfile};
+use edgespec_tests::procs::{
+    admin_get, coordinator_env, draft_env, free_addr, verify_env, wait_fleet, NodeProcess, Role,
+};
+use edgespec_tests::{smollm, target_only_greedy_ids};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+const PROMPT: &str = "Write a Rust function that reverses a string, with a doc comment.";
+const MAX_TOKENS: u32 = 64;
+
+async fn reference() -> Result<Vec<u32>> {
+    let model = smollm()?;
+    tokio::task::spawn_blocking(move || target_only_greedy_ids(&model, PROMPT, MAX_TOKENS as usize))
+        .await?
+}
+
+/// Starts the answer; the receiver counts text pieces as they arrive.
+fn start_answer(
+    http: SocketAddr,
+) -> (
+    JoinHandle<Result<ChatOutcome>>,
+    mpsc::UnboundedReceiver<usize>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut pieces = 0;
+        stream_chat(
+            &reqwest::Client::new(),
+            &format!("http://{http}/v1"),
+            &ChatRequest {
+                prompt: PROMPT.into(),
+                max_tokens: MAX_TOKENS,
+                ..Default::default()
+            },
+            move |_| {
+                pieces += 1;
+                let _ = tx.send(pieces);
+            },
+        )
+        .await
+    });
+    (task, rx)
+}
+
+async fn wait_pieces(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Result<()> {
+    let deadline = tokio::time::sleep(Duration::from_secs(120));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(k) if k >= n => return Ok(()),
+                Some(_) => {}
+                None => bail!("the answer ended before {n} pieces of text"),
+            },
+            () = &mut deadline => bail!("no {n} pieces of text within the deadline"),
+        }
+    }
+}
+
+/// Checks the answer against the reference and that the draft node resynced during it.
+fn check(out: &ChatOutcome, reference: &[u32], fault: &str) -> Result<()> {
+    ensure!(
+        out.token_ids == reference,
+        "{fault}: token ids differ from target-only decoding\n got: {:?}\nwant: {:?}",
+        out.token_ids,
+        reference
+    );
+    let resyncs = out.stat("resyncs").unwrap_or(0.0);
+    ensure!(
+        resyncs >= 1.0,
+        "{fault}: the answer never resynced, so the fault did not hit it: {:?}",
+        out.stats
+    );
+    ensure!(
+        out.stat("accepted").unwrap_or(0.0) > 0.0,
+        "{fault}: nothing was speculated: {:?}",
+        out.stats
+    );
+    Ok(())
+}
+
+/// The verify node serving the first session, from the coordinator's admin API.
+async fn serving_verifier(admin: SocketAddr) -> Result<String> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = admin_get(admin, "/admin/v1/sessions").await?;
+        if let Some(node) = v["sessions"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|s| s["verifier"].as_str())
+        {
+            return Ok(node.to_string());
+        }
+        ensure!(
+            tokio::time::Instant::now() < until,
+            "no session was placed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_serving_verify_node_loses_nothing() -> Result<()> {
+    edgespec_tests::init_logs();
+    let model = smollm()?;
+    let want = reference().await?;
+    let (grpc, admin) = (free_addr()?, free_addr()?);
+    let _coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let mut verifiers = Vec::new();
+    for id in ["verify-a", "verify-b"] {
+        let env = verify_env(id, &model, free_addr()?, &[grpc]);
+        verifiers.push((id, NodeProcess::start(Role::Verify, &env)?));
+    }
+    let http = free_addr()?;
+    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
+    wait_fleet(admin, 2, 1).await?;
+
+    let (answer, mut pieces) = start_answer(http);
+    wait_pieces(&mut pieces, 3).await?;
+    let serving = serving_verifier(admin).await?;
+    let (_, victim) = verifiers
+        .iter_mut()
+        .find(|(id, _)| *id == serving)
+        .context("the serving node is one of ours")?;
+    ensure!(!answer.is_finished(), "the answer ended before the kill");
+    victim.kill().await?;
+
+    let out = answer.await??;
+    check(&out, &want, "verify node SIGKILL")?;
+    // The session finished on the survivor (the coordinator saw the victim go down).
+    let nodes = admin_get(admin, "/admin/v1/nodes").await?;
+    let down = nodes["verifiers"]
+        .as_array()
+        .context("verifiers")?
+        .iter()
+        .any(|n| n["id"].as_str() == Some(serving.as_str()) && n["health"] == "down");
+    ensure!(down, "the killed node is not marked down: {nodes}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_coordinator_and_a_new_one_on_its_address_loses_nothing() -> Result<()> {
+    edgespec_tests::init_logs();
+    let model = smollm()?;
+    let want = reference().await?;
+    let (grpc, admin) = (free_addr()?, free_addr()?);
+    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let _verify = NodeProcess::start(
+        Role::Verify,
+        &verify_env("verify-a", &model, free_addr()?, &[grpc]),
+    )?;
+    let http = free_addr()?;
+    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
+    wait_fleet(admin, 1, 1).await?;
+
+    let (answer, mut pieces) = start_answer(http);
+    wait_pieces(&mut pieces, 3).await?;
+    ensure!(!answer.is_finished(), "the answer ended before the kill");
+    coordinator.kill().await?;
+    // A new process (empty state) on the same addresses: the verify node re-registers, the
+    // draft node reconnects and resyncs its session from its own committed tokens.
+    coordinator.restart()?;
+
+    let out = answer.await??;
+    check(&out, &want, "coordinator SIGKILL + restart")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_draft_link_loses_nothing() -> Result<()> {
+    edgespec_tests::init_logs();
+    let model = smollm()?;
+    let want = reference().await?;
+    let (grpc, admin) = (free_addr()?, free_addr()?);
+    let _coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let _verify = NodeProcess::start(
+        Role::Verify,
+        &verify_env("verify-a", &model, free_addr()?, &[grpc]),
+    )?;
+    // draft node -> link emulator (in this process) -> coordinator
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let dial = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (_link_task, link) = LinkEmulator::spawn(
+        listener,
+        grpc,
+        LinkProfile::delay(Duration::from_millis(2)),
+        stop.clone().cancelled_owned(),
+    )?;
+    let http = free_addr()?;
+    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, dial))?;
+    wait_fleet(admin, 1, 1).await?;
+
+    let (answer, mut pieces) = start_answer(http);
+    wait_pieces(&mut pieces, 3).await?;
+    ensure!(
+        !answer.is_finished(),
+        "the answer ended before the blackhole"
+    );
+    link.cut_with(CutMode::Blackhole);
+    // Silence, not a reset: nothing moves while the link is a blackhole.
+    let before = link.stats();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        !answer.is_finished(),
+        "the answer finished through a blackhole"
+    );
+    ensure!(
+        link.stats().bytes_down == before.bytes_down,
+        "bytes crossed the blackhole"
+    );
+    link.restore();
+
+    let out = answer.await??;
+    check(&out, &want, "draft link blackhole")?;
+    ensure!(
+        link.stats().connections_accepted >= 2,
+        "the draft node never reconnected"
+    );
+    stop.cancel();
+    Ok(())
+}
