@@ -208,7 +208,10 @@ pub fn run<S: Strategy>(
         slowest: counters.slowest.get(),
     };
     if let Err(e) = result {
-        panic!("fuzz target `{target}` failed after {} cases: {e}", report.cases);
+        panic!(
+            "fuzz target `{target}` failed after {} cases: {e}",
+            report.cases
+        );
     }
     println!(
         "fuzz target {}: {} cases, {} executions ({} accepted) in {:.1} s ({:.0} exec/s); \
@@ -223,4 +226,71 @@ pub fn run<S: Strategy>(
         report.slowest.as_secs_f64() * 1e3,
     );
     report
+}
+
+/// One edit of an input's bytes.
+#[derive(Debug, Clone)]
+pub enum ByteMutation {
+    /// Flip one bit.
+    Flip(proptest::sample::Index, u8),
+    /// Overwrite one byte.
+    Set(proptest::sample::Index, u8),
+    /// Insert random bytes.
+    Insert(proptest::sample::Index, Vec<u8>),
+    /// Insert one of the target's interesting tokens.
+    Token(proptest::sample::Index, proptest::sample::Index),
+    /// Delete up to n bytes.
+    Delete(proptest::sample::Index, u8),
+    /// Cut the input.
+    Truncate(proptest::sample::Index),
+    /// Append a copy of up to n bytes.
+    Duplicate(proptest::sample::Index, u8),
+}
+
+/// A random [`ByteMutation`].
+pub fn byte_mutation() -> proptest::strategy::BoxedStrategy<ByteMutation> {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    prop_oneof![
+        3 => (any::<Index>(), 0u8..8).prop_map(|(i, b)| ByteMutation::Flip(i, b)),
+        2 => (any::<Index>(), any::<u8>()).prop_map(|(i, b)| ByteMutation::Set(i, b)),
+        1 => (any::<Index>(), proptest::collection::vec(any::<u8>(), 1..8))
+            .prop_map(|(i, b)| ByteMutation::Insert(i, b)),
+        3 => (any::<Index>(), any::<Index>()).prop_map(|(i, t)| ByteMutation::Token(i, t)),
+        2 => (any::<Index>(), 1u8..16).prop_map(|(i, n)| ByteMutation::Delete(i, n)),
+        1 => any::<Index>().prop_map(ByteMutation::Truncate),
+        1 => (any::<Index>(), 1u8..32).prop_map(|(i, n)| ByteMutation::Duplicate(i, n)),
+    ]
+    .boxed()
+}
+
+/// Applies `mutations` in order; `tokens` are the target's interesting byte strings.
+pub fn mutate_bytes(bytes: &mut Vec<u8>, mutations: &[ByteMutation], tokens: &[&[u8]]) {
+    let gap = |i: &proptest::sample::Index, len: usize| i.index(len + 1);
+    for m in mutations {
+        let len = bytes.len();
+        match m {
+            ByteMutation::Flip(i, b) if len > 0 => bytes[i.index(len)] ^= 1 << (b & 7),
+            ByteMutation::Set(i, v) if len > 0 => bytes[i.index(len)] = *v,
+            ByteMutation::Insert(i, b) => {
+                let p = gap(i, len);
+                bytes.splice(p..p, b.iter().copied());
+            }
+            ByteMutation::Token(i, t) if !tokens.is_empty() => {
+                let p = gap(i, len);
+                bytes.splice(p..p, tokens[t.index(tokens.len())].iter().copied());
+            }
+            ByteMutation::Delete(i, n) if len > 0 => {
+                let p = i.index(len);
+                bytes.drain(p..(p + *n as usize).min(len));
+            }
+            ByteMutation::Truncate(i) => bytes.truncate(gap(i, len)),
+            ByteMutation::Duplicate(i, n) if len > 0 => {
+                let p = i.index(len);
+                let chunk = bytes[p..(p + *n as usize).min(len)].to_vec();
+                bytes.extend(chunk);
+            }
+            _ => {}
+        }
+    }
 }
