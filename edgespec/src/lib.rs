@@ -6,3 +6,5 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod linkemu;
+pub mod procs;
+pub mod reference;

@@ -1,8 +1,9 @@
 //! The real node binaries as child processes, for tests that kill them the hard way
 //! (`SIGKILL`, `SIGSTOP`), which an in-process node cannot model.
 //!
-//! The binaries are the ones `cargo test --workspace` builds next to the test executables
-//! (`target/<profile>/edgespec-{coordinator,verify-node,draft-node}`). Each child is configured
+//! The binaries are the ones cargo builds into the same target folder as the running executable
+//! (`target/<profile>/edgespec-{coordinator,verify-node,draft-node}`; `cargo test --workspace`
+//! and `cargo build` both build them). Each child is configured
 //! only through `EDGESPEC__SECTION__KEY` environment variables, on loopback, in plaintext, and
 //! is killed when its handle is dropped, so a failing test leaves no process behind.
 
@@ -23,23 +24,25 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-/// Path of a workspace binary built next to the running test executable.
+/// Path of a workspace binary built into the same target folder as the running executable
+/// (`target/<profile>/edgespec` itself, or a test in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no target directory")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: run the tests with `cargo test --workspace` (it builds the node \
-             binaries), or `cargo build --bins` first",
-            path.display()
-        );
+    let dir = exe.parent().context("the executable has no folder")?;
+    let candidates = [Some(dir), dir.parent()];
+    if let Some(found) = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+    {
+        return Ok(found);
     }
-    Ok(path)
+    bail!(
+        "{name} is not built next to {}: run `cargo build --bins` (or the tests with `cargo test \
+         --workspace`, which builds the node binaries)",
+        exe.display()
+    )
 }
 
 /// Which binary.

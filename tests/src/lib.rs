@@ -2,14 +2,10 @@
 //! computed directly on the model (no speculation, single-token steps), and a few client helpers.
 #![forbid(unsafe_code)]
 
-pub mod procs;
-
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
-use edgespec_model::forward::load_gguf;
-use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
 
 /// The real Qwen pair `(target, draft)`, fetched into the cache if missing.
 pub fn qwen_pair() -> Result<(PathBuf, PathBuf)> {
@@ -29,54 +25,19 @@ pub fn smollm() -> Result<PathBuf> {
     )?)
 }
 
-/// Target-only greedy decoding of a chat prompt, one token per forward, exactly as a
-/// non-speculative server would run it. Returns the completion text (stopping at an end-of-turn
-/// token or after `max_tokens`).
-///
-/// Near-ties: our forward is batch-invariant on CPU (a position's logits are bit-identical in a
-/// single-token step, a verification block or a ragged batch), so the speculative system and this
-/// reference see the same logits and break ties the same way (lowest token id); no tolerance is
-/// needed and none is applied.
+/// Target-only greedy decoding of a chat prompt as text (see [`edgespec::reference`]).
 pub fn target_only_greedy(model: &PathBuf, prompt: &str, max_tokens: usize) -> Result<String> {
-    let tok = TextTokenizer::from_gguf(model)?;
-    let mut ids = target_only_greedy_ids(model, prompt, max_tokens)?;
-    if ids.last().is_some_and(|t| tok.eos_token_ids().contains(t)) {
-        ids.pop();
-    }
-    Ok(tok.decode(&ids)?)
+    edgespec::reference::target_only_greedy(model, prompt, max_tokens)
 }
 
-/// [`target_only_greedy`] as token ids, the way the API reports them
-/// (`ChatOutcome::token_ids`): the completion's ids in order, an end-of-turn token included.
+/// Target-only greedy decoding as token ids, the way the API reports them
+/// (`ChatOutcome::token_ids`; see [`edgespec::reference`]).
 pub fn target_only_greedy_ids(
     model: &PathBuf,
     prompt: &str,
     max_tokens: usize,
 ) -> Result<Vec<u32>> {
-    let tok = TextTokenizer::from_gguf(model)?;
-    let ids = tok.encode_chat(&[ChatMessage::new("user", prompt)], true)?;
-    let mut lm = load_gguf(model, DeviceKind::Cpu).context("loading the reference model")?;
-    let eos = tok.eos_token_ids().to_vec();
-    let mut out = Vec::new();
-    let mut next = ids;
-    let mut start = 0;
-    for _ in 0..max_tokens {
-        let n = next.len();
-        let logits = lm.forward_batch(&[SeqRequest {
-            session: 1,
-            start,
-            tokens: next,
-            logits_for_last: 1,
-        }])?;
-        start += n;
-        let t = edgespec_specdec::argmax(logits[0].row(0));
-        out.push(t);
-        if eos.contains(&t) {
-            break;
-        }
-        next = vec![t];
-    }
-    Ok(out)
+    edgespec::reference::target_only_greedy_ids(model, prompt, max_tokens)
 }
 
 /// Prompts used across the end-to-end tests (code prompts: high acceptance, no near-ties).

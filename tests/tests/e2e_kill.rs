@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec::linkemu::{CutMode, LinkEmulator, LinkProfile};
-use edgespec_tests::procs::{
+use edgespec::procs::{
     admin_get, coordinator_env, draft_env, free_addr, verify_env, wait_fleet, NodeProcess, Role,
 };
 use edgespec_tests::{smollm, target_only_greedy_ids};
