@@ -110,9 +110,16 @@ struct LinkArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Scenario: single (a), rtt (b), server (c) or edge (d).
-    #[arg(value_parser = ["single", "rtt", "server", "edge"])]
+    /// Scenario: single (a), rtt (b), server (c), edge (d), or chaos (a fault soak on
+    /// synthetic models).
+    #[arg(value_parser = ["single", "rtt", "server", "edge", "chaos"])]
     scenario: String,
+    /// chaos: how long faults are injected.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// chaos: seed of the fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Measured runs per configuration (medians over them; use ≥ 3 for reported numbers).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -198,6 +205,7 @@ fn main() -> Result<()> {
             Command::Up(a) => up(a).await,
             Command::Models { cmd } => models(cmd),
             Command::Link(a) => link(a).await,
+            Command::Bench(a) if a.scenario == "chaos" => chaos(a).await,
             Command::Bench(a) => edgespec::bench::run(a.into_options()).await.map(|_| ()),
         }
     })
@@ -352,5 +360,35 @@ async fn link(a: LinkArgs) -> Result<()> {
     tokio::signal::ctrl_c().await?;
     shutdown.cancel();
     handle.await?;
+    Ok(())
+}
+
+/// `edgespec bench chaos`: the fault soak; prints the table and writes it to `<out>/chaos.md`.
+async fn chaos(a: BenchArgs) -> Result<()> {
+    let opts = edgespec::chaos::ChaosOptions {
+        duration: a.duration,
+        seed: a.seed,
+        streams: a
+            .streams
+            .as_ref()
+            .and_then(|s| s.first().copied())
+            .unwrap_or(64),
+        max_tokens: a.max_tokens.unwrap_or(24),
+        dir: std::env::temp_dir().join(format!("edgespec-chaos-{}", std::process::id())),
+    };
+    let report = edgespec::chaos::run(&opts).await?;
+    let table = report.markdown(&opts);
+    println!("{table}");
+    std::fs::create_dir_all(&a.out)?;
+    let name = match &a.tag {
+        Some(t) => format!("chaos-{t}.md"),
+        None => "chaos.md".into(),
+    };
+    std::fs::write(a.out.join(name), &table)?;
+    anyhow::ensure!(
+        report.mismatched == 0,
+        "{} answers differ from the reference",
+        report.mismatched
+    );
     Ok(())
 }
