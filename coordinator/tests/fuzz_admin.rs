@@ -52,7 +52,15 @@ const FIELDS: &[&str] = &[
     "pipelined",
 ];
 
-const ODD_FIELDS: &[&str] = &["gama", "", "GAMMA_MIN", "gamma_min ", "policy", "\u{0}", "é"];
+const ODD_FIELDS: &[&str] = &[
+    "gama",
+    "",
+    "GAMMA_MIN",
+    "gamma_min ",
+    "policy",
+    "\u{0}",
+    "é",
+];
 
 /// JSON value texts, valid and not.
 const ODD_VALUES: &[&str] = &[
@@ -109,8 +117,24 @@ const ODD_VALUES: &[&str] = &[
 
 /// Tokens the byte mutations splice into bodies.
 const JSON_TOKENS: &[&[u8]] = &[
-    b"{", b"}", b"[", b"]", b",", b":", b"\"", b"\\", b"null", b"1e400", b"-", b"0", b"\"5ms\"",
-    b"\"gamma_max\":", b"\xff", b"\xc3", b"\\u", b" ",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"\"",
+    b"\\",
+    b"null",
+    b"1e400",
+    b"-",
+    b"0",
+    b"\"5ms\"",
+    b"\"gamma_max\":",
+    b"\xff",
+    b"\xc3",
+    b"\\u",
+    b" ",
 ];
 
 fn json_string(s: &str) -> String {
@@ -118,9 +142,11 @@ fn json_string(s: &str) -> String {
 }
 
 fn duration_text() -> BoxedStrategy<String> {
-    let unit = prop::sample::select(&[
-        "ns", "us", "ms", "s", "sec", "m", "min", "h", "d", "w", "M", "y", "years", "", "µs",
-    ][..]);
+    let unit = prop::sample::select(
+        &[
+            "ns", "us", "ms", "s", "sec", "m", "min", "h", "d", "w", "M", "y", "years", "", "µs",
+        ][..],
+    );
     let number = prop_oneof![
         0u64..2000,
         any::<u64>(),
@@ -261,18 +287,39 @@ fn decide(base: &Policy, body: &[u8]) -> Result<Result<Policy, ()>, TestCaseErro
     };
     let want = apply_patch(base, &patch);
     let got = base.patched(&patch);
-    prop_assert_eq!(got.is_ok(), policy_ok(&want), "{:?} on {:?}: {:?}", patch, base, got);
+    prop_assert_eq!(
+        got.is_ok(),
+        policy_ok(&want),
+        "{:?} on {:?}: {:?}",
+        patch,
+        base,
+        got
+    );
     let Ok(p) = got else { return Ok(Err(())) };
     prop_assert_eq!(&p, &want);
     prop_assert!(p.validate().is_ok());
     // GET's body, PUT back, gives the same policy; the full policy parses as itself.
     let text = serde_json::to_vec(&p).unwrap();
-    let full: PolicyPatch = serde_json::from_slice(&text)
-        .map_err(|e| TestCaseError::fail(format!("own JSON {:?}: {e}", String::from_utf8_lossy(&text))))?;
+    let full: PolicyPatch = serde_json::from_slice(&text).map_err(|e| {
+        TestCaseError::fail(format!(
+            "own JSON {:?}: {e}",
+            String::from_utf8_lossy(&text)
+        ))
+    })?;
     let again = base.patched(&full);
-    prop_assert!(again.as_ref().is_ok_and(|q| same_policy(q, &p)), "{:?} → {:?}", p, again);
+    prop_assert!(
+        again.as_ref().is_ok_and(|q| same_policy(q, &p)),
+        "{:?} → {:?}",
+        p,
+        again
+    );
     let parsed = serde_json::from_slice::<Policy>(&text).ok();
-    prop_assert!(parsed.as_ref().is_some_and(|q| same_policy(q, &p)), "{:?} → {:?}", p, parsed);
+    prop_assert!(
+        parsed.as_ref().is_some_and(|q| same_policy(q, &p)),
+        "{:?} → {:?}",
+        p,
+        parsed
+    );
     Ok(Ok(p))
 }
 
@@ -284,7 +331,10 @@ fn admin_policy() {
         "admin_policy",
         20_000,
         1 << 20,
-        (prop_oneof![Just(None), valid_policy().prop_map(Some)], policy_body()),
+        (
+            prop_oneof![Just(None), valid_policy().prop_map(Some)],
+            policy_body(),
+        ),
         |c: &Counters, (base, body)| {
             c.exec(1);
             let base = base.unwrap_or_else(|| default.clone());
@@ -485,7 +535,11 @@ impl Server {
         }
         let req = rb.build().ok()?;
         self.rt.block_on(async {
-            let r = self.client.execute(req).await.expect("the admin API answers");
+            let r = self
+                .client
+                .execute(req)
+                .await
+                .expect("the admin API answers");
             let status = r.status().as_u16();
             Some((status, r.bytes().await.expect("a whole body").to_vec()))
         })
@@ -493,8 +547,7 @@ impl Server {
 }
 
 fn error_body(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .is_ok_and(|v| v["error"].is_string())
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v["error"].is_string())
 }
 
 #[test]
@@ -575,9 +628,21 @@ fn admin_http() {
             c.exec(1);
             c.accepted(status < 300);
             *statuses.borrow_mut().entry(status).or_insert(0u64) += 1;
-            prop_assert!(status < 500, "{:?} → {} {:?}", req, status, String::from_utf8_lossy(&body));
+            prop_assert!(
+                status < 500,
+                "{:?} → {} {:?}",
+                req,
+                status,
+                String::from_utf8_lossy(&body)
+            );
             if let Some(e) = expect {
-                prop_assert_eq!(status, e, "{:?} → {:?}", req, String::from_utf8_lossy(&body));
+                prop_assert_eq!(
+                    status,
+                    e,
+                    "{:?} → {:?}",
+                    req,
+                    String::from_utf8_lossy(&body)
+                );
             }
             if matches!(status, 400 | 401 | 404) && matches!(req, Request::PutPolicy(..)) {
                 prop_assert!(error_body(&body), "{:?}", String::from_utf8_lossy(&body));
@@ -623,7 +688,15 @@ fn node_info() -> BoxedStrategy<pb::NodeInfo> {
         1 => Just(String::new()),
     ];
     let load = prop::option::of(
-        (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<f32>())
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<f32>(),
+            any::<f32>(),
+            any::<f32>(),
+        )
             .prop_map(|(a, b, c, d, e, f, g)| pb::VerifierLoad {
                 active_sessions: a,
                 kv_bytes: b,
@@ -634,21 +707,31 @@ fn node_info() -> BoxedStrategy<pb::NodeInfo> {
                 verify_per_token_s: g,
             }),
     );
-    (id, addr, pool, fp, prop_oneof![0u32..3, any::<u32>()], any::<u32>(), load)
-        .prop_map(|(node_id, advertise_addr, pool, fingerprint, cap, mbt, load)| pb::NodeInfo {
-            node_id,
-            advertise_addr,
-            pool,
-            model_name: "m".into(),
-            fingerprint,
-            vocab_size: 97,
-            max_context: 512,
-            capacity_sessions: cap,
-            max_block_tokens: 16,
-            max_batch_tokens: mbt,
-            device: "cpu".into(),
-            load,
-        })
+    (
+        id,
+        addr,
+        pool,
+        fp,
+        prop_oneof![0u32..3, any::<u32>()],
+        any::<u32>(),
+        load,
+    )
+        .prop_map(
+            |(node_id, advertise_addr, pool, fingerprint, cap, mbt, load)| pb::NodeInfo {
+                node_id,
+                advertise_addr,
+                pool,
+                model_name: "m".into(),
+                fingerprint,
+                vocab_size: 97,
+                max_context: 512,
+                capacity_sessions: cap,
+                max_block_tokens: 16,
+                max_batch_tokens: mbt,
+                device: "cpu".into(),
+                load,
+            },
+        )
         .boxed()
 }
 
@@ -693,7 +776,11 @@ fn run_ops(c: &Counters, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(&v.addr, &info.advertise_addr);
                     prop_assert_eq!(&v.fingerprint, &info.fingerprint);
                     prop_assert_eq!(v.capacity, info.capacity_sessions as usize);
-                    let pool = if info.pool == "onprem" { Pool::Onprem } else { Pool::Cloud };
+                    let pool = if info.pool == "onprem" {
+                        Pool::Onprem
+                    } else {
+                        Pool::Cloud
+                    };
                     prop_assert_eq!(v.pool, pool);
                     prop_assert_eq!(reg.heartbeat(&info.node_id, None, now).known, true);
                 }
@@ -702,12 +789,17 @@ fn run_ops(c: &Counters, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let _ = reg.heartbeat(&id, None, now);
             }
             Op::Action(id, a) => {
-                let action = [NodeAction::Drain, NodeAction::Cordon, NodeAction::Uncordon][a as usize];
+                let action =
+                    [NodeAction::Drain, NodeAction::Cordon, NodeAction::Uncordon][a as usize];
                 let known = reg.get(&id).is_some();
                 let r = reg.apply(&id, action);
                 prop_assert_eq!(r.is_ok(), known);
                 if let Ok(s) = r {
-                    let want = [AdminState::Draining, AdminState::Cordoned, AdminState::Active][a as usize];
+                    let want = [
+                        AdminState::Draining,
+                        AdminState::Cordoned,
+                        AdminState::Active,
+                    ][a as usize];
                     prop_assert_eq!(s, want);
                 }
             }

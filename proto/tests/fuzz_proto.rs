@@ -24,9 +24,9 @@ use edgespec_proto::domain::{
 };
 use edgespec_proto::pb;
 use fuzz_support::Counters;
-use prost::Message;
 use proptest::prelude::*;
 use proptest::sample::Index;
+use prost::Message;
 
 // ---------------------------------------------------------------------------------------------
 // Values
@@ -548,9 +548,8 @@ fn check_case(c: &Counters, case: Case) -> Result<(), TestCaseError> {
             let mut ids: Vec<u64> = items.iter().map(|m| m.session_id).collect();
             ids.sort_unstable();
             ids.dedup();
-            let expected = !items.is_empty()
-                && items.iter().all(item_ok)
-                && ids.len() == items.len();
+            let expected =
+                !items.is_empty() && items.iter().all(item_ok) && ids.len() == items.len();
             let got = batch_from_pb(req.clone());
             c.accepted(got.is_ok());
             prop_assert_eq!(got.is_ok(), expected, "{:?} → {:?}", req, got);
@@ -611,7 +610,9 @@ fn check_case(c: &Counters, case: Case) -> Result<(), TestCaseError> {
         Input::Close(session_id) => {
             c.exec(1);
             let msg = pb::DraftMessage {
-                kind: Some(pb::draft_message::Kind::Close(pb::SessionClose { session_id })),
+                kind: Some(pb::draft_message::Kind::Close(pb::SessionClose {
+                    session_id,
+                })),
             };
             let got = DraftMessage::try_from(msg.clone());
             prop_assert_eq!(&got, &Ok(DraftMessage::Close { session_id }));
