@@ -1,16 +1,18 @@
 //! Sampling through the whole system (draft node → coordinator → verify node, lossless
-//! speculative sampling with sparse q): the emitted token's distribution is the target's, and a
-//! seeded request is reproducible. Tiny synthetic target and draft models (same vocabulary,
-//! different weights, so the draft is a genuinely different q) keep it fast.
+//! speculative sampling with sparse q): the joint distribution of the first two emitted tokens is
+//! the target's, while every draw really speculates (a fixed γ = 2 first block, so both tokens
+//! pass through the acceptance rule: accepted drafts, a rejection's correction, or the next
+//! round), and a seeded request is reproducible. Tiny synthetic target and draft models (same
+//! vocabulary, different weights, so the draft is a genuinely different q) keep it fast.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use edgespec::client::{stream_chat, ChatRequest};
+use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec::cluster::{ClusterOptions, LocalCluster, PolicyOverrides};
 use edgespec_model::forward::load_gguf;
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
+use edgespec_model::synthetic::{write_tiny_gguf, TinySpec, TinyWeights};
 use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
 use edgespec_specdec::{probs_from_logits, SamplingParams};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -18,40 +20,69 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 const PROMPT: &str = "hello";
 const TOP_K: u32 = 6;
 const TEMPERATURE: f32 = 1.0;
-const DRAWS: u64 = 1200;
+/// Fixed γ of every round.
+const GAMMA: u32 = 2;
+/// Budget of a draw: γ + 1, so the first block carries γ drafts (the draft node caps γ at the
+/// remaining budget minus one) and both tokens we test come out of the acceptance rule.
+const MAX_TOKENS: u32 = GAMMA + 1;
+const DRAWS: u64 = 3000;
 
-/// The target's distribution of the first completion token, keyed by its decoded text (tokens
-/// that decode to the same text are merged; end-of-turn tokens map to "").
-fn first_token_distribution(target: &Path) -> Result<HashMap<String, f64>> {
-    let tok = TextTokenizer::from_gguf(target)?;
-    let text = tok.apply_chat_template(&[ChatMessage::new("user", PROMPT)], true);
-    let ids = tok.encode(&text)?;
-    let mut lm = load_gguf(target, DeviceKind::Cpu)?;
-    let logits = lm.forward_batch(&[SeqRequest {
-        session: 1,
-        start: 0,
-        tokens: ids,
-        logits_for_last: 1,
-    }])?;
-    let params = SamplingParams {
+/// A cell of the joint distribution: the first token and the second (None when the first one
+/// ended the answer).
+type Pair = (u32, Option<u32>);
+
+fn params() -> SamplingParams {
+    SamplingParams {
         temperature: TEMPERATURE,
         top_k: TOP_K,
         top_p: 1.0,
         seed: 0,
+    }
+}
+
+/// The exact joint distribution of the first two completion tokens under `model` (two forwards:
+/// the prompt, then the prompt plus each possible first token).
+fn first_two_tokens_distribution(model: &Path) -> Result<HashMap<Pair, f64>> {
+    let tok = TextTokenizer::from_gguf(model)?;
+    let prompt = tok.encode_chat(&[ChatMessage::new("user", PROMPT)], true)?;
+    let eos = tok.eos_token_ids().to_vec();
+    let mut lm = load_gguf(model, DeviceKind::Cpu)?;
+    let mut next_probs = |session: u64, tokens: Vec<u32>| -> Result<Vec<f32>> {
+        let logits = lm.forward_batch(&[SeqRequest {
+            session,
+            start: 0,
+            tokens,
+            logits_for_last: 1,
+        }])?;
+        lm.release(session);
+        Ok(probs_from_logits(logits[0].row(0), &params()))
     };
-    let p = probs_from_logits(logits[0].row(0), &params);
-    let mut dist = HashMap::new();
-    for (t, &pt) in p.iter().enumerate() {
-        if pt > 0.0 {
-            let key = if tok.eos_token_ids().contains(&(t as u32)) {
-                String::new()
-            } else {
-                tok.decode(&[t as u32])?
-            };
-            *dist.entry(key).or_insert(0.0) += pt as f64;
+    let p1 = next_probs(1, prompt.clone())?;
+    let mut joint = HashMap::new();
+    for (t1, &q1) in p1.iter().enumerate() {
+        if q1 <= 0.0 {
+            continue;
+        }
+        let t1 = t1 as u32;
+        if eos.contains(&t1) {
+            joint.insert((t1, None), f64::from(q1));
+            continue;
+        }
+        let mut ids = prompt.clone();
+        ids.push(t1);
+        let p2 = next_probs(2 + u64::from(t1), ids)?;
+        for (t2, &q2) in p2.iter().enumerate() {
+            if q2 > 0.0 {
+                joint.insert((t1, Some(t2 as u32)), f64::from(q1) * f64::from(q2));
+            }
         }
     }
-    Ok(dist)
+    let total: f64 = joint.values().sum();
+    ensure!(
+        (total - 1.0).abs() < 1e-3,
+        "the joint distribution sums to {total}"
+    );
+    Ok(joint)
 }
 
 /// Upper 0.1% point of the chi-square distribution (Wilson–Hilferty approximation).
@@ -59,6 +90,28 @@ fn chi2_critical_0001(df: usize) -> f64 {
     let d = df as f64;
     let z = 3.090_232;
     d * (1.0 - 2.0 / (9.0 * d) + z * (2.0 / (9.0 * d)).sqrt()).powi(3)
+}
+
+/// Pearson's statistic of `counts` against `p` (n draws), with cells whose expected count is
+/// below 5 merged (smallest first) into one pooled cell that reaches 5. Returns (statistic, cells).
+fn chi2(p: &HashMap<Pair, f64>, counts: &HashMap<Pair, u64>, n: f64) -> (f64, usize) {
+    let mut cells: Vec<(f64, f64)> = p
+        .iter()
+        .map(|(k, &pk)| (pk * n, *counts.get(k).unwrap_or(&0) as f64))
+        .collect();
+    cells.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut pool_e, mut pool_o, mut first) = (0.0, 0.0, 0);
+    while first < cells.len() && (cells[first].0 < 5.0 || (pool_e > 0.0 && pool_e < 5.0)) {
+        pool_e += cells[first].0;
+        pool_o += cells[first].1;
+        first += 1;
+    }
+    let mut kept: Vec<(f64, f64)> = cells[first..].to_vec();
+    if pool_e > 0.0 {
+        kept.push((pool_e, pool_o));
+    }
+    let stat = kept.iter().map(|(e, o)| (o - e).powi(2) / e).sum();
+    (stat, kept.len())
 }
 
 fn request(seed: u64, max_tokens: u32) -> ChatRequest {
@@ -71,8 +124,15 @@ fn request(seed: u64, max_tokens: u32) -> ChatRequest {
     }
 }
 
+fn stat(out: &ChatOutcome, key: &str) -> Result<u64> {
+    out.stat(key)
+        .map(|v| v as u64)
+        .with_context(|| format!("no `{key}` in the response statistics {:?}", out.stats))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sampled_tokens_follow_the_target_distribution_and_seeds_reproduce() -> Result<()> {
+async fn speculated_samples_follow_the_target_joint_distribution_and_seeds_reproduce() -> Result<()>
+{
     edgespec_tests::init_logs();
     let dir = tempfile::tempdir()?;
     let target = dir.path().join("target.gguf");
@@ -84,88 +144,103 @@ async fn sampled_tokens_follow_the_target_distribution_and_seeds_reproduce() -> 
             ..Default::default()
         },
     )?;
+    // The target's own random weights at 4 bits instead of 8: a q close to p but not equal,
+    // so drafts are often accepted and often rejected.
     write_tiny_gguf(
         &draft,
         &TinySpec {
-            seed: 22,
+            seed: 11,
+            weights: TinyWeights::Q4_0,
             ..Default::default()
         },
     )?;
-    let p = first_token_distribution(&target)?;
+    let p = first_two_tokens_distribution(&target)?;
 
     let mut opts = ClusterOptions::new(target, draft);
     // Fixed γ: every round really speculates (and the round structure, hence the seeded
     // output, does not depend on timing).
     opts.policy = PolicyOverrides {
-        gamma_bounds: Some((3, 3)),
+        gamma_bounds: Some((GAMMA, GAMMA)),
         ..Default::default()
     };
     let cluster = LocalCluster::start(opts).await?;
     let base = cluster.openai_base();
     let client = reqwest::Client::new();
 
-    let texts: Vec<String> = stream::iter(0..DRAWS)
+    let outs: Vec<ChatOutcome> = stream::iter(0..DRAWS)
         .map(|seed| {
             let (client, base) = (client.clone(), base.clone());
-            async move {
-                let out = stream_chat(&client, &base, &request(seed, 1), |_| {}).await?;
-                Ok::<_, anyhow::Error>(out.text)
-            }
+            async move { stream_chat(&client, &base, &request(seed, MAX_TOKENS), |_| {}).await }
         })
         .buffer_unordered(16)
         .try_collect()
         .await?;
 
-    let mut counts: HashMap<String, u64> = HashMap::new();
-    for t in texts {
+    // Every draw speculated: its first block held γ drafts. Over all draws, drafts were both
+    // accepted and rejected.
+    let (mut drafted, mut accepted, mut full, mut partial) = (0, 0, 0, 0);
+    let mut counts: HashMap<Pair, u64> = HashMap::new();
+    for out in &outs {
+        let (d, a) = (stat(out, "drafted")?, stat(out, "accepted")?);
         ensure!(
-            p.contains_key(&t),
-            "sampled {t:?}, which has probability 0 under the target"
+            d >= u64::from(GAMMA),
+            "a draw drafted {d} tokens (< γ = {GAMMA}): it did not speculate; stats {:?}",
+            out.stats
         );
-        *counts.entry(t).or_insert(0) += 1;
-    }
-    // Pearson chi-square over bins with expected count ≥ 5 (the rest pooled).
-    let n = DRAWS as f64;
-    let (mut stat, mut bins, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0.0);
-    for (k, &pk) in &p {
-        let e = pk * n;
-        let o = *counts.get(k).unwrap_or(&0) as f64;
-        if e >= 5.0 {
-            stat += (o - e).powi(2) / e;
-            bins += 1;
+        drafted += d;
+        accepted += a;
+        if a == d {
+            full += 1;
         } else {
-            pooled_e += e;
-            pooled_o += o;
+            partial += 1;
         }
+        let ids = &out.token_ids;
+        ensure!(!ids.is_empty(), "a draw returned no token ids");
+        let pair = (ids[0], ids.get(1).copied());
+        ensure!(
+            p.contains_key(&pair),
+            "sampled {pair:?}, which has probability 0 under the target"
+        );
+        *counts.entry(pair).or_insert(0) += 1;
     }
-    if pooled_e > 0.0 {
-        stat += (pooled_o - pooled_e).powi(2) / pooled_e.max(1e-9);
-        bins += 1;
-    }
-    ensure!(bins >= 2, "degenerate target distribution: {p:?}");
-    let critical = chi2_critical_0001(bins - 1);
+    eprintln!("drafted {drafted}, accepted {accepted}, {full} draws fully accepted, {partial} not");
     assert!(
-        stat < critical,
-        "emitted tokens do not follow p: chi2 = {stat:.1} >= {critical:.1} (df {}), counts {counts:?}, p {p:?}",
-        bins - 1
+        accepted > 0 && accepted < drafted && full > 0 && partial > 0,
+        "speculation must both accept and reject drafts: drafted {drafted}, accepted {accepted}, \
+         {full} draws with every draft accepted, {partial} with a rejection"
     );
 
-    // Reproducibility: the same seed twice gives the same text; another seed (almost surely)
-    // gives a different one somewhere among a few tries.
-    let a = stream_chat(&client, &base, &request(7, 24), |_| {})
-        .await?
-        .text;
-    let b = stream_chat(&client, &base, &request(7, 24), |_| {})
-        .await?
-        .text;
+    let (statistic, cells) = chi2(&p, &counts, DRAWS as f64);
+    ensure!(cells >= 2, "degenerate target distribution: {p:?}");
+    let critical = chi2_critical_0001(cells - 1);
+    assert!(
+        statistic < critical,
+        "the first two tokens do not follow the target's joint distribution: chi2 = \
+         {statistic:.1} >= {critical:.1} (df {}), counts {counts:?}, p {p:?}",
+        cells - 1
+    );
+    eprintln!(
+        "joint chi2 = {statistic:.1} < {critical:.1} (df {})",
+        cells - 1
+    );
+
+    // Reproducibility: the same seed twice gives the same tokens; another seed (almost surely)
+    // gives different ones somewhere among a few tries.
+    let ids = |seed| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            stream_chat(&client, &base, &request(seed, 24), |_| {})
+                .await
+                .map(|o| o.token_ids)
+        }
+    };
+    let a = ids(7).await?;
+    let b = ids(7).await?;
+    ensure!(!a.is_empty(), "no token ids in the response");
     assert_eq!(a, b, "the same seed gave different completions");
     let mut differs = false;
     for s in 8..12 {
-        differs |= stream_chat(&client, &base, &request(s, 24), |_| {})
-            .await
-            .context("sampling another seed")?
-            .text
-            != a;
+        differs |= ids(s).await.context("sampling another seed")? != a;
     }
     assert!(differs, "different seeds never changed the completion");
     cluster.stop().await
