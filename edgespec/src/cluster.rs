@@ -35,6 +35,8 @@ pub struct PolicyOverrides {
     pub speculation_off: bool,
     /// Tell the γ controller that draft nodes pipeline.
     pub pipelined: bool,
+    /// No padded bandwidth probes (so a link's byte counters hold only the protocol's traffic).
+    pub bandwidth_probes_off: bool,
 }
 
 /// What to start.
@@ -165,6 +167,9 @@ impl LocalCluster {
         }
         if opts.policy.speculation_off {
             cs.policy.speculation_enabled = false;
+        }
+        if opts.policy.bandwidth_probes_off {
+            cs.link.padded_probe_every = 0;
         }
         let (coordinator, coordinator_grpc, admin_http) = start_coordinator(cs.clone()).await?;
         // In mTLS mode the admin API is HTTPS with the coordinator's certificate.

@@ -110,9 +110,9 @@ struct LinkArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Scenario: single (a), rtt (b), server (c), edge (d), or chaos (a fault soak on
-    /// synthetic models).
-    #[arg(value_parser = ["single", "rtt", "server", "edge", "chaos"])]
+    /// Scenario: single (a), rtt (b), server (c), edge (d), wire (bytes on the draft link), or
+    /// chaos (a fault soak on synthetic models).
+    #[arg(value_parser = ["single", "rtt", "server", "edge", "wire", "chaos"])]
     scenario: String,
     /// chaos: how long faults are injected.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -169,6 +169,7 @@ impl BenchArgs {
                 "single" => Scenario::Single,
                 "rtt" => Scenario::Rtt,
                 "server" => Scenario::Server,
+                "wire" => Scenario::Wire,
                 _ => Scenario::Edge,
             },
             runs: self.runs,
@@ -249,6 +250,7 @@ async fn cluster_options(m: &ModelArgs) -> Result<ClusterOptions> {
         gamma_bounds: m.gamma.map(|g| (g, g)),
         speculation_off: m.gamma == Some(0),
         pipelined: m.pipelined,
+        bandwidth_probes_off: false,
     };
     Ok(opts)
 }

@@ -327,8 +327,8 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
                 let client = http_client()?;
                 let base = dep.base();
                 warmup(&client, &base, &ctx.prompts[0]).await?;
-                let r =
-                    drive_prompts(&client, &base, &ctx.prompts, ctx.max_tokens, &mut refs).await;
+                let r = drive_prompts(&client, &base, &ctx.prompts, ctx.max_tokens, 0.0, &mut refs)
+                    .await;
                 drop(dep);
                 r
             }

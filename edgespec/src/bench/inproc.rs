@@ -29,6 +29,10 @@ pub(super) struct Variant {
     pub off: bool,
     /// Pipelined drafting (draft node) and the controller told so.
     pub pipelined: bool,
+    /// Sampling temperature of the requests (0: greedy).
+    pub temperature: f32,
+    /// No padded bandwidth probes (scenario `wire`: the link carries only the protocol).
+    pub probes_off: bool,
 }
 
 impl Variant {
@@ -38,6 +42,8 @@ impl Variant {
             gamma: None,
             off: true,
             pipelined: false,
+            temperature: 0.0,
+            probes_off: false,
         }
     }
     pub(super) fn fixed(g: u32) -> Self {
@@ -46,6 +52,8 @@ impl Variant {
             gamma: Some(g),
             off: false,
             pipelined: false,
+            temperature: 0.0,
+            probes_off: false,
         }
     }
     pub(super) fn adaptive() -> Self {
@@ -54,6 +62,8 @@ impl Variant {
             gamma: None,
             off: false,
             pipelined: false,
+            temperature: 0.0,
+            probes_off: false,
         }
     }
     pub(super) fn adaptive_pipelined() -> Self {
@@ -62,6 +72,22 @@ impl Variant {
             gamma: None,
             off: false,
             pipelined: true,
+            temperature: 0.0,
+            probes_off: false,
+        }
+    }
+    /// Fixed γ, sampling at temperature 1 (the draft sends its sparse q).
+    pub(super) fn sampled(g: u32) -> Self {
+        Self {
+            series: format!("sampling γ={g}"),
+            temperature: 1.0,
+            ..Self::fixed(g)
+        }
+    }
+    pub(super) fn without_probes(self) -> Self {
+        Self {
+            probes_off: true,
+            ..self
         }
     }
     pub(super) fn policy(&self) -> PolicyOverrides {
@@ -69,6 +95,7 @@ impl Variant {
             gamma_bounds: self.gamma.map(|g| (g, g)),
             speculation_off: self.off,
             pipelined: self.pipelined,
+            bandwidth_probes_off: self.probes_off,
         }
     }
     pub(super) fn params(&self) -> Value {
@@ -76,6 +103,8 @@ impl Variant {
             "gamma": self.gamma,
             "speculation_off": self.off,
             "pipelined": self.pipelined,
+            "temperature": self.temperature,
+            "bandwidth_probes_off": self.probes_off,
         })
     }
 }
@@ -114,6 +143,7 @@ pub(super) async fn drive_prompts(
     base: &str,
     prompts: &[Prompt],
     max_tokens: u32,
+    temperature: f32,
     refs: &mut References,
 ) -> Result<(BTreeMap<String, f64>, Value)> {
     let mut outs: Vec<(&Prompt, ChatOutcome, bool)> = Vec::new();
@@ -121,8 +151,8 @@ pub(super) async fn drive_prompts(
         let req = ChatRequest {
             prompt: p.prompt.clone(),
             max_tokens,
-            temperature: 0.0,
-            seed: None,
+            temperature,
+            seed: (temperature > 0.0).then_some(1),
             top_k: None,
         };
         let out = stream_chat(client, base, &req, |_| {})
@@ -227,7 +257,38 @@ async fn measure_cluster(
     let result = async {
         let client = http_client()?;
         warmup(&client, &base, &ctx.prompts[0]).await?;
-        drive_prompts(&client, &base, &ctx.prompts, ctx.max_tokens, refs).await
+        let link = cluster.drafts[0].link.clone();
+        let before = link.as_ref().map(|l| l.stats());
+        // Sampled answers legitimately differ between configurations: compare only greedy ones.
+        let mut own_refs = References::new();
+        let refs = if v.temperature > 0.0 {
+            &mut own_refs
+        } else {
+            refs
+        };
+        let (mut m, detail) = drive_prompts(
+            &client,
+            &base,
+            &ctx.prompts,
+            ctx.max_tokens,
+            v.temperature,
+            refs,
+        )
+        .await?;
+        if let (Some(l), Some(b)) = (&link, before) {
+            let after = l.stats();
+            let (up, down) = (
+                (after.bytes_up - b.bytes_up) as f64,
+                (after.bytes_down - b.bytes_down) as f64,
+            );
+            let rounds = m.get("rounds").copied().unwrap_or(0.0).max(1.0);
+            let tokens = m.get("tokens").copied().unwrap_or(0.0).max(1.0);
+            m.insert("wire_up_bytes_per_round".into(), up / rounds);
+            m.insert("wire_down_bytes_per_round".into(), down / rounds);
+            m.insert("wire_up_bytes_per_token".into(), up / tokens);
+            m.insert("wire_down_bytes_per_token".into(), down / tokens);
+        }
+        anyhow::Ok((m, detail))
     }
     .await;
     let stopped = cluster.stop().await;
@@ -489,6 +550,69 @@ pub(super) async fn rtt(ctx: &Ctx) -> Result<Report> {
             format!("The draft node reaches the coordinator through the in-process link emulator: RTT split evenly per direction, {RTT_SCENARIO_MBIT} Mbit/s per direction."),
             "goodput = committed completion tokens / wall time of the streamed requests, one request at a time.".into(),
             "Draft and target share the same CPU cores here.".into(),
+        ],
+    })
+}
+
+/// Scenario `wire` (part of (b)'s question: what speculation costs on the link): bytes per round
+/// and per committed token in each direction, greedy and sampling, fixed γ = 1..8, counted by
+/// the link emulator on the draft ↔ coordinator hop (no padded bandwidth probes; the small RTT
+/// probes remain), next to what shipping the draft's full probability rows would cost.
+pub(super) async fn wire(ctx: &Ctx) -> Result<Report> {
+    let vocab = edgespec_model::TextTokenizer::from_gguf(&ctx.models.target)?.vocab_size();
+    let mut plans = Vec::new();
+    for g in 1..=8u32 {
+        for v in [Variant::fixed(g), Variant::sampled(g)] {
+            plans.push(Plan {
+                name: format!("wire {}", v.series),
+                variant: v.without_probes(),
+                x: f64::from(g),
+                link: Some(LinkProfile::ideal()),
+            });
+        }
+    }
+    let mut configs = measure_all(ctx, &plans).await?;
+    for c in &mut configs {
+        // A design that ships the draft's full rows sends γ rows of V f32 per round upstream.
+        let g = c.x;
+        c.median
+            .insert("naive_up_bytes_per_round".into(), g * vocab as f64 * 4.0);
+        if let Some(up) = c.median.get("wire_up_bytes_per_round").copied() {
+            c.median.insert(
+                "naive_over_sparse".into(),
+                g * vocab as f64 * 4.0 / up.max(1.0),
+            );
+        }
+    }
+    Ok(Report {
+        scenario: "wire".into(),
+        created_unix_s: unix_s(),
+        host: host_info(),
+        params: {
+            let mut p = params(ctx);
+            p["vocab"] = json!(vocab);
+            p
+        },
+        x_label: "γ".into(),
+        baseline: "a design that sends the draft's full probability rows (γ × V × 4 bytes per round)".into(),
+        configs,
+        summary: Vec::new(),
+        columns: vec![
+            Column::new("wire_up_bytes_per_round", "up B/round", 0),
+            Column::new("wire_down_bytes_per_round", "down B/round", 0),
+            Column::new("wire_up_bytes_per_token", "up B/token", 0),
+            Column::new("wire_down_bytes_per_token", "down B/token", 0),
+            Column::new("naive_up_bytes_per_round", "full rows up B/round", 0),
+            Column::new("naive_over_sparse", "full rows / ours", 0),
+            Column::new("acceptance", "acceptance", 2),
+            Column::new("gamma_mean", "γ mean", 2),
+        ],
+        plots: Vec::new(),
+        notes: vec![
+            "Bytes are what the link emulator forwarded on the draft node ↔ coordinator hop during the measured requests (HTTP/2 + TLS-free gRPC framing included; the warm-up request and the stream's opening are excluded). Up = draft node → coordinator (blocks, history on open, probe replies), down = coordinator → draft node (verdicts, probes).".into(),
+            "Padded bandwidth probes are off; the RTT probes (a few bytes every 2 s) remain in the counts.".into(),
+            "Greedy blocks carry token ids only; sampling blocks add the sparse q (drafting.top_k = 16 id/probability pairs per draft token). \"full rows\" is what sending the draft's whole probability row (V f32) per draft token would cost; greedy needs no q at all.".into(),
+            "Per round includes the first round, whose block carries the whole prompt as history.".into(),
         ],
     })
 }

@@ -46,6 +46,8 @@ pub enum Scenario {
     Server,
     /// (d) edge–cloud emulation with pinned processes.
     Edge,
+    /// Bytes on the draft ↔ coordinator link per round and per token (greedy, sampling).
+    Wire,
 }
 
 impl Scenario {
@@ -56,6 +58,7 @@ impl Scenario {
             Scenario::Rtt => "rtt",
             Scenario::Server => "server",
             Scenario::Edge => "edge",
+            Scenario::Wire => "wire",
         }
     }
 
@@ -270,6 +273,7 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
         Scenario::Rtt => inproc::rtt(&ctx).await?,
         Scenario::Server => server::run(&ctx).await?,
         Scenario::Edge => edge::run(&ctx).await?,
+        Scenario::Wire => inproc::wire(&ctx).await?,
     };
     let files = report::write(&report, &opts.out, opts.tag.as_deref(), !opts.no_plots)?;
     println!("{}", report.markdown());
