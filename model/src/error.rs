@@ -14,9 +14,10 @@ pub enum ModelError {
     /// Building the tokenizer from GGUF metadata failed.
     #[error("cannot build tokenizer: {0}")]
     Tokenizer(String),
-    /// A token id outside the vocabulary.
-    #[error("token id {token} is outside the vocabulary (size {vocab_size})")]
-    TokenOutOfVocab { token: u32, vocab_size: usize },
+    /// A token id outside the vocabulary. The id itself is not kept: it belongs to someone's
+    /// request, and no token id may reach a log or an error message.
+    #[error("a token id is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfVocab { vocab_size: usize },
     /// A request refers to a session the model does not hold.
     #[error("unknown session {0}")]
     UnknownSession(SessionId),

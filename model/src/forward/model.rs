@@ -253,9 +253,8 @@ impl GgufModel {
                     req.session
                 )));
             }
-            if let Some(&token) = req.tokens.iter().find(|&&t| t as usize >= self.hp.vocab) {
+            if req.tokens.iter().any(|&t| t as usize >= self.hp.vocab) {
                 return Err(ModelError::TokenOutOfVocab {
-                    token,
                     vocab_size: self.hp.vocab,
                 });
             }

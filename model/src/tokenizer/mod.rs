@@ -145,7 +145,6 @@ impl TextTokenizer {
             .get(id as usize)
             .map(Vec::as_slice)
             .ok_or(ModelError::TokenOutOfVocab {
-                token: id,
                 vocab_size: self.token_bytes.len(),
             })
     }
