@@ -90,6 +90,24 @@ impl Hparams {
         let context = int("context_length")?;
         let rope_base = float("rope.freq_base", 10_000.0)? as f32;
         let rms_eps = float("attention.layer_norm_rms_epsilon", 1e-6)?;
+        // candle computes a tensor's element count and byte size without overflow checks: a
+        // shape whose product overflows passes its size check with wrapped (tiny) numbers and
+        // yields a tensor whose shape claims more than its data holds.
+        for (name, t) in &ct.tensor_infos {
+            let bytes = t
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .map(|n| n / t.ggml_dtype.block_size())
+                .and_then(|blocks| blocks.checked_mul(t.ggml_dtype.type_size()));
+            if bytes.is_none() {
+                return Err(load_err(format!(
+                    "tensor `{name}` has shape {:?}: too large",
+                    t.shape.dims()
+                )));
+            }
+        }
         let embd = ct
             .tensor_infos
             .get("token_embd.weight")

@@ -75,12 +75,31 @@ pub fn load_gguf_with(
         context: format!("cannot open model {shown}"),
         source,
     })?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Load {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
+    let content = read_gguf_content(&mut file, &shown)?;
     let model = model::GgufModel::load(&content, &mut file, &device, path, opts)?;
     Ok(Box::new(model))
+}
+
+/// Parses the metadata and tensor infos of a GGUF file (`shown` names it in errors).
+///
+/// candle's reader panics on some malformed files (a `general.alignment` of 0 divides by zero);
+/// such a panic is returned as [`ModelError::Load`] like any other malformed file.
+pub fn read_gguf_content<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    shown: &str,
+) -> Result<gguf_file::Content, ModelError> {
+    let load_err = |reason: String| ModelError::Load {
+        path: shown.to_string(),
+        reason,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(reader)
+    })) {
+        Ok(r) => r.map_err(|e| load_err(e.to_string())),
+        Err(_) => Err(load_err(
+            "malformed GGUF header (the reader panicked)".into(),
+        )),
+    }
 }
 
 /// Hex sha256 over the tokenizer vocabulary and merges in the GGUF metadata: the tokens of

@@ -175,9 +175,17 @@ pub(super) fn build(meta: &Metadata) -> Result<Built, ModelError> {
         .merges
         .iter()
         .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))?;
+            // A merge must make a token of the vocabulary (the BPE builder would refuse it
+            // too, but panics first when the result is longer than every token).
+            if !vocab.contains_key(&format!("{a}{b}")) {
+                return Err(tok_err(format!(
+                    "merge `{m}` makes a token that is not in the vocabulary"
+                )));
+            }
+            Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let (nfc, pre_tokenizer, ignore_merges) = pipeline(meta.pre.as_deref())?;

@@ -53,10 +53,7 @@ impl TextTokenizer {
             source: e,
         })?;
         let mut reader = std::io::BufReader::new(&mut file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| ModelError::Load {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let content = crate::forward::read_gguf_content(&mut reader, &path.display().to_string())?;
         Self::from_gguf_content(&content)
     }
 

@@ -35,6 +35,30 @@ const TRACK_FROM: usize = 1 << 16;
 
 thread_local! {
     static PEAK: Cell<usize> = const { Cell::new(0) };
+    /// This thread is running a fuzz target: its panics are caught and reported by proptest,
+    /// so the panic hook stays quiet (and skips the backtrace, which costs milliseconds).
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+    /// Where the last quiet panic happened.
+    static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Installs (once) a panic hook that is silent on threads running a target.
+fn quiet_panics_in_targets() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.try_with(Cell::get).unwrap_or(false) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                    .unwrap_or_default();
+                let _ = LAST_PANIC.try_with(|p| *p.borrow_mut() = at);
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 fn note(size: usize) {
@@ -180,12 +204,27 @@ pub fn run<S: Strategy>(
         ..Config::default()
     };
     let counters = Counters::default();
+    quiet_panics_in_targets();
+    QUIET.with(|q| q.set(true));
     let mut runner = TestRunner::new(config);
     let start = Instant::now();
     let result = runner.run(&strategy, |value| {
         reset_peak();
         let t = Instant::now();
-        let r = property(&counters, value);
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            property(&counters, value)
+        })) {
+            Ok(r) => r,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let at = LAST_PANIC.with(|p| p.borrow().clone());
+                Err(TestCaseError::fail(format!("panicked at {at}: {msg}")))
+            }
+        };
         let dt = t.elapsed();
         counters.cases.set(counters.cases.get() + 1);
         if dt > counters.slowest.get() {
@@ -198,6 +237,7 @@ pub fn run<S: Strategy>(
         r?;
         check_peak(alloc_limit, target)
     });
+    QUIET.with(|q| q.set(false));
     let report = Report {
         target,
         cases: counters.cases.get(),
