@@ -101,9 +101,10 @@ impl Hparams {
                 .try_fold(1usize, |n, &d| n.checked_mul(d))
                 .map(|n| n / t.ggml_dtype.block_size())
                 .and_then(|blocks| blocks.checked_mul(t.ggml_dtype.type_size()));
-            if bytes.is_none() {
+            // An empty tensor is no weight either; candle asserts on its (dangling) data pointer.
+            if bytes.is_none() || t.shape.dims().contains(&0) {
                 return Err(load_err(format!(
-                    "tensor `{name}` has shape {:?}: too large",
+                    "tensor `{name}` has shape {:?}: empty or too large",
                     t.shape.dims()
                 )));
             }
@@ -112,7 +113,30 @@ impl Hparams {
             .tensor_infos
             .get("token_embd.weight")
             .ok_or_else(|| load_err("missing tensor `token_embd.weight`".into()))?;
-        let vocab = embd.shape.dims2().map_err(|e| load_err(e.to_string()))?.0;
+        let (vocab, embd_width) = embd.shape.dims2().map_err(|e| load_err(e.to_string()))?;
+        // The widths must be those of the weights: buffers are sized from these numbers (a
+        // key_length of 2^30 made the first forward build gigabytes of rotary tables), and the
+        // layers are reserved from block_count before their tensors are read.
+        let rows = |name: &str| {
+            ct.tensor_infos
+                .get(name)
+                .and_then(|t| t.shape.dims2().ok())
+                .map(|d| d.0)
+        };
+        let last_block = n_layer
+            .checked_sub(1)
+            .map(|i| format!("blk.{i}.attn_q.weight"));
+        if embd_width != hidden
+            || last_block.is_some_and(|name| !ct.tensor_infos.contains_key(&name))
+            || (n_layer > 0
+                && (rows("blk.0.attn_q.weight") != n_head.checked_mul(head_dim)
+                    || rows("blk.0.attn_k.weight") != n_kv_head.checked_mul(head_dim)))
+        {
+            return Err(load_err(format!(
+                "metadata disagrees with the weights: {n_layer} blocks, width {hidden}, \
+                 {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}"
+            )));
+        }
         if n_head == 0
             || n_kv_head == 0
             || n_head % n_kv_head != 0

@@ -75,7 +75,9 @@ pub fn load_gguf_with(
         context: format!("cannot open model {shown}"),
         source,
     })?;
-    let content = read_gguf_content(&mut file, &shown)?;
+    // Buffered: the metadata is read a few bytes at a time (0.74 s → 0.12 s for a 151k-token
+    // vocabulary); tensor reads seek, so the file's position after this does not matter.
+    let content = read_gguf_content(&mut std::io::BufReader::new(&mut file), &shown)?;
     let model = model::GgufModel::load(&content, &mut file, &device, path, opts)?;
     Ok(Box::new(model))
 }
