@@ -323,12 +323,7 @@ where
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
         let cert = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-        match decide(
-            policy.rules,
-            &policy.trust_domain,
-            req.uri().path(),
-            cert,
-        ) {
+        match decide(policy.rules, &policy.trust_domain, req.uri().path(), cert) {
             Decision::Allow(identity) => {
                 if let Some(id) = identity {
                     req.extensions_mut().insert(Caller(Arc::new(id)));
@@ -389,7 +384,12 @@ mod tests {
 
     #[test]
     fn rules_deny_by_default_and_name_the_role_needed() {
-        let d = decide(VERIFIER_RULES, "edgespec", "/edgespec.v1.Verifier/Verify", None);
+        let d = decide(
+            VERIFIER_RULES,
+            "edgespec",
+            "/edgespec.v1.Verifier/Verify",
+            None,
+        );
         assert!(matches!(d, Decision::Deny(m) if m.contains("coordinator")));
         let d = decide(COORDINATOR_RULES, "edgespec", "/edgespec.v1.Other/X", None);
         assert!(matches!(d, Decision::Deny(_)));

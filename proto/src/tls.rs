@@ -99,12 +99,11 @@ impl TlsSettings {
         if !has_block(&key, "PRIVATE KEY") {
             return Err(bad_pem("tls.key", &self.key, "no PRIVATE KEY block"));
         }
-        let identity = own_identity(&cert, &self.trust_domain)
-            .map_err(|why| TlsError::File {
-                key: "tls.cert",
-                path: self.cert.clone(),
-                why,
-            })?;
+        let identity = own_identity(&cert, &self.trust_domain).map_err(|why| TlsError::File {
+            key: "tls.cert",
+            path: self.cert.clone(),
+            why,
+        })?;
         if identity.role != role {
             return Err(TlsError::File {
                 key: "tls.cert",
