@@ -977,3 +977,30 @@ fn regression_hparams_must_match_the_weights() {
         }
     }
 }
+
+/// `gguf_model`, sixth crash, after 961 981 cases of the first campaign: a q/k/v projection one
+/// row wide (here `attn_v`, its bias removed so that the bias add cannot object). The matmuls
+/// accepted it, and the CPU attention kernel sliced the v rows by the metadata's kv width and
+/// panicked ("range end index 32 out of range for slice of length 2"). The loader now checks
+/// every block's q/k/v weights and biases against the metadata's widths.
+#[test]
+fn regression_projection_width_must_match_the_metadata() {
+    for (part, rows) in [("v", 1u64), ("k", 1), ("q", 1), ("v", 32), ("k", 17)] {
+        let mut g = pristine().clone();
+        let weight = format!("blk.0.attn_{part}.weight");
+        let bias = format!("blk.0.attn_{part}.bias");
+        g.tensors
+            .iter_mut()
+            .find(|t| t.name == weight)
+            .unwrap()
+            .dims[1] = rows;
+        g.tensors.retain(|t| t.name != bias);
+        let path = scratch_path().with_file_name("projection.gguf");
+        std::fs::write(&path, g.serialize().0).unwrap();
+        match load_gguf(&path, DeviceKind::Cpu) {
+            Err(ModelError::Load { .. }) => {}
+            Err(e) => panic!("{weight} with {rows} rows: unexpected error {e:?}"),
+            Ok(_) => panic!("{weight} with {rows} rows loaded"),
+        }
+    }
+}

@@ -115,23 +115,31 @@ impl Hparams {
             .ok_or_else(|| load_err("missing tensor `token_embd.weight`".into()))?;
         let (vocab, embd_width) = embd.shape.dims2().map_err(|e| load_err(e.to_string()))?;
         // The widths must be those of the weights: buffers are sized from these numbers (a
-        // key_length of 2^30 made the first forward build gigabytes of rotary tables), and the
-        // layers are reserved from block_count before their tensors are read.
-        let rows = |name: &str| {
-            ct.tensor_infos
-                .get(name)
-                .and_then(|t| t.shape.dims2().ok())
-                .map(|d| d.0)
-        };
+        // key_length of 2^30 made the first forward build gigabytes of rotary tables), the layers
+        // are reserved from block_count before their tensors are read, and the attention kernel
+        // slices the q/k/v rows by them (a v projection one row wide made it index past them).
         let last_block = n_layer
             .checked_sub(1)
             .map(|i| format!("blk.{i}.attn_q.weight"));
-        if embd_width != hidden
-            || last_block.is_some_and(|name| !ct.tensor_infos.contains_key(&name))
-            || (n_layer > 0
-                && (rows("blk.0.attn_q.weight") != n_head.checked_mul(head_dim)
-                    || rows("blk.0.attn_k.weight") != n_kv_head.checked_mul(head_dim)))
-        {
+        let mut agree = embd_width == hidden
+            && last_block.is_none_or(|name| ct.tensor_infos.contains_key(&name));
+        let dims = |name: String| ct.tensor_infos.get(&name).map(|t| t.shape.dims().to_vec());
+        let q_width = n_head.checked_mul(head_dim);
+        let kv_width = n_kv_head.checked_mul(head_dim);
+        for i in 0..n_layer {
+            if !agree {
+                break;
+            }
+            for (part, width) in [("q", q_width), ("k", kv_width), ("v", kv_width)] {
+                let w = dims(format!("blk.{i}.attn_{part}.weight"));
+                let b = dims(format!("blk.{i}.attn_{part}.bias"));
+                agree &= width.is_some_and(|width| {
+                    w.as_deref() == Some(&[width, hidden][..])
+                        && b.as_deref().is_none_or(|b| b == [width])
+                });
+            }
+        }
+        if !agree {
             return Err(load_err(format!(
                 "metadata disagrees with the weights: {n_layer} blocks, width {hidden}, \
                  {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}"
