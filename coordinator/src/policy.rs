@@ -44,12 +44,12 @@ pub struct PolicyPatch {
     /// See [`Policy::initial_gamma`].
     pub initial_gamma: Option<u32>,
     /// See [`Policy::batch_window`].
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "optional_duration")]
     pub batch_window: Option<Duration>,
     /// See [`Policy::max_batch_tokens`].
     pub max_batch_tokens: Option<usize>,
     /// See [`Policy::burst_queue_delay`].
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "optional_duration")]
     pub burst_queue_delay: Option<Duration>,
     /// See [`Policy::burst_utilization`].
     pub burst_utilization: Option<f64>,
@@ -57,6 +57,19 @@ pub struct PolicyPatch {
     pub speculation_enabled: Option<bool>,
     /// See [`Policy::pipelined`].
     pub pipelined: Option<bool>,
+}
+
+/// `humantime_serde` for a patch's durations, except that a duration humantime cannot represent
+/// is an error: humantime 2.4 panics in `Duration::new` on `"18446744073709551615s 1000000000ns"`
+/// (found by the `admin_policy` fuzz target).
+fn optional_duration<'de, D>(d: D) -> Result<Option<Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        humantime_serde::deserialize(d)
+    }))
+    .unwrap_or_else(|_| Err(serde::de::Error::custom("duration out of range")))
 }
 
 /// A policy value outside its allowed range; names the field.

@@ -242,8 +242,7 @@ fn valid_policy() -> BoxedStrategy<Policy> {
 fn policy_ok(p: &Policy) -> bool {
     p.gamma_max <= 64
         && p.gamma_min <= p.gamma_max
-        && p.gamma_min <= p.initial_gamma
-        && p.initial_gamma <= p.gamma_max
+        && (p.gamma_min..=p.gamma_max).contains(&p.initial_gamma)
         && p.batch_window <= Duration::from_secs(1)
         && p.max_batch_tokens >= 1
         && p.burst_queue_delay <= Duration::from_secs(3600)
@@ -365,6 +364,31 @@ fn burst_utilization_json_round_trip_is_off_by_one_ulp() {
     let patch: PolicyPatch = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
     let q = Settings::default().policy.patched(&patch).unwrap();
     assert!(same_policy(&q, &p));
+}
+
+/// `admin_policy`, first crash (26 542 cases into the campaign): a duration whose nanoseconds
+/// carry into seconds past `u64::MAX`. humantime 2.4 builds it with `Duration::new`, which
+/// panicked ("overflow in Duration::new") inside the PUT handler's body parse. A patch's
+/// durations now go through `optional_duration`, which makes that a 400.
+#[test]
+fn regression_duration_overflow_is_a_parse_error() {
+    for body in [
+        r#"{"batch_window":"18446744073709551615s 1000000000ns"}"#,
+        r#"{"burst_queue_delay":"18446744073709551615s 999999999ns 1ns"}"#,
+    ] {
+        assert!(serde_json::from_str::<PolicyPatch>(body).is_err(), "{body}");
+    }
+    let server = Server::start();
+    let (status, answer) = server
+        .send(
+            "PUT",
+            "/admin/v1/policy",
+            &Auth::Right,
+            Some(br#"{"batch_window":"18446744073709551615s 1000000000ns"}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+    assert!(error_body(&answer));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,7 +585,7 @@ fn admin_http() {
         assert_eq!(st, 200);
         serde_json::from_slice(&body).unwrap()
     };
-    assert_eq!(policy_now(&server), *current.borrow());
+    assert!(same_policy(&policy_now(&server), &current.borrow()));
     let statuses = std::cell::RefCell::new(std::collections::BTreeMap::new());
     fuzz_support::run(
         "admin_http",
@@ -586,7 +610,9 @@ fn admin_http() {
                                     let got: Policy = serde_json::from_slice(&rb).map_err(|e| {
                                         TestCaseError::fail(format!("PUT answered 200 with {e}"))
                                     })?;
-                                    prop_assert_eq!(&got, &p);
+                                    // The answer's JSON may move burst_utilization
+                                    // by one ulp (see `same_policy`); the server holds `p`.
+                                    prop_assert!(same_policy(&got, &p), "{:?} != {:?}", got, p);
                                     *current.borrow_mut() = p;
                                 }
                                 Some(200)
@@ -652,7 +678,7 @@ fn admin_http() {
     );
     println!("admin_http statuses: {:?}", statuses.borrow());
     // The policy in force is the one the harness tracked.
-    assert_eq!(policy_now(&server), *current.borrow());
+    assert!(same_policy(&policy_now(&server), &current.borrow()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -782,7 +808,7 @@ fn run_ops(c: &Counters, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         Pool::Cloud
                     };
                     prop_assert_eq!(v.pool, pool);
-                    prop_assert_eq!(reg.heartbeat(&info.node_id, None, now).known, true);
+                    prop_assert!(reg.heartbeat(&info.node_id, None, now).known);
                 }
             }
             Op::Heartbeat(id) => {

@@ -725,7 +725,7 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
         broken.push((400, "top_p"));
     }
-    if top_k.is_some_and(|k| k < -1 || k > u32::MAX as i64) {
+    if top_k.is_some_and(|k| !(-1..=u32::MAX as i64).contains(&k)) {
         broken.push((400, "top_k"));
     }
     if stop > MAX_STOP {

@@ -347,7 +347,7 @@ fn sampling_ok(s: &Option<pb::SamplingParams>) -> bool {
     match s {
         None => false,
         Some(s) => {
-            s.temperature.is_finite() && s.temperature >= 0.0 && s.top_p >= 0.0 && s.top_p <= 1.0
+            s.temperature.is_finite() && s.temperature >= 0.0 && (0.0..=1.0).contains(&s.top_p)
         }
     }
 }
@@ -361,7 +361,8 @@ fn sparse_ok(d: &pb::SparseDist) -> bool {
         return false;
     }
     let sum: f32 = d.probs.iter().sum();
-    if !((sum - 1.0).abs() <= PROB_SUM_TOLERANCE) {
+    let sums_to_one = (sum - 1.0).abs() <= PROB_SUM_TOLERANCE;
+    if !sums_to_one {
         return false;
     }
     let mut seen = std::collections::HashSet::new();

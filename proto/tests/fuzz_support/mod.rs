@@ -38,6 +38,10 @@ thread_local! {
     /// This thread is running a fuzz target: its panics are caught and reported by proptest,
     /// so the panic hook stays quiet (and skips the backtrace, which costs milliseconds).
     static QUIET: Cell<bool> = const { Cell::new(false) };
+    /// The running target's allocation bound, and where a request above it came from.
+    static LIMIT: Cell<usize> = const { Cell::new(usize::MAX) };
+    static OVER_LIMIT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    static IN_NOTE: Cell<bool> = const { Cell::new(false) };
     /// Where the last quiet panic happened.
     static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
@@ -64,6 +68,16 @@ fn quiet_panics_in_targets() {
 fn note(size: usize) {
     if size >= TRACK_FROM {
         let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
+        // Above the bound: remember where from (the capture allocates; the guard keeps those
+        // allocations from being noted again).
+        if size > LIMIT.try_with(Cell::get).unwrap_or(usize::MAX)
+            && !IN_NOTE.try_with(|g| g.replace(true)).unwrap_or(true)
+        {
+            let trace = std::backtrace::Backtrace::force_capture().to_string();
+            let _ = OVER_LIMIT
+                .try_with(|o| *o.borrow_mut() = Some(format!("{size} bytes at\n{trace}")));
+            let _ = IN_NOTE.try_with(|g| g.set(false));
+        }
     }
 }
 
@@ -109,6 +123,7 @@ static ALLOC: CappedAlloc = CappedAlloc;
 /// Forgets this thread's largest allocation so far.
 pub fn reset_peak() {
     let _ = PEAK.try_with(|p| p.set(0));
+    let _ = OVER_LIMIT.try_with(|o| o.borrow_mut().take());
 }
 
 /// This thread's largest single allocation request since [`reset_peak`] (0 if all were below
@@ -121,8 +136,19 @@ pub fn peak() -> usize {
 pub fn check_peak(limit: usize, what: &str) -> TestCaseResult {
     let p = peak();
     if p > limit {
+        let at = OVER_LIMIT
+            .with(|o| o.borrow().clone())
+            .map(|t| {
+                // The frames of the workspace and its dependencies, not std's or the harness's.
+                t.lines()
+                    .filter(|l| !l.contains("/rustc/") && !l.contains("fuzz_support"))
+                    .take(60)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default();
         return Err(TestCaseError::fail(format!(
-            "{what}: one allocation of {p} bytes (limit {limit})"
+            "{what}: one allocation of {p} bytes (limit {limit}); {at}"
         )));
     }
     Ok(())
@@ -206,6 +232,7 @@ pub fn run<S: Strategy>(
     let counters = Counters::default();
     quiet_panics_in_targets();
     QUIET.with(|q| q.set(true));
+    LIMIT.with(|l| l.set(alloc_limit));
     let mut runner = TestRunner::new(config);
     let start = Instant::now();
     let result = runner.run(&strategy, |value| {
@@ -238,6 +265,7 @@ pub fn run<S: Strategy>(
         check_peak(alloc_limit, target)
     });
     QUIET.with(|q| q.set(false));
+    LIMIT.with(|l| l.set(usize::MAX));
     let report = Report {
         target,
         cases: counters.cases.get(),
