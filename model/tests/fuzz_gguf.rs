@@ -674,7 +674,8 @@ fn gguf_tokenizer() {
             match TextTokenizer::from_gguf_content(&content) {
                 Ok(t) => {
                     c.accepted(true);
-                    use_tokenizer(&t);
+                    // On a thread of its own: see `fuzz_support::in_fresh_thread`.
+                    fuzz_support::in_fresh_thread(|| use_tokenizer(&t));
                 }
                 Err(e) => {
                     c.accepted(false);

@@ -154,6 +154,40 @@ pub fn check_peak(limit: usize, what: &str) -> TestCaseResult {
     Ok(())
 }
 
+/// Runs `f` on a new thread (whose thread-locals die with it) and returns its result; its
+/// largest allocation counts toward this thread's, and a panic in it continues here.
+///
+/// For decoders whose dependencies keep per-thread state across instances: tokenizers 0.23's
+/// BPE caches words in a thread-local map keyed by instance and never drops a dropped instance's
+/// entry, so a harness building a tokenizer per case on one thread grows that map without bound
+/// (a 76 MB rehash after ~636 000 tokenizers).
+pub fn in_fresh_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let limit = LIMIT.with(Cell::get);
+    let (result, child_peak, over, last_panic) = std::thread::scope(|s| {
+        s.spawn(|| {
+            QUIET.with(|q| q.set(true));
+            LIMIT.with(|l| l.set(limit));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let over = OVER_LIMIT.with(|o| o.borrow_mut().take());
+            let at = LAST_PANIC.with(|p| p.borrow().clone());
+            (r, peak(), over, at)
+        })
+        .join()
+        .expect("the helper thread returns")
+    });
+    let _ = PEAK.try_with(|p| p.set(p.get().max(child_peak)));
+    if over.is_some() {
+        OVER_LIMIT.with(|o| *o.borrow_mut() = over);
+    }
+    match result {
+        Ok(v) => v,
+        Err(payload) => {
+            LAST_PANIC.with(|p| *p.borrow_mut() = last_panic);
+            std::panic::resume_unwind(payload)
+        }
+    }
+}
+
 /// Number of cases: `EDGESPEC_FUZZ_CASES` if set, else `ci`.
 pub fn cases(ci: u32) -> u32 {
     match std::env::var(CASES_ENV) {
