@@ -11,7 +11,8 @@ pub enum SpecError {
     /// A sparse draft distribution q broke one of its invariants.
     #[error("invalid proposal: {reason}")]
     InvalidProposal {
-        /// What was wrong, e.g. "duplicate token id 7".
+        /// What was wrong, e.g. "entry 3: duplicate token id" (never the id itself: errors may
+        /// be logged, and token ids are user content).
         reason: String,
     },
     /// Verification got a number of target rows other than `drafted + 1`.
@@ -41,7 +42,7 @@ pub enum SpecError {
         got: usize,
     },
     /// A drafted token id is not in the vocabulary.
-    #[error("verify: drafted token {token} at position {position} is outside the vocabulary of {vocab_size}")]
+    #[error("verify: the drafted token at position {position} is outside the vocabulary of {vocab_size}")]
     DraftOutOfVocab {
         /// Position of the token in the draft block.
         position: usize,
@@ -51,9 +52,7 @@ pub enum SpecError {
         vocab_size: usize,
     },
     /// A drafted token has probability 0 under the q it was supposedly sampled from.
-    #[error(
-        "verify: drafted token {token} at position {position} is outside its proposal's support"
-    )]
+    #[error("verify: the drafted token at position {position} is outside its proposal's support")]
     DraftNotInProposal {
         /// Position of the token in the draft block.
         position: usize,

@@ -83,17 +83,18 @@ impl SparseDist {
             return fail("empty support".into());
         }
         let mut seen = HashSet::with_capacity(self.ids.len());
-        for (&id, &p) in self.ids.iter().zip(&self.probs) {
+        // Entries are named by index, never by token id (errors may be logged; ids are content).
+        for (i, (&id, &p)) in self.ids.iter().zip(&self.probs).enumerate() {
             if id as usize >= vocab_size {
                 return fail(format!(
-                    "token id {id} outside the vocabulary of {vocab_size}"
+                    "entry {i}: token id outside the vocabulary of {vocab_size}"
                 ));
             }
             if !seen.insert(id) {
-                return fail(format!("duplicate token id {id}"));
+                return fail(format!("entry {i}: duplicate token id"));
             }
             if !(p > 0.0 && p <= 1.0) {
-                return fail(format!("probability {p} of token {id} is not in (0, 1]"));
+                return fail(format!("entry {i}: probability {p} is not in (0, 1]"));
             }
         }
         let sum: f64 = self.probs.iter().map(|&p| f64::from(p)).sum();

@@ -2,7 +2,7 @@
 //! computed directly on the model (no speculation, single-token steps), and a few client helpers.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
@@ -26,17 +26,13 @@ pub fn smollm() -> Result<PathBuf> {
 }
 
 /// Target-only greedy decoding of a chat prompt as text (see [`edgespec::reference`]).
-pub fn target_only_greedy(model: &PathBuf, prompt: &str, max_tokens: usize) -> Result<String> {
+pub fn target_only_greedy(model: &Path, prompt: &str, max_tokens: usize) -> Result<String> {
     edgespec::reference::target_only_greedy(model, prompt, max_tokens)
 }
 
 /// Target-only greedy decoding as token ids, the way the API reports them
 /// (`ChatOutcome::token_ids`; see [`edgespec::reference`]).
-pub fn target_only_greedy_ids(
-    model: &PathBuf,
-    prompt: &str,
-    max_tokens: usize,
-) -> Result<Vec<u32>> {
+pub fn target_only_greedy_ids(model: &Path, prompt: &str, max_tokens: usize) -> Result<Vec<u32>> {
     edgespec::reference::target_only_greedy_ids(model, prompt, max_tokens)
 }
 

@@ -197,9 +197,10 @@ impl Sessions {
                 .iter()
                 .position(|&t| t as usize >= l.vocab_size)
                 .map(|i| {
+                    // The id itself is not echoed: errors may be logged, token ids are content.
                     format!(
-                        "{field}[{i}] = {} is outside the vocabulary (size {})",
-                        tokens[i], l.vocab_size
+                        "{field}[{i}] is outside the vocabulary (size {})",
+                        l.vocab_size
                     )
                 })
         };
