@@ -348,3 +348,421 @@ fn tiny_tensors(spec: &TinySpec) -> candle_core::Result<Vec<(String, QTensor)>> 
     vector("output_norm.weight".into(), h, 1.0, 0.1)?;
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real-shape models (speed measurements only)
+// ---------------------------------------------------------------------------------------------
+
+/// Blocks of Qwen2.5-Coder-1.5B-Instruct Q4_K_M (28 blocks) whose `attn_v` and `ffn_down` are
+/// Q6K; the others are Q4K (read from the real file). Qwen2.5-7B also has 28 blocks, and
+/// llama.cpp picks these layers by block index only, so the 7B spec uses the same list.
+pub const QWEN2_Q4KM_Q6K_LAYERS: [usize; 14] = [0, 1, 5, 6, 7, 8, 9, 10, 13, 16, 19, 21, 24, 27];
+
+/// A synthetic model at the shapes and quantization layout of a real one, for **speed**
+/// measurements where the real file cannot be brought (a GPU machine without network).
+///
+/// Forward time does not depend on the weights' values, so generation is fast rather than
+/// faithful: each matrix is a few rows of seeded random values quantized once with candle and
+/// repeated, with the quantized values (not the block scales) then overwritten by a fast seeded
+/// byte stream on every core, so rows differ (no tied logits) and values keep a sane range. The
+/// tokenizer metadata is the tiny one (297 tokens) while the embedding and output have `vocab`
+/// rows: the file is for forwards, not for text. [`write_shaped_gguf`] streams the file one
+/// tensor at a time (peak memory is the largest tensor, not the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeSpec {
+    /// Short name (`general.name` is `shape-{name}`).
+    pub name: String,
+    /// Architecture layout.
+    pub arch: TinyArch,
+    /// Seed of the generator; equal specs give byte-identical files.
+    pub seed: u64,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Embedding width (a multiple of 256 for [`TinyWeights::Q4KM`], of 32 otherwise).
+    pub hidden: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// FFN width (same multiple rule as `hidden`).
+    pub ffn: usize,
+    /// Rows of `token_embd.weight` and `output.weight` (the model's vocabulary size).
+    pub vocab: usize,
+    /// `{arch}.context_length`.
+    pub context_length: usize,
+    /// Quantization of the weight matrices.
+    pub weights: TinyWeights,
+    /// Under [`TinyWeights::Q4KM`]: blocks whose `attn_v` and `ffn_down` are Q6K (the output
+    /// matrix is always Q6K, `token_embd` Q4K, everything else Q4K).
+    pub q6k_layers: Vec<usize>,
+    /// `{arch}.rope.freq_base`.
+    pub rope_base: f32,
+    /// `{arch}.attention.layer_norm_rms_epsilon`.
+    pub rms_eps: f32,
+}
+
+impl ShapeSpec {
+    /// Qwen2.5(-Coder) 1.5B Q4_K_M: 28 blocks, hidden 1536, 12 q / 2 kv heads (head dim 128),
+    /// FFN 8960, vocabulary 151 936, untied output (as in the real GGUF file).
+    pub fn qwen2_1_5b_q4km() -> Self {
+        Self {
+            name: "qwen2-1.5b-q4km".into(),
+            arch: TinyArch::Qwen2,
+            seed: 15,
+            n_layer: 28,
+            hidden: 1536,
+            n_head: 12,
+            n_kv_head: 2,
+            ffn: 8960,
+            vocab: 151_936,
+            context_length: 32_768,
+            weights: TinyWeights::Q4KM,
+            q6k_layers: QWEN2_Q4KM_Q6K_LAYERS.to_vec(),
+            rope_base: 1_000_000.0,
+            rms_eps: 1e-6,
+        }
+    }
+
+    /// Qwen2.5 7B Q4_K_M: 28 blocks, hidden 3584, 28 q / 4 kv heads (head dim 128), FFN 18 944,
+    /// vocabulary 152 064, untied output.
+    pub fn qwen2_7b_q4km() -> Self {
+        Self {
+            name: "qwen2-7b-q4km".into(),
+            seed: 7,
+            hidden: 3584,
+            n_head: 28,
+            n_kv_head: 4,
+            ffn: 18_944,
+            vocab: 152_064,
+            ..Self::qwen2_1_5b_q4km()
+        }
+    }
+
+    /// A small stand-in with the same layout rules (for CPU tests of the code path).
+    pub fn small(name: &str, n_layer: usize, hidden: usize, n_head: usize, ffn: usize) -> Self {
+        Self {
+            name: name.into(),
+            seed: 3,
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head: (n_head / 4).max(1),
+            ffn,
+            vocab: 2048,
+            context_length: 4096,
+            q6k_layers: (0..n_layer).step_by(2).collect(),
+            ..Self::qwen2_1_5b_q4km()
+        }
+    }
+
+    fn tiny(&self) -> TinySpec {
+        TinySpec {
+            arch: self.arch,
+            seed: self.seed,
+            n_layer: self.n_layer,
+            hidden: self.hidden,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            ffn: self.ffn,
+            context_length: self.context_length,
+            weights: self.weights,
+            rope_base: self.rope_base,
+            rms_eps: self.rms_eps,
+            ..TinySpec::default()
+        }
+    }
+
+    /// Every tensor of the file, in file order.
+    fn plan(&self) -> Vec<PlannedTensor> {
+        let (h, f, v) = (self.hidden, self.ffn, self.vocab);
+        let kv = self.n_kv_head * (h / self.n_head);
+        let (main, six) = match self.weights {
+            TinyWeights::Q8_0 => (GgmlDType::Q8_0, GgmlDType::Q8_0),
+            TinyWeights::Q4_0 => (GgmlDType::Q4_0, GgmlDType::Q4_0),
+            TinyWeights::Q4KM => (GgmlDType::Q4K, GgmlDType::Q6K),
+        };
+        let m = |name: String, rows, cols, dtype| PlannedTensor {
+            name,
+            dims: vec![rows, cols],
+            dtype,
+            vector: None,
+        };
+        let vec = |name: String, len, center, scale| PlannedTensor {
+            name,
+            dims: vec![len],
+            dtype: GgmlDType::F32,
+            vector: Some((center, scale)),
+        };
+        let mut out = vec![m("token_embd.weight".into(), v, h, main)];
+        for i in 0..self.n_layer {
+            let p = format!("blk.{i}");
+            let heavy = if self.q6k_layers.contains(&i) {
+                six
+            } else {
+                main
+            };
+            out.push(m(format!("{p}.attn_q.weight"), h, h, main));
+            out.push(m(format!("{p}.attn_k.weight"), kv, h, main));
+            out.push(m(format!("{p}.attn_v.weight"), kv, h, heavy));
+            out.push(m(format!("{p}.attn_output.weight"), h, h, main));
+            out.push(m(format!("{p}.ffn_gate.weight"), f, h, main));
+            out.push(m(format!("{p}.ffn_up.weight"), f, h, main));
+            out.push(m(format!("{p}.ffn_down.weight"), h, f, heavy));
+            out.push(vec(format!("{p}.attn_norm.weight"), h, 1.0, 0.1));
+            out.push(vec(format!("{p}.ffn_norm.weight"), h, 1.0, 0.1));
+            if self.arch == TinyArch::Qwen2 {
+                out.push(vec(format!("{p}.attn_q.bias"), h, 0.0, 0.1));
+                out.push(vec(format!("{p}.attn_k.bias"), kv, 0.0, 0.1));
+                out.push(vec(format!("{p}.attn_v.bias"), kv, 0.0, 0.1));
+            }
+        }
+        out.push(m("output.weight".into(), v, h, six));
+        out.push(vec("output_norm.weight".into(), h, 1.0, 0.1));
+        out
+    }
+
+    /// Size of the tensor data (what a forward reads), in bytes.
+    pub fn weight_bytes(&self) -> u64 {
+        self.plan().iter().map(|t| t.bytes() as u64).sum()
+    }
+
+    fn check(&self) -> Result<(), ModelError> {
+        self.tiny().check()?;
+        if self.vocab == 0 {
+            return Err(ModelError::Synthetic("vocab must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One tensor to write: a quantized matrix `[rows, cols]`, or an F32 vector of values uniform in
+/// `center ± scale`.
+#[derive(Debug, Clone)]
+struct PlannedTensor {
+    name: String,
+    dims: Vec<usize>,
+    dtype: GgmlDType,
+    vector: Option<(f32, f32)>,
+}
+
+impl PlannedTensor {
+    fn bytes(&self) -> usize {
+        let n: usize = self.dims.iter().product();
+        n / self.dtype.block_size() * self.dtype.type_size()
+    }
+}
+
+/// GGML type codes of the types written here (candle keeps its own mapping crate-private).
+fn ggml_type_code(dtype: GgmlDType) -> Result<u32, ModelError> {
+    Ok(match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q6K => 14,
+        other => return Err(ModelError::Synthetic(format!("no type code for {other:?}"))),
+    })
+}
+
+/// Byte range of one block that holds quantized values (not scales), for the types generated by
+/// [`write_shaped_gguf`]: any bit pattern there is a valid value.
+fn value_bytes(dtype: GgmlDType) -> Option<std::ops::Range<usize>> {
+    match dtype {
+        // d: f16, then 32 i8.
+        GgmlDType::Q8_0 => Some(2..34),
+        // d: f16, then 16 bytes of nibbles.
+        GgmlDType::Q4_0 => Some(2..18),
+        // d, dmin: f16; scales: 12 bytes; qs: 128 bytes.
+        GgmlDType::Q4K => Some(16..144),
+        // ql: 128 bytes; qh: 64 bytes; scales: 16 i8; d: f16.
+        GgmlDType::Q6K => Some(0..192),
+        _ => None,
+    }
+}
+
+/// xorshift64*: a fast seeded byte stream for weight values.
+struct ByteStream(u64);
+
+impl ByteStream {
+    /// A stream for `(seed, row)`, its state spread by SplitMix64 (never zero).
+    fn new(seed: u64, row: u64) -> Self {
+        let mut z =
+            (seed ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)) | 1)
+    }
+
+    fn fill(&mut self, dst: &mut [u8]) {
+        for chunk in dst.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// The bytes of one quantized matrix (see [`ShapeSpec`] for how).
+fn shaped_matrix(
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    seed: u64,
+) -> candle_core::Result<Vec<u8>> {
+    const PATTERN_ROWS: usize = 8;
+    let p = rows.min(PATTERN_ROWS);
+    let mut rng = SplitMix(seed);
+    let scale = (3.0 / cols as f32).sqrt();
+    let t = Tensor::from_vec(rng.values(p * cols, 0.0, scale), (p, cols), &Device::Cpu)?;
+    let pattern = QTensor::quantize(&t, dtype)?.data()?.into_owned();
+    let row_bytes = pattern.len() / p;
+    let block_bytes = dtype.type_size();
+    let values = value_bytes(dtype);
+    let mut out = vec![0u8; rows * row_bytes];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows_per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (ci, chunk) in out.chunks_mut(rows_per * row_bytes).enumerate() {
+            let pattern = &pattern;
+            let values = values.clone();
+            s.spawn(move || {
+                for (ri, row) in chunk.chunks_mut(row_bytes).enumerate() {
+                    let r = ci * rows_per + ri;
+                    row.copy_from_slice(&pattern[(r % p) * row_bytes..(r % p + 1) * row_bytes]);
+                    if let Some(range) = &values {
+                        let mut stream = ByteStream::new(seed, r as u64);
+                        for block in row.chunks_mut(block_bytes) {
+                            stream.fill(&mut block[range.clone()]);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(out)
+}
+
+fn gguf_value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_string(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(buf: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => buf.push(*x),
+        Value::I8(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::U16(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::U64(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => buf.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => buf.push(u8::from(*x)),
+        Value::String(s) => put_string(buf, s),
+        Value::Array(items) => {
+            let ty = items.first().map_or(4, gguf_value_type);
+            buf.extend_from_slice(&ty.to_le_bytes());
+            buf.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(buf, item);
+            }
+        }
+    }
+}
+
+/// Writes the real-shape model `spec` to `path` (GGUF v3, alignment 32), one tensor at a time.
+/// Returns the file size in bytes.
+pub fn write_shaped_gguf(path: &Path, spec: &ShapeSpec) -> Result<u64, ModelError> {
+    use std::io::Write;
+    spec.check()?;
+    let io_err = |source| ModelError::Io {
+        context: format!("cannot write {}", path.display()),
+        source,
+    };
+    let syn = |e: candle_core::Error| ModelError::Synthetic(e.to_string());
+    let mut metadata = tiny_metadata(&spec.tiny());
+    for (k, v) in metadata.iter_mut() {
+        if k == "general.name" {
+            *v = Value::String(format!("shape-{}", spec.name));
+        } else if k.ends_with(".vocab_size") {
+            *v = Value::U32(spec.vocab as u32);
+        }
+    }
+    let plan = spec.plan();
+    let mut head = Vec::new();
+    head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(plan.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in &metadata {
+        put_string(&mut head, k);
+        head.extend_from_slice(&gguf_value_type(v).to_le_bytes());
+        put_value(&mut head, v);
+    }
+    let pad = |n: usize| n.div_ceil(32) * 32 - n;
+    let mut offset = 0usize;
+    for t in &plan {
+        put_string(&mut head, &t.name);
+        head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for &d in t.dims.iter().rev() {
+            head.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        head.extend_from_slice(&ggml_type_code(t.dtype)?.to_le_bytes());
+        head.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += t.bytes() + pad(t.bytes());
+    }
+    head.resize(head.len() + pad(head.len()), 0);
+    let file = File::create(path).map_err(|source| ModelError::Io {
+        context: format!("cannot create {}", path.display()),
+        source,
+    })?;
+    let mut w = BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&head).map_err(io_err)?;
+    let mut total = head.len() as u64;
+    let mut rng = SplitMix(spec.seed ^ 0x5AA9_E5EE_D000_0001);
+    for (i, t) in plan.iter().enumerate() {
+        let bytes = match t.vector {
+            Some((center, scale)) => rng
+                .values(t.dims[0], center, scale)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            None => shaped_matrix(
+                t.dims[0],
+                t.dims[1],
+                t.dtype,
+                spec.seed.wrapping_mul(0x0100_0000_01B3) ^ (i as u64 + 1),
+            )
+            .map_err(syn)?,
+        };
+        debug_assert_eq!(bytes.len(), t.bytes());
+        w.write_all(&bytes).map_err(io_err)?;
+        w.write_all(&vec![0u8; pad(bytes.len())]).map_err(io_err)?;
+        total += (bytes.len() + pad(bytes.len())) as u64;
+    }
+    w.flush().map_err(io_err)?;
+    Ok(total)
+}
