@@ -714,7 +714,7 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
             broken.push((400, prompt_param));
         } else if let Some(m) = max {
             let room = (ctx.context - prompt.len()) as i64;
-            if m < 1 || m > MAX_TOKENS || m > room {
+            if !(1..=MAX_TOKENS).contains(&m) || m > room {
                 broken.push((400, "max_tokens"));
             }
         }

@@ -446,7 +446,7 @@ fn list_key(list: u8) -> &'static str {
     ][list as usize % 3]
 }
 
-fn list_mut<'a>(g: &'a mut Gguf, list: u8) -> Option<&'a mut Vec<Value>> {
+fn list_mut(g: &mut Gguf, list: u8) -> Option<&mut Vec<Value>> {
     let key = list_key(list);
     g.kv.iter_mut()
         .find(|(k, _)| k == key)

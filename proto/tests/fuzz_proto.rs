@@ -247,7 +247,7 @@ fn mutate_item(m: &mut RawItem, which: u8, v: f32, at: &Index) {
         6 => {
             m.draft_probs.pop();
         }
-        7 | 8 | 9 | 10 | 11 => {
+        7..=11 => {
             if m.draft_probs.is_empty() {
                 return;
             }
