@@ -123,6 +123,35 @@ struct Args {
     /// Per-model correctness: skip the CPU reference load on a GPU (batch invariance only).
     #[arg(long)]
     no_cpu_reference: bool,
+    /// Run the per-model sections on these GGUF files instead of generated models (e.g. the
+    /// real 1.5B, to compare its speed with the synthetic one's).
+    #[arg(long, value_delimiter = ',')]
+    gguf: Vec<PathBuf>,
+}
+
+/// A model of section 2: generated from a spec, or an existing file.
+enum Source {
+    Generate(ShapeSpec),
+    File(PathBuf),
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Generate(s) => s.name.clone(),
+            Source::File(p) => p
+                .file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        }
+    }
+
+    /// Bytes a forward reads (for the budget split).
+    fn bytes(&self) -> u64 {
+        match self {
+            Source::Generate(s) => s.weight_bytes(),
+            Source::File(p) => std::fs::metadata(p).map_or(1, |m| m.len()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -150,6 +179,15 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(anyhow!("panicked: {msg}"))
         }
+    }
+}
+
+/// An error for the report: its first line (candle appends a backtrace to some errors when
+/// `RUST_BACKTRACE` is set; `{:#}` already puts the whole context chain on that line).
+fn brief(e: String) -> String {
+    match e.split_once('\n') {
+        Some((first, _)) => first.to_string(),
+        None => e,
     }
 }
 
@@ -266,18 +304,20 @@ fn run(args: &Args) -> Result<bool> {
             ShapeSpec::small("small-b", 2, 512, 8, 1024),
         ]
     };
-    let specs: Vec<ShapeSpec> = specs
+    let specs: Vec<Source> = if args.gguf.is_empty() {
+        specs.into_iter().map(Source::Generate).collect()
+    } else {
+        args.gguf.iter().cloned().map(Source::File).collect()
+    };
+    let specs: Vec<Source> = specs
         .into_iter()
         .filter(|s| {
             args.models
                 .as_ref()
-                .is_none_or(|m| m.iter().any(|m| s.name.contains(m.as_str())))
+                .is_none_or(|m| m.iter().any(|m| s.name().contains(m.as_str())))
         })
         .collect();
-    let weights: Vec<f64> = specs
-        .iter()
-        .map(|s| (s.weight_bytes() as f64).sqrt())
-        .collect();
+    let weights: Vec<f64> = specs.iter().map(|s| (s.bytes() as f64).sqrt()).collect();
     let model_sections = [Section::ModelCorrectness, Section::Capacity, Section::Cost];
     if model_sections.iter().any(|s| ctx.wants(*s)) {
         for (i, spec) in specs.iter().enumerate() {
@@ -286,7 +326,7 @@ fn run(args: &Args) -> Result<bool> {
             if ctx.end.passed() {
                 ctx.report
                     .stopped_early
-                    .push(format!("{}: skipped (budget)", spec.name));
+                    .push(format!("{}: skipped (budget)", spec.name()));
                 ctx.save();
                 continue;
             }
@@ -352,7 +392,10 @@ fn tiny_correctness(ctx: &mut Ctx<'_>) {
         });
         match r {
             Ok(c) => ctx.report.correctness.push(c),
-            Err(e) => ctx.report.errors.push(format!("correctness {name}: {e:#}")),
+            Err(e) => ctx
+                .report
+                .errors
+                .push(brief(format!("correctness {name}: {e:#}"))),
         }
         let _ = std::fs::remove_file(&path);
         ctx.save();
@@ -362,42 +405,61 @@ fn tiny_correctness(ctx: &mut Ctx<'_>) {
 /// Section 2 for one model: generate, load, correctness at shape, capacity, verify cost.
 fn model_sections_for(
     ctx: &mut Ctx<'_>,
-    spec: &ShapeSpec,
+    source: &Source,
     grid: &cost::Grid,
     scenario: &capacity::Scenario,
     deadline: Deadline,
 ) {
-    let name = spec.name.clone();
-    let path = ctx.work.join(format!("{name}.gguf"));
-    eprintln!(
-        "{name}: generating {:.0} MB of weights into {} ...",
-        spec.weight_bytes() as f64 / 1e6,
-        path.display()
-    );
+    let name = source.name();
+    let path = match source {
+        Source::Generate(_) => ctx.work.join(format!("{name}.gguf")),
+        Source::File(p) => p.clone(),
+    };
     let mut mr = ModelReport {
         name: name.clone(),
-        shape: json!({
-            "layers": spec.n_layer, "hidden": spec.hidden, "heads": spec.n_head,
-            "kv_heads": spec.n_kv_head, "ffn": spec.ffn, "vocab": spec.vocab,
-            "weights": format!("{:?}", spec.weights), "q6k_layers": spec.q6k_layers,
-        }),
         ..ModelReport::default()
     };
+    match source {
+        Source::Generate(spec) => {
+            eprintln!(
+                "{name}: generating {:.0} MB of weights into {} ...",
+                spec.weight_bytes() as f64 / 1e6,
+                path.display()
+            );
+            mr.shape = json!({
+                "layers": spec.n_layer, "hidden": spec.hidden, "heads": spec.n_head,
+                "kv_heads": spec.n_kv_head, "ffn": spec.ffn, "vocab": spec.vocab,
+                "weights": format!("{:?}", spec.weights), "q6k_layers": spec.q6k_layers,
+                "synthetic": true,
+            });
+        }
+        Source::File(p) => mr.shape = json!({ "file": p, "synthetic": false }),
+    }
     let loaded = guarded(|| {
-        let t = Instant::now();
-        mr.file_bytes = write_shaped_gguf(&path, spec)?;
-        mr.generate_s = t.elapsed().as_secs_f64();
+        if let Source::Generate(spec) = source {
+            let t = Instant::now();
+            mr.file_bytes = write_shaped_gguf(&path, spec)?;
+            mr.generate_s = t.elapsed().as_secs_f64();
+        } else {
+            mr.file_bytes = std::fs::metadata(&path)?.len();
+        }
         let (m, load_s) = util::load(&path, ctx.device)?;
         mr.load_s = load_s;
         Ok(m)
     });
+    let keep = ctx.args.keep_files || !matches!(source, Source::Generate(_));
+    let remove = move |path: &Path| {
+        if !keep {
+            let _ = std::fs::remove_file(path);
+        }
+    };
     ctx.report.models.push(mr);
     let idx = ctx.report.models.len() - 1;
     let mut model = match loaded {
         Ok(m) => m,
         Err(e) => {
-            ctx.report.errors.push(format!("{name}: {e:#}"));
-            let _ = std::fs::remove_file(&path);
+            ctx.report.errors.push(brief(format!("{name}: {e:#}")));
+            remove(&path);
             ctx.save();
             return;
         }
@@ -417,7 +479,7 @@ fn model_sections_for(
         } else {
             eprintln!("{name}: correctness");
             let with_reference = ctx.device != DeviceKind::Cpu && !ctx.args.no_cpu_reference;
-            let vocab = spec.vocab;
+            let vocab = model.info().vocab_size;
             let r = guarded(|| {
                 let mut reference = if with_reference {
                     Some(util::load(&path, DeviceKind::Cpu)?.0)
@@ -441,7 +503,10 @@ fn model_sections_for(
             });
             match r {
                 Ok(c) => ctx.report.models[idx].correctness = Some(c),
-                Err(e) => ctx.report.errors.push(format!("{name} correctness: {e:#}")),
+                Err(e) => ctx
+                    .report
+                    .errors
+                    .push(brief(format!("{name} correctness: {e:#}"))),
             }
         }
         ctx.save();
@@ -473,7 +538,10 @@ fn model_sections_for(
                         .stopped_early
                         .extend(cut.into_iter().map(|c| format!("{name} {c} (budget)")));
                 }
-                Err(e) => ctx.report.errors.push(format!("{name} capacity: {e:#}")),
+                Err(e) => ctx
+                    .report
+                    .errors
+                    .push(brief(format!("{name} capacity: {e:#}"))),
             }
         }
         ctx.save();
@@ -504,13 +572,14 @@ fn model_sections_for(
                     }
                     ctx.report.models[idx].verify_cost = Some(v);
                 }
-                Err(e) => ctx.report.errors.push(format!("{name} verify cost: {e:#}")),
+                Err(e) => ctx
+                    .report
+                    .errors
+                    .push(brief(format!("{name} verify cost: {e:#}"))),
             }
         }
         ctx.save();
     }
     drop(model);
-    if !ctx.args.keep_files {
-        let _ = std::fs::remove_file(&path);
-    }
+    remove(&path);
 }

@@ -218,12 +218,20 @@ impl Report {
             s.push('\n');
         }
         for m in &self.models {
+            let synthetic = m.shape["synthetic"] == serde_json::Value::Bool(true);
             let _ = writeln!(
                 s,
-                "## {}\n\n{} MB of weights, generated in {} s, loaded in {} s.\n",
+                "## {}\n\n{} MB {}, loaded in {} s.\n",
                 m.name,
                 fmt(m.file_bytes as f64 / 1e6, 0),
-                fmt(m.generate_s, 1),
+                if synthetic {
+                    format!(
+                        "of synthetic weights, generated in {} s",
+                        fmt(m.generate_s, 1)
+                    )
+                } else {
+                    "GGUF file".to_string()
+                },
                 fmt(m.load_s, 1)
             );
             if let Some(c) = &m.capacity {
