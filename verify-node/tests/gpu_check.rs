@@ -193,11 +193,12 @@ fn a_cuda_device_without_cuda_is_an_error_in_the_report() {
 
 #[test]
 fn shaped_models_have_the_real_sizes_and_load() {
-    // Tensor data of the real Q4_K_M files: 1.5B about 0.99 GB (986 MB file), 7B about 4.4 GB.
+    // Tensor data of the real Q4_K_M files: the 1.5B's file is 1.117 GB (1.111 GB of tensors,
+    // the same 169 Q4_K + 29 Q6_K matrices), Qwen2.5-7B-Instruct's about 4.68 GB.
     let b15 = ShapeSpec::qwen2_1_5b_q4km().weight_bytes() as f64;
-    assert!((0.95e9..1.15e9).contains(&b15), "{b15}");
+    assert!((1.10e9..1.12e9).contains(&b15), "{b15}");
     let b7 = ShapeSpec::qwen2_7b_q4km().weight_bytes() as f64;
-    assert!((4.2e9..4.9e9).contains(&b7), "{b7}");
+    assert!((4.6e9..4.75e9).contains(&b7), "{b7}");
 
     let tmp = tempfile::tempdir().unwrap();
     let spec = ShapeSpec::small("t", 2, 256, 4, 512);

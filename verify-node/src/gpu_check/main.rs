@@ -203,6 +203,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn save(&mut self) {
         self.report.elapsed_s = self.started.elapsed().as_secs_f64();
+        self.report.host.loadavg_end = report::loadavg();
         if let Err(e) = self.report.write(&self.args.out) {
             eprintln!("warning: cannot write the report: {e:#}");
         }
@@ -264,6 +265,8 @@ fn run(args: &Args) -> Result<bool> {
             candle_cuda_build: cfg!(feature = "cuda"),
             os: std::env::consts::OS.into(),
             debug_build: cfg!(debug_assertions),
+            loadavg_start: report::loadavg(),
+            loadavg_end: String::new(),
         },
         params: json!({
             "verify_cost": {

@@ -33,6 +33,16 @@ pub struct Host {
     pub candle_cuda_build: bool,
     pub os: String,
     pub debug_build: bool,
+    /// `/proc/loadavg` when the check started and when it ended (the CPU numbers depend on it).
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+}
+
+/// The first three fields of `/proc/loadavg` (empty where there is none).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// One model's correctness on the device, against a CPU reference.
@@ -155,11 +165,14 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{} s of a {} s budget{}; {} CPU threads; candle CUDA build: {}{}.\n",
+            "{} s of a {} s budget{}; {} CPU threads (load average {} at the start, {} at the end); \
+             candle CUDA build: {}{}.\n",
             fmt(self.elapsed_s, 1),
             fmt(self.budget_s, 0),
             if self.finished { "" } else { " (unfinished)" },
             self.host.cpu_threads,
+            self.host.loadavg_start,
+            self.host.loadavg_end,
             self.host.candle_cuda_build,
             if self.host.debug_build {
                 "; debug build"
