@@ -320,7 +320,13 @@ fn run(args: &Args) -> Result<bool> {
                 .is_none_or(|m| m.iter().any(|m| s.name().contains(m.as_str())))
         })
         .collect();
-    let weights: Vec<f64> = specs.iter().map(|s| (s.bytes() as f64).sqrt()).collect();
+    // Each model's share of the time left: on a GPU much of a forward is per layer and per
+    // session (kernel launches), which both models have alike, so the shares grow slowly with
+    // size (1.5B : 7B = 41 : 59).
+    let weights: Vec<f64> = specs
+        .iter()
+        .map(|s| (s.bytes() as f64).powf(0.25))
+        .collect();
     let model_sections = [Section::ModelCorrectness, Section::Capacity, Section::Cost];
     if model_sections.iter().any(|s| ctx.wants(*s)) {
         for (i, spec) in specs.iter().enumerate() {
