@@ -19,7 +19,7 @@ use edgespec_specdec::SamplingParams;
 use edgespec_verify_node::verdict::decide;
 
 use super::report::{Capacity, CapacityRun};
-use super::util::{mix, prefill, tokens, Deadline};
+use super::util::{mix, prefill, tokens, Deadline, PREFILL_ROWS};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -82,7 +82,9 @@ fn run_streams(
     let n = prompts.len();
     let vocab = model.info().vocab_size as u32;
     let sessions: Vec<u64> = (0..n as u64).map(|i| sid_base + i).collect();
-    let firsts = prefill(model, &sessions, prompts, 4096)?;
+    let Some(firsts) = prefill(model, &sessions, prompts, PREFILL_ROWS, deadline)? else {
+        return Ok(None);
+    };
     let mut committed: Vec<Vec<u32>> = prompts
         .iter()
         .zip(&firsts)

@@ -7,7 +7,7 @@ use anyhow::Result;
 use edgespec_model::{CausalLm, SeqRequest};
 
 use super::report::{CostCell, VerifyCost};
-use super::util::{median, prefill, tokens, Deadline};
+use super::util::{median, prefill, tokens, Deadline, PREFILL_ROWS};
 
 /// Grid cells in the order they are measured: first k ∈ {1, 3, 5, 9, 16} (γ = 0, 2, 4, 8, 15)
 /// at N ∈ {1, 8, 32} (those present), then every other cell by N and k, so a run cut short by
@@ -73,7 +73,9 @@ pub fn run(
     let prompts: Vec<Vec<u32>> = (0..max_n as u64)
         .map(|i| tokens(900 + i, context.max(1), vocab))
         .collect();
-    prefill(model, &sessions, &prompts, 4096)?;
+    if prefill(model, &sessions, &prompts, PREFILL_ROWS, deadline)?.is_none() {
+        return Ok((out, true));
+    }
     let mut cut = false;
     for (ci, &(n, k)) in cells.iter().enumerate() {
         if deadline.passed() {

@@ -66,17 +66,29 @@ pub fn load(path: &std::path::Path, device: DeviceKind) -> Result<(Box<dyn Causa
     Ok((m, t.elapsed().as_secs_f64()))
 }
 
+/// Prompt rows per prefill forward: the deadline is checked between forwards (a 4096-row
+/// forward of the 1.5B takes minutes on two CPU cores).
+pub const PREFILL_ROWS: usize = 1024;
+
 /// Prefills `sessions[i]` with `prompts[i]` (new sessions), at most `rows_per_forward` prompt
-/// rows per forward; returns each session's last-position logit row's argmax.
+/// rows per forward (more for a longer prompt); returns each session's last-position logit
+/// row's argmax, or `None` (sessions released) when the deadline passed between forwards.
 pub fn prefill(
     model: &mut dyn CausalLm,
     sessions: &[SessionId],
     prompts: &[Vec<u32>],
     rows_per_forward: usize,
-) -> Result<Vec<u32>> {
+    deadline: Deadline,
+) -> Result<Option<Vec<u32>>> {
     let mut firsts = Vec::with_capacity(sessions.len());
     let mut i = 0;
     while i < sessions.len() {
+        if deadline.passed() {
+            for s in sessions {
+                model.release(*s);
+            }
+            return Ok(None);
+        }
         let mut batch = Vec::new();
         let mut rows = 0;
         while i < sessions.len()
@@ -95,7 +107,7 @@ pub fn prefill(
             firsts.push(edgespec_specdec::argmax(l.row(l.rows - 1)));
         }
     }
-    Ok(firsts)
+    Ok(Some(firsts))
 }
 
 /// Median of a non-empty list.
