@@ -197,7 +197,10 @@ async fn start_fleet(target: &Path, draft: &Path) -> Result<Fleet> {
         links.push(link);
     }
     for admin in &admins {
-        wait_fleet(*admin, 3, 1).await?;
+        let mut procs: Vec<&mut NodeProcess> = coordinators.iter_mut().collect();
+        procs.extend(verifiers.iter_mut());
+        procs.extend(drafts.iter_mut());
+        wait_fleet(*admin, 3, 1, &mut procs).await?;
     }
     Ok(Fleet {
         coordinators,

@@ -171,10 +171,25 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<serde_json::Valu
 }
 
 /// Waits until the coordinator at `admin` has `verifiers` verify nodes up and `drafts` draft
-/// nodes connected.
-pub async fn wait_fleet(admin: SocketAddr, verifiers: usize, drafts: usize) -> Result<()> {
-    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+/// nodes connected; fails at once, naming it, when one of `procs` exits on its own (a port
+/// taken, a bad setting: run with `EDGESPEC_CHILD_LOG=info` to see its log).
+pub async fn wait_fleet(
+    admin: SocketAddr,
+    verifiers: usize,
+    drafts: usize,
+    procs: &mut [&mut NodeProcess],
+) -> Result<()> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(240);
     loop {
+        for p in procs.iter_mut() {
+            if !p.is_running() {
+                bail!(
+                    "{:?} exited while the fleet was starting (run with EDGESPEC_CHILD_LOG=info \
+                     to see why)",
+                    p.role
+                );
+            }
+        }
         if let Ok(v) = admin_get(admin, "/admin/v1/nodes").await {
             let up = v["verifiers"].as_array().map_or(0, |a| {
                 a.iter()

@@ -20,6 +20,10 @@ use edgespec_tests::{smollm, target_only_greedy_ids};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// The tests of this file run one at a time: each starts three or four model processes, and
+/// together on two cores they would only measure the machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const PROMPT: &str = "Write a Rust function that reverses a string, with a doc comment.";
 const MAX_TOKENS: u32 = 64;
 
@@ -117,21 +121,31 @@ async fn serving_verifier(admin: SocketAddr) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_serving_verify_node_loses_nothing() -> Result<()> {
     edgespec_tests::init_logs();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let model = smollm()?;
     let want = reference().await?;
     let (grpc, admin) = (free_addr()?, free_addr()?);
-    let _coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
     let mut verifiers = Vec::new();
     for id in ["verify-a", "verify-b"] {
         let env = verify_env(id, &model, free_addr()?, &[grpc]);
         verifiers.push((id, NodeProcess::start(Role::Verify, &env)?));
     }
     let http = free_addr()?;
-    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
-    wait_fleet(admin, 2, 1).await?;
+    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
+    {
+        let mut procs: Vec<&mut NodeProcess> = vec![&mut coordinator, &mut draft];
+        procs.extend(verifiers.iter_mut().map(|(_, p)| p));
+        wait_fleet(admin, 2, 1, &mut procs).await?;
+    }
 
     let (answer, mut pieces) = start_answer(http);
-    wait_pieces(&mut pieces, 3).await?;
+    if let Err(e) = wait_pieces(&mut pieces, 3).await {
+        if answer.is_finished() {
+            bail!("{e}: the answer ended with {:?}", answer.await?);
+        }
+        return Err(e);
+    }
     let serving = serving_verifier(admin).await?;
     let (_, victim) = verifiers
         .iter_mut()
@@ -156,20 +170,32 @@ async fn sigkill_of_the_serving_verify_node_loses_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_coordinator_and_a_new_one_on_its_address_loses_nothing() -> Result<()> {
     edgespec_tests::init_logs();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let model = smollm()?;
     let want = reference().await?;
     let (grpc, admin) = (free_addr()?, free_addr()?);
     let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
-    let _verify = NodeProcess::start(
+    let mut verify = NodeProcess::start(
         Role::Verify,
         &verify_env("verify-a", &model, free_addr()?, &[grpc]),
     )?;
     let http = free_addr()?;
-    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
-    wait_fleet(admin, 1, 1).await?;
+    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
+    wait_fleet(
+        admin,
+        1,
+        1,
+        &mut [&mut coordinator, &mut verify, &mut draft],
+    )
+    .await?;
 
     let (answer, mut pieces) = start_answer(http);
-    wait_pieces(&mut pieces, 3).await?;
+    if let Err(e) = wait_pieces(&mut pieces, 3).await {
+        if answer.is_finished() {
+            bail!("{e}: the answer ended with {:?}", answer.await?);
+        }
+        return Err(e);
+    }
     ensure!(!answer.is_finished(), "the answer ended before the kill");
     coordinator.kill().await?;
     // A new process (empty state) on the same addresses: the verify node re-registers, the
@@ -184,11 +210,12 @@ async fn sigkill_of_the_coordinator_and_a_new_one_on_its_address_loses_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_draft_link_loses_nothing() -> Result<()> {
     edgespec_tests::init_logs();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let model = smollm()?;
     let want = reference().await?;
     let (grpc, admin) = (free_addr()?, free_addr()?);
-    let _coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
-    let _verify = NodeProcess::start(
+    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let mut verify = NodeProcess::start(
         Role::Verify,
         &verify_env("verify-a", &model, free_addr()?, &[grpc]),
     )?;
@@ -203,11 +230,22 @@ async fn a_blackholed_draft_link_loses_nothing() -> Result<()> {
         stop.clone().cancelled_owned(),
     )?;
     let http = free_addr()?;
-    let _draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, dial))?;
-    wait_fleet(admin, 1, 1).await?;
+    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, dial))?;
+    wait_fleet(
+        admin,
+        1,
+        1,
+        &mut [&mut coordinator, &mut verify, &mut draft],
+    )
+    .await?;
 
     let (answer, mut pieces) = start_answer(http);
-    wait_pieces(&mut pieces, 3).await?;
+    if let Err(e) = wait_pieces(&mut pieces, 3).await {
+        if answer.is_finished() {
+            bail!("{e}: the answer ended with {:?}", answer.await?);
+        }
+        return Err(e);
+    }
     ensure!(
         !answer.is_finished(),
         "the answer ended before the blackhole"
