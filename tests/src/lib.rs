@@ -4,8 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// The real Qwen pair `(target, draft)`, fetched into the cache if missing.
 pub fn qwen_pair() -> Result<(PathBuf, PathBuf)> {
@@ -51,4 +56,46 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Starts a streamed chat request to `base`; the receiver gets the number of text pieces seen so
+/// far, so a test can inject a fault once the answer is under way.
+pub fn stream_counting(
+    base: String,
+    req: ChatRequest,
+) -> (
+    JoinHandle<Result<ChatOutcome>>,
+    mpsc::UnboundedReceiver<usize>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut pieces = 0;
+        stream_chat(&reqwest::Client::new(), &base, &req, move |_| {
+            pieces += 1;
+            let _ = tx.send(pieces);
+        })
+        .await
+    });
+    (task, rx)
+}
+
+/// Waits until the stream of [`stream_counting`] has produced `n` pieces of text, for at most
+/// `deadline`.
+pub async fn wait_pieces(
+    rx: &mut mpsc::UnboundedReceiver<usize>,
+    n: usize,
+    deadline: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::sleep(deadline);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(k) if k >= n => return Ok(()),
+                Some(_) => {}
+                None => bail!("the stream ended before {n} pieces of text"),
+            },
+            () = &mut deadline => bail!("no {n} pieces of text within the deadline"),
+        }
+    }
 }

@@ -11,14 +11,13 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
+use anyhow::{anyhow, ensure, Context, Result};
+use edgespec::client::{ChatOutcome, ChatRequest};
 use edgespec::cluster::{
     ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides, LOCAL_ADMIN_TOKEN,
 };
 use edgespec::linkemu::LinkProfile;
-use edgespec_tests::{qwen_pair, target_only_greedy_ids, PROMPTS};
-use tokio::sync::mpsc;
+use edgespec_tests::{qwen_pair, stream_counting, target_only_greedy_ids, wait_pieces, PROMPTS};
 use tokio::task::JoinHandle;
 
 const MAX_TOKENS: u32 = 48;
@@ -34,41 +33,6 @@ fn request() -> ChatRequest {
         temperature: 0.0,
         seed: None,
         top_k: None,
-    }
-}
-
-/// Starts a streamed request; the receiver gets the number of text pieces seen so far.
-fn start_stream(
-    base: String,
-) -> (
-    JoinHandle<Result<ChatOutcome>>,
-    mpsc::UnboundedReceiver<usize>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let mut pieces = 0;
-        stream_chat(&reqwest::Client::new(), &base, &request(), move |_| {
-            pieces += 1;
-            let _ = tx.send(pieces);
-        })
-        .await
-    });
-    (task, rx)
-}
-
-/// Waits until the stream has produced `n` pieces of text (bounded by a deadline).
-async fn wait_pieces(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Result<()> {
-    let deadline = tokio::time::sleep(DEADLINE);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            got = rx.recv() => match got {
-                Some(k) if k >= n => return Ok(()),
-                Some(_) => {}
-                None => bail!("the stream ended before {n} pieces of text"),
-            },
-            _ = &mut deadline => bail!("no {n} pieces of text within the deadline"),
-        }
     }
 }
 
@@ -178,8 +142,8 @@ async fn verify_node_death_mid_generation_fails_over_without_loss() -> Result<()
     opts.policy = fixed_gamma();
     let mut cluster = LocalCluster::start(opts).await?;
 
-    let (task, mut rx) = start_stream(cluster.openai_base());
-    wait_pieces(&mut rx, BEFORE_FAULT).await?;
+    let (task, mut rx) = stream_counting(cluster.openai_base(), request());
+    wait_pieces(&mut rx, BEFORE_FAULT, DEADLINE).await?;
     let victim = while_streaming(&task, "the session was placed", || {
         serving_verifier(&cluster)
     })
@@ -213,8 +177,8 @@ async fn cut_draft_link_resumes_the_stream() -> Result<()> {
     let cluster = LocalCluster::start(opts).await?;
     let link = cluster.drafts[0].link.clone().context("draft link")?;
 
-    let (task, mut rx) = start_stream(cluster.openai_base());
-    wait_pieces(&mut rx, BEFORE_FAULT).await?;
+    let (task, mut rx) = stream_counting(cluster.openai_base(), request());
+    wait_pieces(&mut rx, BEFORE_FAULT, DEADLINE).await?;
     let accepted_before = link.stats().connections_accepted;
     link.cut();
     // The outage lasts until the draft node has noticed it and tried to reconnect; the answer
@@ -242,8 +206,8 @@ async fn coordinator_restart_mid_generation_loses_nothing() -> Result<()> {
     opts.policy = fixed_gamma();
     let mut cluster = LocalCluster::start(opts).await?;
 
-    let (task, mut rx) = start_stream(cluster.openai_base());
-    wait_pieces(&mut rx, BEFORE_FAULT).await?;
+    let (task, mut rx) = stream_counting(cluster.openai_base(), request());
+    wait_pieces(&mut rx, BEFORE_FAULT, DEADLINE).await?;
     cluster.restart_coordinator().await?;
 
     let out = task.await??;

@@ -11,14 +11,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
-use edgespec::linkemu::{CutMode, LinkEmulator, LinkProfile};
+use edgespec::client::{ChatOutcome, ChatRequest};
+use edgespec::linkemu::{CutMode, LinkControl, LinkEmulator, LinkProfile};
 use edgespec::procs::{
     admin_get, coordinator_env, draft_env, free_addr, verify_env, wait_fleet, NodeProcess, Role,
 };
-use edgespec_tests::{smollm, target_only_greedy_ids};
-use tokio::sync::mpsc;
+use edgespec_tests::{smollm, stream_counting, target_only_greedy_ids, wait_pieces};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// The tests of this file run one at a time: each starts three or four model processes, and
 /// together on two cores they would only measure the machine.
@@ -33,47 +33,76 @@ async fn reference() -> Result<Vec<u32>> {
         .await?
 }
 
-/// Starts the answer; the receiver counts text pieces as they arrive.
-fn start_answer(
-    http: SocketAddr,
-) -> (
-    JoinHandle<Result<ChatOutcome>>,
-    mpsc::UnboundedReceiver<usize>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let mut pieces = 0;
-        stream_chat(
-            &reqwest::Client::new(),
-            &format!("http://{http}/v1"),
-            &ChatRequest {
-                prompt: PROMPT.into(),
-                max_tokens: MAX_TOKENS,
-                ..Default::default()
-            },
-            move |_| {
-                pieces += 1;
-                let _ = tx.send(pieces);
-            },
-        )
-        .await
-    });
-    (task, rx)
+/// Starts the answer and waits until it is under way (3 pieces of text), or says how it ended.
+async fn answer_under_way(http: SocketAddr) -> Result<JoinHandle<Result<ChatOutcome>>> {
+    let req = ChatRequest {
+        prompt: PROMPT.into(),
+        max_tokens: MAX_TOKENS,
+        ..Default::default()
+    };
+    let (answer, mut pieces) = stream_counting(format!("http://{http}/v1"), req);
+    if let Err(e) = wait_pieces(&mut pieces, 3, Duration::from_secs(120)).await {
+        if answer.is_finished() {
+            bail!("{e}: the answer ended with {:?}", answer.await?);
+        }
+        return Err(e);
+    }
+    ensure!(!answer.is_finished(), "the answer ended before the fault");
+    Ok(answer)
 }
 
-async fn wait_pieces(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Result<()> {
-    let deadline = tokio::time::sleep(Duration::from_secs(120));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            got = rx.recv() => match got {
-                Some(k) if k >= n => return Ok(()),
-                Some(_) => {}
-                None => bail!("the answer ended before {n} pieces of text"),
-            },
-            () = &mut deadline => bail!("no {n} pieces of text within the deadline"),
+/// Coordinator, one verify node and a draft node (dialling `via`, or the coordinator), up.
+struct SmallFleet {
+    coordinator: NodeProcess,
+    _verify: NodeProcess,
+    _draft: NodeProcess,
+    http: SocketAddr,
+}
+
+/// Starts a [`SmallFleet`]; `link` puts a link emulator (in this process) between the draft
+/// node and the coordinator and returns its control.
+async fn small_fleet(
+    model: &std::path::Path,
+    link: Option<&CancellationToken>,
+) -> Result<(SmallFleet, Option<LinkControl>)> {
+    let (grpc, admin) = (free_addr()?, free_addr()?);
+    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
+    let mut verify = NodeProcess::start(
+        Role::Verify,
+        &verify_env("verify-a", model, free_addr()?, &[grpc]),
+    )?;
+    let (dial, control) = match link {
+        Some(stop) => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let dial = listener.local_addr()?;
+            let (_task, control) = LinkEmulator::spawn(
+                listener,
+                grpc,
+                LinkProfile::delay(Duration::from_millis(2)),
+                stop.clone().cancelled_owned(),
+            )?;
+            (dial, Some(control))
         }
-    }
+        None => (grpc, None),
+    };
+    let http = free_addr()?;
+    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", model, http, dial))?;
+    wait_fleet(
+        admin,
+        1,
+        1,
+        &mut [&mut coordinator, &mut verify, &mut draft],
+    )
+    .await?;
+    Ok((
+        SmallFleet {
+            coordinator,
+            _verify: verify,
+            _draft: draft,
+            http,
+        },
+        control,
+    ))
 }
 
 /// Checks the answer against the reference and that the draft node resynced during it.
@@ -139,19 +168,12 @@ async fn sigkill_of_the_serving_verify_node_loses_nothing() -> Result<()> {
         wait_fleet(admin, 2, 1, &mut procs).await?;
     }
 
-    let (answer, mut pieces) = start_answer(http);
-    if let Err(e) = wait_pieces(&mut pieces, 3).await {
-        if answer.is_finished() {
-            bail!("{e}: the answer ended with {:?}", answer.await?);
-        }
-        return Err(e);
-    }
+    let answer = answer_under_way(http).await?;
     let serving = serving_verifier(admin).await?;
     let (_, victim) = verifiers
         .iter_mut()
         .find(|(id, _)| *id == serving)
         .context("the serving node is one of ours")?;
-    ensure!(!answer.is_finished(), "the answer ended before the kill");
     victim.kill().await?;
 
     let out = answer.await??;
@@ -173,30 +195,9 @@ async fn sigkill_of_the_coordinator_and_a_new_one_on_its_address_loses_nothing()
     let _serial = ONE_AT_A_TIME.lock().await;
     let model = smollm()?;
     let want = reference().await?;
-    let (grpc, admin) = (free_addr()?, free_addr()?);
-    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
-    let mut verify = NodeProcess::start(
-        Role::Verify,
-        &verify_env("verify-a", &model, free_addr()?, &[grpc]),
-    )?;
-    let http = free_addr()?;
-    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, grpc))?;
-    wait_fleet(
-        admin,
-        1,
-        1,
-        &mut [&mut coordinator, &mut verify, &mut draft],
-    )
-    .await?;
-
-    let (answer, mut pieces) = start_answer(http);
-    if let Err(e) = wait_pieces(&mut pieces, 3).await {
-        if answer.is_finished() {
-            bail!("{e}: the answer ended with {:?}", answer.await?);
-        }
-        return Err(e);
-    }
-    ensure!(!answer.is_finished(), "the answer ended before the kill");
+    let (mut fleet, _) = small_fleet(&model, None).await?;
+    let answer = answer_under_way(fleet.http).await?;
+    let coordinator = &mut fleet.coordinator;
     coordinator.kill().await?;
     // A new process (empty state) on the same addresses: the verify node re-registers, the
     // draft node reconnects and resyncs its session from its own committed tokens.
@@ -213,43 +214,10 @@ async fn a_blackholed_draft_link_loses_nothing() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let model = smollm()?;
     let want = reference().await?;
-    let (grpc, admin) = (free_addr()?, free_addr()?);
-    let mut coordinator = NodeProcess::start(Role::Coordinator, &coordinator_env(grpc, admin, 3))?;
-    let mut verify = NodeProcess::start(
-        Role::Verify,
-        &verify_env("verify-a", &model, free_addr()?, &[grpc]),
-    )?;
-    // draft node -> link emulator (in this process) -> coordinator
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let dial = listener.local_addr()?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (_link_task, link) = LinkEmulator::spawn(
-        listener,
-        grpc,
-        LinkProfile::delay(Duration::from_millis(2)),
-        stop.clone().cancelled_owned(),
-    )?;
-    let http = free_addr()?;
-    let mut draft = NodeProcess::start(Role::Draft, &draft_env("draft-0", &model, http, dial))?;
-    wait_fleet(
-        admin,
-        1,
-        1,
-        &mut [&mut coordinator, &mut verify, &mut draft],
-    )
-    .await?;
-
-    let (answer, mut pieces) = start_answer(http);
-    if let Err(e) = wait_pieces(&mut pieces, 3).await {
-        if answer.is_finished() {
-            bail!("{e}: the answer ended with {:?}", answer.await?);
-        }
-        return Err(e);
-    }
-    ensure!(
-        !answer.is_finished(),
-        "the answer ended before the blackhole"
-    );
+    let stop = CancellationToken::new();
+    let (fleet, link) = small_fleet(&model, Some(&stop)).await?;
+    let link = link.context("the fleet has a link")?;
+    let answer = answer_under_way(fleet.http).await?;
     link.cut_with(CutMode::Blackhole);
     // Silence, not a reset: nothing moves while the link is a blackhole.
     let before = link.stats();
