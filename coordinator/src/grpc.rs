@@ -100,11 +100,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::RegisterVerifierRequest>,
     ) -> Result<Response<pb::RegisterVerifierResponse>, Status> {
-        let info =
-            request.get_ref().info.clone().ok_or_else(|| {
-                Status::invalid_argument("RegisterVerifierRequest.info is missing")
-            })?;
-        check_node_id(&request, &info.node_id)?;
+        let peer = caller(&request);
+        let info = request
+            .into_inner()
+            .info
+            .ok_or_else(|| Status::invalid_argument("RegisterVerifierRequest.info is missing"))?;
+        check_claim(peer.as_deref(), &info.node_id)?;
         tracing::Span::current().record("node", info.node_id.as_str());
         Ok(Response::new(self.handle.register(info).await?))
     }

@@ -149,7 +149,6 @@ const PROMPTS: [&str; 8] = [
 
 struct Fleet {
     coordinators: Vec<NodeProcess>,
-    admins: Vec<SocketAddr>,
     verifiers: Vec<NodeProcess>,
     _drafts: Vec<NodeProcess>,
     draft_http: Vec<SocketAddr>,
@@ -204,7 +203,6 @@ async fn start_fleet(target: &Path, draft: &Path) -> Result<Fleet> {
     }
     Ok(Fleet {
         coordinators,
-        admins,
         verifiers,
         _drafts: drafts,
         draft_http,
@@ -390,7 +388,6 @@ pub async fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     for (i, v) in fleet.verifiers.iter_mut().enumerate() {
         ensure!(v.is_running(), "verify node {i} exited on its own");
     }
-    let _ = &fleet.admins;
     fleet.link_stop.cancel();
 
     let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
