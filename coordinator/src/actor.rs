@@ -10,7 +10,7 @@ use crate::Error;
 use edgespec_proto::domain::DraftMessage;
 use edgespec_proto::pb;
 use edgespec_proto::pb::verifier_client::VerifierClient;
-use edgespec_proto::tls::Tls;
+use edgespec_runtime::tls::Tls;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};

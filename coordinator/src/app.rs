@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::{Error, Settings};
 use edgespec_proto::auth::{Role, COORDINATOR_RULES};
 use edgespec_proto::pb::coordinator_server::CoordinatorServer;
-use edgespec_proto::tls::Tls;
+use edgespec_runtime::tls::Tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

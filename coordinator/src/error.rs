@@ -12,7 +12,7 @@ pub enum Error {
     Settings(String),
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
-    Tls(#[from] edgespec_proto::tls::TlsError),
+    Tls(#[from] edgespec_runtime::tls::TlsError),
     /// Binding a listener failed.
     #[error("cannot bind the {what} listener on {addr}: {source}")]
     Bind {

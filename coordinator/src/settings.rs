@@ -3,7 +3,7 @@
 
 use crate::policy::Policy;
 use crate::Error;
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;

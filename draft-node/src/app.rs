@@ -170,7 +170,7 @@ async fn first_link(cfg: &LinkConfig, backoff: Backoff, timeout: Duration) -> Re
                 })
             }
             Err(LinkError::Unreachable(reason)) => {
-                if edgespec_proto::tls::tls_hint(&reason).is_some() {
+                if edgespec_runtime::tls::tls_hint(&reason).is_some() {
                     tls_refusal = Some(reason.clone());
                 }
                 if tokio::time::Instant::now() + delay >= deadline {

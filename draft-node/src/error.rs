@@ -9,7 +9,7 @@ pub enum Error {
     Settings(String),
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
-    Tls(#[from] edgespec_proto::tls::TlsError),
+    Tls(#[from] edgespec_runtime::tls::TlsError),
     /// Loading the draft model or its tokenizer failed.
     #[error("cannot load the draft model: {0}")]
     LoadModel(String),

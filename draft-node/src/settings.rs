@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 use edgespec_model::DeviceKind;
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use serde::Deserialize;
 
 use crate::Error;

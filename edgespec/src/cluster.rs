@@ -3,7 +3,7 @@
 //! WAN links between the draft nodes and the coordinator. Used by `edgespec demo`/`up`, the
 //! end-to-end tests and the benchmarks.
 
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

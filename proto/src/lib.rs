@@ -9,7 +9,6 @@
 pub mod auth;
 pub mod domain;
 mod error;
-pub mod tls;
 
 pub use error::ProtocolError;
 

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use edgespec::client::{stream_chat, ChatRequest};
 use edgespec::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
-use edgespec_proto::tls::{source_chain, TlsSettings};
+use edgespec_runtime::tls::{source_chain, TlsSettings};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,

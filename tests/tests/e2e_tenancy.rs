@@ -15,7 +15,7 @@ use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec_model::{ChatMessage, TextTokenizer};
 use edgespec_proto::pb::verifier_client::VerifierClient;
 use edgespec_proto::pb::InfoRequest;
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use edgespec_tests::{smollm, target_only_greedy_ids};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -299,7 +299,7 @@ async fn main() -> Result<()> {
     settings.sessions.max_block_tokens = args.gamma.max(1);
     settings.batching.window = Duration::from_millis(2);
     settings.batching.max_batch_tokens = 4096;
-    settings.tls = edgespec_proto::tls::TlsSettings::plaintext();
+    settings.tls = edgespec_runtime::tls::TlsSettings::plaintext();
     let app = App::build(settings).await?;
     let addr = app.grpc_addr();
     let fingerprint = app.facts().fingerprint.clone();

@@ -10,7 +10,7 @@ use edgespec_model::forward::load_gguf;
 use edgespec_model::{ModelHandle, ModelHealth};
 use edgespec_proto::auth::{Role, VERIFIER_RULES};
 use edgespec_proto::pb::verifier_server::VerifierServer;
-use edgespec_proto::tls::Tls;
+use edgespec_runtime::tls::Tls;
 use edgespec_proto::FILE_DESCRIPTOR_SET;
 use std::time::Duration;
 

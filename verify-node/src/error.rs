@@ -20,7 +20,7 @@ pub enum Error {
     },
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
-    Tls(#[from] edgespec_proto::tls::TlsError),
+    Tls(#[from] edgespec_runtime::tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot bind {addr}: {source}")]
     Bind {

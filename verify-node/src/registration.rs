@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
-use edgespec_proto::tls::Tls;
+use edgespec_runtime::tls::Tls;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

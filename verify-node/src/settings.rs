@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespec_model::DeviceKind;
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use serde::Deserialize;
 
 use crate::Error;

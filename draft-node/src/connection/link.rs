@@ -9,7 +9,7 @@ use std::time::Duration;
 use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
-use edgespec_proto::tls::{source_chain, Tls};
+use edgespec_runtime::tls::{source_chain, Tls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;

@@ -487,7 +487,7 @@ pub fn settings(model: &TinyModel, coordinator: &str) -> Settings {
     s.coordinator.backoff_initial = Duration::from_millis(20);
     s.coordinator.backoff_max = Duration::from_millis(200);
     s.limits.max_tokens = 256;
-    s.tls = edgespec_proto::tls::TlsSettings::plaintext();
+    s.tls = edgespec_runtime::tls::TlsSettings::plaintext();
     s
 }
 

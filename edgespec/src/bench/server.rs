@@ -17,7 +17,7 @@
 //! The bench process drives the coordinator's `Drafts` gRPC stream directly (the
 //! `edgespec_coordinator::testing::DraftClient` stream) with these blocks.
 
-use edgespec_proto::tls::TlsSettings;
+use edgespec_runtime::tls::TlsSettings;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -47,7 +47,7 @@ pub fn settings(model: &Path) -> Settings {
     s.server.node_id = "verify-test".into();
     s.server.shutdown_grace = Duration::from_secs(10);
     s.batching.window = Duration::from_millis(2);
-    s.tls = edgespec_proto::tls::TlsSettings::plaintext();
+    s.tls = edgespec_runtime::tls::TlsSettings::plaintext();
     s
 }
 

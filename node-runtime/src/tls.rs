@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
-use crate::auth::{identity_from_der, AuthorizeLayer, PeerIdentity, Role, Rule};
+use edgespec_proto::auth::{identity_from_der, AuthorizeLayer, PeerIdentity, Role, Rule};
 
 /// The trust domain of node identities when `tls.trust_domain` is not set.
 pub const DEFAULT_TRUST_DOMAIN: &str = "edgespec";
@@ -82,7 +82,7 @@ impl TlsSettings {
     }
 
     /// Reads and checks the files named in the settings for a node of `role`: in mTLS mode the
-    /// certificate must name a node of that role in this trust domain (see [`crate::auth`]).
+    /// certificate must name a node of that role in this trust domain (see [`edgespec_proto::auth`]).
     pub fn load(&self, role: Role) -> Result<Tls, TlsError> {
         if self.mode == TlsMode::Plaintext {
             return Ok(Tls::plaintext());
