@@ -1,11 +1,12 @@
 //! The live-adjustable policy: γ bounds, batching window and budget, burst thresholds and the
 //! speculation switches. Loaded from `[policy]`, read and patched through the admin API.
 
+use edgespec_specdec::{GammaPolicy, MAX_GAMMA};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Hard ceiling on γ: blocks beyond it waste verify work on any realistic α.
-pub const GAMMA_CEILING: u32 = 64;
+/// [`MAX_GAMMA`] (the one ceiling on γ, in `specdec`) as the policy's field type.
+pub const GAMMA_CEILING: u32 = MAX_GAMMA as u32;
 
 /// The policy in force.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,12 +135,14 @@ impl Policy {
         Ok(p)
     }
 
-    /// γ of a new session, honouring the speculation switch.
-    pub fn start_gamma(&self) -> u32 {
-        if self.speculation_enabled {
-            self.initial_gamma
-        } else {
-            0
+    /// The γ controller's share of the policy.
+    pub fn gamma_policy(&self) -> GammaPolicy {
+        GammaPolicy {
+            min_gamma: self.gamma_min as usize,
+            max_gamma: self.gamma_max as usize,
+            initial_gamma: self.initial_gamma as usize,
+            speculation_enabled: self.speculation_enabled,
+            assume_pipelined: self.pipelined,
         }
     }
 }
@@ -163,7 +166,7 @@ mod tests {
             .unwrap();
         assert!(!q.speculation_enabled);
         assert_eq!(q.gamma_max, p.gamma_max);
-        assert_eq!(q.start_gamma(), 0);
+        assert!(!q.gamma_policy().speculation_enabled);
         let err = p
             .patched(&PolicyPatch {
                 gamma_max: Some(1),

@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeParts};
-use crate::session::{DraftConfig, GammaBounds, SessionCtx};
+use crate::session::{DraftConfig, SessionCtx};
 use crate::settings::Settings;
 
 /// A built draft node: model loaded, paired with the coordinator, HTTP listener bound.
@@ -68,6 +68,7 @@ impl App {
                 vocab_size: info.vocab_size as u32,
                 draft_s_per_token: Arc::clone(&draft_cost),
                 pipelined: settings.drafting.pipeline,
+                max_gamma: settings.drafting.max_gamma,
             },
         };
         let backoff = Backoff {
@@ -99,10 +100,7 @@ impl App {
             tokenizer,
             metrics,
             cfg: DraftConfig {
-                bounds: GammaBounds {
-                    min: d.min_gamma as usize,
-                    max: d.max_gamma as usize,
-                },
+                max_gamma: d.max_gamma as usize,
                 top_k: d.top_k as usize,
                 pipeline: d.pipeline,
                 timeout: c.timeout,

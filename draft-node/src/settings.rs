@@ -100,9 +100,8 @@ pub struct CoordinatorSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DraftingSettings {
-    /// Smallest γ used.
-    pub min_gamma: u32,
-    /// Largest γ used.
+    /// Largest γ this node drafts per block, announced in its hello: the coordinator's γ
+    /// controller plans within it (and within its own `policy.gamma_max`).
     pub max_gamma: u32,
     /// K of the sparse draft distribution when sampling.
     pub top_k: u32,
@@ -203,11 +202,11 @@ impl Settings {
             );
         }
         let d = &self.drafting;
-        if d.min_gamma > d.max_gamma {
-            return bad("drafting.min_gamma", "must not exceed drafting.max_gamma");
-        }
-        if d.max_gamma > 64 {
-            return bad("drafting.max_gamma", "must be at most 64");
+        if d.max_gamma as usize > edgespec_specdec::MAX_GAMMA {
+            return bad(
+                "drafting.max_gamma",
+                "must be at most 64 (the protocol's ceiling on γ)",
+            );
         }
         if d.top_k == 0 || d.top_k as usize > edgespec_proto::domain::MAX_DIST_SUPPORT {
             return bad(
@@ -295,11 +294,11 @@ mod tests {
         assert_eq!(s.device().unwrap(), DeviceKind::Cuda(1));
         std::fs::write(
             &p,
-            "[model]\npath = \"/m.gguf\"\n[drafting]\nmin_gamma = 9\nmax_gamma = 4\n",
+            "[model]\npath = \"/m.gguf\"\n[drafting]\nmax_gamma = 65\n",
         )
         .unwrap();
         let err = load_settings(Some(&p)).unwrap_err().to_string();
-        assert!(err.contains("drafting.min_gamma"), "{err}");
+        assert!(err.contains("drafting.max_gamma"), "{err}");
         std::fs::write(&p, "[model]\npath = \"/m.gguf\"\nhead_vocab = 100\n").unwrap();
         let err = load_settings(Some(&p)).unwrap_err().to_string();
         assert!(err.contains("model.head_vocab"), "{err}");

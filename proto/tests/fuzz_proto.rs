@@ -598,6 +598,7 @@ fn check_case(c: &Counters, case: Case) -> Result<(), TestCaseError> {
                 vocab_size: 5,
                 draft_s_per_token: s,
                 pipelined: true,
+                max_gamma: 0,
             };
             let msg = pb::DraftMessage {
                 kind: Some(pb::draft_message::Kind::Hello(h)),
@@ -853,6 +854,7 @@ fn seed_bytes() -> BoxedStrategy<Vec<u8>> {
                 vocab_size: 97,
                 draft_s_per_token: 0.01,
                 pipelined: true,
+                max_gamma: 8,
             })),
         }
         .encode_to_vec()),

@@ -1,208 +1,363 @@
-//! Per-session γ controller in the plan → observe shape: it owns the session's acceptance and
-//! link estimators, turns them into [`GammaInputs`] and asks [`plan`](crate::gamma::plan) for γ;
-//! each verdict that comes back is fed to `observe`. Pool-wide quantities (draft speed, queue
-//! delay, verify cost) are passed in at planning time because they are not the session's own.
+//! The γ controller: the one place that decides how many tokens a session drafts next.
+//!
+//! It is pure (time is a parameter, no I/O) and split by who the state belongs to:
+//!
+//! - [`DraftSide`]: one draft node's stream: its link estimates (RTT, bandwidth), what its
+//!   rounds really cost ([`RoundCalibration`]), its reported draft speed, whether it drafts ahead
+//!   (pipelining) and the largest γ it accepts (its cap, from the hello). Lives as long as the
+//!   stream, so what is learnt carries over from one request to the next.
+//! - [`SessionGamma`]: one session's acceptance estimate, round count, the γ of its last block
+//!   and its wire bytes per drafted token.
+//! - [`GammaController`]: the operator's bounds and switches ([`GammaPolicy`]) plus the rules:
+//!   the objective ([`plan_from`]), probing sessions that sit at γ = 0, the switch-on hysteresis,
+//!   gating calibration samples to steady rounds, the request's budget and the bounds.
+//!
+//! The coordinator calls [`GammaController::on_block`] when a block arrives,
+//! [`GammaController::on_verdict`] when its verdict is known, and [`GammaController::plan`] for
+//! the γ it sends with the verdict. Draft nodes obey the γ they are given; their own setting is
+//! only the cap they announce.
 
+use crate::calibration::RoundCalibration;
 use crate::cost::VerifyCost;
-use crate::error::SpecError;
 use crate::estimate::{AcceptanceEstimator, AcceptancePrior, LinkConfig, LinkEstimator};
-use crate::gamma::{plan, GammaInputs, GammaPlan};
+use crate::gamma::{plan, plan_from, GammaInputs, MAX_GAMMA};
 
-/// Static settings of a [`GammaController`].
+/// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
+/// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
+/// then at every power of two (exponential backoff: where speculation really does not pay, as on
+/// one shared CPU, the probes' cost fades; where it does, one probe brings γ back).
+pub const PROBE_FIRST: u64 = 16;
+/// γ of such a probe block.
+pub const PROBE_GAMMA: usize = 2;
+/// A probe is skipped when, with the stream's measured drafting cost, even this acceptance
+/// would not make γ > 0 pay: then α is not what keeps speculation off, and measuring it again
+/// would only cost time.
+pub const PROBE_OPTIMISTIC_ALPHA: f64 = 0.9;
+/// A session at γ = 0 switches drafting back on only when the model expects it to commit tokens
+/// at least this much faster: the switch itself costs a catch-up forward on the draft side over
+/// every token committed meanwhile, which the per-round model does not price, and where drafting
+/// is about break-even (one shared CPU) flapping in and out of speculation lost 6 %.
+pub const SWITCH_ON_GAIN: f64 = 1.10;
+/// Draft cost assumed for a draft node that has not reported one.
+pub const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
+/// Half-life of a draft stream's round calibration: long enough to carry over between
+/// requests, short enough to follow a change of load.
+pub const CALIBRATION_HALF_LIFE_S: f64 = 60.0;
+/// Wire bytes of one draft token id; a sparse q entry adds an id and a probability.
+pub const TOKEN_BYTES: f64 = 5.0;
+/// Wire bytes of one sparse q entry.
+pub const Q_ENTRY_BYTES: f64 = 10.0;
+
+/// The operator's bounds and switches.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ControllerConfig {
-    /// Lower bound on γ (0 allows plain decoding).
+pub struct GammaPolicy {
+    /// Smallest γ the controller may pick (0 allows plain decoding).
     pub min_gamma: usize,
-    /// Upper bound on γ.
+    /// Largest γ the controller may pick (capped at [`MAX_GAMMA`]).
     pub max_gamma: usize,
-    /// Whether the draft node pipelines drafting with verification.
-    pub pipelined: bool,
-    /// Payload bytes per drafted token (id plus sparse q).
-    pub bytes_per_token: f64,
-    /// α before the session's first rounds.
-    pub acceptance: AcceptancePrior,
-    /// Link defaults and memory.
-    pub link: LinkConfig,
+    /// γ of a session's first block.
+    pub initial_gamma: usize,
+    /// false forces γ = 0.
+    pub speculation_enabled: bool,
+    /// Plan every draft node as pipelined, whatever its hello says.
+    pub assume_pipelined: bool,
 }
 
-impl Default for ControllerConfig {
+impl Default for GammaPolicy {
     fn default() -> Self {
         Self {
             min_gamma: 0,
-            max_gamma: 12,
-            pipelined: false,
-            // 8 (id, prob) pairs of 4 + 4 bytes, plus the token id and framing.
-            bytes_per_token: 72.0,
-            acceptance: AcceptancePrior::default(),
-            link: LinkConfig::default(),
+            max_gamma: 8,
+            initial_gamma: 4,
+            speculation_enabled: true,
+            assume_pipelined: false,
         }
     }
 }
 
-/// What the pool contributes to a plan.
+/// What a draft node says about itself when its stream opens.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PlanContext {
-    /// Draft-model seconds per drafted token, as measured on the draft node.
-    pub t_draft_s: f64,
-    /// Expected batching-window and queue wait.
-    pub queue_s: f64,
-    /// Verify cost to plan with (the pool's marginal cost under load).
-    pub verify: VerifyCost,
+pub struct DraftCaps {
+    /// Measured draft seconds per token (≤ 0 or non-finite: unknown).
+    pub draft_s_per_token: f64,
+    /// It drafts the next block while the current one is verified.
+    pub pipelined: bool,
+    /// Largest γ it accepts (0: it does not draft; its blocks are plain target decoding).
+    pub max_gamma: usize,
 }
 
-/// One finished round as the session saw it.
+/// One draft stream's link, costs and cap.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RoundObservation {
-    /// Tokens drafted in the block.
-    pub drafted: usize,
-    /// Tokens the verdict accepted.
-    pub accepted: usize,
-    /// When the block was sent (session's clock, seconds).
-    pub sent_s: f64,
-    /// When the verdict arrived (same clock).
-    pub received_s: f64,
-    /// Server-side time (queue + verify) the verdict reports.
-    pub server_s: f64,
-}
-
-/// Chooses γ for one session from its own history.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GammaController {
-    config: ControllerConfig,
-    acceptance: AcceptanceEstimator,
+pub struct DraftSide {
     link: LinkEstimator,
+    calibration: RoundCalibration,
+    draft_s_per_token: f64,
+    pipelined: bool,
+    max_gamma: usize,
 }
 
-impl GammaController {
-    /// A controller that plans from the priors until rounds are observed.
-    pub fn new(config: ControllerConfig) -> Self {
+impl DraftSide {
+    /// A stream that has just said hello.
+    pub fn new(link: LinkConfig, caps: DraftCaps) -> Self {
+        let mut d = Self {
+            link: LinkEstimator::new(link),
+            calibration: RoundCalibration::new(CALIBRATION_HALF_LIFE_S),
+            draft_s_per_token: 0.0,
+            pipelined: caps.pipelined,
+            max_gamma: caps.max_gamma.min(MAX_GAMMA),
+        };
+        d.report_draft_cost(caps.draft_s_per_token);
+        d
+    }
+
+    /// The node's latest measurement of its draft cost (ignored unless positive and finite).
+    pub fn report_draft_cost(&mut self, s_per_token: f64) {
+        if s_per_token.is_finite() && s_per_token > 0.0 {
+            self.draft_s_per_token = s_per_token;
+        }
+    }
+
+    /// A link probe came back after `elapsed_s` (no server work).
+    pub fn observe_probe(&mut self, elapsed_s: f64, now_s: f64) {
+        self.link.observe_round_trip(now_s - elapsed_s, now_s, 0.0);
+    }
+
+    /// A padded probe of `bytes` came back after `elapsed_s`: the time beyond one RTT moved
+    /// the padding.
+    pub fn observe_padded_probe(&mut self, bytes: u64, elapsed_s: f64, now_s: f64) {
+        let transfer = elapsed_s - self.link.rtt_s();
+        self.link.observe_transfer(bytes, transfer, now_s);
+    }
+
+    /// Draft seconds per token to plan with: the node's report, or a default before one.
+    pub fn t_draft_s(&self) -> f64 {
+        if self.draft_s_per_token > 0.0 {
+            self.draft_s_per_token
+        } else {
+            DEFAULT_DRAFT_S_PER_TOKEN
+        }
+    }
+
+    /// The node's reported draft cost (0 before a report).
+    pub fn reported_draft_s_per_token(&self) -> f64 {
+        self.draft_s_per_token
+    }
+
+    /// Whether the node drafts ahead.
+    pub fn pipelined(&self) -> bool {
+        self.pipelined
+    }
+
+    /// Largest γ the node accepts.
+    pub fn max_gamma(&self) -> usize {
+        self.max_gamma
+    }
+
+    /// Link estimates.
+    pub fn link(&self) -> &LinkEstimator {
+        &self.link
+    }
+
+    /// Learnt draft-side overheads.
+    pub fn calibration(&self) -> &RoundCalibration {
+        &self.calibration
+    }
+}
+
+/// One session's γ state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionGamma {
+    acceptance: AcceptanceEstimator,
+    rounds: u64,
+    last_block_gamma: usize,
+    last_block_at_s: Option<f64>,
+    bytes_per_token: f64,
+}
+
+impl SessionGamma {
+    /// A new session, planning from `prior` until rounds are observed.
+    pub fn new(prior: AcceptancePrior) -> Self {
         Self {
-            config,
-            acceptance: AcceptanceEstimator::new(config.acceptance),
-            link: LinkEstimator::new(config.link),
+            acceptance: AcceptanceEstimator::new(prior),
+            rounds: 0,
+            last_block_gamma: 0,
+            last_block_at_s: None,
+            bytes_per_token: TOKEN_BYTES,
         }
     }
 
-    /// γ for the next round.
-    pub fn plan(&self, ctx: PlanContext) -> GammaPlan {
-        plan(&self.inputs(ctx))
-    }
-
-    /// The objective's inputs as of now (exposed for logging and tests).
-    pub fn inputs(&self, ctx: PlanContext) -> GammaInputs {
-        GammaInputs {
-            alpha: self.acceptance.alpha(),
-            t_draft_s: ctx.t_draft_s,
-            rtt_s: self.link.rtt_s(),
-            bandwidth_bytes_per_s: self.link.bandwidth_bytes_per_s(),
-            bytes_per_token: self.config.bytes_per_token,
-            queue_s: ctx.queue_s,
-            verify: ctx.verify,
-            min_gamma: self.config.min_gamma,
-            max_gamma: self.config.max_gamma,
-            pipelined: self.config.pipelined,
-        }
-    }
-
-    /// Feeds one round's verdict and timing. An impossible round (more accepted than drafted)
-    /// is rejected whole, leaving every estimate untouched.
-    pub fn observe(&mut self, round: RoundObservation) -> Result<(), SpecError> {
-        self.acceptance
-            .observe(round.drafted, round.accepted, round.received_s)?;
-        self.link
-            .observe_round_trip(round.sent_s, round.received_s, round.server_s);
-        Ok(())
-    }
-
-    /// Feeds a bandwidth sample (a probe, or a large message's transfer time).
-    pub fn observe_transfer(&mut self, bytes: u64, transfer_s: f64, now_s: f64) {
-        self.link.observe_transfer(bytes, transfer_s, now_s);
-    }
-
-    /// Changes the γ bounds (operator policy) without losing the estimates.
-    pub fn set_bounds(&mut self, min_gamma: usize, max_gamma: usize) {
-        self.config.min_gamma = min_gamma;
-        self.config.max_gamma = max_gamma;
-    }
-
-    /// Current acceptance-rate estimate.
+    /// Current acceptance estimate.
     pub fn alpha(&self) -> f64 {
         self.acceptance.alpha()
     }
 
-    /// Current link estimates.
-    pub fn link(&self) -> &LinkEstimator {
-        &self.link
+    /// Verified rounds so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+
+    /// Wire bytes per drafted token of the last block with drafts.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.bytes_per_token
+    }
+}
+
+/// A block as it arrives, with the timing the draft node reports about the previous round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockArrival {
+    /// Arrival time (the controller's clock, seconds).
+    pub now_s: f64,
+    /// Tokens drafted in the block.
+    pub gamma: usize,
+    /// Sparse q entries in the block (0 when greedy).
+    pub q_entries: usize,
+    /// The block was drafted while the previous one was verified, and kept.
+    pub drafted_ahead: bool,
+    /// The draft node's send → verdict time of the previous block (seconds; 0: none).
+    pub last_round_trip_s: f64,
+    /// The coordinator's own time for that previous round, receipt → verdict (seconds; 0:
+    /// unknown).
+    pub last_server_s: f64,
+}
+
+/// What the verify pool contributes to a plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolContext {
+    /// Expected batching-window and queue wait.
+    pub queue_s: f64,
+    /// Verify cost to plan with (the node's marginal cost under its load).
+    pub verify: VerifyCost,
+}
+
+/// The rules; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GammaController {
+    policy: GammaPolicy,
+}
+
+impl GammaController {
+    /// A controller with `policy` in force.
+    pub fn new(policy: GammaPolicy) -> Self {
+        Self { policy }
+    }
+
+    /// The bounds and switches in force.
+    pub fn policy(&self) -> &GammaPolicy {
+        &self.policy
+    }
+
+    /// Replaces the bounds and switches; sessions keep their estimates.
+    pub fn set_policy(&mut self, policy: GammaPolicy) {
+        self.policy = policy;
+    }
+
+    /// Largest γ a stream may be given: the policy's bound within the node's cap.
+    pub fn max_gamma(&self, draft: &DraftSide) -> usize {
+        self.policy.max_gamma.min(draft.max_gamma).min(MAX_GAMMA)
+    }
+
+    /// γ of a session's first block on `draft` (what the Welcome says).
+    pub fn start_gamma(&self, draft: &DraftSide) -> usize {
+        if self.policy.speculation_enabled {
+            self.policy.initial_gamma.min(self.max_gamma(draft))
+        } else {
+            0
+        }
+    }
+
+    /// A block arrived: learns the link's RTT from the draft's last round trip and, on a steady
+    /// round, what the draft side really costs (see [`crate::calibration`]).
+    pub fn on_block(&self, draft: &mut DraftSide, s: &mut SessionGamma, b: BlockArrival) {
+        let previous_at = s.last_block_at_s.replace(b.now_s);
+        let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
+        if b.gamma > 0 {
+            s.bytes_per_token = TOKEN_BYTES + Q_ENTRY_BYTES * b.q_entries as f64 / b.gamma as f64;
+        }
+        if !(b.last_round_trip_s > 0.0 && b.last_server_s > 0.0) {
+            return;
+        }
+        let rt = b.last_round_trip_s;
+        // The draft's last round trip minus our own time for that round is the link's RTT.
+        draft
+            .link
+            .observe_round_trip(b.now_s - rt, b.now_s, b.last_server_s);
+        // The rest of the cycle since the previous block is the draft side: verdict received →
+        // this block sent. A block drafted during the previous round (pipelining, kept) says
+        // nothing about drafting. Nor does the first γ > 0 block after γ = 0 rounds: its draft
+        // side includes the catch-up forward over every token committed meanwhile, a one-off
+        // cost of switching drafting on, not a per-token cost of drafting.
+        let steady = b.gamma == 0 || (previous_gamma > 0 && !b.drafted_ahead);
+        if let (Some(prev), true) = (previous_at, steady) {
+            let cycle = (b.now_s - prev).max(0.0);
+            let t_draft = draft.t_draft_s();
+            draft
+                .calibration
+                .observe(b.gamma, cycle - rt, t_draft, b.now_s);
+        }
+    }
+
+    /// A verdict for a block of `drafted` tokens accepted `accepted` of them. An impossible
+    /// verdict (more accepted than drafted) changes no estimate but still counts the round.
+    pub fn on_verdict(&self, s: &mut SessionGamma, drafted: usize, accepted: usize, now_s: f64) {
+        let _ = s.acceptance.observe(drafted, accepted, now_s);
+        s.rounds += 1;
+    }
+
+    /// γ for the session's next block; `remaining` is the request's token budget after this
+    /// verdict (0: no budget given).
+    pub fn plan(
+        &self,
+        draft: &DraftSide,
+        s: &SessionGamma,
+        pool: PoolContext,
+        remaining: u32,
+    ) -> usize {
+        let max_gamma = self.max_gamma(draft);
+        if !self.policy.speculation_enabled || max_gamma == 0 {
+            return 0;
+        }
+        let min_gamma = self.policy.min_gamma.min(max_gamma);
+        let mut inputs = self.inputs(draft, s, pool);
+        let drafting_measured = draft.calibration.knows_drafting();
+        draft.calibration.apply(&mut inputs);
+        let mut gamma = plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma;
+        let could_pay = !drafting_measured || {
+            let optimistic = GammaInputs {
+                alpha: inputs.alpha.max(PROBE_OPTIMISTIC_ALPHA),
+                ..inputs
+            };
+            plan(&optimistic).gamma > 0
+        };
+        let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two() && could_pay;
+        if gamma == 0 && probe {
+            gamma = PROBE_GAMMA.min(max_gamma);
+        }
+        // Never ask for more draft tokens than the request can still use.
+        if remaining > 0 {
+            gamma.min((remaining as usize).saturating_sub(1).max(min_gamma))
+        } else {
+            gamma
+        }
+    }
+
+    /// The objective's inputs for a session as of now, before calibration (for logs and tests).
+    pub fn inputs(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> GammaInputs {
+        let max_gamma = self.max_gamma(draft);
+        GammaInputs {
+            alpha: s.alpha(),
+            t_draft_s: draft.t_draft_s(),
+            rtt_s: draft.link.rtt_s(),
+            bandwidth_bytes_per_s: draft.link.bandwidth_bytes_per_s(),
+            bytes_per_token: s.bytes_per_token,
+            queue_s: pool.queue_s,
+            verify: pool.verify,
+            min_gamma: self.policy.min_gamma.min(max_gamma),
+            max_gamma,
+            pipelined: self.policy.assume_pipelined || draft.pipelined,
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CTX: PlanContext = PlanContext {
-        t_draft_s: 0.005,
-        queue_s: 0.005,
-        verify: VerifyCost {
-            base_s: 0.02,
-            per_token_s: 0.001,
-        },
-    };
-
-    fn round(t: f64, drafted: usize, accepted: usize, rtt: f64) -> RoundObservation {
-        RoundObservation {
-            drafted,
-            accepted,
-            sent_s: t,
-            received_s: t + rtt + 0.03,
-            server_s: 0.03,
-        }
-    }
-
-    #[test]
-    fn plans_from_priors_then_follows_acceptance() {
-        let mut c = GammaController::new(ControllerConfig::default());
-        let initial = c.plan(CTX).gamma;
-        assert!(initial > 0);
-        for i in 0..50 {
-            c.observe(round(f64::from(i), 8, 8, 0.04)).unwrap();
-        }
-        let confident = c.plan(CTX).gamma;
-        assert!(confident > initial, "{initial} → {confident}");
-        for i in 50..450 {
-            c.observe(round(f64::from(i), 4, 0, 0.04)).unwrap();
-        }
-        assert!(c.alpha() < 0.05);
-        assert_eq!(c.plan(CTX).gamma, 0);
-    }
-
-    #[test]
-    fn longer_links_get_longer_blocks() {
-        let mut near = GammaController::new(ControllerConfig::default());
-        let mut far = near;
-        for i in 0..20 {
-            near.observe(round(f64::from(i), 4, 3, 0.001)).unwrap();
-            far.observe(round(f64::from(i), 4, 3, 0.1)).unwrap();
-        }
-        assert!((far.link().rtt_s() - 0.1).abs() < 1e-6);
-        assert!(far.plan(CTX).gamma > near.plan(CTX).gamma);
-    }
-
-    #[test]
-    fn impossible_round_changes_nothing() {
-        let mut c = GammaController::new(ControllerConfig::default());
-        let before = c;
-        assert!(c.observe(round(0.0, 2, 3, 0.5)).is_err());
-        assert_eq!(c, before);
-    }
-
-    #[test]
-    fn bounds_and_transfers_reach_the_inputs() {
-        let mut c = GammaController::new(ControllerConfig::default());
-        c.set_bounds(2, 3);
-        let g = c.plan(CTX).gamma;
-        assert!((2..=3).contains(&g));
-        c.observe_transfer(1_000_000, 0.5, 1.0);
-        assert!((c.inputs(CTX).bandwidth_bytes_per_s - 2e6).abs() < 1.0);
-    }
-}
+#[path = "controller_tests.rs"]
+mod tests;

@@ -16,7 +16,9 @@ pub mod types;
 pub mod verify;
 
 pub use calibration::RoundCalibration;
-pub use controller::{ControllerConfig, GammaController, PlanContext, RoundObservation};
+pub use controller::{
+    BlockArrival, DraftCaps, DraftSide, GammaController, GammaPolicy, PoolContext, SessionGamma,
+};
 pub use cost::{VerifyCost, VerifyCostModel, VerifyCostModelConfig};
 pub use error::SpecError;
 pub use estimate::{AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator};

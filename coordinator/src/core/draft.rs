@@ -7,13 +7,9 @@ use crate::registry::AdminState;
 use crate::Error;
 use edgespec_proto::domain::{DraftBlock, DraftMessage, ErrorCode};
 use edgespec_proto::pb;
-use edgespec_specdec::{AcceptanceEstimator, LinkEstimator, RoundCalibration};
+use edgespec_specdec::{BlockArrival, DraftCaps, DraftSide, SessionGamma, MAX_GAMMA};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
-
-/// Bytes of one draft token id on the wire; a sparse q entry adds an id and a probability.
-const TOKEN_BYTES: f64 = 5.0;
-const Q_ENTRY_BYTES: f64 = 10.0;
 
 impl Core {
     /// A draft node opened its stream. Refused on a model mismatch with the verify fleet.
@@ -35,21 +31,29 @@ impl Core {
         }
         let id = self.next_stream;
         self.next_stream += 1;
-        let draft_s = f64::from(hello.draft_s_per_token);
+        let side = DraftSide::new(
+            self.link_config(),
+            DraftCaps {
+                draft_s_per_token: f64::from(hello.draft_s_per_token),
+                pipelined: hello.pipelined,
+                // 0: an older node that states no cap.
+                max_gamma: match hello.max_gamma {
+                    0 => MAX_GAMMA,
+                    n => n as usize,
+                },
+            },
+        );
+        let (initial_gamma, max_gamma) = (
+            self.gamma.start_gamma(&side) as u32,
+            self.gamma.max_gamma(&side) as u32,
+        );
         self.streams.insert(
             id,
             DraftLink {
                 node_id: hello.node_id.clone(),
                 fingerprint: hello.fingerprint.clone(),
                 model_name: hello.model_name.clone(),
-                link: LinkEstimator::new(self.link_config()),
-                draft_s_per_token: if draft_s.is_finite() && draft_s > 0.0 {
-                    draft_s
-                } else {
-                    0.0
-                },
-                pipelined: hello.pipelined,
-                calibration: RoundCalibration::new(super::CALIBRATION_HALF_LIFE_S),
+                side,
                 sessions: HashSet::new(),
                 next_probe_at: now,
                 probe_seq: 0,
@@ -66,8 +70,8 @@ impl Core {
             pb::Welcome {
                 coordinator_id: self.id.clone(),
                 fleet_fingerprint: fleet,
-                initial_gamma: self.policy.start_gamma(),
-                max_gamma: self.policy.gamma_max,
+                initial_gamma,
+                max_gamma,
                 speculation_enabled: self.policy.speculation_enabled,
             },
         ))
@@ -130,9 +134,7 @@ impl Core {
         let Some(link) = self.streams.get_mut(&stream) else {
             return;
         };
-        if db.draft_s_per_token > 0.0 {
-            link.draft_s_per_token = f64::from(db.draft_s_per_token);
-        }
+        link.side.report_draft_cost(f64::from(db.draft_s_per_token));
         if self.registry.up_count() == 0 {
             let msg = "no verify node is available; retry later";
             return self.session_error(out, stream, sid, ErrorCode::Unavailable, msg);
@@ -170,32 +172,16 @@ impl Core {
             return self.session_error(out, stream, sid, ErrorCode::InvalidArgument, msg);
         }
         let gamma = db.block.draft_tokens.len();
-        let previous_block_at = s.last_block_at.replace(now);
-        let previous_gamma = std::mem::replace(&mut s.last_block_gamma, gamma);
-        // The draft's last round trip minus our own time for that round is the link's RTT.
-        if db.last_round_trip_ns > 0 && s.last_server_ns > 0 {
-            let rt = db.last_round_trip_ns as f64 * 1e-9;
-            let server = s.last_server_ns as f64 * 1e-9;
-            s.last_server_ns = 0;
-            if let Some(link) = self.streams.get_mut(&stream) {
-                link.link.observe_round_trip(now_s - rt, now_s, server);
-                // The rest of the cycle since the previous block is the draft side: verdict
-                // received → this block sent (see edgespec_specdec::calibration). A block drafted
-                // during the previous round (pipelining, kept) says nothing about drafting. Nor
-                // from the first γ > 0 block after γ = 0 rounds: its draft side includes the
-                // catch-up forward over every token committed meanwhile, a one-off cost of
-                // switching drafting on, not a per-token cost of drafting.
-                let steady = gamma == 0 || (previous_gamma > 0 && !db.drafted_ahead);
-                if let (Some(prev), true) = (previous_block_at, steady) {
-                    let cycle = now.saturating_duration_since(prev).as_secs_f64();
-                    let t_draft = link.t_draft_s();
-                    link.calibration.observe(gamma, cycle - rt, t_draft, now_s);
-                }
-            }
-        }
-        if gamma > 0 {
-            let q_entries: usize = db.block.draft_probs.iter().map(|q| q.ids.len()).sum();
-            s.bytes_per_token = TOKEN_BYTES + Q_ENTRY_BYTES * q_entries as f64 / gamma as f64;
+        let arrival = BlockArrival {
+            now_s,
+            gamma,
+            q_entries: db.block.draft_probs.iter().map(|q| q.ids.len()).sum(),
+            drafted_ahead: db.drafted_ahead,
+            last_round_trip_s: db.last_round_trip_ns as f64 * 1e-9,
+            last_server_s: std::mem::take(&mut s.last_server_ns) as f64 * 1e-9,
+        };
+        if let Some(link) = self.streams.get_mut(&stream) {
+            self.gamma.on_block(&mut link.side, &mut s.g, arrival);
         }
         if !self.ensure_placed(global, sid, stream, out) {
             return;
@@ -213,7 +199,7 @@ impl Core {
             .get(&node)
             .is_none_or(|q| q.admits(tokens, max_queued));
         if !admits {
-            let fresh = self.sessions[&global].rounds == 0 && !self.sessions[&global].synced;
+            let fresh = self.sessions[&global].g.rounds() == 0 && !self.sessions[&global].synced;
             if fresh {
                 self.drop_session(global, out);
             }
@@ -255,7 +241,10 @@ impl Core {
         }
         let global = self.next_global;
         self.next_global += 1;
-        let alpha = AcceptanceEstimator::new(self.acceptance_prior());
+        let gamma = self
+            .streams
+            .get(&stream)
+            .map_or(0, |l| self.gamma.start_gamma(&l.side)) as u32;
         self.sessions.insert(
             global,
             Session {
@@ -264,15 +253,11 @@ impl Core {
                 node: None,
                 synced: false,
                 busy: false,
-                gamma: self.policy.start_gamma(),
-                alpha,
-                rounds: 0,
+                gamma,
+                g: SessionGamma::new(self.acceptance_prior()),
                 drafted: 0,
                 accepted: 0,
                 last_server_ns: 0,
-                last_block_at: None,
-                last_block_gamma: 0,
-                bytes_per_token: TOKEN_BYTES,
             },
         );
         self.by_key.insert((stream, db.block.session_id), global);
@@ -314,7 +299,7 @@ impl Core {
             // A draining node keeps its sessions while nothing else can take them.
             (_, Some(_)) => true,
             (Placement::Full, None) => {
-                if self.sessions[&global].rounds == 0 {
+                if self.sessions[&global].g.rounds() == 0 {
                     self.drop_session(global, out);
                 }
                 let msg = "every verify node is at its session capacity; retry later";
@@ -322,7 +307,7 @@ impl Core {
                 false
             }
             (Placement::NoNode, None) => {
-                if self.sessions[&global].rounds == 0 {
+                if self.sessions[&global].g.rounds() == 0 {
                     self.drop_session(global, out);
                 }
                 let msg = "no verify node can take the session right now; retry later";
@@ -374,11 +359,10 @@ impl Core {
         };
         let elapsed = now.saturating_duration_since(sent).as_secs_f64();
         if padding == 0 {
-            link.link.observe_round_trip(now_s - elapsed, now_s, 0.0);
+            link.side.observe_probe(elapsed, now_s);
         } else {
-            // Time beyond one RTT was spent moving the padding.
-            let transfer = elapsed - link.link.rtt_s();
-            link.link.observe_transfer(padding as u64, transfer, now_s);
+            link.side
+                .observe_padded_probe(padding as u64, elapsed, now_s);
         }
     }
 }

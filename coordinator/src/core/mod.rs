@@ -18,7 +18,7 @@ use crate::Settings;
 use edgespec_proto::domain::{Block, ErrorCode, SessionError};
 use edgespec_proto::pb;
 use edgespec_specdec::{
-    AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator, RoundCalibration,
+    AcceptancePrior, DraftSide, Ewma, GammaController, LinkConfig, SessionGamma,
 };
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -70,42 +70,20 @@ impl Out {
     }
 }
 
-/// Draft cost assumed for a draft node that has not reported one.
-const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
-
-/// Half-life of a draft stream's round calibration: long enough to carry over between
-/// requests, short enough to follow a change of load.
-const CALIBRATION_HALF_LIFE_S: f64 = 60.0;
-
-/// A draft stream: its node, link estimates and probes.
+/// A draft stream: its node, what the γ controller has learnt about it, and probes.
 #[derive(Debug)]
 struct DraftLink {
     node_id: String,
     fingerprint: String,
     model_name: String,
-    link: LinkEstimator,
-    draft_s_per_token: f64,
-    /// The node drafts ahead while a block is verified (its DraftHello).
-    pipelined: bool,
-    /// What this draft node's rounds cost beyond the round-time model (per stream, so it
-    /// carries over between requests).
-    calibration: RoundCalibration,
+    /// Link estimates, draft cost, calibration, pipelining and γ cap (per stream, so what is
+    /// learnt carries over between requests).
+    side: DraftSide,
     sessions: HashSet<u64>,
     next_probe_at: Instant,
     probe_seq: u64,
     /// Outstanding probes: id → (sent at, padding bytes).
     probes: HashMap<u64, (Instant, usize)>,
-}
-
-impl DraftLink {
-    /// Draft seconds per token to plan with: the node's report, or a default before one.
-    fn t_draft_s(&self) -> f64 {
-        if self.draft_s_per_token > 0.0 {
-            self.draft_s_per_token
-        } else {
-            DEFAULT_DRAFT_S_PER_TOKEN
-        }
-    }
 }
 
 /// A session known to the coordinator.
@@ -119,19 +97,13 @@ struct Session {
     /// A block of the session is queued or in flight.
     busy: bool,
     gamma: u32,
-    alpha: AcceptanceEstimator,
-    rounds: u64,
+    /// Acceptance, rounds, last block's γ and wire size, for the γ controller.
+    g: SessionGamma,
     drafted: u64,
     accepted: u64,
     /// Receipt → verdict time of the last verdict (what the draft's next round trip includes
     /// besides the network), ns; 0 when not yet known.
     last_server_ns: u64,
-    /// When the session's previous block arrived (the start of the round now closing).
-    last_block_at: Option<Instant>,
-    /// γ of the session's previous block.
-    last_block_gamma: usize,
-    /// Wire bytes per drafted token of the last block.
-    bytes_per_token: f64,
 }
 
 /// A block waiting for or inside a Verify call.
@@ -160,6 +132,7 @@ pub struct Core {
     epoch: Instant,
     settings: Settings,
     policy: Policy,
+    gamma: GammaController,
     registry: Registry,
     queues: HashMap<String, NodeQueue<Item>>,
     node_sessions: HashMap<String, usize>,
@@ -181,6 +154,7 @@ impl Core {
             id,
             epoch: now,
             policy: settings.policy.clone(),
+            gamma: GammaController::new(settings.policy.gamma_policy()),
             settings,
             registry: Registry::default(),
             queues: HashMap::new(),
@@ -209,6 +183,7 @@ impl Core {
 
     /// Replaces the policy (already validated).
     pub fn set_policy(&mut self, policy: Policy) {
+        self.gamma.set_policy(policy.gamma_policy());
         self.policy = policy;
     }
 

@@ -1,30 +1,13 @@
 //! Verify side of the state: registration, heartbeats, sending batches, routing results back as
 //! verdicts (with the next γ) and failover.
 
-use super::{Core, DraftLink, Inflight, Item, Launch, Out, DEFAULT_DRAFT_S_PER_TOKEN};
+use super::{Core, Inflight, Item, Launch, Out};
 use crate::registry::{AdminState, Health, NodeAction};
 use crate::Error;
 use edgespec_proto::domain::{ErrorCode, Outcome, SessionError};
 use edgespec_proto::pb;
-use edgespec_specdec::{plan, plan_from, GammaInputs};
+use edgespec_specdec::PoolContext;
 use std::time::Instant;
-
-/// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
-/// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
-/// then at every power of two (exponential backoff: where speculation really does not pay, as on
-/// one shared CPU, the probes' cost fades; where it does, one probe brings γ back).
-const PROBE_FIRST: u64 = 16;
-/// γ of such a probe block.
-const PROBE_GAMMA: u32 = 2;
-/// A probe is skipped when, with the stream's measured drafting cost, even this acceptance
-/// would not make γ > 0 pay: then α is not what keeps speculation off, and measuring it again
-/// would only cost time.
-const PROBE_OPTIMISTIC_ALPHA: f64 = 0.9;
-/// A session at γ = 0 switches drafting back on only when the model expects it to commit tokens
-/// at least this much faster: the switch itself costs a catch-up forward on the draft side over
-/// every token committed meanwhile, which the per-round model does not price, and where drafting
-/// is about break-even (one shared CPU) flapping in and out of speculation lost 6 %.
-const SWITCH_ON_GAIN: f64 = 1.10;
 
 impl Core {
     /// A verify node registers.
@@ -291,8 +274,8 @@ impl Core {
             );
         }
         let drafted = item.block.draft_tokens.len();
-        let _ = s.alpha.observe(drafted, outcome.accepted, now_s);
-        s.rounds += 1;
+        self.gamma
+            .on_verdict(&mut s.g, drafted, outcome.accepted, now_s);
         s.drafted += drafted as u64;
         s.accepted += outcome.accepted as u64;
         self.metrics.rounds.inc();
@@ -341,13 +324,12 @@ impl Core {
 
     /// The controller's γ for a session's next block on `node`.
     fn next_gamma(&self, global: u64, node: &str, remaining: u32) -> u32 {
-        if !self.policy.speculation_enabled {
-            return 0;
-        }
         let Some(s) = self.sessions.get(&global) else {
             return 0;
         };
-        let link = self.streams.get(&s.stream);
+        let Some(link) = self.streams.get(&s.stream) else {
+            return 0;
+        };
         let v = self.registry.get(node);
         // The node's busy time that this session itself causes is not load against it: only the
         // other sessions' share prices γ up (a single stream keeps its node busy by itself).
@@ -361,47 +343,11 @@ impl Core {
         let utilisation =
             v.map_or(0.0, |v| f64::from(v.reported.busy_fraction)) * (1.0 - 1.0 / on_node);
         let cost = v.map(|v| v.verify_cost()).unwrap_or_default();
-        let queue_s =
-            self.predicted_delay(node).as_secs_f64() + self.policy.batch_window.as_secs_f64() / 2.0;
-        let mut inputs = GammaInputs {
-            alpha: s.alpha.alpha(),
-            t_draft_s: link.map_or(DEFAULT_DRAFT_S_PER_TOKEN, DraftLink::t_draft_s),
-            rtt_s: link.map_or(self.settings.link.default_rtt.as_secs_f64(), |l| {
-                l.link.rtt_s()
-            }),
-            bandwidth_bytes_per_s: link
-                .map_or(self.settings.link.default_bandwidth_bytes_per_s, |l| {
-                    l.link.bandwidth_bytes_per_s()
-                }),
-            bytes_per_token: s.bytes_per_token,
-            queue_s,
+        let pool = PoolContext {
+            queue_s: self.predicted_delay(node).as_secs_f64()
+                + self.policy.batch_window.as_secs_f64() / 2.0,
             verify: cost.marginal(utilisation),
-            min_gamma: self.policy.gamma_min as usize,
-            max_gamma: self.policy.gamma_max as usize,
-            // The node says whether it drafts ahead; the policy can assume it for all nodes.
-            pipelined: self.policy.pipelined || link.is_some_and(|l| l.pipelined),
         };
-        let drafting_measured = link.is_some_and(|l| l.calibration.knows_drafting());
-        if let Some(l) = link {
-            l.calibration.apply(&mut inputs);
-        }
-        let mut gamma = plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma as u32;
-        let could_pay = !drafting_measured || {
-            let optimistic = GammaInputs {
-                alpha: inputs.alpha.max(PROBE_OPTIMISTIC_ALPHA),
-                ..inputs
-            };
-            plan(&optimistic).gamma > 0
-        };
-        let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two() && could_pay;
-        if gamma == 0 && self.policy.gamma_max > 0 && probe {
-            gamma = PROBE_GAMMA.min(self.policy.gamma_max);
-        }
-        // Never ask for more draft tokens than the request can still use (0 = no budget given).
-        if remaining > 0 {
-            gamma.min(remaining.saturating_sub(1).max(self.policy.gamma_min))
-        } else {
-            gamma
-        }
+        self.gamma.plan(&link.side, &s.g, pool, remaining) as u32
     }
 }

@@ -141,17 +141,17 @@ impl Core {
                     .iter()
                     .filter_map(|d| self.by_key.get(&(*id, *d)))
                     .filter_map(|g| self.sessions.get(g))
-                    .map(|s| s.alpha.alpha())
+                    .map(|s| s.g.alpha())
                     .collect();
                 DraftView {
                     stream: *id,
                     node_id: l.node_id.clone(),
                     model_name: l.model_name.clone(),
                     sessions: l.sessions.len(),
-                    rtt_ms: l.link.rtt_s() * 1e3,
-                    bandwidth_bytes_per_s: l.link.bandwidth_bytes_per_s(),
-                    draft_ms_per_token: l.draft_s_per_token * 1e3,
-                    pipelined: l.pipelined,
+                    rtt_ms: l.side.link().rtt_s() * 1e3,
+                    bandwidth_bytes_per_s: l.side.link().bandwidth_bytes_per_s(),
+                    draft_ms_per_token: l.side.reported_draft_s_per_token() * 1e3,
+                    pipelined: l.side.pipelined(),
                     acceptance: (!alphas.is_empty())
                         .then(|| alphas.iter().sum::<f64>() / alphas.len() as f64),
                 }
@@ -185,8 +185,8 @@ impl Core {
                 draft_session_id: s.draft_id,
                 verifier: s.node.clone(),
                 gamma: s.gamma,
-                alpha: s.alpha.alpha(),
-                rounds: s.rounds,
+                alpha: s.g.alpha(),
+                rounds: s.g.rounds(),
                 drafted_tokens: s.drafted,
                 accepted_tokens: s.accepted,
             })

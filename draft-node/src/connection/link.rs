@@ -34,6 +34,8 @@ pub(crate) struct Hello {
     pub draft_s_per_token: Arc<AtomicU32>,
     /// Whether sessions draft ahead (`drafting.pipeline`).
     pub pipelined: bool,
+    /// Largest γ this node drafts (`drafting.max_gamma`).
+    pub max_gamma: u32,
 }
 
 /// How to reach the coordinator.
@@ -97,6 +99,7 @@ impl Link {
             vocab_size: h.vocab_size,
             draft_s_per_token: f32::from_bits(h.draft_s_per_token.load(Ordering::Relaxed)),
             pipelined: h.pipelined,
+            max_gamma: h.max_gamma,
         };
         out.send(DraftMessage::Hello(hello).into())
             .await

@@ -25,7 +25,6 @@ use draft::{BlockDraft, Drafter};
 pub use output::FinishReason;
 use output::Output;
 use pipeline::{Spec, StepFuture};
-pub(crate) use state::GammaBounds;
 pub use state::GenStats;
 use state::{SessionSpec, SessionState, Telemetry};
 
@@ -72,8 +71,8 @@ pub enum GenEvent {
 /// Node-wide drafting configuration.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DraftConfig {
-    /// γ limits from the settings.
-    pub bounds: GammaBounds,
+    /// This node's cap on γ (`drafting.max_gamma`).
+    pub max_gamma: usize,
     /// Sparse q size.
     pub top_k: usize,
     /// Pipelined drafting.
@@ -116,10 +115,6 @@ pub(crate) fn spawn(
 ) -> mpsc::Receiver<GenEvent> {
     let (out, rx) = mpsc::channel(EVENT_CAPACITY);
     let welcome = ctx.conn.welcome();
-    let bounds = GammaBounds {
-        min: ctx.cfg.bounds.min.min(welcome.max_gamma as usize),
-        max: ctx.cfg.bounds.max.min(welcome.max_gamma as usize),
-    };
     let initial_gamma = if !welcome.speculation_enabled {
         0
     } else {
@@ -140,7 +135,7 @@ pub(crate) fn spawn(
         max_new: req.max_new_tokens,
         sampling: req.sampling,
         initial_gamma,
-        bounds,
+        max_gamma: ctx.cfg.max_gamma,
     });
     let (events_tx, events) = mpsc::unbounded_channel();
     let driver = Driver {
@@ -239,7 +234,7 @@ impl Driver {
             self.last_round_trip_ns = sent.elapsed().as_nanos() as u64;
             // Near the end of a request the coordinator shortens γ to the tokens left; such a
             // γ says nothing about the next request.
-            if self.state.remaining() > self.ctx.cfg.bounds.max + 1 {
+            if self.state.remaining() > self.ctx.cfg.max_gamma + 1 {
                 self.ctx
                     .recent_gamma
                     .store(verdict.next_gamma, Ordering::Relaxed);

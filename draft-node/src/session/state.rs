@@ -1,6 +1,6 @@
 //! One session's round bookkeeping as a plain struct: the committed tokens (the source of truth
-//! for resyncs), the round counter, γ within its bounds, the block to send and the application of
-//! a verdict, with the statistics reported to the client.
+//! for resyncs), the round counter, the γ the coordinator asked for, the block to send and the
+//! application of a verdict, with the statistics reported to the client.
 
 use edgespec_proto::domain::{Block, DraftBlock};
 use edgespec_specdec::SamplingParams;
@@ -9,22 +9,6 @@ use serde::Serialize;
 use super::draft::BlockDraft;
 use crate::connection::Verdict;
 use crate::error::GenError;
-
-/// γ limits: the node's config intersected with the coordinator's Welcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct GammaBounds {
-    /// Smallest γ.
-    pub min: usize,
-    /// Largest γ.
-    pub max: usize,
-}
-
-impl GammaBounds {
-    /// Clamps a requested γ.
-    pub fn clamp(&self, gamma: u32) -> usize {
-        (gamma as usize).clamp(self.min, self.max)
-    }
-}
 
 /// Speculation statistics of one generation (the `edgespec` object of a response).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -84,7 +68,7 @@ pub(crate) struct SessionState {
     sampling: SamplingParams,
     round: u64,
     gamma: usize,
-    bounds: GammaBounds,
+    max_gamma: usize,
     stats: GenStats,
 }
 
@@ -99,10 +83,11 @@ pub(crate) struct SessionSpec {
     pub max_new: usize,
     /// Sampling parameters.
     pub sampling: SamplingParams,
-    /// γ of the first round (before clamping).
+    /// γ of the first round.
     pub initial_gamma: u32,
-    /// γ limits.
-    pub bounds: GammaBounds,
+    /// This node's cap on γ (`drafting.max_gamma`, announced in its hello; the coordinator
+    /// plans within it, so this only guards against a coordinator that does not).
+    pub max_gamma: usize,
 }
 
 impl SessionState {
@@ -115,8 +100,8 @@ impl SessionState {
             max_new: spec.max_new,
             sampling: spec.sampling,
             round: 0,
-            gamma: spec.bounds.clamp(spec.initial_gamma),
-            bounds: spec.bounds,
+            gamma: (spec.initial_gamma as usize).min(spec.max_gamma),
+            max_gamma: spec.max_gamma,
             stats: GenStats::default(),
         }
     }
@@ -203,7 +188,7 @@ impl SessionState {
         let mut new = b.draft_tokens[..v.accepted].to_vec();
         new.push(v.next_token);
         self.committed.extend_from_slice(&new);
-        self.gamma = self.bounds.clamp(v.next_gamma);
+        self.gamma = (v.next_gamma as usize).min(self.max_gamma);
         self.stats.drafted += gamma as u64;
         self.stats.accepted += v.accepted as u64;
         self.stats.rounds += 1;
@@ -222,7 +207,7 @@ mod tests {
             max_new,
             sampling: SamplingParams::GREEDY,
             initial_gamma: 50,
-            bounds: GammaBounds { min: 1, max: 6 },
+            max_gamma: 6,
         })
     }
 
@@ -245,9 +230,13 @@ mod tests {
     }
 
     #[test]
-    fn first_block_carries_history_and_gamma_is_bounded() {
+    fn first_block_carries_history_and_gamma_is_the_coordinators_within_the_cap() {
         let mut s = state(100);
-        assert_eq!(s.planned_gamma(), 6, "initial γ clamped to the max");
+        assert_eq!(
+            s.planned_gamma(),
+            6,
+            "initial γ capped by the node's max_gamma"
+        );
         let d = draft(&s, &[1, 2, 3]);
         let b = s.block(&d, true, Telemetry::default());
         assert_eq!(b.block.round, 1);
@@ -256,7 +245,7 @@ mod tests {
         let new = s.apply(&b, &verdict(&b, 2, 9, 0)).unwrap();
         assert_eq!(new, vec![1, 2, 9]);
         assert_eq!(s.committed(), &[10, 11, 12, 1, 2, 9]);
-        assert_eq!(s.planned_gamma(), 1, "next γ clamped to the min");
+        assert_eq!(s.planned_gamma(), 0, "the coordinator's γ is obeyed");
         let stats = s.stats();
         assert_eq!((stats.drafted, stats.accepted, stats.rounds), (3, 2, 1));
         let b2 = s.block(&draft(&s, &[5]), false, Telemetry::default());

@@ -1,0 +1,234 @@
+use super::*;
+
+const POOL: PoolContext = PoolContext {
+    queue_s: 0.005,
+    verify: VerifyCost {
+        base_s: 0.02,
+        per_token_s: 0.001,
+    },
+};
+
+fn caps(max_gamma: usize) -> DraftCaps {
+    DraftCaps {
+        draft_s_per_token: 0.005,
+        pipelined: false,
+        max_gamma,
+    }
+}
+
+fn policy(max_gamma: usize) -> GammaPolicy {
+    GammaPolicy {
+        max_gamma,
+        ..GammaPolicy::default()
+    }
+}
+
+/// Runs `rounds` rounds of `gamma` drafted / `accepted` accepted at `rtt` seconds, with the
+/// draft side taking exactly its reported cost per token.
+fn run(
+    c: &GammaController,
+    d: &mut DraftSide,
+    s: &mut SessionGamma,
+    t: &mut f64,
+    rounds: usize,
+    (gamma, accepted, rtt): (usize, usize, f64),
+) {
+    for _ in 0..rounds {
+        let server = 0.03;
+        *t += rtt + server + gamma as f64 * d.t_draft_s();
+        c.on_block(
+            d,
+            s,
+            BlockArrival {
+                now_s: *t,
+                gamma,
+                q_entries: 0,
+                drafted_ahead: false,
+                last_round_trip_s: rtt + server,
+                last_server_s: server,
+            },
+        );
+        c.on_verdict(s, gamma, accepted, *t + rtt + server);
+    }
+}
+
+#[test]
+fn plans_from_priors_then_follows_acceptance() {
+    let c = GammaController::new(policy(12));
+    let mut d = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut s = SessionGamma::new(AcceptancePrior {
+        half_life_s: 2.0,
+        ..AcceptancePrior::default()
+    });
+    let initial = c.plan(&d, &s, POOL, 0);
+    assert!(initial > 0);
+    let mut t = 0.0;
+    run(&c, &mut d, &mut s, &mut t, 50, (8, 8, 0.04));
+    let confident = c.plan(&d, &s, POOL, 0);
+    assert!(confident > initial, "{initial} → {confident}");
+    run(&c, &mut d, &mut s, &mut t, 400, (4, 0, 0.04));
+    assert!(s.alpha() < 0.05);
+    // Round 450 is not a power of two: no probe.
+    assert_eq!(c.plan(&d, &s, POOL, 0), 0);
+}
+
+#[test]
+fn longer_links_get_longer_blocks() {
+    let c = GammaController::new(policy(12));
+    let mut near = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut far = near;
+    let (mut sn, mut sf) = (
+        SessionGamma::new(AcceptancePrior::default()),
+        SessionGamma::new(AcceptancePrior::default()),
+    );
+    let (mut tn, mut tf) = (0.0, 0.0);
+    run(&c, &mut near, &mut sn, &mut tn, 20, (4, 3, 0.001));
+    run(&c, &mut far, &mut sf, &mut tf, 20, (4, 3, 0.1));
+    assert!(
+        (far.link().rtt_s() - 0.1).abs() < 1e-6,
+        "{}",
+        far.link().rtt_s()
+    );
+    assert!(c.plan(&far, &sf, POOL, 0) > c.plan(&near, &sn, POOL, 0));
+}
+
+#[test]
+fn the_node_cap_the_policy_bounds_and_the_budget_all_bound_gamma() {
+    let mut s = SessionGamma::new(AcceptancePrior::default());
+    let mut d = DraftSide::new(LinkConfig::default(), caps(3));
+    let c = GammaController::new(policy(12));
+    let mut t = 0.0;
+    run(&c, &mut d, &mut s, &mut t, 30, (3, 3, 0.2));
+    assert_eq!(c.max_gamma(&d), 3);
+    assert_eq!(c.plan(&d, &s, POOL, 0), 3, "capped by the draft node");
+    assert_eq!(c.start_gamma(&d), 3, "initial γ 4 within the cap");
+    assert_eq!(
+        c.plan(&d, &s, POOL, 3),
+        2,
+        "budget 3 leaves room for the bonus token"
+    );
+    let off = GammaController::new(GammaPolicy {
+        speculation_enabled: false,
+        ..policy(12)
+    });
+    assert_eq!(off.plan(&d, &s, POOL, 0), 0);
+    assert_eq!(off.start_gamma(&d), 0);
+    let floor = GammaController::new(GammaPolicy {
+        min_gamma: 2,
+        ..policy(12)
+    });
+    assert_eq!(
+        floor.plan(&d, &s, POOL, 2),
+        2,
+        "the floor wins over the budget"
+    );
+}
+
+#[test]
+fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_pay() {
+    let c = GammaController::new(policy(8));
+    let mut d = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut s = SessionGamma::new(AcceptancePrior {
+        alpha: 0.01,
+        weight: 50.0,
+        half_life_s: 1e9,
+    });
+    let mut t = 0.0;
+    run(&c, &mut d, &mut s, &mut t, 15, (0, 0, 0.01));
+    assert_eq!(c.plan(&d, &s, POOL, 0), 0, "round 15");
+    run(&c, &mut d, &mut s, &mut t, 1, (0, 0, 0.01));
+    assert_eq!(c.plan(&d, &s, POOL, 0), PROBE_GAMMA, "round 16 probes");
+    run(&c, &mut d, &mut s, &mut t, 1, (0, 0, 0.01));
+    assert_eq!(c.plan(&d, &s, POOL, 0), 0, "round 17");
+    // Once drafting is measured to cost more than any acceptance could win back, no probes.
+    let mut costly = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut s2 = SessionGamma::new(AcceptancePrior::default());
+    let mut t2 = 0.0;
+    for i in 0..32 {
+        let gamma = if i % 3 == 0 { 0 } else { 3 };
+        t2 += 0.02 + gamma as f64 * 0.5;
+        c.on_block(
+            &mut costly,
+            &mut s2,
+            BlockArrival {
+                now_s: t2,
+                gamma,
+                q_entries: 0,
+                drafted_ahead: false,
+                last_round_trip_s: 0.02,
+                last_server_s: 0.01,
+            },
+        );
+        c.on_verdict(&mut s2, gamma, 0, t2);
+    }
+    assert!(costly.calibration().knows_drafting());
+    assert_eq!(s2.rounds(), 32);
+    assert_eq!(c.plan(&costly, &s2, POOL, 0), 0, "round 32 is not probed");
+}
+
+#[test]
+fn catch_up_and_drafted_ahead_blocks_give_no_calibration_sample() {
+    let c = GammaController::new(policy(8));
+    let mut d = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut s = SessionGamma::new(AcceptancePrior::default());
+    let arrival = |now_s, gamma, drafted_ahead| BlockArrival {
+        now_s,
+        gamma,
+        q_entries: 0,
+        drafted_ahead,
+        last_round_trip_s: 0.05,
+        last_server_s: 0.01,
+    };
+    c.on_block(&mut d, &mut s, arrival(0.0, 0, false));
+    // First γ > 0 block after γ = 0: its draft side includes the catch-up forward.
+    c.on_block(&mut d, &mut s, arrival(5.0, 4, false));
+    assert!(!d.calibration().knows_drafting());
+    // A block drafted ahead measures nothing about drafting either.
+    c.on_block(&mut d, &mut s, arrival(5.1, 4, true));
+    assert!(!d.calibration().knows_drafting());
+    c.on_block(&mut d, &mut s, arrival(5.3, 4, false));
+    assert!(d.calibration().knows_drafting());
+}
+
+#[test]
+fn wire_bytes_per_token_follow_the_q_payload() {
+    let c = GammaController::new(policy(8));
+    let mut d = DraftSide::new(LinkConfig::default(), caps(16));
+    let mut s = SessionGamma::new(AcceptancePrior::default());
+    c.on_block(
+        &mut d,
+        &mut s,
+        BlockArrival {
+            now_s: 0.0,
+            gamma: 4,
+            q_entries: 32,
+            drafted_ahead: false,
+            last_round_trip_s: 0.0,
+            last_server_s: 0.0,
+        },
+    );
+    assert_eq!(s.bytes_per_token(), TOKEN_BYTES + Q_ENTRY_BYTES * 8.0);
+    assert_eq!(c.inputs(&d, &s, POOL).bytes_per_token, s.bytes_per_token());
+}
+
+#[test]
+fn bad_draft_cost_reports_are_ignored_and_probes_feed_the_link() {
+    let mut d = DraftSide::new(
+        LinkConfig::default(),
+        DraftCaps {
+            draft_s_per_token: f64::NAN,
+            pipelined: true,
+            max_gamma: 100,
+        },
+    );
+    assert_eq!(d.t_draft_s(), DEFAULT_DRAFT_S_PER_TOKEN);
+    assert_eq!(d.max_gamma(), MAX_GAMMA);
+    d.report_draft_cost(-1.0);
+    assert_eq!(d.reported_draft_s_per_token(), 0.0);
+    d.report_draft_cost(0.02);
+    assert_eq!(d.t_draft_s(), 0.02);
+    d.observe_probe(0.25, 1.0);
+    assert!((d.link().rtt_s() - 0.25).abs() < 1e-9);
+    d.observe_padded_probe(1_000_000, 0.75, 2.0);
+    assert!((d.link().bandwidth_bytes_per_s() - 2e6).abs() < 1.0);
+}
