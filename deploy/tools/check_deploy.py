@@ -7,10 +7,17 @@
                                                   # per-role certificates, admin HTTPS, verify
                                                   # self-drain wiring, network policies
     python3 deploy/tools/check_deploy.py sync     # rewrite the ConfigMaps from deploy/config
+    python3 deploy/tools/check_deploy.py monitoring --metrics FILE
+                                                  # alerts, runbooks, dashboard, scrape configs;
+                                                  # FILE: the nodes' /metrics text (the
+                                                  # deploy_manifests test writes it)
+    python3 deploy/tools/check_deploy.py docs     # the DEPLOYMENT.md walkthrough: files, variables,
+                                                  # step order, environment variables
 
 Exit status 0 when every check passes, 1 with one "FAIL: ..." line per problem otherwise.
-Needs Python >= 3.11 (tomllib); `k8s` also needs PyYAML and kubernetes-validate importable
-(pip install kubernetes-validate).
+Needs Python >= 3.11 (tomllib); `k8s`, `monitoring` and `docs` also need PyYAML (`k8s`:
+kubernetes-validate, which brings it: pip install kubernetes-validate). The operator-experience
+checks (images, GPU build, autoscaling, monitoring, docs) live in check_ops.py.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ CRD_KINDS = {
     ("cert-manager.io/v1", "ClusterIssuer"),
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "CertificateRequest"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"),
 }
 # Where every node finds its TLS material (systemd hosts: installed files; coordinator pods:
 # Secret edgespec-coordinator-tls; verify pods: a csi.cert-manager.io volume of their own), and
@@ -328,6 +338,7 @@ def cmd_config() -> None:
             elif need is not None:
                 print(f"ok   {rel(unit)}: TimeoutStopSec {stop_timeout:g}s >= drain + 2 x grace "
                       f"+ margin ({need:g}s); no ExecStop drain")
+    check_ops.check_units()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,14 +444,15 @@ def check_crd(w: str, api: str, kind: str, d: dict) -> None:
                 for k in ("serverAddress", "query", "threshold"):
                     if not isinstance(md.get(k), str) or not md.get(k):
                         fail(f"{w}: prometheus trigger needs metadata.{k} as a string")
-                if "edgespec_coordinator_cloud_demand" not in md.get("query", ""):
-                    fail(f"{w}: the prometheus query does not read edgespec_coordinator_cloud_demand")
                 try:
                     float(md.get("threshold", "x"))
                 except ValueError:
                     fail(f"{w}: threshold {md.get('threshold')!r} is not a number")
             if t.get("metricType") not in (None, "AverageValue", "Value", "Utilization"):
                 fail(f"{w}: metricType {t.get('metricType')!r} is not one KEDA knows")
+        if not any("edgespec_coordinator_cloud_demand" in ((t.get("metadata") or {}).get("query") or "")
+                   for t in triggers if t.get("type") == "prometheus"):
+            fail(f"{w}: no prometheus trigger reads edgespec_coordinator_cloud_demand")
         _ = ref
     elif kind in ("Issuer", "ClusterIssuer"):
         spec = require(w, d, "spec", dict) or {}
@@ -492,6 +504,30 @@ def check_crd(w: str, api: str, kind: str, d: dict) -> None:
         for k in ("duration", "renewBefore"):
             if k in spec and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s))+", str(spec[k])):
                 fail(f"{w}: spec.{k} {spec[k]!r} is not a Go duration (e.g. 2160h)")
+    elif kind == "PodMonitor":
+        require(w, d, "spec.selector.matchLabels", dict)
+        eps = require(w, d, "spec.podMetricsEndpoints", list) or []
+        if not eps or not all(isinstance(e, dict) and e.get("port") for e in eps):
+            fail(f"{w}: every podMetricsEndpoint needs a named `port`")
+    elif kind == "PrometheusRule":
+        for g in require(w, d, "spec.groups", list) or []:
+            if not isinstance(g, dict) or not g.get("name") or not isinstance(g.get("rules"), list):
+                fail(f"{w}: every group needs a name and rules")
+                continue
+            for r in g["rules"]:
+                if not isinstance(r, dict) or not (r.get("alert") or r.get("record")) \
+                        or not isinstance(r.get("expr"), str):
+                    fail(f"{w}: group {g['name']}: every rule needs alert (or record) and expr")
+                elif "for" in r and not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", str(r["for"])):
+                    fail(f"{w}: rule {r.get('alert')}: `for` {r['for']!r} is not a duration")
+    elif kind == "ScrapeConfig":
+        for st in require(w, d, "spec.staticConfigs", list) or []:
+            if not isinstance(st, dict) or not st.get("targets") or not all(
+                    isinstance(t, str) and re.fullmatch(r"[\w.-]+:\d+", t)
+                    for t in st["targets"]):
+                fail(f"{w}: every staticConfig needs targets of the form host:port")
+        if str((d.get("spec") or {}).get("scheme", "HTTP")).upper() not in ("HTTP", "HTTPS"):
+            fail(f"{w}: spec.scheme must be HTTP or HTTPS")
     elif kind == "ServiceMonitor":
         require(w, d, "spec.selector.matchLabels", dict)
         eps = require(w, d, "spec.endpoints", list) or []
@@ -962,10 +998,15 @@ def check_cross_refs(docs) -> None:
     scheme = "HTTPS" if admin_https else "HTTP"
     admin_port = int(str((coord_eff.get("admin") or {}).get("listen", ":9464")).rsplit(":", 1)[1])
     coord_ports = {p.get("name"): p.get("containerPort") for p in cc.get("ports") or []}
-    for probe, path_ in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+    # Readiness must not wait for a verify node: /readyz answers 503 until one is up, which with
+    # the cloud pool at zero and no on-prem verify node would leave the draft-facing Services
+    # without endpoints, so no block is ever refused and the pool never scales up.
+    for probe, path_ in (("readinessProbe", "/healthz"), ("livenessProbe", "/healthz")):
         get = (cc.get(probe) or {}).get("httpGet") or {}
         if get.get("path") != path_:
-            fail(f"{cw}: {probe} must be httpGet {path_}")
+            fail(f"{cw}: {probe} must be httpGet {path_}"
+                 + (" (not /readyz: it is 503 while no verify node is up, which deadlocks a "
+                    "cloud pool scaled to zero)" if probe == "readinessProbe" else ""))
         if get.get("scheme", "HTTP") != scheme:
             fail(f"{cw}: {probe} must use scheme: {scheme} (the admin port serves "
                  f"{scheme} with tls.mode = {(coord_eff.get('tls') or {}).get('mode')!r}, "
@@ -1008,6 +1049,7 @@ def check_cross_refs(docs) -> None:
             if not any(matches(((p[2].get("spec") or {}).get("selector") or {}).get("matchLabels") or {},
                                pod_labels(target[2])) for p in by_kind.get(kind, {}).values()):
                 fail(f"{where(*target)}: no PodDisruptionBudget covers it")
+    check_ops.check_k8s(by_kind, coord, verify)
 
 
 def np_selects(np: dict, labels: dict) -> bool:
@@ -1223,6 +1265,12 @@ def check_kustomizations(files) -> None:
                 referenced.add(target)
             else:
                 fail(f"{rel(k)}: resource {r} does not exist")
+        for g in d.get("configMapGenerator") or []:
+            for f in g.get("files") or []:
+                target = (k.parent / str(f).split("=")[-1]).resolve()
+                if not target.is_file() or k.parent.resolve() not in target.parents:
+                    fail(f"{rel(k)}: configMapGenerator {g.get('name')} file {f} does not exist "
+                         f"inside the kustomization's directory")
     for f in files:
         if f.name == "kustomization.yaml" or any(t in f.parents for t in TEMPLATE_DIRS):
             continue
@@ -1265,13 +1313,18 @@ def cmd_k8s(version: str | None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[1] not in ("config", "k8s", "sync"):
+    if len(argv) < 2 or argv[1] not in ("config", "k8s", "sync", "monitoring", "docs"):
         print(__doc__, file=sys.stderr)
         return 2
     if argv[1] == "config":
         cmd_config()
     elif argv[1] == "k8s":
         cmd_k8s(os.environ.get("KUBERNETES_VERSION"))
+    elif argv[1] == "monitoring":
+        metrics = argv[argv.index("--metrics") + 1] if "--metrics" in argv[:-1] else None
+        check_ops.cmd_monitoring(metrics)
+    elif argv[1] == "docs":
+        check_ops.cmd_docs()
     else:
         cmd_sync()
     for e in errors:
@@ -1281,6 +1334,12 @@ def main(argv: list[str]) -> int:
         return 1
     return 0
 
+
+# check_ops.py imports this module as `check_deploy` (to share `fail` and the loaders): make
+# that the running script rather than a second copy with its own error list.
+sys.modules.setdefault("check_deploy", sys.modules[__name__])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_ops  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

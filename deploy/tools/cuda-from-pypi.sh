@@ -4,17 +4,23 @@
 #
 #   deploy/tools/cuda-from-pypi.sh setup DEST     # once: wheels + a CUDA_HOME-shaped tree in DEST
 #   deploy/tools/cuda-from-pypi.sh build DEST     # cargo build --release --features cuda
+#   deploy/tools/cuda-from-pypi.sh runtime DEST   # on a GPU host: only the runtime libraries,
+#                                                 # in DEST/lib (the unit's LD_LIBRARY_PATH)
 #
-# The binary lands in $CARGO_TARGET_DIR (default target-cuda/)/release/edgespec-verify-node. It
-# needs, on the GPU machine, driver 580+ (CUDA 13.0) and libcublas.so.13, libcurand.so.10,
-# libcudart.so.13 on LD_LIBRARY_PATH (a cu130 PyTorch install has them in
-# site-packages/nvidia/cu13/lib). Pin 13.0.x: PTX from nvcc 13.1+ does not load on driver 580.
+# The binary lands in $CARGO_TARGET_DIR (default target-cuda/)/release/edgespec-verify-node. Its
+# kernels are built for ONE GPU generation: CUDA_COMPUTE_CAP (default 90: H100/H200; 80 A100,
+# 86 A10/A40, 89 L4/L40S), see docs/DEPLOYMENT.md "GPU generations". It needs, on the GPU
+# machine, driver 580+ (CUDA 13.0) and libcublas.so.13, libcurand.so.10, libcudart.so.13 on
+# LD_LIBRARY_PATH: `runtime /opt/edgespec/cuda13` installs exactly these (the systemd unit points
+# LD_LIBRARY_PATH at /opt/edgespec/cuda13/lib). Pin 13.0.x: PTX from nvcc 13.1+ does not load on
+# driver 580. deploy/container/Dockerfile.cuda uses the same CUDA 13.0 (checked by
+# deploy/tools/check_deploy.py).
 set -euo pipefail
 
 cmd=${1:-}
 dest=${2:-}
 if [[ -z $cmd || -z $dest ]]; then
-    echo "usage: $0 setup|build DEST" >&2
+    echo "usage: $0 setup|build|runtime DEST" >&2
     exit 2
 fi
 dest=$(realpath -m "$dest")
@@ -70,6 +76,18 @@ EOF
     echo "CUDA 13.0 toolchain ready: source $dest/env.sh ($(wc -l <"$root/lib64/stubs/libcuda.c") stub symbols)"
 }
 
+# The libraries the verify node links (ldd: libcudart.so.13, libcublas.so.13 -> libcublasLt.so.13,
+# libcurand.so.10), same versions as the build's. About 0.9 GB, mostly cuBLASLt.
+runtime() {
+    if [[ ! -d $dest/wheels/nvidia/cu13/lib ]]; then
+        python3 -m pip install --quiet --no-deps --target "$dest/wheels" \
+            nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35
+    fi
+    ln -sfn wheels/nvidia/cu13/lib "$dest/lib"
+    chmod -R a+rX "$dest"
+    echo "CUDA 13.0 runtime libraries in $dest/lib (set LD_LIBRARY_PATH=$dest/lib)"
+}
+
 build() {
     [[ -f $dest/env.sh ]] || setup
     # shellcheck disable=SC1091
@@ -83,8 +101,9 @@ build() {
 case $cmd in
 setup) setup ;;
 build) build ;;
+runtime) runtime ;;
 *)
-    echo "unknown command $cmd (setup|build)" >&2
+    echo "unknown command $cmd (setup|build|runtime)" >&2
     exit 2
     ;;
 esac

@@ -156,6 +156,7 @@ fn systemd_units_pass_systemd_analyze_verify_and_security() {
         .map(|u| u.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     for want in [
+        "edgespec-coordinator.service",
         "edgespec-draft-node.service",
         "edgespec-verify-node.service",
     ] {
@@ -231,12 +232,15 @@ fn systemd_units_pass_systemd_analyze_verify_and_security() {
             &|v| v.starts_with("/usr/local/bin/edgespec-") && v.contains("--config /etc/edgespec/"),
             "must run /usr/local/bin/edgespec-... --config /etc/edgespec/...",
         );
-        require(
-            "Environment",
-            &|v| v.starts_with("EDGESPEC_MODEL_DIR=/var/cache/edgespec"),
-            "must point EDGESPEC_MODEL_DIR into the unit's cache directory",
-        );
-        require("CacheDirectory", &|v| v == "edgespec", "must be edgespec");
+        // The coordinator loads no model; the draft and verify nodes share one model cache.
+        if name != "edgespec-coordinator.service" {
+            require(
+                "Environment",
+                &|v| v.starts_with("EDGESPEC_MODEL_DIR=/var/cache/edgespec"),
+                "must point EDGESPEC_MODEL_DIR into the unit's cache directory",
+            );
+            require("CacheDirectory", &|v| v == "edgespec", "must be edgespec");
+        }
         let user_ok = get("DynamicUser").contains(&"yes") || !get("User").is_empty();
         if !user_ok {
             failures.push(format!(
@@ -250,7 +254,7 @@ fn systemd_units_pass_systemd_analyze_verify_and_security() {
         if let Err(e) = systemd_verify(&copy) {
             failures.push(format!("{name}: systemd-analyze verify: {e}"));
         }
-        // Exposure score 0-100 (shown as 0.0-10.0); both units are well under 4.0.
+        // Exposure score 0-100 (shown as 0.0-10.0); every unit is well under 4.0.
         let out = run(
             Command::new("systemd-analyze")
                 .args(["security", "--offline=yes", "--threshold=40", "--no-pager"])
@@ -325,16 +329,25 @@ fn ensure_kubernetes_validate() -> PathBuf {
     dir
 }
 
-fn check_deploy(subcommand: &str, pythonpath: Option<&Path>) {
+fn check_deploy_output(
+    subcommand: &str,
+    pythonpath: Option<&Path>,
+    args: &[&std::ffi::OsStr],
+) -> Output {
     let root = repo_root();
     let mut cmd = Command::new("python3");
     cmd.arg(root.join("deploy/tools/check_deploy.py"))
         .arg(subcommand)
+        .args(args)
         .current_dir(&root);
     if let Some(p) = pythonpath {
         cmd.env("PYTHONPATH", p);
     }
-    let out = run(&mut cmd, "deploy/tools/check_deploy.py", PYTHON_HINT);
+    run(&mut cmd, "deploy/tools/check_deploy.py", PYTHON_HINT)
+}
+
+fn check_deploy(subcommand: &str, pythonpath: Option<&Path>, args: &[&std::ffi::OsStr]) {
+    let out = check_deploy_output(subcommand, pythonpath, args);
     let report = text(&out);
     println!("{report}");
     assert!(
@@ -345,13 +358,83 @@ fn check_deploy(subcommand: &str, pythonpath: Option<&Path>) {
 
 #[test]
 fn config_overlays_set_only_keys_that_exist_in_the_crate_defaults() {
-    check_deploy("config", None);
+    check_deploy("config", None, &[]);
+}
+
+/// The `/metrics` text of every node kind, from the crates' own metrics modules: the names (and
+/// types) the rules, the dashboard, the KEDA queries and the docs may use. A labelled family
+/// shows only once it has a child, so each gets one. The certificate expiry gauge, which the
+/// runtime adds to every node's `/metrics`, is known to the checker.
+fn exported_metrics() -> String {
+    use edgespec_coordinator::metrics::PoolLabel;
+    let coordinator = edgespec_coordinator::metrics::Metrics::new();
+    coordinator.session_error(edgespec_proto::domain::ErrorCode::Unavailable);
+    let pool = PoolLabel {
+        pool: "cloud".into(),
+    };
+    coordinator.pool_sessions.get_or_create(&pool).set(0);
+    coordinator.pool_capacity.get_or_create(&pool).set(0);
+    coordinator.pool_queued_tokens.get_or_create(&pool).set(0);
+    coordinator.pool_verifiers_up.get_or_create(&pool).set(0);
+    let draft = edgespec_draft_node::metrics::Metrics::new();
+    draft.request("chat", "ok");
+    let verify = edgespec_verify_node::metrics::Metrics::new();
+    verify.session_error("resync_needed");
+    [coordinator.encode(), draft.render(), verify.encode()].join("\n")
+}
+
+#[test]
+fn monitoring_scrapes_every_node_and_alerts_and_dashboard_use_exported_metrics() {
+    let metrics = exported_metrics();
+    assert!(
+        metrics.contains("# TYPE edgespec_coordinator_cloud_demand gauge")
+            && metrics.contains("# TYPE edgespec_draft_round_trip_seconds histogram")
+            && metrics.contains("# TYPE edgespec_verify_forwards counter"),
+        "the expositions lack their TYPE lines; the checker needs them:\n{metrics}"
+    );
+    let pythonpath = ensure_kubernetes_validate();
+    let scratch = Scratch::new("metrics");
+    let file = scratch.0.join("metrics.txt");
+    fs::write(&file, &metrics).unwrap();
+
+    // The check must be able to fail: a metric no node exports must be reported.
+    let bogus = scratch.0.join("bogus.txt");
+    fs::write(
+        &bogus,
+        metrics.replace(
+            "edgespec_draft_emitted_tokens",
+            "edgespec_draft_emitted_tokenz",
+        ),
+    )
+    .unwrap();
+    let out = check_deploy_output(
+        "monitoring",
+        Some(&pythonpath),
+        &["--metrics".as_ref(), bogus.as_os_str()],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("edgespec_draft_emitted_tokens_total"),
+        "the monitoring check did not report a metric the nodes do not export:\n{}",
+        text(&out)
+    );
+
+    check_deploy(
+        "monitoring",
+        Some(&pythonpath),
+        &["--metrics".as_ref(), file.as_os_str()],
+    );
+}
+
+#[test]
+fn the_deployment_walkthrough_runs_in_order_and_names_only_what_exists() {
+    let pythonpath = ensure_kubernetes_validate();
+    check_deploy("docs", Some(&pythonpath), &[]);
 }
 
 #[test]
 fn kubernetes_manifests_validate_against_the_schema_and_each_other() {
     let pythonpath = ensure_kubernetes_validate();
-    check_deploy("k8s", Some(&pythonpath));
+    check_deploy("k8s", Some(&pythonpath), &[]);
 
     // Rendering every kustomization catches what per-file validation cannot (a resource path
     // kustomize refuses, a bad image override). kubectl is optional in CI; say so when absent.
