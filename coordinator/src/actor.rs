@@ -7,7 +7,10 @@ use crate::policy::{Policy, PolicyPatch};
 use crate::registry::{AdminState, NodeAction};
 use crate::settings::VerifySettings;
 use crate::Error;
-use edgespec_proto::domain::DraftMessage;
+use edgespec_proto::domain::{
+    BatchReply, CoordinatorMessage, DraftMessage, Heartbeat, HeartbeatAck, Hello, NodeInfo,
+    Registration, Release,
+};
 use edgespec_proto::pb;
 use edgespec_proto::pb::verifier_client::VerifierClient;
 use edgespec_runtime::tls::Tls;
@@ -26,7 +29,7 @@ const COMMAND_QUEUE: usize = 4096;
 
 enum Command {
     Hello {
-        hello: pb::DraftHello,
+        hello: Hello,
         tx: StreamTx,
         reply: oneshot::Sender<Result<StreamId, Error>>,
     },
@@ -44,16 +47,16 @@ enum Command {
         stream: StreamId,
     },
     Register {
-        info: pb::NodeInfo,
-        reply: oneshot::Sender<Result<pb::RegisterVerifierResponse, Error>>,
+        info: NodeInfo,
+        reply: oneshot::Sender<Result<Registration, Error>>,
     },
     Heartbeat {
-        req: pb::VerifierHeartbeatRequest,
-        reply: oneshot::Sender<pb::VerifierHeartbeatResponse>,
+        req: Heartbeat,
+        reply: oneshot::Sender<HeartbeatAck>,
     },
     BatchDone {
         batch_id: u64,
-        result: Result<pb::VerifyBatchResponse, String>,
+        result: Result<BatchReply, String>,
     },
     Nodes {
         reply: oneshot::Sender<NodesView>,
@@ -102,7 +105,7 @@ impl Handle {
     }
 
     /// Opens a draft stream; the actor writes the Welcome to `tx` itself.
-    pub async fn hello(&self, hello: pb::DraftHello, tx: StreamTx) -> Result<StreamId, Error> {
+    pub async fn hello(&self, hello: Hello, tx: StreamTx) -> Result<StreamId, Error> {
         self.ask(|reply| Command::Hello { hello, tx, reply })
             .await?
     }
@@ -139,18 +142,12 @@ impl Handle {
     }
 
     /// Verify node registration.
-    pub async fn register(
-        &self,
-        info: pb::NodeInfo,
-    ) -> Result<pb::RegisterVerifierResponse, Error> {
+    pub async fn register(&self, info: NodeInfo) -> Result<Registration, Error> {
         self.ask(|reply| Command::Register { info, reply }).await?
     }
 
     /// Verify node heartbeat.
-    pub async fn heartbeat(
-        &self,
-        req: pb::VerifierHeartbeatRequest,
-    ) -> Result<pb::VerifierHeartbeatResponse, Error> {
+    pub async fn heartbeat(&self, req: Heartbeat) -> Result<HeartbeatAck, Error> {
         self.ask(|reply| Command::Heartbeat { req, reply }).await
     }
 
@@ -278,10 +275,7 @@ impl Actor {
         match cmd {
             Command::Hello { hello, tx, reply } => match self.core.hello(&hello, t) {
                 Ok((id, welcome)) => {
-                    let msg = pb::CoordinatorMessage {
-                        kind: Some(pb::coordinator_message::Kind::Welcome(welcome)),
-                    };
-                    let _ = tx.send(Ok(msg));
+                    let _ = tx.send(Ok(CoordinatorMessage::Welcome(welcome).into()));
                     self.streams.insert(id, tx);
                     let _ = reply.send(Ok(id));
                 }
@@ -375,7 +369,7 @@ impl Actor {
     fn execute(&mut self, out: Out) {
         for (stream, msg) in out.messages {
             if let Some(tx) = self.streams.get(&stream) {
-                let _ = tx.send(Ok(msg));
+                let _ = tx.send(Ok(msg.into()));
             }
         }
         for l in out.launches {
@@ -385,16 +379,19 @@ impl Actor {
             tokio::spawn(async move {
                 let result = match client {
                     Err(e) => Err(e),
-                    Ok(mut c) => match tokio::time::timeout(timeout, c.verify(l.request)).await {
-                        Ok(Ok(r)) => Ok(r.into_inner()),
-                        Ok(Err(s)) => {
-                            Err(format!("Verify on {} failed: {}", l.node_id, s.message()))
+                    Ok(mut c) => {
+                        let request = pb::VerifyBatchRequest::from(&l.request);
+                        match tokio::time::timeout(timeout, c.verify(request)).await {
+                            Ok(Ok(r)) => Ok(BatchReply::from(r.into_inner())),
+                            Ok(Err(s)) => {
+                                Err(format!("Verify on {} failed: {}", l.node_id, s.message()))
+                            }
+                            Err(_) => Err(format!(
+                                "Verify on {} timed out after {timeout:?}",
+                                l.node_id
+                            )),
                         }
-                        Err(_) => Err(format!(
-                            "Verify on {} timed out after {timeout:?}",
-                            l.node_id
-                        )),
-                    },
+                    }
                 };
                 let _ = done
                     .send(Command::BatchDone {
@@ -411,10 +408,10 @@ impl Actor {
             let timeout = self.verify.timeout;
             let coordinator_id = self.core.id().to_string();
             tokio::spawn(async move {
-                let req = pb::ReleaseRequest {
+                let req = pb::ReleaseRequest::from(&Release {
                     session_ids: r.session_ids,
                     coordinator_id,
-                };
+                });
                 if let Ok(Err(e)) = tokio::time::timeout(timeout, c.release(req)).await {
                     tracing::debug!(node = %r.node_id, error = %e.message(), "release failed");
                 }

@@ -4,7 +4,7 @@
 use crate::actor::Handle;
 use crate::Error;
 use edgespec_proto::auth::{caller, check_claim, check_node_id};
-use edgespec_proto::domain::DraftMessage;
+use edgespec_proto::domain::{DraftMessage, Heartbeat, NodeInfo};
 use edgespec_proto::pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -107,7 +107,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .ok_or_else(|| Status::invalid_argument("RegisterVerifierRequest.info is missing"))?;
         check_claim(peer.as_deref(), &info.node_id)?;
         tracing::Span::current().record("node", info.node_id.as_str());
-        Ok(Response::new(self.handle.register(info).await?))
+        let info =
+            NodeInfo::try_from(info).map_err(|e| Error::InvalidRegistration(e.to_string()))?;
+        Ok(Response::new(self.handle.register(info).await?.into()))
     }
 
     async fn verifier_heartbeat(
@@ -115,8 +117,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::VerifierHeartbeatRequest>,
     ) -> Result<Response<pb::VerifierHeartbeatResponse>, Status> {
         check_node_id(&request, &request.get_ref().node_id)?;
-        Ok(Response::new(
-            self.handle.heartbeat(request.into_inner()).await?,
-        ))
+        let beat = Heartbeat::try_from(request.into_inner()).map_err(Error::from)?;
+        Ok(Response::new(self.handle.heartbeat(beat).await?.into()))
     }
 }

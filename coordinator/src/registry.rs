@@ -3,39 +3,13 @@
 //! nodes' re-registrations. Synchronous and clock-free (`now` is a parameter).
 
 use crate::Error;
-use edgespec_proto::pb;
+use edgespec_proto::domain::{HeartbeatAck, Load, NodeInfo};
 use edgespec_specdec::{VerifyCost, VerifyCostModel};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Placement pool of a verify node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pool {
-    /// Hardware the operator owns: preferred.
-    Onprem,
-    /// Rented capacity: used for bursts.
-    Cloud,
-}
-
-impl Pool {
-    /// Wire/label name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pool::Onprem => "onprem",
-            Pool::Cloud => "cloud",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "onprem" => Some(Pool::Onprem),
-            "cloud" => Some(Pool::Cloud),
-            _ => None,
-        }
-    }
-}
+pub use edgespec_proto::domain::Pool;
 
 /// Liveness of a verify node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,7 +68,7 @@ pub struct Verifier {
     /// Last registration or heartbeat.
     pub last_seen: Instant,
     /// Load as last reported by the node.
-    pub reported: pb::VerifierLoad,
+    pub reported: Load,
     /// Fitted forward cost.
     pub cost: VerifyCostModel,
     /// Registration generation: bumps on every (re-)registration so stale clients are replaced.
@@ -123,15 +97,6 @@ pub struct Registered {
     pub was_known: bool,
 }
 
-/// Answer to a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeartbeatReply {
-    /// False: the node must register again.
-    pub known: bool,
-    /// Drained or cordoned.
-    pub cordoned: bool,
-}
-
 /// All verify nodes.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -150,33 +115,10 @@ impl Registry {
             .map(|n| n.fingerprint.as_str())
     }
 
-    /// Registers (or re-registers) a node. A node whose fingerprint differs from the fleet's is
-    /// refused (unless it is the only node, re-registering with a new model).
-    pub fn register(&mut self, info: &pb::NodeInfo, now: Instant) -> Result<Registered, Error> {
-        let invalid = |why: String| Err(Error::InvalidRegistration(why));
-        if info.node_id.is_empty() {
-            return invalid("node_id is empty".into());
-        }
-        if info.fingerprint.is_empty() {
-            return invalid("fingerprint is empty".into());
-        }
-        if !info.advertise_addr.starts_with("http://")
-            && !info.advertise_addr.starts_with("https://")
-        {
-            return invalid(format!(
-                "advertise_addr {:?} must be an http:// or https:// URL",
-                info.advertise_addr
-            ));
-        }
-        let Some(pool) = Pool::parse(&info.pool) else {
-            return invalid(format!(
-                "pool {:?} must be \"onprem\" or \"cloud\"",
-                info.pool
-            ));
-        };
-        if info.capacity_sessions == 0 {
-            return invalid("capacity_sessions is 0".into());
-        }
+    /// Registers (or re-registers) a node (already validated at the edge). A node whose
+    /// fingerprint differs from the fleet's is refused (unless it is the only node,
+    /// re-registering with a new model).
+    pub fn register(&mut self, info: &NodeInfo, now: Instant) -> Result<Registered, Error> {
         let others_fp = self
             .nodes
             .values()
@@ -213,7 +155,7 @@ impl Registry {
             Verifier {
                 id: info.node_id.clone(),
                 addr: info.advertise_addr.clone(),
-                pool,
+                pool: info.pool,
                 fingerprint: info.fingerprint.clone(),
                 capacity: info.capacity_sessions as usize,
                 max_batch_tokens: info.max_batch_tokens as usize,
@@ -221,7 +163,7 @@ impl Registry {
                 health: Health::Up,
                 admin,
                 last_seen: now,
-                reported: info.load.unwrap_or_default(),
+                reported: info.load,
                 cost,
                 generation: self.generations,
                 self_drained: false,
@@ -231,28 +173,23 @@ impl Registry {
     }
 
     /// A heartbeat. Unknown and down nodes are told to register again.
-    pub fn heartbeat(
-        &mut self,
-        node_id: &str,
-        load: Option<pb::VerifierLoad>,
-        now: Instant,
-    ) -> HeartbeatReply {
+    pub fn heartbeat(&mut self, node_id: &str, load: Option<Load>, now: Instant) -> HeartbeatAck {
         match self.nodes.get_mut(node_id) {
             Some(n) if n.health == Health::Up => {
                 n.last_seen = now;
                 if let Some(l) = load {
                     n.reported = l;
                 }
-                HeartbeatReply {
+                HeartbeatAck {
                     known: true,
                     cordoned: n.admin != AdminState::Active,
                 }
             }
-            Some(n) => HeartbeatReply {
+            Some(n) => HeartbeatAck {
                 known: false,
                 cordoned: n.admin != AdminState::Active,
             },
-            None => HeartbeatReply {
+            None => HeartbeatAck {
                 known: false,
                 cordoned: false,
             },
@@ -324,7 +261,9 @@ impl Registry {
 mod tests {
     use super::*;
 
-    pub(crate) fn info(id: &str, pool: &str, fp: &str) -> pb::NodeInfo {
+    use edgespec_proto::pb;
+
+    fn wire_info(id: &str, pool: &str, fp: &str) -> pb::NodeInfo {
         pb::NodeInfo {
             node_id: id.into(),
             advertise_addr: format!("http://{id}:1"),
@@ -333,6 +272,10 @@ mod tests {
             capacity_sessions: 4,
             ..Default::default()
         }
+    }
+
+    pub(crate) fn info(id: &str, pool: &str, fp: &str) -> NodeInfo {
+        NodeInfo::try_from(wire_info(id, pool, fp)).unwrap()
     }
 
     #[test]
@@ -344,8 +287,7 @@ mod tests {
         assert_eq!(r.fleet_fingerprint(), Some("fp1"));
         let err = r.register(&info("b", "cloud", "fp2"), now).unwrap_err();
         assert!(err.to_string().contains("fp2") && err.to_string().contains("fp1"));
-        assert!(r
-            .register(&info("b", "edge", "fp1"), now)
+        assert!(NodeInfo::try_from(wire_info("b", "edge", "fp1"))
             .unwrap_err()
             .to_string()
             .contains("pool"));

@@ -29,9 +29,11 @@ use std::time::{Duration, Instant};
 
 use edgespec_coordinator::policy::GAMMA_CEILING;
 use edgespec_coordinator::registry::{AdminState, NodeAction, Pool, Registry};
-use edgespec_coordinator::testing::{ScriptedVerifier, ScriptedVerifierConfig};
 use edgespec_coordinator::{App, Policy, PolicyPatch, Settings};
 use edgespec_proto::pb;
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
+use edgespec_testkit::harness::Running;
+use edgespec_testkit::scripted::{ScriptedVerifier, ScriptedVerifierConfig};
 use fuzz_support::{byte_mutation, mutate_bytes, ByteMutation, Counters};
 use proptest::prelude::*;
 
@@ -490,7 +492,7 @@ struct Server {
     base: String,
     client: reqwest::Client,
     _verifier: ScriptedVerifier,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _coordinator: Running<Result<(), edgespec_coordinator::Error>>,
 }
 
 impl Server {
@@ -501,40 +503,24 @@ impl Server {
             .unwrap();
         let mut s = Settings::for_tests();
         s.admin.token = TOKEN.into();
-        let (base, verifier, stop) = rt.block_on(async {
+        let (base, verifier, coordinator) = rt.block_on(async {
             let app = App::build(s).await.expect("coordinator binds");
             let (grpc, http) = (app.grpc_addr(), app.http_addr());
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(app.run(async move {
-                let _ = rx.await;
-            }));
+            let coordinator = Running::spawn(|shutdown| app.run(shutdown));
             let cfg = ScriptedVerifierConfig::new("v1", "onprem", &format!("http://{grpc}"));
             let v = ScriptedVerifier::start(cfg).await.expect("verifier starts");
-            let base = format!("http://{http}");
-            let client = reqwest::Client::new();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let r = client
-                    .get(format!("{base}/admin/v1/nodes"))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .unwrap();
-                let j: serde_json::Value = r.json().await.unwrap();
-                if j["verifiers"].as_array().is_some_and(|a| !a.is_empty()) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "verifier v1 never registered");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (base, v, tx)
+            AdminApi::http(http, TOKEN)
+                .wait_fleet(FleetWait::new(1, 0, Duration::from_secs(20)), || Ok(()))
+                .await
+                .expect("verifier v1 registers");
+            (format!("http://{http}"), v, coordinator)
         });
         Server {
             rt,
             base,
             client: reqwest::Client::new(),
             _verifier: verifier,
-            _stop: stop,
+            _coordinator: coordinator,
         }
     }
 
@@ -793,8 +779,17 @@ fn run_ops(c: &Counters, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         || info.advertise_addr.starts_with("https://"))
                     && matches!(info.pool.as_str(), "onprem" | "cloud")
                     && info.capacity_sessions >= 1
+                    && info.load.as_ref().is_none_or(|l| {
+                        (0.0..=1.0).contains(&l.busy_fraction)
+                            && [l.verify_base_s, l.verify_per_token_s]
+                                .iter()
+                                .all(|x| x.is_finite() && *x >= 0.0)
+                    })
                     && fleet.as_ref().is_none_or(|f| *f == info.fingerprint);
-                let r = reg.register(&info, now);
+                // The gRPC edge validates the message, then the registry checks the fleet.
+                let r = edgespec_proto::domain::NodeInfo::try_from(info.clone())
+                    .map_err(|e| e.to_string())
+                    .and_then(|i| reg.register(&i, now).map_err(|e| e.to_string()));
                 c.accepted(r.is_ok());
                 prop_assert_eq!(r.is_ok(), ok, "{:?} → {:?}", info, r);
                 if r.is_ok() {

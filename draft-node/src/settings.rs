@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
 use edgespec_model::DeviceKind;
 use edgespec_runtime::tls::TlsSettings;
+use edgespec_runtime::Sources;
 use serde::Deserialize;
 
 use crate::Error;
@@ -130,10 +130,7 @@ pub struct LimitSettings {
 impl Default for Settings {
     /// The embedded defaults (`model.path` is empty and must be set before `validate`).
     fn default() -> Self {
-        Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
-            .build()
-            .and_then(Config::try_deserialize)
+        edgespec_runtime::settings::defaults(DEFAULT_TOML)
             .expect("the embedded default.toml deserializes into Settings")
     }
 }
@@ -141,19 +138,7 @@ impl Default for Settings {
 /// Loads the defaults, then `path` (if any), then `EDGESPEC__*` environment variables, and
 /// validates the result.
 pub fn load_settings(path: Option<&Path>) -> Result<Settings, Error> {
-    let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
-    if let Some(p) = path {
-        builder = builder.add_source(File::from(p).format(FileFormat::Toml).required(true));
-    }
-    builder = builder.add_source(
-        Environment::with_prefix("EDGESPEC")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true),
-    );
-    let settings: Settings = builder
-        .build()
-        .and_then(Config::try_deserialize)
+    let settings: Settings = edgespec_runtime::settings::load(Sources::node(DEFAULT_TOML, path))
         .map_err(|e| Error::Settings(e.to_string()))?;
     settings.validate()?;
     Ok(settings)
@@ -241,18 +226,10 @@ impl Settings {
 
     /// The parsed `model.device`.
     pub fn device(&self) -> Result<DeviceKind, Error> {
-        let d = self.model.device.trim();
-        if d == "cpu" {
-            return Ok(DeviceKind::Cpu);
-        }
-        d.strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceKind::Cuda)
-            .ok_or_else(|| {
-                Error::Settings(format!(
-                    "model.device: `{d}` is not `cpu` or `cuda:N` (e.g. cuda:0)"
-                ))
-            })
+        self.model
+            .device
+            .parse()
+            .map_err(|e| Error::Settings(format!("model.device: {e}")))
     }
 }
 

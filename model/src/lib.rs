@@ -8,6 +8,9 @@
 pub mod error;
 pub mod fetch;
 pub mod forward;
+// Synthetic GGUF files (tiny test models, real-shape models for the GPU check): compiled only
+// for the crates that ask for them (`synthetic` feature) and for this crate's own unit tests.
+#[cfg(any(test, feature = "synthetic"))]
 pub mod synthetic;
 pub mod thread;
 pub mod tokenizer;
@@ -66,6 +69,32 @@ pub enum DeviceKind {
     Cpu,
     /// CUDA device by ordinal (needs the `cuda` feature).
     Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    /// `cpu` (any case) or `cuda:N`; the error says what is accepted.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("cpu") {
+            return Ok(DeviceKind::Cpu);
+        }
+        s.strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceKind::Cuda)
+            .ok_or_else(|| format!("`{s}` is not `cpu` or `cuda:N` (e.g. cuda:0)"))
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    /// The form [`FromStr`](std::str::FromStr) reads, as nodes report it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
 }
 
 /// Static facts about a loaded model.

@@ -26,6 +26,9 @@ pub enum ProtocolError {
     /// An enum value this version does not know.
     #[error("unknown value {value} for enum `{field}`")]
     UnknownEnum { field: &'static str, value: i32 },
+    /// One item of a batch is malformed (all-or-nothing readers refuse the batch with it).
+    #[error("session {session_id}: {message}")]
+    Item { session_id: u64, message: String },
     /// A message that carries nothing to do.
     #[error("empty message: {0}")]
     Empty(&'static str),

@@ -606,7 +606,20 @@ fn check_case(c: &Counters, case: Case) -> Result<(), TestCaseError> {
             let got = DraftMessage::try_from(msg.clone());
             prop_assert_eq!(got.is_ok(), !fingerprint.is_empty());
             if let Ok(d) = got {
-                prop_assert!(same_bytes(&pb::DraftMessage::from(d), &msg));
+                // Normalised: an unknown cap reads as the ceiling, a nonsensical cost as unknown;
+                // the normalised form round-trips exactly.
+                let DraftMessage::Hello(hello) = &d else {
+                    return Err(TestCaseError::fail("a hello must stay a hello"));
+                };
+                prop_assert_eq!(hello.max_gamma, 64);
+                let cost = if s.is_finite() && s > 0.0 {
+                    f64::from(s)
+                } else {
+                    0.0
+                };
+                prop_assert_eq!(hello.draft_s_per_token, cost);
+                let back = pb::DraftMessage::from(d.clone());
+                prop_assert_eq!(DraftMessage::try_from(back), Ok(d));
             }
         }
         Input::Close(session_id) => {

@@ -1,6 +1,6 @@
-//! Wiring: load the model, bind the listener, then serve the `Verifier` service (with health
-//! and reflection), the batcher and the registration loops until shutdown, finishing in-flight
-//! batches before returning.
+//! Wiring: load the model, bind the listeners, then serve the `Verifier` service (with health
+//! and reflection), the batcher, the registration loops and the metrics/health HTTP endpoint
+//! until shutdown, finishing in-flight batches before returning.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,9 +9,11 @@ use std::sync::Arc;
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ModelHandle, ModelHealth};
 use edgespec_proto::auth::{Role, VERIFIER_RULES};
+use edgespec_proto::domain::Pool;
 use edgespec_proto::pb::verifier_server::VerifierServer;
-use edgespec_runtime::tls::Tls;
 use edgespec_proto::FILE_DESCRIPTOR_SET;
+use edgespec_runtime::ops::{self, Exposition, ReadyCheck};
+use edgespec_runtime::tls::Tls;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -35,7 +37,7 @@ pub struct NodeFacts {
     /// Address coordinators dial.
     pub advertise_addr: String,
     /// Placement pool.
-    pub pool: String,
+    pub pool: Pool,
     /// Target model name.
     pub model_name: String,
     /// Tokenizer fingerprint of the target model.
@@ -64,6 +66,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     tls: Tls,
     health_listener: Option<TcpListener>,
+    metrics_listener: TcpListener,
 }
 
 impl App {
@@ -119,6 +122,7 @@ impl App {
                 )
             }
         };
+        let metrics_listener = bind(settings.metrics.listen).await?;
         let facts = Arc::new(node_facts(
             &settings,
             &model,
@@ -139,6 +143,7 @@ impl App {
             metrics: Arc::new(Metrics::new()),
             tls,
             health_listener,
+            metrics_listener,
         })
     }
 
@@ -154,6 +159,13 @@ impl App {
         self.health_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound `/metrics`, `/healthz`, `/readyz` address (`metrics.listen`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has a local address")
     }
 
     /// What the node reports to coordinators.
@@ -185,6 +197,7 @@ impl App {
             metrics,
             tls,
             health_listener,
+            metrics_listener,
         } = self;
         let limits = Limits {
             vocab_size: facts.vocab_size,
@@ -192,6 +205,7 @@ impl App {
             max_block_tokens: facts.max_block_tokens,
             capacity: settings.sessions.capacity,
         };
+        let exposition = Exposition::new().with(metrics.clone()).with(tls.metrics());
         let (batcher, batcher_task) = Batcher::spawn(
             model.clone(),
             BatcherConfig {
@@ -232,6 +246,16 @@ impl App {
             stop.clone(),
         );
 
+        let ops_stop = stop.clone();
+        tokio::spawn(ops::serve(
+            metrics_listener,
+            exposition,
+            model_readiness(&model),
+            async move { ops_stop.cancelled().await },
+        ));
+        // Certificates rotated on disk reach the server and the dials to coordinators.
+        let _cert_watch = tls.watch();
+
         if let Some(listener) = health_listener {
             let probe_health = health_service.clone();
             let probe_stop = stop.clone();
@@ -257,17 +281,17 @@ impl App {
         };
         let service = VerifierService::new(batcher, facts);
         let signalled = stop.clone();
-        let server = tls
-            .apply_to_server(tonic::transport::Server::builder(), VERIFIER_RULES)?
+        let router = tls
+            .grpc_server(VERIFIER_RULES)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(VerifierServer::new(service).max_decoding_message_size(64 << 20))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                shutdown.await;
-                drain.run().await;
-                tracing::info!("shutting down: finishing in-flight batches");
-                signalled.cancel();
-            });
+            .add_service(VerifierServer::new(service).max_decoding_message_size(64 << 20));
+        let server = tls.serve_grpc(router, listener, async move {
+            shutdown.await;
+            drain.run().await;
+            tracing::info!("shutting down: finishing in-flight batches");
+            signalled.cancel();
+        });
         let grace = settings.server.shutdown_grace;
         let outcome = tokio::select! {
             r = server => r.map_err(Error::from),
@@ -330,6 +354,24 @@ impl Drain {
     }
 }
 
+/// `/readyz`: ready while the target model serves.
+fn model_readiness(model: &ModelHandle) -> ReadyCheck {
+    let health = model.health();
+    Arc::new(move || match &*health.borrow() {
+        ModelHealth::Ready => Ok("the target model serves".into()),
+        ModelHealth::Loading => Err("the target model is loading".into()),
+        ModelHealth::Failed(why) => Err(format!("the target model failed: {why}")),
+        ModelHealth::Stopped => Err("the target model has stopped".into()),
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
 /// Marks the service NOT_SERVING when the model thread fails or stops.
 async fn watch_model_health(
     model: ModelHandle,
@@ -380,7 +422,8 @@ fn node_facts(
     NodeFacts {
         node_id,
         advertise_addr,
-        pool: s.server.pool.clone(),
+        // Validated by the settings.
+        pool: Pool::parse(&s.server.pool).unwrap_or(Pool::Onprem),
         model_name: info.name.clone(),
         fingerprint: info.fingerprint.clone(),
         vocab_size: info.vocab_size,

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use edgespec_model::{ModelError, ModelHandle, SeqRequest, SessionId};
 use edgespec_proto::domain::{Block, ErrorCode, Outcome, SessionError};
+pub use edgespec_proto::domain::{ItemResult, Timings};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,34 +41,6 @@ pub struct BatcherConfig {
     pub max_batch_tokens: usize,
     /// KV memory budget; idle sessions are evicted (LRU) to stay under it.
     pub kv_budget_bytes: u64,
-}
-
-/// Server-side timings of one item (mirror of `pb::VerifyTimings`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Timings {
-    /// Arrival to forward start.
-    pub queue_ns: u64,
-    /// Duration of the forward that served the item (0 if it never reached one).
-    pub forward_ns: u64,
-    /// Arrival to answer.
-    pub total_ns: u64,
-    /// Rows in that forward.
-    pub batch_tokens: u32,
-    /// Sessions in that forward.
-    pub batch_sessions: u32,
-}
-
-/// The answer for one block.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ItemResult {
-    /// The block's session.
-    pub session_id: SessionId,
-    /// The block's round.
-    pub round: u64,
-    /// Verdict, or why there is none (the session is then unchanged).
-    pub result: Result<Outcome, SessionError>,
-    /// Timings.
-    pub timings: Timings,
 }
 
 /// The answer for one request: results in block order plus the load right after its batch.
@@ -100,11 +73,6 @@ pub struct Batcher {
     tx: mpsc::Sender<Command>,
     queued_tokens: Arc<AtomicUsize>,
     load: watch::Receiver<Load>,
-}
-
-/// Rows a block adds to a forward.
-fn forward_tokens(b: &Block) -> usize {
-    b.history.as_ref().map_or(1, Vec::len) + b.draft_tokens.len()
 }
 
 impl Batcher {
@@ -151,7 +119,7 @@ impl Batcher {
         blocks: Vec<Block>,
         arrived: Instant,
     ) -> Result<BatchReply, Error> {
-        let tokens = blocks.iter().map(forward_tokens).sum();
+        let tokens = blocks.iter().map(Block::forward_tokens).sum();
         let (reply, rx) = oneshot::channel();
         let job = VerifyJob {
             owner,
@@ -441,7 +409,7 @@ impl Actor {
                 .into_iter()
                 .inspect(|s| {
                     if let Some(Err(e)) = &s.result {
-                        self.metrics.session_error(code_label(e.code));
+                        self.metrics.session_error(ErrorCode::label(e.code));
                     }
                 })
                 .map(|s| ItemResult {
@@ -596,19 +564,6 @@ impl Actor {
         };
         self.load_tx.send_replace(load);
         load
-    }
-}
-
-/// Metric label of an error code.
-fn code_label(c: ErrorCode) -> &'static str {
-    match c {
-        ErrorCode::ResyncNeeded => "resync_needed",
-        ErrorCode::InvalidArgument => "invalid_argument",
-        ErrorCode::Overloaded => "overloaded",
-        ErrorCode::Unavailable => "unavailable",
-        ErrorCode::ModelMismatch => "model_mismatch",
-        ErrorCode::ContextOverflow => "context_overflow",
-        ErrorCode::Internal => "internal",
     }
 }
 

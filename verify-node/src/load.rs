@@ -3,24 +3,7 @@
 
 use std::time::Duration;
 
-/// A load report (mirror of `pb::VerifierLoad`).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Load {
-    /// Sessions with live KV state.
-    pub active_sessions: u32,
-    /// Bytes held by KV caches.
-    pub kv_bytes: u64,
-    /// The KV budget in bytes.
-    pub kv_budget_bytes: u64,
-    /// Tokens waiting for a forward.
-    pub queued_tokens: u32,
-    /// Fraction of recent wall time spent in forwards, in [0, 1].
-    pub busy_fraction: f32,
-    /// Fitted fixed cost of one forward, seconds.
-    pub verify_base_s: f32,
-    /// Fitted cost per token in a forward, seconds.
-    pub verify_per_token_s: f32,
-}
+pub use edgespec_proto::domain::Load;
 
 /// Exponentially decayed busy time: `fraction` is the share of the last ~`tau` spent busy.
 #[derive(Debug, Clone)]

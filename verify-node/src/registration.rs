@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgespec_proto::domain::{self, Heartbeat, HeartbeatAck};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
 use edgespec_runtime::tls::Tls;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::batcher::Batcher;
-use crate::service::{load_pb, node_info_pb};
+use crate::service::node_info;
 use crate::NodeFacts;
 
 /// Timing of the registration loops.
@@ -156,15 +157,17 @@ impl Registrar {
 
     /// Registers; returns the heartbeat interval to use.
     async fn register(&mut self) -> Result<Duration, tonic::Status> {
-        let info = node_info_pb(&self.facts, self.batcher.load());
+        let info = pb::NodeInfo::from(&node_info(&self.facts, self.batcher.load()));
         let resp = self
             .client
             .register_verifier(pb::RegisterVerifierRequest { info: Some(info) })
             .await?
             .into_inner();
-        Ok(match resp.heartbeat_interval_ms {
-            0 => self.config.heartbeat_interval,
-            ms => Duration::from_millis(u64::from(ms)),
+        let registration = domain::Registration::from(resp);
+        Ok(if registration.heartbeat_interval.is_zero() {
+            self.config.heartbeat_interval
+        } else {
+            registration.heartbeat_interval
         })
     }
 
@@ -173,13 +176,13 @@ impl Registrar {
         let draining = *self.draining.borrow();
         let resp = self
             .client
-            .verifier_heartbeat(pb::VerifierHeartbeatRequest {
+            .verifier_heartbeat(pb::VerifierHeartbeatRequest::from(&Heartbeat {
                 node_id: self.facts.node_id.clone(),
-                load: Some(load_pb(self.batcher.load())),
+                load: Some(self.batcher.load()),
                 draining,
-            })
+            }))
             .await?
             .into_inner();
-        Ok(resp.known)
+        Ok(HeartbeatAck::from(resp).known)
     }
 }

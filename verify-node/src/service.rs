@@ -2,40 +2,26 @@
 //! only here and in `registration`); call-level failures are mapped to `tonic::Status` in one
 //! place ([`status`]).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use edgespec_proto::auth;
-use edgespec_proto::domain::{Block, ErrorCode, SessionError};
-use edgespec_proto::pb;
+use edgespec_proto::domain::{
+    BatchReply, ErrorCode, ItemResult, Load, NodeInfo, Release, SessionError, Timings, VerifyBatch,
+};
+use edgespec_proto::{pb, ProtocolError};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::batcher::{Batcher, ItemResult, Timings};
-use crate::load::Load;
+use crate::batcher::Batcher;
 use crate::sessions::Owner;
 use crate::{Error, NodeFacts};
 
-/// Longest coordinator instance id accepted.
-const MAX_COORDINATOR_ID_LEN: usize = 128;
-
-/// The owner of the sessions a call names: the caller's certificate identity (mTLS) plus the
-/// coordinator instance id the request carries, which is required.
-fn owner<T>(request: &Request<T>, coordinator_id: &str) -> Result<Owner, Status> {
-    if coordinator_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "coordinator_id is empty; it scopes the request's session ids and is required",
-        ));
-    }
-    if coordinator_id.len() > MAX_COORDINATOR_ID_LEN {
-        return Err(Status::invalid_argument(format!(
-            "coordinator_id is longer than {MAX_COORDINATOR_ID_LEN} bytes"
-        )));
-    }
-    let peer = auth::caller(request)
+/// The caller's certificate identity (mTLS; empty in plaintext mode), which together with the
+/// coordinator instance id a request carries scopes its session ids.
+fn peer<T>(request: &Request<T>) -> String {
+    auth::caller(request)
         .map(|c| c.uri.clone())
-        .unwrap_or_default();
-    Ok(Owner::new(&peer, coordinator_id))
+        .unwrap_or_default()
 }
 
 /// The `edgespec.v1.Verifier` implementation.
@@ -55,7 +41,7 @@ impl VerifierService {
 /// Why a whole call was refused (mapped to a `Status` in [`status`]).
 enum CallError {
     WrongFingerprint { got: String, ours: String },
-    Malformed(String),
+    Malformed(ProtocolError),
     Node(Error),
 }
 
@@ -65,50 +51,13 @@ fn status(e: CallError) -> Status {
         CallError::WrongFingerprint { got, ours } => Status::failed_precondition(format!(
             "model fingerprint `{got}` does not match this verify node's `{ours}`"
         )),
-        CallError::Malformed(msg) => Status::invalid_argument(msg),
+        CallError::Malformed(e) => Status::invalid_argument(e.to_string()),
         CallError::Node(Error::Stopped) => Status::unavailable("the verify node is shutting down"),
         CallError::Node(e) => {
             tracing::error!(error = %e, "verify call failed");
             Status::internal("internal error on the verify node")
         }
     }
-}
-
-/// Checks the batch as a whole and converts its items: an item that is malformed on its own
-/// becomes a per-item `INVALID_ARGUMENT` (one bad session never fails the others); a wrong
-/// fingerprint, an empty batch or a session listed twice refuse the call.
-fn convert_batch(
-    m: pb::VerifyBatchRequest,
-    fingerprint: &str,
-) -> Result<Vec<Result<Block, SessionError>>, CallError> {
-    if m.fingerprint != fingerprint {
-        return Err(CallError::WrongFingerprint {
-            got: m.fingerprint,
-            ours: fingerprint.to_string(),
-        });
-    }
-    if m.items.is_empty() {
-        return Err(CallError::Malformed("the batch has no items".into()));
-    }
-    let mut seen = HashSet::with_capacity(m.items.len());
-    if let Some(item) = m.items.iter().find(|i| !seen.insert(i.session_id)) {
-        return Err(CallError::Malformed(format!(
-            "session {} appears more than once in the batch",
-            item.session_id
-        )));
-    }
-    Ok(m.items
-        .into_iter()
-        .map(|item| {
-            let (session_id, round) = (item.session_id, item.round);
-            Block::try_from(item).map_err(|e| SessionError {
-                session_id,
-                round,
-                code: ErrorCode::InvalidArgument,
-                message: e.to_string(),
-            })
-        })
-        .collect())
 }
 
 #[tonic::async_trait]
@@ -119,18 +68,20 @@ impl pb::verifier_server::Verifier for VerifierService {
         request: Request<pb::VerifyBatchRequest>,
     ) -> Result<Response<pb::VerifyBatchResponse>, Status> {
         let arrived = Instant::now();
-        let owner = owner(&request, &request.get_ref().coordinator_id)?;
-        let m = request.into_inner();
-        let batch_id = m.batch_id;
+        let peer = peer(&request);
+        let batch = VerifyBatch::try_from(request.into_inner())
+            .map_err(|e| status(CallError::Malformed(e)))?;
         let span = tracing::Span::current();
-        span.record("batch_id", batch_id);
-        span.record("items", m.items.len());
-        let items = convert_batch(m, &self.facts.fingerprint).map_err(status)?;
-        let blocks: Vec<Block> = items
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .cloned()
-            .collect();
+        span.record("batch_id", batch.batch_id);
+        span.record("items", batch.items.len());
+        if batch.fingerprint != self.facts.fingerprint {
+            return Err(status(CallError::WrongFingerprint {
+                got: batch.fingerprint,
+                ours: self.facts.fingerprint.clone(),
+            }));
+        }
+        let owner = Owner::new(&peer, &batch.coordinator_id);
+        let blocks: Vec<_> = batch.blocks().cloned().collect();
         let (served, load) = if blocks.is_empty() {
             (Vec::new(), self.batcher.load())
         } else {
@@ -142,26 +93,31 @@ impl pb::verifier_server::Verifier for VerifierService {
             (reply.results, reply.load)
         };
         let mut served = served.into_iter();
-        let results = items
+        let results = batch
+            .items
             .into_iter()
             .map(|item| match item {
-                Ok(_) => served.next().map(result_pb).unwrap_or_else(|| {
-                    // The batcher answers every block; this is only a guard.
-                    error_pb(SessionError {
+                // The batcher answers every block; the fallback is only a guard.
+                Ok(_) => served.next().unwrap_or_else(|| {
+                    not_verified(SessionError {
                         session_id: 0,
                         round: 0,
                         code: ErrorCode::Internal,
                         message: "the block was not served".into(),
                     })
                 }),
-                Err(e) => error_pb(e),
+                Err(e) => not_verified(e),
             })
+            .map(Ok)
             .collect();
-        Ok(Response::new(pb::VerifyBatchResponse {
-            batch_id,
-            results,
-            load: Some(load_pb(load)),
-        }))
+        Ok(Response::new(
+            BatchReply {
+                batch_id: batch.batch_id,
+                results,
+                load: Some(load),
+            }
+            .into(),
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(sessions))]
@@ -169,12 +125,14 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let owner = owner(&request, &request.get_ref().coordinator_id)?;
-        let ids = request.into_inner().session_ids;
-        tracing::Span::current().record("sessions", ids.len());
+        let peer = peer(&request);
+        let release =
+            Release::try_from(request.into_inner()).map_err(|e| status(CallError::Malformed(e)))?;
+        tracing::Span::current().record("sessions", release.session_ids.len());
+        let owner = Owner::new(&peer, &release.coordinator_id);
         let released = self
             .batcher
-            .release(owner, ids)
+            .release(owner, release.session_ids)
             .await
             .map_err(|e| status(CallError::Node(e)))?;
         Ok(Response::new(pb::ReleaseResponse {
@@ -186,64 +144,29 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        Ok(Response::new(node_info_pb(
+        Ok(Response::new(pb::NodeInfo::from(&node_info(
             &self.facts,
             self.batcher.load(),
-        )))
+        ))))
     }
 }
 
-fn result_pb(r: ItemResult) -> pb::VerifyResult {
-    let result = match r.result {
-        Ok(o) => pb::verify_result::Result::Outcome(o.into()),
-        Err(e) => pb::verify_result::Result::Error(e.into()),
-    };
-    pb::VerifyResult {
-        session_id: r.session_id,
-        round: r.round,
-        result: Some(result),
-        timings: Some(timings_pb(r.timings)),
-    }
-}
-
-fn error_pb(e: SessionError) -> pb::VerifyResult {
-    pb::VerifyResult {
+/// The result of a block that never reached a forward.
+fn not_verified(e: SessionError) -> ItemResult {
+    ItemResult {
         session_id: e.session_id,
         round: e.round,
-        result: Some(pb::verify_result::Result::Error(e.into())),
-        timings: Some(timings_pb(Timings::default())),
+        result: Err(e),
+        timings: Timings::default(),
     }
 }
 
-fn timings_pb(t: Timings) -> pb::VerifyTimings {
-    pb::VerifyTimings {
-        queue_ns: t.queue_ns,
-        forward_ns: t.forward_ns,
-        total_ns: t.total_ns,
-        batch_tokens: t.batch_tokens,
-        batch_sessions: t.batch_sessions,
-    }
-}
-
-/// Wire form of a load report.
-pub(crate) fn load_pb(l: Load) -> pb::VerifierLoad {
-    pb::VerifierLoad {
-        active_sessions: l.active_sessions,
-        kv_bytes: l.kv_bytes,
-        kv_budget_bytes: l.kv_budget_bytes,
-        queued_tokens: l.queued_tokens,
-        busy_fraction: l.busy_fraction,
-        verify_base_s: l.verify_base_s,
-        verify_per_token_s: l.verify_per_token_s,
-    }
-}
-
-/// Wire form of the node's facts plus its load.
-pub(crate) fn node_info_pb(f: &NodeFacts, load: Load) -> pb::NodeInfo {
-    pb::NodeInfo {
+/// The node's facts plus its load, as registrations and `Info` carry them.
+pub(crate) fn node_info(f: &NodeFacts, load: Load) -> NodeInfo {
+    NodeInfo {
         node_id: f.node_id.clone(),
         advertise_addr: f.advertise_addr.clone(),
-        pool: f.pool.clone(),
+        pool: f.pool,
         model_name: f.model_name.clone(),
         fingerprint: f.fingerprint.clone(),
         vocab_size: f.vocab_size as u32,
@@ -252,6 +175,6 @@ pub(crate) fn node_info_pb(f: &NodeFacts, load: Load) -> pb::NodeInfo {
         max_block_tokens: f.max_block_tokens as u32,
         max_batch_tokens: f.max_batch_tokens as u32,
         device: f.device.clone(),
-        load: Some(load_pb(load)),
+        load,
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use edgespec_model::DeviceKind;
 use edgespec_runtime::tls::TlsSettings;
+use edgespec_runtime::Sources;
 use serde::Deserialize;
 
 use crate::Error;
@@ -31,6 +32,16 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
     /// Transport security (mTLS or explicit plaintext).
     pub tls: TlsSettings,
+    /// The `/metrics`, `/healthz`, `/readyz` HTTP listener.
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Plain HTTP listen address of `/metrics`, `/healthz` and `/readyz` (port 0 allowed).
+    pub listen: SocketAddr,
 }
 
 /// `[server]`.
@@ -109,41 +120,24 @@ pub struct CoordinatorSettings {
 }
 
 impl Default for Settings {
-    /// The embedded defaults (the model path is empty: set it before `App::build`).
+    /// The embedded defaults, for embedding and tests: the model path is empty (set it before
+    /// `App::build`) and `metrics.listen` is `127.0.0.1:0`, so nodes started in one process
+    /// (or next to a running one) never contend for the fixed port `default.toml` gives the
+    /// binary (`load_settings`).
     fn default() -> Self {
-        config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .expect("the embedded default.toml is valid")
+        let mut s: Settings = edgespec_runtime::settings::defaults(DEFAULT_TOML)
+            .expect("the embedded default.toml is valid");
+        s.metrics.listen = ([127, 0, 0, 1], 0).into();
+        s
     }
 }
 
 /// Loads settings: embedded defaults, then `path` (if any), then `EDGESPEC__…` env vars
 /// (`EDGESPEC__COORDINATOR__ADDRESSES` takes a comma-separated list). Validates the result.
 pub fn load_settings(path: Option<&Path>) -> Result<Settings, Error> {
-    let mut builder = config::Config::builder().add_source(config::File::from_str(
-        DEFAULT_TOML,
-        config::FileFormat::Toml,
-    ));
-    if let Some(path) = path {
-        builder = builder.add_source(config::File::from(path).required(true));
-    }
-    let settings: Settings = builder
-        .add_source(
-            config::Environment::with_prefix("EDGESPEC")
-                .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("coordinator.addresses")
-                .try_parsing(true),
-        )
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| Error::Settings(e.to_string()))?;
+    let sources = Sources::node(DEFAULT_TOML, path).with_env_lists(&["coordinator.addresses"]);
+    let settings: Settings =
+        edgespec_runtime::settings::load(sources).map_err(|e| Error::Settings(e.to_string()))?;
     settings.validate()?;
     Ok(settings)
 }
@@ -156,8 +150,11 @@ impl Settings {
             return bad("model.path is required (the target model's GGUF file)".into());
         }
         self.device()?;
-        if self.server.pool.trim().is_empty() {
-            return bad("server.pool must not be empty".into());
+        if edgespec_proto::domain::Pool::parse(&self.server.pool).is_none() {
+            return bad(format!(
+                "server.pool must be \"onprem\" or \"cloud\", not {:?}",
+                self.server.pool
+            ));
         }
         if self.sessions.capacity == 0 {
             return bad("sessions.capacity must be at least 1".into());
@@ -198,26 +195,13 @@ impl Settings {
 
 /// Parses `cpu` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<DeviceKind, Error> {
-    let s = s.trim();
-    if s.eq_ignore_ascii_case("cpu") {
-        return Ok(DeviceKind::Cpu);
-    }
-    if let Some(n) = s.strip_prefix("cuda:") {
-        if let Ok(i) = n.parse() {
-            return Ok(DeviceKind::Cuda(i));
-        }
-    }
-    Err(Error::Settings(format!(
-        "model.device: `{s}` is not `cpu` or `cuda:N`"
-    )))
+    s.parse()
+        .map_err(|e| Error::Settings(format!("model.device: {e}")))
 }
 
 /// The device as reported to coordinators.
 pub fn device_label(d: DeviceKind) -> String {
-    match d {
-        DeviceKind::Cpu => "cpu".into(),
-        DeviceKind::Cuda(i) => format!("cuda:{i}"),
-    }
+    d.to_string()
 }
 
 #[cfg(test)]
@@ -228,6 +212,10 @@ mod tests {
     fn defaults_parse_and_need_a_model_path() {
         let s = Settings::default();
         assert_eq!(s.batching.window, Duration::from_millis(2));
+        // The binary serves metrics on the documented port; embedded nodes on a free one.
+        let file: Settings = edgespec_runtime::settings::defaults(DEFAULT_TOML).unwrap();
+        assert_eq!(file.metrics.listen, "0.0.0.0:9102".parse().unwrap());
+        assert_eq!(s.metrics.listen, "127.0.0.1:0".parse().unwrap());
         assert!(matches!(s.validate(), Err(Error::Settings(m)) if m.contains("model.path")));
         let mut s = s;
         s.model.path = "m.gguf".into();

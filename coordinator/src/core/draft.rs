@@ -5,19 +5,16 @@ use super::{Core, DraftLink, Item, Out, Session, StreamId};
 use crate::placement::Placement;
 use crate::registry::AdminState;
 use crate::Error;
-use edgespec_proto::domain::{DraftBlock, DraftMessage, ErrorCode};
-use edgespec_proto::pb;
-use edgespec_specdec::{BlockArrival, DraftCaps, DraftSide, SessionGamma, MAX_GAMMA};
+use edgespec_proto::domain::{
+    CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode, Hello, Probe, ProbeReply, Welcome,
+};
+use edgespec_specdec::{BlockArrival, DraftCaps, DraftSide, SessionGamma};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 impl Core {
     /// A draft node opened its stream. Refused on a model mismatch with the verify fleet.
-    pub fn hello(
-        &mut self,
-        hello: &pb::DraftHello,
-        now: Instant,
-    ) -> Result<(StreamId, pb::Welcome), Error> {
+    pub fn hello(&mut self, hello: &Hello, now: Instant) -> Result<(StreamId, Welcome), Error> {
         let fleet = self
             .registry
             .fleet_fingerprint()
@@ -34,13 +31,9 @@ impl Core {
         let side = DraftSide::new(
             self.link_config(),
             DraftCaps {
-                draft_s_per_token: f64::from(hello.draft_s_per_token),
+                draft_s_per_token: hello.draft_s_per_token,
                 pipelined: hello.pipelined,
-                // 0: an older node that states no cap.
-                max_gamma: match hello.max_gamma {
-                    0 => MAX_GAMMA,
-                    n => n as usize,
-                },
+                max_gamma: hello.max_gamma as usize,
             },
         );
         let (initial_gamma, max_gamma) = (
@@ -67,7 +60,7 @@ impl Core {
         );
         Ok((
             id,
-            pb::Welcome {
+            Welcome {
                 coordinator_id: self.id.clone(),
                 fleet_fingerprint: fleet,
                 initial_gamma,
@@ -92,7 +85,7 @@ impl Core {
                     self.drop_session(g, out);
                 }
             }
-            DraftMessage::ProbeReply(r) => self.on_probe_reply(stream, &r, now),
+            DraftMessage::ProbeReply(r) => self.on_probe_reply(stream, r, now),
             DraftMessage::Hello(_) => {
                 tracing::debug!(stream, "ignoring a second DraftHello on the stream");
             }
@@ -192,7 +185,7 @@ impl Core {
             return self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
         }
         let node = s.node.clone().expect("placed");
-        let tokens = db.block.history.as_ref().map_or(0, Vec::len) + gamma + 1;
+        let tokens = db.block.forward_tokens();
         let max_queued = self.settings.admission.max_queued_tokens_per_node;
         let admits = self
             .queues
@@ -339,17 +332,15 @@ impl Core {
             link.probes.insert(link.probe_seq, (now, padding.len()));
             out.messages.push((
                 *id,
-                pb::CoordinatorMessage {
-                    kind: Some(pb::coordinator_message::Kind::Probe(pb::Probe {
-                        probe_id: link.probe_seq,
-                        padding,
-                    })),
-                },
+                CoordinatorMessage::Probe(Probe {
+                    probe_id: link.probe_seq,
+                    padding,
+                }),
             ));
         }
     }
 
-    fn on_probe_reply(&mut self, stream: StreamId, r: &pb::ProbeReply, now: Instant) {
+    fn on_probe_reply(&mut self, stream: StreamId, r: ProbeReply, now: Instant) {
         let now_s = self.secs(now);
         let Some(link) = self.streams.get_mut(&stream) else {
             return;

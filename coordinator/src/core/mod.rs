@@ -15,8 +15,7 @@ use crate::placement::{self, BurstPolicy, Candidate, Placement};
 use crate::policy::Policy;
 use crate::registry::{Health, Registry};
 use crate::Settings;
-use edgespec_proto::domain::{Block, ErrorCode, SessionError};
-use edgespec_proto::pb;
+use edgespec_proto::domain::{Block, CoordinatorMessage, ErrorCode, SessionError, VerifyBatch};
 use edgespec_specdec::{
     AcceptancePrior, DraftSide, Ewma, GammaController, LinkConfig, SessionGamma,
 };
@@ -36,7 +35,7 @@ pub struct Launch {
     /// Its address.
     pub addr: String,
     /// The request.
-    pub request: pb::VerifyBatchRequest,
+    pub request: VerifyBatch,
 }
 
 /// Sessions to release on a node.
@@ -54,7 +53,7 @@ pub struct Release {
 #[derive(Debug, Default)]
 pub struct Out {
     /// Messages to draft streams.
-    pub messages: Vec<(StreamId, pb::CoordinatorMessage)>,
+    pub messages: Vec<(StreamId, CoordinatorMessage)>,
     /// Verify calls to make.
     pub launches: Vec<Launch>,
     /// Release calls to make.
@@ -63,10 +62,7 @@ pub struct Out {
 
 impl Out {
     fn error(&mut self, stream: StreamId, e: SessionError) {
-        self.messages.push((
-            stream,
-            edgespec_proto::domain::CoordinatorMessage::Error(e).into(),
-        ));
+        self.messages.push((stream, CoordinatorMessage::Error(e)));
     }
 }
 

@@ -2,7 +2,10 @@
 
 use super::*;
 use crate::registry::NodeAction;
-use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
+use edgespec_proto::domain::{
+    BatchReply, CoordinatorMessage, DraftBlock, DraftMessage, Hello, Load, NodeInfo,
+};
+use edgespec_proto::pb;
 use edgespec_specdec::SamplingParams;
 
 fn core() -> (Core, Instant) {
@@ -12,23 +15,25 @@ fn core() -> (Core, Instant) {
     (Core::new("c".into(), s, Metrics::new(), now), now)
 }
 
-fn info(id: &str, pool: &str) -> pb::NodeInfo {
-    pb::NodeInfo {
+fn info(id: &str, pool: &str) -> NodeInfo {
+    NodeInfo::try_from(pb::NodeInfo {
         node_id: id.into(),
         advertise_addr: format!("http://{id}:1"),
         pool: pool.into(),
         fingerprint: "fp".into(),
         capacity_sessions: 8,
         ..Default::default()
-    }
+    })
+    .unwrap()
 }
 
-fn hello(node: &str) -> pb::DraftHello {
-    pb::DraftHello {
+fn hello(node: &str) -> Hello {
+    Hello::try_from(pb::DraftHello {
         node_id: node.into(),
         fingerprint: "fp".into(),
         ..Default::default()
-    }
+    })
+    .unwrap()
 }
 
 fn block(
@@ -59,29 +64,30 @@ fn block(
 fn errors(out: &Out) -> Vec<(StreamId, ErrorCode)> {
     out.messages
         .iter()
-        .filter_map(
-            |(s, m)| match CoordinatorMessage::try_from(m.clone()).ok()? {
-                CoordinatorMessage::Error(e) => Some((*s, e.code)),
-                _ => None,
-            },
-        )
+        .filter_map(|(s, m)| match m {
+            CoordinatorMessage::Error(e) => Some((*s, e.code)),
+            _ => None,
+        })
         .collect()
 }
 
-fn answer_all(launch: &Launch, accepted: u32) -> pb::VerifyBatchResponse {
+fn answer_all(launch: &Launch, accepted: u32) -> BatchReply {
+    BatchReply::from(answer_all_pb(launch, accepted))
+}
+
+fn answer_all_pb(launch: &Launch, accepted: u32) -> pb::VerifyBatchResponse {
     pb::VerifyBatchResponse {
         batch_id: launch.batch_id,
         results: launch
             .request
-            .items
-            .iter()
+            .blocks()
             .map(|i| pb::VerifyResult {
                 session_id: i.session_id,
                 round: i.round,
                 result: Some(pb::verify_result::Result::Outcome(pb::VerifyOutcome {
                     accepted,
                     next_token: 1,
-                    committed_len: i.committed_len + accepted + 1,
+                    committed_len: i.committed_len as u32 + accepted + 1,
                 })),
                 timings: Some(pb::VerifyTimings {
                     forward_ns: 1_000_000,
@@ -117,7 +123,7 @@ fn blocks_from_two_streams_share_one_batch_and_verdicts_route_back() {
     assert_eq!(out.launches.len(), 1);
     let launch = out.launches[0].clone();
     assert_eq!(launch.request.items.len(), 2);
-    let ids: Vec<u64> = launch.request.items.iter().map(|i| i.session_id).collect();
+    let ids: Vec<u64> = launch.request.blocks().map(|i| i.session_id).collect();
     assert_ne!(
         ids[0], ids[1],
         "coordinator ids are global, not the draft's"
@@ -132,8 +138,8 @@ fn blocks_from_two_streams_share_one_batch_and_verdicts_route_back() {
     let verdicts: Vec<(StreamId, u64, u32)> = out
         .messages
         .iter()
-        .filter_map(|(s, m)| match &m.kind {
-            Some(pb::coordinator_message::Kind::Verdict(v)) => Some((*s, v.session_id, v.accepted)),
+        .filter_map(|(s, m)| match m {
+            CoordinatorMessage::Verdict(v) => Some((*s, v.session_id, v.accepted as u32)),
             _ => None,
         })
         .collect();
@@ -208,7 +214,7 @@ fn speculation_off_forces_gamma_zero_and_load_shortens_gamma() {
         c.flush(t0 + Duration::from_secs(round), &mut out);
         let launch = out.launches.pop().expect("a batch");
         let mut resp = answer_all(&launch, 3);
-        resp.load = Some(pb::VerifierLoad {
+        resp.load = Some(Load {
             // Busy with other sessions too (a session's own load does not price its γ).
             busy_fraction: if round > 3 { 0.98 } else { 0.0 },
             active_sessions: 8,
@@ -221,8 +227,8 @@ fn speculation_off_forces_gamma_zero_and_load_shortens_gamma() {
             t0 + Duration::from_secs(round),
             &mut out,
         );
-        match &out.messages[0].1.kind {
-            Some(pb::coordinator_message::Kind::Verdict(v)) => v.next_gamma,
+        match &out.messages[0].1 {
+            CoordinatorMessage::Verdict(v) => v.next_gamma,
             k => panic!("{k:?}"),
         }
     };
@@ -307,7 +313,7 @@ fn gamma_after_rounds(real_s_per_token: f64, rounds: u64) -> u32 {
 }
 
 /// [`gamma_after_rounds`] for a draft node that says `hello`.
-fn gamma_after_rounds_of(hello: pb::DraftHello, real_s_per_token: f64, rounds: u64) -> u32 {
+fn gamma_after_rounds_of(hello: Hello, real_s_per_token: f64, rounds: u64) -> u32 {
     let (mut c, t0) = core();
     c.register(&info("a", "onprem"), t0).unwrap();
     let (s, _) = c.hello(&hello, t0).unwrap();
@@ -337,8 +343,8 @@ fn gamma_after_rounds_of(hello: pb::DraftHello, real_s_per_token: f64, rounds: u
         let next = out
             .messages
             .iter()
-            .find_map(|(_, m)| match &m.kind {
-                Some(pb::coordinator_message::Kind::Verdict(v)) => Some(v.next_gamma),
+            .find_map(|(_, m)| match m {
+                CoordinatorMessage::Verdict(v) => Some(v.next_gamma),
                 _ => None,
             })
             .expect("a verdict");
@@ -367,7 +373,7 @@ fn the_round_calibration_turns_speculation_off_when_drafting_really_costs_more_t
 fn a_pipelining_draft_node_is_planned_as_pipelined() {
     let (mut c, t0) = core();
     c.register(&info("a", "onprem"), t0).unwrap();
-    let piped = pb::DraftHello {
+    let piped = Hello {
         pipelined: true,
         ..hello("p")
     };

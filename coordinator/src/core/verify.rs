@@ -4,21 +4,20 @@
 use super::{Core, Inflight, Item, Launch, Out};
 use crate::registry::{AdminState, Health, NodeAction};
 use crate::Error;
-use edgespec_proto::domain::{ErrorCode, Outcome, SessionError};
-use edgespec_proto::pb;
+use edgespec_proto::domain::{
+    BatchReply, CoordinatorMessage, ErrorCode, HeartbeatAck, ItemResult, Load, NodeInfo, Outcome,
+    Registration, Timings, Verdict, VerifyBatch,
+};
+use edgespec_proto::ProtocolError;
 use edgespec_specdec::PoolContext;
 use std::time::Instant;
 
 impl Core {
     /// A verify node registers.
-    pub fn register(
-        &mut self,
-        info: &pb::NodeInfo,
-        now: Instant,
-    ) -> Result<pb::RegisterVerifierResponse, Error> {
+    pub fn register(&mut self, info: &NodeInfo, now: Instant) -> Result<Registration, Error> {
         let r = self.registry.register(info, now)?;
         tracing::info!(
-            node = %info.node_id, pool = %info.pool, capacity = info.capacity_sessions,
+            node = %info.node_id, pool = info.pool.as_str(), capacity = info.capacity_sessions,
             reregistered = r.was_known, "verify node registered"
         );
         // A re-registered node may have lost its state: everything placed there resyncs.
@@ -36,9 +35,9 @@ impl Core {
             }
         }
         self.update_gauges();
-        Ok(pb::RegisterVerifierResponse {
+        Ok(Registration {
             coordinator_id: self.id.clone(),
-            heartbeat_interval_ms: self.settings.registry.heartbeat_interval.as_millis() as u32,
+            heartbeat_interval: self.settings.registry.heartbeat_interval,
         })
     }
 
@@ -47,10 +46,10 @@ impl Core {
     pub fn heartbeat(
         &mut self,
         node_id: &str,
-        load: Option<pb::VerifierLoad>,
+        load: Option<Load>,
         draining: bool,
         now: Instant,
-    ) -> pb::VerifierHeartbeatResponse {
+    ) -> HeartbeatAck {
         let r = self.registry.heartbeat(node_id, load, now);
         if r.known && draining {
             // An operator's drain or cordon stays the operator's (and outlives a restart).
@@ -63,10 +62,7 @@ impl Core {
                 }
             }
         }
-        pb::VerifierHeartbeatResponse {
-            known: r.known,
-            cordoned: r.cordoned,
-        }
+        r
     }
 
     /// Drain / cordon / uncordon.
@@ -111,15 +107,11 @@ impl Core {
                 self.metrics.batch_tokens.observe(taken.tokens as f64);
                 let batch_id = self.next_batch;
                 self.next_batch += 1;
-                let request = pb::VerifyBatchRequest {
+                let request = VerifyBatch {
                     batch_id,
                     coordinator_id: self.id.clone(),
                     fingerprint: fleet.clone(),
-                    items: taken
-                        .items
-                        .iter()
-                        .map(|i| pb::VerifyItem::from(&i.block))
-                        .collect(),
+                    items: taken.items.iter().map(|i| Ok(i.block.clone())).collect(),
                 };
                 tracing::debug!(node = %node, batch_id, sessions = taken.items.len(), tokens = taken.tokens, "sending batch");
                 self.inflight.insert(
@@ -146,7 +138,7 @@ impl Core {
     pub fn batch_done(
         &mut self,
         batch_id: u64,
-        result: Result<pb::VerifyBatchResponse, String>,
+        result: Result<BatchReply, String>,
         now: Instant,
         out: &mut Out,
     ) {
@@ -192,8 +184,10 @@ impl Core {
         let mut seen = Vec::new();
         let mut results = resp.results.into_iter();
         for item in b.items {
-            let r = results.next().filter(|r| r.session_id == item.global);
-            if let Some(t) = r.as_ref().and_then(|r| r.timings) {
+            let r = results
+                .next()
+                .filter(|r| r.as_ref().map_or(true, |r| r.session_id == item.global));
+            if let Some(Ok(ItemResult { timings: t, .. })) = &r {
                 let key = (t.forward_ns, t.batch_tokens);
                 if fit && t.batch_tokens > 0 && !seen.contains(&key) {
                     seen.push(key);
@@ -208,91 +202,32 @@ impl Core {
         self.flush(now, out);
     }
 
+    /// Answers one block of a returned batch: a verdict with the next γ, or the error the
+    /// draft node gets instead.
     fn route_result(
         &mut self,
         node: &str,
         item: Item,
-        result: Option<pb::VerifyResult>,
+        result: Option<Result<ItemResult, ProtocolError>>,
         now: Instant,
         out: &mut Out,
     ) {
-        let now_s = self.secs(now);
         let Some(s) = self.sessions.get_mut(&item.global) else {
             return; // closed while in flight
         };
         s.busy = false;
         let (stream, draft_id, round) = (s.stream, s.draft_id, item.block.round);
-        let Some(r) = result else {
-            s.synced = false;
-            let msg = "the verify node returned no result for the block; resend it with history";
-            return self.session_error(
-                out,
-                stream,
-                (draft_id, round),
-                ErrorCode::ResyncNeeded,
-                msg,
-            );
-        };
-        let timings = r.timings.unwrap_or_default();
-        let outcome = match r.result {
-            Some(pb::verify_result::Result::Outcome(o)) => Outcome::from(o),
-            Some(pb::verify_result::Result::Error(e)) => {
-                let e = SessionError::try_from(e).unwrap_or(SessionError {
-                    session_id: 0,
-                    round,
-                    code: ErrorCode::Internal,
-                    message: "unreadable error from the verify node".into(),
-                });
-                if e.code == ErrorCode::ResyncNeeded {
+        let (outcome, timings) = match read_result(node, &item, result) {
+            Ok(r) => r,
+            Err((code, message)) => {
+                if code == ErrorCode::ResyncNeeded {
                     s.synced = false;
                 }
-                return self.session_error(out, stream, (draft_id, round), e.code, e.message);
-            }
-            None => {
-                s.synced = false;
-                let msg = "the verify node returned an empty result; resend the block with history";
-                return self.session_error(
-                    out,
-                    stream,
-                    (draft_id, round),
-                    ErrorCode::ResyncNeeded,
-                    msg,
-                );
+                return self.session_error(out, stream, (draft_id, round), code, message);
             }
         };
-        if let Err(e) = outcome.check_against(&item.block) {
-            s.synced = false;
-            tracing::warn!(node, error = %e, "verify node returned an inconsistent outcome");
-            let msg =
-                "the verify node returned an inconsistent verdict; resend the block with history";
-            return self.session_error(
-                out,
-                stream,
-                (draft_id, round),
-                ErrorCode::ResyncNeeded,
-                msg,
-            );
-        }
         let drafted = item.block.draft_tokens.len();
-        self.gamma
-            .on_verdict(&mut s.g, drafted, outcome.accepted, now_s);
-        s.drafted += drafted as u64;
-        s.accepted += outcome.accepted as u64;
-        self.metrics.rounds.inc();
-        self.metrics.drafted_tokens.inc_by(drafted as u64);
-        self.metrics.accepted_tokens.inc_by(outcome.accepted as u64);
-        if drafted > 0 {
-            let tested = if outcome.accepted < drafted {
-                outcome.accepted + 1
-            } else {
-                drafted
-            };
-            self.fleet_alpha.observe_weighted(
-                outcome.accepted as f64 / tested as f64,
-                tested as f64,
-                now_s,
-            );
-        }
+        self.record_round(item.global, drafted, outcome.accepted, now);
         let remaining = item
             .max_new_tokens
             .saturating_sub(outcome.accepted as u32 + 1);
@@ -302,24 +237,48 @@ impl Core {
         let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
         s.last_server_ns = in_coordinator.max(1);
         self.metrics.gamma.observe(f64::from(gamma));
-        let verdict = pb::Verdict {
+        let verdict = Verdict {
             session_id: draft_id,
             round,
-            accepted: outcome.accepted as u32,
+            accepted: outcome.accepted,
             next_token: outcome.next_token,
-            committed_len: outcome.committed_len as u32,
+            committed_len: outcome.committed_len,
             next_gamma: gamma,
             client_send_unix_ns: item.client_send_unix_ns,
             coordinator_ns: in_coordinator.saturating_sub(timings.total_ns),
-            verify: Some(timings),
+            verify: timings,
             verifier_id: node.to_string(),
         };
-        out.messages.push((
-            stream,
-            pb::CoordinatorMessage {
-                kind: Some(pb::coordinator_message::Kind::Verdict(verdict)),
-            },
-        ));
+        out.messages
+            .push((stream, CoordinatorMessage::Verdict(verdict)));
+    }
+
+    /// Counts a verified round: the session's γ controller state, its stats, the metrics and
+    /// the fleet's acceptance.
+    fn record_round(&mut self, global: u64, drafted: usize, accepted: usize, now: Instant) {
+        let now_s = self.secs(now);
+        let Some(s) = self.sessions.get_mut(&global) else {
+            return;
+        };
+        self.gamma.on_verdict(&mut s.g, drafted, accepted, now_s);
+        s.drafted += drafted as u64;
+        s.accepted += accepted as u64;
+        self.metrics.rounds.inc();
+        self.metrics.drafted_tokens.inc_by(drafted as u64);
+        self.metrics.accepted_tokens.inc_by(accepted as u64);
+        if drafted > 0 {
+            // Positions the target really tested: the accepted ones plus the first rejection.
+            let tested = if accepted < drafted {
+                accepted + 1
+            } else {
+                drafted
+            };
+            self.fleet_alpha.observe_weighted(
+                accepted as f64 / tested as f64,
+                tested as f64,
+                now_s,
+            );
+        }
     }
 
     /// The controller's γ for a session's next block on `node`.
@@ -350,4 +309,37 @@ impl Core {
         };
         self.gamma.plan(&link.side, &s.g, pool, remaining) as u32
     }
+}
+
+/// What a verify node's result for `item` says: the checked outcome and timings, or the code and
+/// message the draft node gets instead (a missing, unreadable or inconsistent result makes the
+/// session resync; the node's own per-session error is passed on).
+fn read_result(
+    node: &str,
+    item: &Item,
+    result: Option<Result<ItemResult, ProtocolError>>,
+) -> Result<(Outcome, Timings), (ErrorCode, String)> {
+    let resync = |why: &str| (ErrorCode::ResyncNeeded, why.to_string());
+    let r = match result {
+        None => {
+            return Err(resync(
+                "the verify node returned no result for the block; resend it with history",
+            ))
+        }
+        Some(Err(e)) => {
+            tracing::warn!(node, error = %e, "verify node returned an unreadable result");
+            return Err(resync(
+                "the verify node returned an unreadable result; resend the block with history",
+            ));
+        }
+        Some(Ok(r)) => r,
+    };
+    let outcome = r.result.map_err(|e| (e.code, e.message))?;
+    if let Err(e) = outcome.check_against(&item.block) {
+        tracing::warn!(node, error = %e, "verify node returned an inconsistent outcome");
+        return Err(resync(
+            "the verify node returned an inconsistent verdict; resend the block with history",
+        ));
+    }
+    Ok((outcome, r.timings))
 }

@@ -11,8 +11,8 @@ pub struct VerifierView {
     pub id: String,
     /// Address.
     pub addr: String,
-    /// Pool.
-    pub pool: Pool,
+    /// Pool (`onprem` or `cloud`).
+    pub pool: &'static str,
     /// Up / down.
     pub health: Health,
     /// Active / cordoned / draining.
@@ -114,7 +114,7 @@ impl Core {
                 VerifierView {
                     id: v.id.clone(),
                     addr: v.addr.clone(),
-                    pool: v.pool,
+                    pool: v.pool.as_str(),
                     health: v.health,
                     admin: v.admin,
                     device: v.device.clone(),

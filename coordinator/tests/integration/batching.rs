@@ -1,27 +1,16 @@
 //! Cross-site batching, verdict routing, admission control.
 
 use crate::support::{self, eventually};
-use edgespec_coordinator::testing::{reference, target_next, DraftClient, SessionScript, VOCAB};
-use edgespec_proto::domain::{Block, CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode};
-use edgespec_specdec::SamplingParams;
+use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode};
+use edgespec_testkit::scripted::{
+    greedy_block, reference, target_next, DraftClient, SessionScript, FINGERPRINT, VOCAB,
+};
 use std::time::Duration;
 
 fn first_block(session_id: u64, prompt: Vec<u32>, drafts: Vec<u32>) -> DraftMessage {
     DraftMessage::Block(DraftBlock {
-        block: Block {
-            session_id,
-            round: 1,
-            committed_len: prompt.len(),
-            history: Some(prompt),
-            draft_tokens: drafts,
-            draft_probs: vec![],
-            sampling: SamplingParams::GREEDY,
-        },
         max_new_tokens: 100,
-        client_send_unix_ns: 0,
-        draft_s_per_token: 0.001,
-        last_round_trip_ns: 0,
-        drafted_ahead: false,
+        ..greedy_block(session_id, 1, &prompt, true, drafts)
     })
 }
 
@@ -64,7 +53,11 @@ async fn one_verify_call_merges_sessions_from_several_draft_nodes() {
         assert_eq!(v.next_token, target_next(target_next(p0)));
         assert_eq!(v.committed_len, 3);
         assert_eq!(v.verifier_id, "onprem-1");
-        assert!(v.verify.is_some());
+        assert_ne!(
+            v.verify,
+            Default::default(),
+            "the verify node's timings are passed on"
+        );
     }
     let batches = v.batches();
     assert_eq!(batches.len(), 1, "{batches:?}");
@@ -86,10 +79,7 @@ async fn sessions_produce_the_target_sequence_and_get_resync_when_unknown() {
     let coord = support::start(support::settings()).await;
     let _v = support::verifier(&coord, "onprem-1", "onprem").await;
     let d = DraftClient::connect(&coord.url(), "edge").await.unwrap();
-    assert_eq!(
-        d.welcome().fleet_fingerprint,
-        edgespec_coordinator::testing::FINGERPRINT
-    );
+    assert_eq!(d.welcome().fleet_fingerprint, FINGERPRINT);
     // A block without history for a session the coordinator never saw.
     let mut rx = d.subscribe(77);
     let DraftMessage::Block(mut blk) = first_block(77, vec![1, 2], vec![]) else {

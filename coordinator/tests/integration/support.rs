@@ -1,12 +1,11 @@
 //! Starting coordinators and waiting for conditions.
 
-use edgespec_coordinator::testing::{ScriptedVerifier, ScriptedVerifierConfig};
 use edgespec_coordinator::{App, Settings};
-use std::future::Future;
+pub use edgespec_testkit::harness::eventually;
+use edgespec_testkit::harness::Running;
+use edgespec_testkit::scripted::{ScriptedVerifier, ScriptedVerifierConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub const TOKEN: &str = "test-admin-token";
 
@@ -14,8 +13,7 @@ pub const TOKEN: &str = "test-admin-token";
 pub struct Coord {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), edgespec_coordinator::Error>>>,
+    running: Running<Result<(), edgespec_coordinator::Error>>,
 }
 
 impl Coord {
@@ -28,25 +26,12 @@ impl Coord {
     }
 
     /// Graceful shutdown; returns once the coordinator has stopped.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .expect("coordinator stops in time")
-                .expect("task joins")
-                .expect("coordinator ran cleanly");
-        }
-    }
-}
-
-impl Drop for Coord {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
+    pub async fn stop(self) {
+        tokio::time::timeout(Duration::from_secs(20), self.running.stop())
+            .await
+            .expect("coordinator stops in time")
+            .expect("task joins")
+            .expect("coordinator ran cleanly");
     }
 }
 
@@ -62,15 +47,10 @@ pub fn settings() -> Settings {
 pub async fn start(settings: Settings) -> Coord {
     let app = App::build(settings).await.expect("coordinator binds");
     let (grpc, http) = (app.grpc_addr(), app.http_addr());
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.run(async move {
-        let _ = rx.await;
-    }));
     Coord {
         grpc,
         http,
-        stop: Some(tx),
-        task: Some(task),
+        running: Running::spawn(|shutdown| app.run(shutdown)),
     }
 }
 
@@ -94,22 +74,6 @@ pub async fn verifier_with(coord: &Coord, cfg: ScriptedVerifierConfig) -> Script
     })
     .await;
     v
-}
-
-/// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms for up to 10 s.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 pub fn http() -> reqwest::Client {
@@ -137,9 +101,8 @@ pub async fn post(url: &str) -> reqwest::StatusCode {
         .status()
 }
 
-use edgespec_coordinator::testing::{target_next, DraftClient, VOCAB};
-use edgespec_proto::domain::{Block, CoordinatorMessage, DraftBlock, DraftMessage};
-use edgespec_specdec::SamplingParams;
+use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
+use edgespec_testkit::scripted::{greedy_block, target_next, DraftClient, VOCAB};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A session stepped by hand, one block at a time.
@@ -184,20 +147,14 @@ impl Manual {
             prev = t;
         }
         let block = DraftBlock {
-            block: Block {
-                session_id: self.sid,
-                round: self.round,
-                committed_len: self.committed.len(),
-                history: history.then(|| self.committed.clone()),
-                draft_tokens: drafts.clone(),
-                draft_probs: vec![],
-                sampling: SamplingParams::GREEDY,
-            },
-            max_new_tokens: 1000,
             client_send_unix_ns: 1_000_000 + self.round,
-            draft_s_per_token: 0.001,
-            last_round_trip_ns: 0,
-            drafted_ahead: false,
+            ..greedy_block(
+                self.sid,
+                self.round,
+                &self.committed,
+                history,
+                drafts.clone(),
+            )
         };
         d.send(DraftMessage::Block(block)).await.unwrap();
         let m = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
@@ -222,7 +179,7 @@ impl Manual {
         d: &DraftClient,
         gamma: usize,
         history: bool,
-    ) -> edgespec_proto::pb::Verdict {
+    ) -> edgespec_proto::domain::Verdict {
         match self.step(d, gamma, history).await {
             CoordinatorMessage::Verdict(v) => v,
             m => panic!("expected a verdict, got {m:?}"),

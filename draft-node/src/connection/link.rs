@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
+use edgespec_proto::domain::{self, CoordinatorMessage, DraftBlock, DraftMessage};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
 use edgespec_runtime::tls::{source_chain, Tls};
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use super::{Inbound, Verdict, Welcome};
+use super::{Inbound, Welcome};
 
 /// Outgoing messages buffered per stream.
 const OUTBOUND_CAPACITY: usize = 4096;
@@ -92,12 +92,14 @@ impl Link {
             .map_err(|e| LinkError::Unreachable(source_chain(&e)))?;
         let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let h = &cfg.hello;
-        let hello = pb::DraftHello {
+        let hello = domain::Hello {
             node_id: h.node_id.clone(),
             model_name: h.model_name.clone(),
             fingerprint: h.fingerprint.clone(),
             vocab_size: h.vocab_size,
-            draft_s_per_token: f32::from_bits(h.draft_s_per_token.load(Ordering::Relaxed)),
+            draft_s_per_token: f64::from(f32::from_bits(
+                h.draft_s_per_token.load(Ordering::Relaxed),
+            )),
             pipelined: h.pipelined,
             max_gamma: h.max_gamma,
         };
@@ -130,7 +132,7 @@ impl Link {
                 LinkError::Unreachable("no Welcome within the connect timeout".into())
             })??;
         let welcome = match first.map(CoordinatorMessage::try_from) {
-            Some(Ok(CoordinatorMessage::Welcome(w))) => welcome_from_pb(w),
+            Some(Ok(CoordinatorMessage::Welcome(w))) => w,
             Some(Ok(_)) => {
                 return Err(unreachable(
                     &"the coordinator's first message was not a Welcome",
@@ -176,45 +178,17 @@ impl Link {
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             };
             match CoordinatorMessage::try_from(msg) {
-                Ok(CoordinatorMessage::Verdict(v)) => return Ok(Inbound::Verdict(verdict(v))),
+                Ok(CoordinatorMessage::Verdict(v)) => return Ok(Inbound::Verdict(v)),
                 Ok(CoordinatorMessage::Error(e)) => return Ok(Inbound::Error(e)),
-                Ok(CoordinatorMessage::Welcome(w)) => {
-                    return Ok(Inbound::Welcome(welcome_from_pb(w)))
-                }
+                Ok(CoordinatorMessage::Welcome(w)) => return Ok(Inbound::Welcome(w)),
                 Ok(CoordinatorMessage::Probe(p)) => {
                     // Answered here, at once, so the RTT estimate excludes any session work.
-                    let reply = pb::ProbeReply {
-                        probe_id: p.probe_id,
-                        padding_len: p.padding.len() as u32,
-                    };
-                    if !self.send(DraftMessage::ProbeReply(reply)).await {
+                    if !self.send(DraftMessage::ProbeReply(p.reply())).await {
                         return Err("the outgoing stream is closed".into());
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed coordinator message"),
             }
         }
-    }
-}
-
-fn welcome_from_pb(w: pb::Welcome) -> Welcome {
-    Welcome {
-        coordinator_id: w.coordinator_id,
-        fleet_fingerprint: w.fleet_fingerprint,
-        initial_gamma: w.initial_gamma,
-        max_gamma: w.max_gamma,
-        speculation_enabled: w.speculation_enabled,
-    }
-}
-
-fn verdict(v: pb::Verdict) -> Verdict {
-    Verdict {
-        session_id: v.session_id,
-        round: v.round,
-        accepted: v.accepted as usize,
-        next_token: v.next_token,
-        committed_len: v.committed_len as usize,
-        next_gamma: v.next_gamma,
-        client_send_unix_ns: v.client_send_unix_ns,
     }
 }

@@ -1,60 +1,30 @@
 //! The node's ONE bidirectional stream to the coordinator, shared by every session: a task that
-//! writes the sessions' blocks, routes verdicts and errors back by session id, answers probes,
-//! and reconnects with backoff when the stream breaks — after which every session with a block
-//! in flight resends it with its full history (see [`router`]).
+//! opens it (retrying with backoff for as long as the node runs: the node serves, and answers
+//! `/readyz`, while it connects), writes the sessions' blocks, routes verdicts and errors back by
+//! session id, answers probes, and reconnects with backoff when the stream breaks — after which
+//! every session with a block in flight resends it with its full history (see [`router`]).
 
 mod link;
 mod router;
+mod status;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use edgespec_proto::domain::{DraftBlock, DraftMessage, SessionError};
+pub(crate) use edgespec_proto::domain::{Verdict, Welcome};
 use tokio::sync::{mpsc, watch};
 
 pub(crate) use link::{Hello, Link, LinkConfig, LinkError};
 use router::Router;
+pub(crate) use status::LinkStatus;
 
 use crate::error::GenError;
 use crate::metrics::Metrics;
 
 /// Commands queued before sessions feel back-pressure.
 const COMMAND_CAPACITY: usize = 4096;
-
-/// A verdict, as the session applies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Verdict {
-    /// Session.
-    pub session_id: u64,
-    /// Round answered.
-    pub round: u64,
-    /// Draft tokens accepted.
-    pub accepted: usize,
-    /// Correction or bonus token.
-    pub next_token: u32,
-    /// Committed length after the round.
-    pub committed_len: usize,
-    /// γ the coordinator wants next.
-    pub next_gamma: u32,
-    /// Echo of the block's send time.
-    pub client_send_unix_ns: u64,
-}
-
-/// The coordinator's Welcome.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Welcome {
-    /// Coordinator instance.
-    pub coordinator_id: String,
-    /// Fleet fingerprint (empty: no verify node yet).
-    pub fleet_fingerprint: String,
-    /// γ to start sessions with.
-    pub initial_gamma: u32,
-    /// Largest γ the coordinator asks for.
-    pub max_gamma: u32,
-    /// Whether speculation is on fleet-wide.
-    pub speculation_enabled: bool,
-}
 
 /// What the link reads.
 #[derive(Debug)]
@@ -77,17 +47,6 @@ pub(crate) enum SessionEvent {
     Fatal(GenError),
 }
 
-/// State of the coordinator link, for admission and `/healthz`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LinkStatus {
-    /// A stream is up.
-    Up,
-    /// No stream since `since`.
-    Down { since: Instant },
-    /// The coordinator refuses our model (message says why).
-    Refused(String),
-}
-
 enum Command {
     Open(u64, mpsc::UnboundedSender<SessionEvent>),
     Send(Box<DraftBlock>),
@@ -100,6 +59,7 @@ pub(crate) struct Connection {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<LinkStatus>,
     welcome: watch::Receiver<Welcome>,
+    address: String,
 }
 
 /// Reconnect policy.
@@ -112,11 +72,13 @@ pub(crate) struct Backoff {
 }
 
 impl Connection {
-    /// Starts the connection task on an already open `link`.
-    pub fn spawn(link: Link, cfg: LinkConfig, backoff: Backoff, metrics: Metrics) -> Self {
+    /// Starts the connection task, which opens the stream at once and retries with `backoff`
+    /// for as long as a handle lives.
+    pub fn start(cfg: LinkConfig, backoff: Backoff, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
-        let (status_tx, status) = watch::channel(LinkStatus::Up);
-        let (welcome_tx, welcome) = watch::channel(link.welcome.clone());
+        let (status_tx, status) = watch::channel(LinkStatus::connecting());
+        let (welcome_tx, welcome) = watch::channel(Welcome::default());
+        let address = cfg.address.clone();
         let task = Task {
             cfg,
             backoff,
@@ -124,12 +86,14 @@ impl Connection {
             status: status_tx,
             welcome: welcome_tx,
             router: Router::default(),
+            ever_connected: false,
         };
-        tokio::spawn(task.run(link, rx));
+        tokio::spawn(task.run(rx));
         Connection {
             tx,
             status,
             welcome,
+            address,
         }
     }
 
@@ -157,6 +121,37 @@ impl Connection {
     pub fn welcome(&self) -> Welcome {
         self.welcome.borrow().clone()
     }
+
+    /// The coordinator's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Waits until the first stream is up (or the link is known refused), at most `timeout`:
+    /// sessions start with the coordinator's Welcome (γ bounds, speculation on/off).
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), GenError> {
+        let mut status = self.status.clone();
+        let waited = tokio::time::timeout(
+            timeout,
+            status.wait_for(|s| !matches!(s, LinkStatus::Connecting { .. })),
+        )
+        .await;
+        match waited {
+            Err(_) => Err(GenError::Unavailable(format!(
+                "the coordinator could not be reached within {}s; retry later",
+                timeout.as_secs()
+            ))),
+            Ok(Err(_)) => Err(GenError::Internal(
+                "the coordinator connection stopped".into(),
+            )),
+            Ok(Ok(s)) => match &*s {
+                LinkStatus::Refused(why) => Err(GenError::ModelMismatch(format!(
+                    "the verify fleet does not serve this draft model's tokenizer: {why}"
+                ))),
+                _ => Ok(()),
+            },
+        }
+    }
 }
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Link, LinkError>> + Send>>;
@@ -168,13 +163,14 @@ struct Task {
     status: watch::Sender<LinkStatus>,
     welcome: watch::Sender<Welcome>,
     router: Router,
+    /// A stream was up at least once (the first one is "connected", later ones "re-established").
+    ever_connected: bool,
 }
 
 impl Task {
-    async fn run(mut self, first: Link, mut rx: mpsc::Receiver<Command>) {
-        let mut link = Some(first);
-        self.router.on_connected();
-        self.metrics.connected(true);
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut link: Option<Link> = None;
+        tracing::info!(coordinator = %self.cfg.address, "connecting to the coordinator");
         let mut delay = self.backoff.initial;
         let mut retry_at = tokio::time::Instant::now();
         let mut connecting: Option<Connecting> = None;
@@ -192,7 +188,10 @@ impl Task {
                             link = None;
                             self.router.on_disconnected();
                             self.metrics.connected(false);
-                            self.status.send_replace(LinkStatus::Down { since: Instant::now() });
+                            self.status.send_replace(LinkStatus::Down {
+                                since: Instant::now(),
+                                last_error: Some(reason),
+                            });
                             delay = self.backoff.initial;
                             retry_at = tokio::time::Instant::now();
                         }
@@ -213,7 +212,7 @@ impl Task {
                             link = Some(l);
                         }
                         Err(e) => {
-                            self.failed(&e);
+                            self.failed(&e, delay);
                             retry_at = tokio::time::Instant::now() + delay;
                             delay = (delay * 2).min(self.backoff.max);
                         }
@@ -229,19 +228,35 @@ impl Task {
 
     fn connected(&mut self, l: &Link) {
         let asked = self.router.on_connected();
-        tracing::info!(resyncs = asked, "coordinator stream re-established");
+        if self.ever_connected {
+            tracing::info!(resyncs = asked, "coordinator stream re-established");
+        } else {
+            tracing::info!(
+                coordinator = %self.cfg.address,
+                fleet = %l.welcome.fleet_fingerprint,
+                "connected to the coordinator"
+            );
+            self.ever_connected = true;
+        }
         self.metrics.connected(true);
         self.welcome.send_replace(l.welcome.clone());
         self.status.send_replace(LinkStatus::Up);
     }
 
-    fn failed(&mut self, e: &LinkError) {
+    fn failed(&mut self, e: &LinkError, retry_in: Duration) {
         match e {
             LinkError::Unreachable(reason) => {
-                tracing::warn!(%reason, "coordinator still unreachable");
+                // A refused certificate needs an operator (new files are picked up by the next
+                // attempt); anything else is an outage that retrying outlasts.
+                if edgespec_runtime::tls::tls_hint(reason).is_some() {
+                    tracing::error!(%reason, ?retry_in, "the coordinator refused this node, or its TLS handshake failed; retrying");
+                } else {
+                    tracing::warn!(%reason, ?retry_in, "cannot reach the coordinator; retrying");
+                }
+                self.status.send_modify(|s| s.note_error(reason));
             }
             LinkError::Mismatch { .. } | LinkError::Refused { .. } => {
-                tracing::error!(error = %e, "the verify fleet no longer matches the draft model");
+                tracing::error!(error = %e, ?retry_in, "the verify fleet does not serve this draft model; retrying");
                 self.router
                     .fail_all(&GenError::ModelMismatch(format!("model mismatch: {e}")));
                 self.status.send_replace(LinkStatus::Refused(e.to_string()));
@@ -277,8 +292,9 @@ impl Task {
     fn inbound(&mut self, msg: Inbound) {
         match msg {
             Inbound::Verdict(v) => {
+                let round = v.round;
                 if !self.router.deliver_verdict(v) {
-                    tracing::debug!(round = v.round, "dropping a verdict for no block in flight");
+                    tracing::debug!(round, "dropping a verdict for no block in flight");
                 }
             }
             Inbound::Error(e) => {

@@ -147,6 +147,9 @@ mod tests {
             committed_len: 3,
             next_gamma: 2,
             client_send_unix_ns: 0,
+            coordinator_ns: 0,
+            verify: Default::default(),
+            verifier_id: String::new(),
         }
     }
 

@@ -178,8 +178,7 @@ impl SessionState {
         let gamma = b.draft_tokens.len();
         if v.round != b.round
             || b.committed_len != self.committed.len()
-            || v.accepted > gamma
-            || v.committed_len != b.committed_len + v.accepted + 1
+            || v.outcome().check_against(b).is_err()
         {
             return Err(GenError::Internal(
                 "the coordinator sent a verdict inconsistent with its block".into(),
@@ -226,6 +225,9 @@ mod tests {
             committed_len: b.block.committed_len + accepted + 1,
             next_gamma,
             client_send_unix_ns: 0,
+            coordinator_ns: 0,
+            verify: Default::default(),
+            verifier_id: String::new(),
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use edgespec_draft_node::{App, Settings};
 use edgespec_model::forward::load_gguf;
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
+use edgespec_model::synthetic::TinySpec;
 use edgespec_model::{CausalLm, DeviceKind, SeqRequest, TextTokenizer};
 use edgespec_proto::domain::{
     CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode, SessionError,
@@ -20,14 +20,15 @@ use edgespec_proto::domain::{
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use edgespec_specdec::argmax;
+use edgespec_testkit::harness::{eventually, Running};
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-/// A tiny model file in a temp dir, plus its tokenizer.
+/// The default tiny model (`edgespec_testkit::tiny`), with what the tests read from it.
 pub struct TinyModel {
-    _dir: tempfile::TempDir,
+    _file: edgespec_testkit::tiny::TinyModel,
     pub path: PathBuf,
     pub tokenizer: TextTokenizer,
     pub fingerprint: String,
@@ -36,22 +37,13 @@ pub struct TinyModel {
 
 impl TinyModel {
     pub fn new() -> TinyModel {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        let spec = TinySpec::default();
-        write_tiny_gguf(&path, &spec).unwrap();
-        let tokenizer = TextTokenizer::from_gguf(&path).unwrap();
-        let fingerprint = load_gguf(&path, DeviceKind::Cpu)
-            .unwrap()
-            .info()
-            .fingerprint
-            .clone();
+        let file = edgespec_testkit::tiny::TinyModel::new(TinySpec::default());
         TinyModel {
-            _dir: dir,
-            path,
-            tokenizer,
-            fingerprint,
-            eos: spec.eos_id(),
+            path: file.path.clone(),
+            tokenizer: file.tokenizer(),
+            fingerprint: file.fingerprint(),
+            eos: file.spec.eos_id(),
+            _file: file,
         }
     }
 }
@@ -176,7 +168,7 @@ struct Service(Arc<Shared>);
 pub struct ScriptedCoordinator {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    _stop: oneshot::Sender<()>,
+    _server: Running<()>,
 }
 
 impl ScriptedCoordinator {
@@ -188,21 +180,18 @@ impl ScriptedCoordinator {
             record: Mutex::new(Record::default()),
             injected: Mutex::new(HashSet::new()),
         });
-        let (stop, stopped) = oneshot::channel::<()>();
         let svc = Service(Arc::clone(&shared));
-        tokio::spawn(async move {
+        let server = Running::spawn(|shutdown| async move {
             tonic::transport::Server::builder()
                 .add_service(CoordinatorServer::new(svc))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await
                 .unwrap();
         });
         ScriptedCoordinator {
             addr,
             shared,
-            _stop: stop,
+            _server: server,
         }
     }
 
@@ -220,18 +209,7 @@ impl ScriptedCoordinator {
 
     /// Polls `cond` on the record until it holds or 10 s pass.
     pub async fn wait_for(&self, what: &str, cond: impl Fn(&Record) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if cond(&self.record()) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; record: {:?}",
-                self.record()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(what, || async { cond(&self.record()) }).await;
     }
 }
 
@@ -271,7 +249,7 @@ impl Coordinator for Service {
             )));
         }
         let (tx, rx) = mpsc::channel(1024);
-        let welcome = pb::Welcome {
+        let welcome = edgespec_proto::domain::Welcome {
             coordinator_id: "scripted".into(),
             fleet_fingerprint: script.fleet_fingerprint.clone(),
             initial_gamma: script.initial_gamma,
@@ -281,10 +259,12 @@ impl Coordinator for Service {
         tx.send(Ok(CoordinatorMessage::Welcome(welcome).into()))
             .await
             .unwrap();
-        tx.send(Ok(CoordinatorMessage::Probe(pb::Probe {
-            probe_id: 1,
-            padding: vec![0; 64],
-        })
+        tx.send(Ok(CoordinatorMessage::Probe(
+            edgespec_proto::domain::Probe {
+                probe_id: 1,
+                padding: vec![0; 64],
+            },
+        )
         .into()))
             .await
             .unwrap();
@@ -444,18 +424,20 @@ async fn handle_block(
     let mut r = shared.record.lock().unwrap();
     let next_gamma = script.gammas[r.verdicts % script.gammas.len()];
     r.verdicts += 1;
-    Reply::Send(CoordinatorMessage::Verdict(pb::Verdict {
-        session_id: b.session_id,
-        round: b.round,
-        accepted: accepted as u32,
-        next_token,
-        committed_len: committed.len() as u32,
-        next_gamma,
-        client_send_unix_ns: d.client_send_unix_ns,
-        coordinator_ns: 0,
-        verify: None,
-        verifier_id: "scripted".into(),
-    }))
+    Reply::Send(CoordinatorMessage::Verdict(
+        edgespec_proto::domain::Verdict {
+            session_id: b.session_id,
+            round: b.round,
+            accepted,
+            next_token,
+            committed_len: committed.len(),
+            next_gamma,
+            client_send_unix_ns: d.client_send_unix_ns,
+            coordinator_ns: 0,
+            verify: Default::default(),
+            verifier_id: "scripted".into(),
+        },
+    ))
 }
 
 /// A script with the given target and sensible defaults.
@@ -494,34 +476,22 @@ pub fn settings(model: &TinyModel, coordinator: &str) -> Settings {
 /// A running draft node.
 pub struct RunningNode {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    pub done: tokio::task::JoinHandle<()>,
+    pub running: Running<Result<(), edgespec_draft_node::Error>>,
 }
 
 impl RunningNode {
     pub async fn start(settings: Settings) -> RunningNode {
         let app = App::build(settings).await.expect("the draft node starts");
         let addr = app.http_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(async move {
-            app.run(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
         RunningNode {
             addr,
-            stop: Some(stop),
-            done,
+            running: Running::spawn(|shutdown| app.run(shutdown)),
         }
     }
 
     /// Asks the node to shut down gracefully.
     pub fn shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.running.shutdown();
     }
 
     pub fn url(&self, path: &str) -> String {
