@@ -1,8 +1,8 @@
 //! The admin HTTP edge (axum): `/admin/v1/*` behind a bearer token, plus unauthenticated
-//! `/healthz`, `/readyz` and `/metrics`. Error → HTTP status mapping lives here only.
+//! `/readyz` and the runtime's shared `/healthz` and `/metrics` (`edgespec_runtime::ops`).
+//! Error → HTTP status mapping lives here only.
 
 use crate::actor::{Handle, Ready};
-use crate::metrics::Metrics;
 use crate::policy::PolicyPatch;
 use crate::registry::NodeAction;
 use crate::Error;
@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use edgespec_runtime::ops::{self, Exposition};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -19,7 +20,6 @@ use std::sync::Arc;
 struct AdminState {
     handle: Handle,
     ready: Ready,
-    metrics: Metrics,
     token: Arc<str>,
 }
 
@@ -42,12 +42,11 @@ impl IntoResponse for Error {
     }
 }
 
-/// The router.
-pub fn router(handle: Handle, ready: Ready, metrics: Metrics, token: String) -> Router {
+/// The router; `/metrics` shows `metrics`.
+pub fn router(handle: Handle, ready: Ready, metrics: Exposition, token: String) -> Router {
     let state = AdminState {
         handle,
         ready,
-        metrics,
         token: token.into(),
     };
     let admin = Router::new()
@@ -57,11 +56,10 @@ pub fn router(handle: Handle, ready: Ready, metrics: Metrics, token: String) -> 
         .route("/admin/v1/verifiers/{id}/{action}", post(node_action))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .merge(admin)
         .with_state(state)
+        .merge(ops::routes(metrics))
 }
 
 /// Constant-time comparison, so response timing does not leak the token's prefix.
@@ -106,17 +104,6 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         )
             .into_response()
     }
-}
-
-async fn metrics_text(State(s): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
 }
 
 async fn nodes(State(s): State<AdminState>) -> Result<Response, Error> {

@@ -9,13 +9,13 @@ use crate::metrics::Metrics;
 use crate::{Error, Settings};
 use edgespec_proto::auth::{Role, COORDINATOR_RULES};
 use edgespec_proto::pb::coordinator_server::CoordinatorServer;
+use edgespec_runtime::ops::{Encoded, Exposition};
 use edgespec_runtime::tls::Tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 /// How long servers get to close their connections after the state actor stopped.
 const SERVER_GRACE: Duration = Duration::from_secs(5);
@@ -39,12 +39,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, Sock
         .local_addr()
         .map_err(|source| Error::Bind { what, addr, source })?;
     Ok((l, bound))
-}
-
-/// Accepted connections with Nagle off: `serve_with_incoming` does not apply the builder's
-/// `tcp_nodelay`, and Nagle + delayed ACK would add ~40 ms to small verdict messages.
-fn incoming(l: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(l).with_nodelay(Some(true))
 }
 
 impl App {
@@ -116,41 +110,36 @@ impl App {
         let service = CoordinatorServer::new(CoordinatorService::new(handle.clone(), stop.clone()))
             .max_decoding_message_size(64 << 20);
         let grpc_stop = stop.clone();
-        let grpc_server =
-            tls.apply_to_server(tonic::transport::Server::builder(), COORDINATOR_RULES)?
-                .tcp_nodelay(true)
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming(grpc), async move {
-                    grpc_stop.cancelled().await
-                });
+        let grpc_router = tls
+            .grpc_server(COORDINATOR_RULES)
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service);
+        let grpc_tls = tls.clone();
+        let grpc_server = async move {
+            grpc_tls
+                .serve_grpc(grpc_router, grpc, grpc_stop.cancelled())
+                .await
+        };
 
         if settings.admin.token.is_empty() {
             tracing::warn!("admin.token is empty: every /admin/v1 request will be refused");
         }
-        let router = admin::router(handle.clone(), ready, metrics, settings.admin.token.clone());
-        let http_stop = stop.clone();
-        let https = if settings.admin.plaintext {
-            None
-        } else {
-            tls.https_server_config()?
-        };
-        let admin_scheme = if https.is_some() { "https" } else { "http" };
-        let http_task = match https {
-            Some(config) => {
-                let listener = crate::https::HttpsListener::new(http, config)
-                    .map_err(|e| Error::Settings(format!("admin HTTPS listener: {e}")))?;
-                let server = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { http_stop.cancelled().await });
-                tokio::spawn(async move { server.await })
-            }
-            None => {
-                let server = axum::serve(http, router)
-                    .with_graceful_shutdown(async move { http_stop.cancelled().await });
-                tokio::spawn(async move { server.await })
-            }
-        };
+        let exposition = Exposition::new()
+            .with(Encoded(move || metrics.encode()))
+            .with(tls.metrics());
+        let router = admin::router(
+            handle.clone(),
+            ready,
+            exposition,
+            settings.admin.token.clone(),
+        );
+        let admin = crate::https::AdminListener::new(http, &tls, settings.admin.plaintext);
+        let admin_scheme = admin.scheme();
+        let http_task = tokio::spawn(admin.serve(router, stop.clone()));
+        // Certificates rotated on disk reach both servers and the dials to verify nodes.
+        let _cert_watch = tls.watch();
 
         tracing::info!(
             coordinator_id = %id, %grpc_addr, %http_addr, tls = tls.mode_name(), admin_scheme,

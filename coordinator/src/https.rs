@@ -1,83 +1,57 @@
-//! The admin API's HTTPS listener: TLS (rustls, the node's own certificate) in front of axum.
-//!
-//! Handshakes run in their own tasks with a timeout, so a client that connects and stalls cannot
-//! hold up the accept loop; completed connections are handed to axum through a bounded channel.
+//! The admin API's listener: HTTPS with the node's certificate whenever `tls.mode = "mtls"`
+//! (terminated by the runtime, `edgespec_runtime::tls`, with the certificate current at each
+//! handshake, so a rotated one is served without a restart), plain HTTP in plaintext mode or
+//! with `admin.plaintext`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use axum::Router;
+use edgespec_runtime::tls::{Tls, TlsIncoming};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
-
-/// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshaken connections waiting for axum.
-const READY_BACKLOG: usize = 64;
-
-/// A TLS listener for `axum::serve`.
-pub struct HttpsListener {
-    local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// The bound admin listener, TLS or not.
+pub(crate) enum AdminListener {
+    Https(TlsIncoming),
+    Http(TcpListener),
 }
 
-impl HttpsListener {
-    /// Serves TLS with `config` on `listener`; the accept task ends with the listener's owner.
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(READY_BACKLOG);
-        let acceptor = TlsAcceptor::from(config);
-        tokio::spawn(accept_loop(listener, acceptor, tx));
-        Ok(HttpsListener { local, ready })
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = tx.closed() => return,
-        };
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let _ = tx.send((tls, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for HttpsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accept task only ends when this receiver is gone.
-            None => std::future::pending().await,
+impl AdminListener {
+    /// HTTPS with `tls` unless `plaintext` or `tls` is plaintext.
+    pub(crate) fn new(listener: TcpListener, tls: &Tls, plaintext: bool) -> Self {
+        if plaintext {
+            return AdminListener::Http(listener);
+        }
+        match tls.https_incoming(listener) {
+            Ok(https) => AdminListener::Https(https),
+            Err(listener) => AdminListener::Http(listener),
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
+    /// "https" or "http", for logs and URLs.
+    pub(crate) fn scheme(&self) -> &'static str {
+        match self {
+            AdminListener::Https(_) => "https",
+            AdminListener::Http(_) => "http",
+        }
+    }
+
+    /// Serves `router` until `stop` is cancelled.
+    pub(crate) async fn serve(
+        self,
+        router: Router,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let shutdown = async move { stop.cancelled().await };
+        match self {
+            AdminListener::Https(l) => {
+                axum::serve(l, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            AdminListener::Http(l) => {
+                axum::serve(l, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        }
     }
 }

@@ -4,15 +4,14 @@
 use anyhow::Context;
 use clap::Parser;
 use edgespec_coordinator::{load_settings, App};
-use std::path::PathBuf;
+use edgespec_runtime::{init_tracing, shutdown_signal, ConfigArg, LogOutput};
 
 /// The edgespec coordinator.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Settings file (TOML) layered over the built-in defaults.
-    #[arg(long, env = "EDGESPEC_CONFIG")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Print the built-in default settings and exit.
     #[arg(long)]
     print_defaults: bool,
@@ -25,13 +24,8 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", edgespec_coordinator::DEFAULT_TOML);
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let settings = load_settings(args.config.as_deref()).context("loading settings")?;
+    init_tracing("info", LogOutput::Stdout);
+    let settings = load_settings(args.config.config.as_deref()).context("loading settings")?;
     let app = App::build(settings)
         .await
         .context("starting the coordinator")?;
@@ -39,25 +33,4 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("running the coordinator")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

@@ -4,6 +4,7 @@
 use crate::policy::Policy;
 use crate::Error;
 use edgespec_runtime::tls::TlsSettings;
+use edgespec_runtime::Sources;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -177,24 +178,11 @@ impl Settings {
     }
 
     fn from_sources(path: Option<&Path>, env: bool) -> Result<Self, Error> {
-        let mut b = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(p) = path {
-            b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
-        }
-        if env {
-            b = b.add_source(
-                config::Environment::with_prefix("EDGESPEC")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            );
-        }
-        let s: Settings = b
-            .build()
-            .and_then(|c| c.try_deserialize())
+        let sources = Sources {
+            env,
+            ..Sources::node(DEFAULT_TOML, path)
+        };
+        let s: Settings = edgespec_runtime::settings::load(sources)
             .map_err(|e| Error::Settings(e.to_string()))?;
         s.validate()?;
         Ok(s)

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use edgespec_model::forward::load_gguf_with;
 use edgespec_model::{ModelHandle, TextTokenizer};
+use edgespec_runtime::ops::Exposition;
+use edgespec_runtime::tls::CertWatch;
 use tokio::net::TcpListener;
 
 use crate::connection::{Backoff, Connection, Hello, Link, LinkConfig, LinkError};
@@ -25,6 +27,7 @@ pub struct App {
     listener: TcpListener,
     http_addr: SocketAddr,
     node: Node,
+    cert_watch: CertWatch,
 }
 
 impl App {
@@ -54,7 +57,9 @@ impl App {
         let info = model.info().clone();
         tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "draft model loaded");
 
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_extra(Exposition::new().with(tls.metrics()));
+        // Certificates rotated on disk are used by the next (re)connection to the coordinator.
+        let cert_watch = tls.watch();
         let draft_cost = Arc::new(AtomicU32::new(0));
         let c = &settings.coordinator;
         let link_cfg = LinkConfig {
@@ -120,6 +125,7 @@ impl App {
             listener,
             http_addr,
             node,
+            cert_watch,
         })
     }
 
@@ -144,6 +150,7 @@ impl App {
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(Error::Serve)?;
+        drop(self.cert_watch);
         tracing::info!("draft node stopped");
         Ok(())
     }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use edgespec_runtime::ops::{Exposition, Families};
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,6 +28,8 @@ impl std::fmt::Debug for Metrics {
 
 struct Inner {
     registry: Registry,
+    /// Families owned elsewhere, shown after ours (the runtime's TLS certificate gauge).
+    extra: Exposition,
     requests: Family<Labels, Counter>,
     drafted: Counter,
     accepted: Counter,
@@ -53,6 +56,11 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
+        Self::with_extra(Exposition::new())
+    }
+
+    /// Registers every metric; [`Metrics::render`] appends `extra` after them.
+    pub fn with_extra(extra: Exposition) -> Self {
         let mut r = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         let (drafted, accepted, rounds, emitted) = (
@@ -147,6 +155,7 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 registry: r,
+                extra,
                 requests,
                 drafted,
                 accepted,
@@ -170,7 +179,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.inner.registry);
+        let _ = encode_registry(&mut out, &self.inner.registry);
+        let _ = self.inner.extra.encode_families(&mut out);
+        let _ = encode_eof(&mut out);
         out
     }
 

@@ -245,6 +245,8 @@ pub fn verify_env(
         ("EDGESPEC__COORDINATOR__ADDRESSES", addrs),
         ("EDGESPEC__COORDINATOR__HEARTBEAT_INTERVAL", "200ms".into()),
         ("EDGESPEC__COORDINATOR__RETRY_INTERVAL", "100ms".into()),
+        // Several verify nodes share the machine: none takes the fixed metrics port.
+        ("EDGESPEC__METRICS__LISTEN", "127.0.0.1:0".into()),
     ]
 }
 

@@ -2,7 +2,7 @@
 //! prometheus-client adds `_total` to counters). Labels are low-cardinality: never a session id.
 //! Acceptance counters follow vLLM's naming: drafted tokens, accepted tokens, rounds.
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -135,6 +135,13 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The node's families in its `/metrics` exposition (next to the runtime's TLS gauge).
+impl edgespec_runtime::ops::Families for Metrics {
+    fn encode_families(&self, out: &mut String) -> std::fmt::Result {
+        encode_registry(out, &self.registry)
     }
 }
 

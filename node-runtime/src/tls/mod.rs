@@ -1,26 +1,53 @@
-//! Transport security between nodes: mutual TLS (rustls through tonic) or, only when a node's
-//! settings say so explicitly, plaintext.
+//! Transport security between nodes: mutual TLS (rustls) or, only when a node's settings say so
+//! explicitly, plaintext.
 //!
 //! Every node has the same `[tls]` section ([`TlsSettings`]). In `mtls` mode a node serves gRPC
 //! with its certificate and refuses any peer whose client certificate is missing or not signed
 //! by the configured CA; when it dials (draft node → coordinator, verify node → coordinator,
 //! coordinator → verify node) it presents the same certificate and accepts only a server whose
-//! certificate the CA signed. [`TlsSettings::load`] reads and checks the files once at start-up,
-//! so a wrong path or a broken PEM stops the node with the key and file named, not at the first
+//! certificate the CA signed. [`TlsSettings::load`] reads and checks the files at start-up, so a
+//! wrong path or a broken PEM stops the node with the key and file named, not at the first
 //! handshake.
+//!
+//! Certificates are reloaded from disk while the node runs ([`Tls::watch`], module `reload`):
+//! the servers terminate TLS themselves (`incoming`) with the configuration current at each
+//! handshake, because tonic's own server TLS is fixed when the server starts. Every new dial
+//! builds its client configuration from the current files too. The notAfter of the certificate
+//! in use is the gauge `edgespec_tls_cert_expiry_timestamp_seconds` ([`Tls::metrics`]).
 
+mod incoming;
+mod material;
+mod reload;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use edgespec_proto::auth::{AuthorizeLayer, PeerIdentity, Role, Rule};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tokio::net::TcpListener;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::{ClientTlsConfig, Endpoint, Server};
+use tower::layer::util::{Identity as NoLayer, Stack};
 
-use edgespec_proto::auth::{identity_from_der, AuthorizeLayer, PeerIdentity, Role, Rule};
+pub use incoming::TlsIncoming;
+pub use reload::{CertWatch, TlsMetrics, CERT_EXPIRY_METRIC};
+
+use material::Loaded;
 
 /// The trust domain of node identities when `tls.trust_domain` is not set.
 pub const DEFAULT_TRUST_DOMAIN: &str = "edgespec";
 
+/// How often the certificate files are checked when `tls.reload_interval` is not set.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
+}
+
+fn default_reload_interval() -> Duration {
+    DEFAULT_RELOAD_INTERVAL
 }
 
 /// How a node talks to other nodes.
@@ -54,6 +81,10 @@ pub struct TlsSettings {
     /// `spiffe://<trust_domain>/<role>/<node-id>`, and peers of another domain are refused.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// How often the three files are checked for a new certificate (0: never; the node then
+    /// needs a restart to pick one up).
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 impl TlsSettings {
@@ -66,6 +97,7 @@ impl TlsSettings {
             key: PathBuf::new(),
             server_name: String::new(),
             trust_domain: default_trust_domain(),
+            reload_interval: DEFAULT_RELOAD_INTERVAL,
         }
     }
 
@@ -76,118 +108,82 @@ impl TlsSettings {
             ca: ca.into(),
             cert: cert.into(),
             key: key.into(),
-            server_name: String::new(),
-            trust_domain: default_trust_domain(),
+            ..TlsSettings::plaintext()
         }
     }
 
     /// Reads and checks the files named in the settings for a node of `role`: in mTLS mode the
-    /// certificate must name a node of that role in this trust domain (see [`edgespec_proto::auth`]).
+    /// certificate must name a node of that role in this trust domain (see
+    /// [`edgespec_proto::auth`]).
     pub fn load(&self, role: Role) -> Result<Tls, TlsError> {
         if self.mode == TlsMode::Plaintext {
             return Ok(Tls::plaintext());
         }
-        let ca = read_pem("tls.ca", &self.ca)?;
-        let cert = read_pem("tls.cert", &self.cert)?;
-        let key = read_pem("tls.key", &self.key)?;
-        if !has_block(&ca, "CERTIFICATE") {
-            return Err(bad_pem("tls.ca", &self.ca, "no CERTIFICATE block"));
-        }
-        if !has_block(&cert, "CERTIFICATE") {
-            return Err(bad_pem("tls.cert", &self.cert, "no CERTIFICATE block"));
-        }
-        if !has_block(&key, "PRIVATE KEY") {
-            return Err(bad_pem("tls.key", &self.key, "no PRIVATE KEY block"));
-        }
-        let identity = own_identity(&cert, &self.trust_domain).map_err(|why| TlsError::File {
-            key: "tls.cert",
-            path: self.cert.clone(),
-            why,
-        })?;
-        if identity.role != role {
-            return Err(TlsError::File {
-                key: "tls.cert",
-                path: self.cert.clone(),
-                why: format!(
-                    "the certificate is for {identity} (role {}), but this is a {role} node; \
-                     each role needs its own certificate",
-                    identity.role
-                ),
-            });
-        }
-        let tls = Tls {
-            material: Some(Material {
-                ca: Certificate::from_pem(ca.clone()),
-                identity: Identity::from_pem(cert.clone(), key.clone()),
-                server_name: (!self.server_name.is_empty()).then(|| self.server_name.clone()),
-                pem: Arc::new(Pem { cert, key }),
-                own: identity,
-                trust_domain: self.trust_domain.clone(),
-            }),
-        };
-        // Build both configurations once, so a key that does not match its certificate or a
-        // PEM rustls cannot parse is found now.
-        Server::builder()
-            .tls_config(tls.server_config().expect("mtls has a server config"))
-            .map_err(|e| TlsError::Invalid(format!("tls.cert / tls.key: {}", source_chain(&e))))?;
-        Ok(tls)
+        let loaded = material::build(self, role, material::read(self)?)?;
+        let metrics = TlsMetrics::new(true);
+        metrics.set_expiry(loaded.not_after);
+        Ok(Tls {
+            shared: Some(Arc::new(Shared {
+                settings: self.clone(),
+                own: loaded.own.clone(),
+                current: RwLock::new(Arc::new(loaded)),
+                metrics: metrics.clone(),
+            })),
+            metrics,
+        })
     }
 }
 
-/// Loaded TLS material, cheap to clone.
+/// Loaded TLS material (reloadable), cheap to clone: every clone sees a reload.
 #[derive(Clone, Debug)]
 pub struct Tls {
-    material: Option<Material>,
+    shared: Option<Arc<Shared>>,
+    metrics: TlsMetrics,
 }
 
-#[derive(Clone, Debug)]
-struct Material {
-    ca: Certificate,
-    identity: Identity,
-    server_name: Option<String>,
-    pem: Arc<Pem>,
+/// What every clone of one [`Tls`] shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    settings: TlsSettings,
+    /// The identity this node runs as; a reload must keep it.
     own: PeerIdentity,
-    trust_domain: String,
+    current: RwLock<Arc<Loaded>>,
+    metrics: TlsMetrics,
 }
 
-/// This node's certificate and key as read (the admin HTTPS listener builds its own rustls
-/// configuration from them).
-struct Pem {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-}
-
-impl std::fmt::Debug for Pem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pem { .. }")
+impl Shared {
+    fn current(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
-/// The identity the first certificate of a PEM chain names.
-fn own_identity(cert_pem: &[u8], trust_domain: &str) -> Result<PeerIdentity, String> {
-    let first = x509_parser::pem::Pem::iter_from_buffer(cert_pem)
-        .next()
-        .ok_or("no CERTIFICATE block (expected PEM)")?
-        .map_err(|e| format!("unreadable PEM: {e}"))?;
-    identity_from_der(&first.contents, trust_domain).map_err(|e| e.to_string())
-}
+/// A gRPC server builder with the per-role authorization layer ([`Tls::grpc_server`]).
+pub type GrpcServer = Server<Stack<AuthorizeLayer, NoLayer>>;
+/// Its router once services are added, for [`Tls::serve_grpc`].
+pub type GrpcRouter = Router<Stack<AuthorizeLayer, NoLayer>>;
 
 impl Tls {
     /// Plaintext (no certificates, no identities: every peer may call everything).
     pub fn plaintext() -> Tls {
-        Tls { material: None }
+        Tls {
+            shared: None,
+            metrics: TlsMetrics::new(false),
+        }
     }
 
     /// The identity this node's certificate names (mTLS only).
     pub fn own_identity(&self) -> Option<&PeerIdentity> {
-        self.material.as_ref().map(|m| &m.own)
+        self.shared.as_ref().map(|s| &s.own)
     }
 
     /// The per-role authorization layer for a gRPC server with these `rules`: enforcing in
     /// mTLS mode, a pass-through in plaintext mode.
     pub fn authorize(&self, rules: &'static [Rule]) -> AuthorizeLayer {
-        match &self.material {
-            Some(m) => AuthorizeLayer::new(true, &m.trust_domain, rules),
+        match &self.shared {
+            Some(s) => AuthorizeLayer::new(true, &s.settings.trust_domain, rules),
             None => AuthorizeLayer::new(false, "", rules),
         }
     }
@@ -213,36 +209,9 @@ impl Tls {
         }
     }
 
-    /// A rustls server configuration for an HTTPS listener (the coordinator's admin API) with
-    /// this node's certificate; client certificates are not asked for (a bearer token
-    /// authorizes there). `None` in plaintext mode.
-    pub fn https_server_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let Some(m) = &self.material else {
-            return Ok(None);
-        };
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            TlsError::Invalid(format!("admin HTTPS: {what}: {e}"))
-        };
-        let certs = CertificateDer::pem_slice_iter(&m.pem.cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("tls.cert", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(&m.pem.key).map_err(|e| bad("tls.key", &e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad("protocol versions", &e))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| bad("certificate and key", &e))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Some(Arc::new(config)))
-    }
-
     /// Whether connections are mutually authenticated TLS.
     pub fn is_mtls(&self) -> bool {
-        self.material.is_some()
+        self.shared.is_some()
     }
 
     /// "mtls" or "plaintext", for logs.
@@ -254,37 +223,84 @@ impl Tls {
         }
     }
 
-    /// The server side: this node's certificate, client certificates required and checked
-    /// against the CA. `None` in plaintext mode.
-    pub fn server_config(&self) -> Option<ServerTlsConfig> {
-        self.material.as_ref().map(|m| {
-            ServerTlsConfig::new()
-                .identity(m.identity.clone())
-                .client_ca_root(m.ca.clone())
-                .client_auth_optional(false)
-        })
+    /// This node's TLS metrics, for its `/metrics` ([`crate::ops::Exposition::with`]).
+    pub fn metrics(&self) -> TlsMetrics {
+        self.metrics.clone()
     }
 
-    /// Applies [`Tls::server_config`] to a tonic server builder and wraps its routes in the
-    /// per-role authorization of `rules` ([`Tls::authorize`]).
-    pub fn apply_to_server<L>(
+    /// Starts checking the certificate files every `tls.reload_interval` and swapping in a
+    /// changed certificate (see the module docs); stops when the returned guard is dropped.
+    /// Does nothing in plaintext mode or with a zero interval.
+    pub fn watch(&self) -> CertWatch {
+        match &self.shared {
+            Some(s) if !s.settings.reload_interval.is_zero() => {
+                CertWatch::spawn(s, s.settings.reload_interval)
+            }
+            _ => CertWatch::none(),
+        }
+    }
+
+    /// Re-reads the certificate files now (what [`Tls::watch`] does on each tick): `Ok(true)`
+    /// when a new certificate was swapped in, `Ok(false)` when nothing changed. Files that do
+    /// not form a usable configuration, or name another node, leave the loaded one in place.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        match &self.shared {
+            Some(s) => s.reload(),
+            None => Ok(false),
+        }
+    }
+
+    /// A gRPC server builder with the per-role authorization of `rules` ([`Tls::authorize`]);
+    /// serve its router with [`Tls::serve_grpc`], which adds the TLS.
+    pub fn grpc_server(&self, rules: &'static [Rule]) -> GrpcServer {
+        Server::builder().layer(self.authorize(rules))
+    }
+
+    /// Serves `router` on `listener` until `shutdown` completes: in mTLS mode each connection
+    /// is handshaken with the certificate current at that moment and must present a client
+    /// certificate the CA signed; in plaintext mode over plain TCP. Nagle is off either way.
+    pub async fn serve_grpc(
         &self,
-        server: Server<L>,
-        rules: &'static [Rule],
-    ) -> Result<Server<tower::layer::util::Stack<AuthorizeLayer, L>>, TlsError> {
-        let server = match self.server_config() {
-            Some(c) => server
-                .tls_config(c)
-                .map_err(|e| TlsError::Invalid(format!("server TLS: {}", source_chain(&e))))?,
-            None => server,
+        router: GrpcRouter,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        match self.https_or_grpc_incoming(listener, Which::Grpc) {
+            Ok(tls) => router.serve_with_incoming_shutdown(tls, shutdown).await,
+            Err(listener) => {
+                let plain = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(plain, shutdown).await
+            }
+        }
+    }
+
+    /// An HTTPS listener (the coordinator's admin API) with this node's current certificate;
+    /// client certificates are not asked for (a bearer token authorizes there). `Err` gives
+    /// the listener back in plaintext mode.
+    pub fn https_incoming(&self, listener: TcpListener) -> Result<TlsIncoming, TcpListener> {
+        self.https_or_grpc_incoming(listener, Which::Https)
+    }
+
+    fn https_or_grpc_incoming(
+        &self,
+        listener: TcpListener,
+        which: Which,
+    ) -> Result<TlsIncoming, TcpListener> {
+        let Some(shared) = &self.shared else {
+            return Err(listener);
         };
-        Ok(server.layer(self.authorize(rules)))
+        let shared = shared.clone();
+        let (config, what): (incoming::ConfigSource, _) = match which {
+            Which::Grpc => (Arc::new(move || shared.current().grpc.clone()), "gRPC"),
+            Which::Https => (Arc::new(move || shared.current().https.clone()), "HTTPS"),
+        };
+        Ok(TlsIncoming::new(listener, config, what))
     }
 
     /// An endpoint for `address` (`host:port`, `http://host:port` or `https://host:port`): in
-    /// mTLS mode with this node's certificate, the CA as the only trust root and the `https`
-    /// scheme; in plaintext mode `http`. An `https://` address in plaintext mode is refused:
-    /// it asks for TLS that is not configured.
+    /// mTLS mode with this node's current certificate, the CA as the only trust root and the
+    /// `https` scheme; in plaintext mode `http`. An `https://` address in plaintext mode is
+    /// refused: it asks for TLS that is not configured.
     pub fn endpoint(&self, address: &str) -> Result<Endpoint, TlsError> {
         let (scheme, rest) = match address.split_once("://") {
             Some((s, r)) => (Some(s), r),
@@ -298,7 +314,7 @@ impl Tls {
             None | Some("http" | "https") => {}
             Some(other) => return Err(bad(&format!("unknown scheme {other:?}"))),
         }
-        let Some(m) = &self.material else {
+        let Some(shared) = &self.shared else {
             if scheme == Some("https") {
                 return Err(bad(
                     "https:// asks for TLS but tls.mode = \"plaintext\"; set tls.mode = \
@@ -308,18 +324,25 @@ impl Tls {
             return Endpoint::from_shared(format!("http://{rest}"))
                 .map_err(|e| bad(&e.to_string()));
         };
+        let m = shared.current();
         let endpoint =
             Endpoint::from_shared(format!("https://{rest}")).map_err(|e| bad(&e.to_string()))?;
         let mut c = ClientTlsConfig::new()
             .ca_certificate(m.ca.clone())
             .identity(m.identity.clone());
-        if let Some(name) = &m.server_name {
-            c = c.domain_name(name.clone());
+        if !shared.settings.server_name.is_empty() {
+            c = c.domain_name(shared.settings.server_name.clone());
         }
         endpoint
             .tls_config(c)
             .map_err(|e| bad(&format!("client TLS: {}", source_chain(&e))))
     }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Grpc,
+    Https,
 }
 
 /// Why TLS could not be set up.
@@ -346,37 +369,6 @@ pub enum TlsError {
         /// Why.
         why: String,
     },
-}
-
-fn read_pem(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    if path.as_os_str().is_empty() {
-        return Err(TlsError::File {
-            key,
-            path: path.to_path_buf(),
-            why: "not set; tls.mode = \"mtls\" needs tls.ca, tls.cert and tls.key (PEM files), \
-                  or set tls.mode = \"plaintext\" to run unencrypted on a trusted network"
-                .into(),
-        });
-    }
-    std::fs::read(path).map_err(|e| TlsError::File {
-        key,
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    })
-}
-
-fn has_block(pem: &[u8], label: &str) -> bool {
-    let text = String::from_utf8_lossy(pem);
-    text.lines()
-        .any(|l| l.starts_with("-----BEGIN ") && l.contains(label))
-}
-
-fn bad_pem(key: &'static str, path: &Path, why: &str) -> TlsError {
-    TlsError::File {
-        key,
-        path: path.to_path_buf(),
-        why: format!("{why} (expected PEM)"),
-    }
 }
 
 /// A hint for an operator when an error chain shows a TLS refusal, e.g. "received fatal alert:
