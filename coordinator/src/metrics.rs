@@ -200,16 +200,7 @@ impl Metrics {
 
     /// Counts a per-session error.
     pub fn session_error(&self, code: edgespec_proto::domain::ErrorCode) {
-        use edgespec_proto::domain::ErrorCode as E;
-        let code = match code {
-            E::ResyncNeeded => "resync_needed",
-            E::InvalidArgument => "invalid_argument",
-            E::Overloaded => "overloaded",
-            E::Unavailable => "unavailable",
-            E::ModelMismatch => "model_mismatch",
-            E::ContextOverflow => "context_overflow",
-            E::Internal => "internal",
-        };
+        let code = code.label();
         self.session_errors
             .get_or_create(&CodeLabel { code: code.into() })
             .inc();

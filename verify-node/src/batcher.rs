@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::load::{BusyMeter, CostFit, Load};
 use crate::metrics::Metrics;
-use crate::sessions::{Limits, Owner, Planned, SessionKey, Sessions};
+use crate::sessions::{KvUse, Limits, Owner, Planned, SessionKey, Sessions};
 use crate::verdict::decide;
 use crate::Error;
 
@@ -198,6 +198,14 @@ struct Slot {
     forwarded: bool,
 }
 
+/// When and how big the batch's forward was.
+struct ForwardStats {
+    start: Instant,
+    end: Instant,
+    rows: usize,
+    sessions: usize,
+}
+
 struct Actor {
     model: ModelHandle,
     config: BatcherConfig,
@@ -318,9 +326,28 @@ impl Actor {
         for job in &jobs {
             span.follows_from(job.span.id());
         }
+        let (mut slots, mut planned, replies) = self.plan_jobs(jobs);
+        self.make_room(&mut planned, &mut slots, &pinned).await;
+        let forward = self.forward(planned, &mut slots, &span).await;
+        let load = self.publish_load().await;
+        self.answer(replies, slots, &forward, load);
+    }
+
+    /// Checks every block of every job against the limits and its session's state. Returns one
+    /// slot per block (already answered when the check failed), the blocks to forward with
+    /// their (job, block) position, and each job's arrival and reply channel.
+    #[allow(clippy::type_complexity)]
+    fn plan_jobs(
+        &mut self,
+        jobs: Vec<VerifyJob>,
+    ) -> (
+        Vec<Vec<Slot>>,
+        Vec<(usize, usize, Planned)>,
+        Vec<(Instant, oneshot::Sender<BatchReply>)>,
+    ) {
         let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(jobs.len());
-        let mut planned: Vec<(usize, usize, Planned)> = Vec::new();
-        let mut jobs_meta = Vec::with_capacity(jobs.len());
+        let mut planned = Vec::new();
+        let mut replies = Vec::with_capacity(jobs.len());
         for (j, job) in jobs.into_iter().enumerate() {
             let mut row = Vec::with_capacity(job.blocks.len());
             for (i, block) in job.blocks.into_iter().enumerate() {
@@ -342,15 +369,24 @@ impl Actor {
                 row.push(slot);
             }
             slots.push(row);
-            jobs_meta.push((job.arrived, job.reply));
+            replies.push((job.arrived, job.reply));
         }
-        self.make_room(&mut planned, &mut slots, &pinned).await;
+        (slots, planned, replies)
+    }
 
+    /// Runs the one batched forward over the planned blocks, decides each block's verdict into
+    /// its slot and truncates the KV caches to the committed tokens.
+    async fn forward(
+        &mut self,
+        planned: Vec<(usize, usize, Planned)>,
+        slots: &mut [Vec<Slot>],
+        span: &tracing::Span,
+    ) -> ForwardStats {
         let seqs: Vec<SeqRequest> = planned.iter().map(|(_, _, p)| p.seq.clone()).collect();
-        let batch_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        let batch_sessions = seqs.len();
-        span.record("rows", batch_tokens);
-        let forward_start = Instant::now();
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let sessions = seqs.len();
+        span.record("rows", rows);
+        let start = Instant::now();
         let output = if seqs.is_empty() {
             Ok(Vec::new())
         } else {
@@ -359,23 +395,22 @@ impl Actor {
                 .instrument(span.clone())
                 .await
         };
-        let forward_end = Instant::now();
-        let forward_s = (forward_end - forward_start).as_secs_f64();
-        if batch_sessions > 0 {
+        let end = Instant::now();
+        let forward_s = (end - start).as_secs_f64();
+        if sessions > 0 {
             self.metrics.forwards.inc();
-            self.metrics.forward_rows.inc_by(batch_tokens as u64);
+            self.metrics.forward_rows.inc_by(rows as u64);
             self.metrics.forward_seconds.observe(forward_s);
             self.busy
-                .record(forward_s, (forward_end - self.epoch).as_secs_f64());
+                .record(forward_s, (end - self.epoch).as_secs_f64());
             if output.is_ok() {
-                self.cost.observe(batch_tokens, forward_s);
+                self.cost.observe(rows, forward_s);
             }
         }
-
         let mut truncations = Vec::new();
         match output {
-            Ok(rows) => {
-                for ((j, i, p), logits) in planned.into_iter().zip(&rows) {
+            Ok(logits) => {
+                for ((j, i, p), logits) in planned.into_iter().zip(&logits) {
                     let result = self.conclude(p, logits, &mut truncations).await;
                     let slot = &mut slots[j][i];
                     slot.result = Some(result);
@@ -383,7 +418,7 @@ impl Actor {
                 }
             }
             Err(e) => {
-                tracing::error!(parent: &span, error = %e, "the batched forward failed");
+                tracing::error!(parent: span, error = %e, "the batched forward failed");
                 for (j, i, p) in planned {
                     slots[j][i].result = Some(Err(forward_error(&p.block, &e)));
                     // An open under a fresh local id may have left a cache the table never
@@ -396,20 +431,34 @@ impl Actor {
         }
         for (id, len) in truncations {
             if let Err(e) = self.model.truncate(id, len).await {
-                tracing::warn!(parent: &span, error = %e, "truncating a KV cache failed");
+                tracing::warn!(parent: span, error = %e, "truncating a KV cache failed");
             }
         }
-        let load = self.publish_load().await;
+        ForwardStats {
+            start,
+            end,
+            rows,
+            sessions,
+        }
+    }
 
-        let forward_ns = nanos(forward_end - forward_start);
-        for ((arrived, reply), row) in jobs_meta.into_iter().zip(slots) {
+    /// Answers every job with its blocks' results (in order), their timings and the load.
+    fn answer(
+        &self,
+        replies: Vec<(Instant, oneshot::Sender<BatchReply>)>,
+        slots: Vec<Vec<Slot>>,
+        forward: &ForwardStats,
+        load: Load,
+    ) {
+        let forward_ns = nanos(forward.end - forward.start);
+        for ((arrived, reply), row) in replies.into_iter().zip(slots) {
             let total_ns = nanos(Instant::now() - arrived);
-            let queue_ns = nanos(forward_start.saturating_duration_since(arrived));
+            let queue_ns = nanos(forward.start.saturating_duration_since(arrived));
             let results = row
                 .into_iter()
                 .inspect(|s| {
                     if let Some(Err(e)) = &s.result {
-                        self.metrics.session_error(ErrorCode::label(e.code));
+                        self.metrics.session_error(e.code.label());
                     }
                 })
                 .map(|s| ItemResult {
@@ -423,8 +472,8 @@ impl Actor {
                             queue_ns,
                             forward_ns,
                             total_ns,
-                            batch_tokens: batch_tokens as u32,
-                            batch_sessions: batch_sessions as u32,
+                            batch_tokens: forward.rows as u32,
+                            batch_sessions: forward.sessions as u32,
                         }
                     } else {
                         Timings {
@@ -482,36 +531,31 @@ impl Actor {
         }
     }
 
-    /// Evicts idle sessions (least recently used first, never one in this batch) to stay within
-    /// the session capacity and the KV budget. An open that cannot get a slot is refused.
+    /// Evicts the idle sessions [`Sessions::make_room`] chooses so the batch fits the session
+    /// capacity and the KV budget, and refuses the opens that cannot get a slot.
     async fn make_room(
         &mut self,
         planned: &mut Vec<(usize, usize, Planned)>,
         slots: &mut [Vec<Slot>],
         pinned: &HashSet<SessionId>,
     ) {
-        let capacity = self.config.limits.capacity;
-        let mut new_sessions = 0;
-        let mut refused = Vec::new();
-        for (k, (_, _, p)) in planned.iter().enumerate() {
-            if self.sessions.get(p.local).is_some() {
-                continue;
-            }
-            if self.sessions.len() + new_sessions >= capacity {
-                match self.sessions.lru_idle(pinned) {
-                    Some(victim) => {
-                        self.metrics.evictions.inc();
-                        self.evict(victim).await;
-                    }
-                    None => {
-                        refused.push(k);
-                        continue;
-                    }
-                }
-            }
-            new_sessions += 1;
+        let kv = KvUse {
+            bytes: self.kv_bytes,
+            budget: self.config.kv_budget_bytes,
+            bytes_per_token: self.bytes_per_token,
+        };
+        let room = self
+            .sessions
+            .make_room(planned.iter().map(|(_, _, p)| p), pinned, kv);
+        for victim in room.evict {
+            self.metrics.evictions.inc();
+            self.evict(victim).await;
         }
-        for k in refused.into_iter().rev() {
+        if room.over_budget {
+            tracing::warn!("KV budget exceeded by sessions of the current batch");
+        }
+        let capacity = self.config.limits.capacity;
+        for k in room.refused.into_iter().rev() {
             let (j, i, p) = planned.remove(k);
             slots[j][i].result = Some(Err(SessionError {
                 session_id: p.block.session_id,
@@ -521,20 +565,6 @@ impl Actor {
                     "this verify node holds its maximum of {capacity} sessions and all are busy"
                 ),
             }));
-        }
-        if self.bytes_per_token <= 0.0 {
-            return;
-        }
-        let budget = self.config.kv_budget_bytes as f64;
-        let new_rows: usize = planned.iter().map(|(_, _, p)| p.seq.tokens.len()).sum();
-        let new_bytes = new_rows as f64 * self.bytes_per_token;
-        while self.kv_bytes as f64 + new_bytes > budget {
-            let Some(victim) = self.sessions.lru_idle(pinned) else {
-                tracing::warn!("KV budget exceeded by sessions of the current batch");
-                break;
-            };
-            self.metrics.evictions.inc();
-            self.evict(victim).await;
         }
     }
 

@@ -98,6 +98,29 @@ impl Planned {
     }
 }
 
+/// KV memory as the batcher last measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvUse {
+    /// Bytes held now.
+    pub bytes: u64,
+    /// The budget.
+    pub budget: u64,
+    /// Measured bytes per cached token (≤ 0: not measured yet; the budget is then not
+    /// enforced).
+    pub bytes_per_token: f64,
+}
+
+/// What [`Sessions::make_room`] decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Room {
+    /// Idle sessions to evict, in order.
+    pub evict: Vec<SessionId>,
+    /// Indices (among the planned blocks) of opens refused because every slot is busy.
+    pub refused: Vec<usize>,
+    /// The batch exceeds the KV budget even with every idle session evicted.
+    pub over_budget: bool,
+}
+
 /// The table of live sessions with an LRU order.
 #[derive(Debug)]
 pub struct Sessions {
@@ -174,22 +197,35 @@ impl Sessions {
         local: SessionId,
         block: Block,
     ) -> Result<Planned, SessionError> {
-        let fail = |code: ErrorCode, message: String| SessionError {
-            session_id: block.session_id,
-            round: block.round,
-            code,
-            message,
-        };
+        let seq = self
+            .check(&block)
+            .and_then(|()| self.forward_request(local, &block))
+            .map_err(|(code, message)| SessionError {
+                session_id: block.session_id,
+                round: block.round,
+                code,
+                message,
+            })?;
+        Ok(Planned {
+            key,
+            local,
+            block,
+            seq,
+        })
+    }
+
+    /// The checks that need only the limits: block length, vocabulary, draft distributions (the
+    /// full check the acceptance rule relies on, so a bad q is refused before the forward) and
+    /// the context window.
+    fn check(&self, block: &Block) -> Result<(), (ErrorCode, String)> {
         let l = self.limits;
         let gamma = block.draft_tokens.len();
         let n = block.committed_len;
+        let invalid = |msg: String| Err((ErrorCode::InvalidArgument, msg));
         if gamma > l.max_block_tokens {
-            return Err(fail(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "the block has {gamma} draft tokens; this node accepts at most {}",
-                    l.max_block_tokens
-                ),
+            return invalid(format!(
+                "the block has {gamma} draft tokens; this node accepts at most {}",
+                l.max_block_tokens
             ));
         }
         let out_of_vocab = |field: &str, tokens: &[u32]| {
@@ -205,16 +241,11 @@ impl Sessions {
                 })
         };
         if let Some(msg) = out_of_vocab("draft_tokens", &block.draft_tokens) {
-            return Err(fail(ErrorCode::InvalidArgument, msg));
+            return invalid(msg);
         }
-        // The full check the acceptance rule relies on (vocabulary bounds included), so a bad q
-        // is refused here rather than after its session's forward.
         for (i, q) in block.draft_probs.iter().enumerate() {
             if let Err(e) = q.validate(l.vocab_size) {
-                return Err(fail(
-                    ErrorCode::InvalidArgument,
-                    format!("draft_probs[{i}]: {e}"),
-                ));
+                return invalid(format!("draft_probs[{i}]: {e}"));
             }
         }
         if let Some(msg) = block
@@ -222,11 +253,11 @@ impl Sessions {
             .as_deref()
             .and_then(|h| out_of_vocab("history", h))
         {
-            return Err(fail(ErrorCode::InvalidArgument, msg));
+            return invalid(msg);
         }
         // The forward leaves n - 1 + γ + 1 tokens in the cache.
         if n + gamma > l.max_context {
-            return Err(fail(
+            return Err((
                 ErrorCode::ContextOverflow,
                 format!(
                     "{n} committed plus {gamma} draft tokens exceed the context window of {}",
@@ -234,54 +265,57 @@ impl Sessions {
                 ),
             ));
         }
-        let seq = match &block.history {
-            Some(history) => {
-                let mut tokens = Vec::with_capacity(n + gamma);
-                tokens.extend_from_slice(history);
-                tokens.extend_from_slice(&block.draft_tokens);
-                SeqRequest {
-                    session: local,
-                    start: 0,
-                    tokens,
-                    logits_for_last: gamma + 1,
-                }
-            }
-            None => {
-                let Some(s) = self.map.get(&local) else {
-                    return Err(fail(
-                        ErrorCode::ResyncNeeded,
-                        "this verify node holds no state for the session; resend the block \
-                         with the full history"
-                            .into(),
-                    ));
-                };
-                if s.committed_len != n {
-                    // The session's own length is not echoed: errors tell a caller what was
-                    // wrong with its request, never another party's state.
-                    return Err(fail(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "committed_len {n} does not match the session's state on this node; \
-                             resend the block with the full history"
-                        ),
-                    ));
-                }
-                let mut tokens = Vec::with_capacity(gamma + 1);
-                tokens.push(s.last_token);
-                tokens.extend_from_slice(&block.draft_tokens);
-                SeqRequest {
-                    session: local,
-                    start: n - 1,
-                    tokens,
-                    logits_for_last: gamma + 1,
-                }
-            }
+        Ok(())
+    }
+
+    /// The block's part of the batched forward: its whole history on an open or resync, else
+    /// the session's last committed token (which must be where the block says it is) plus the
+    /// draft tokens.
+    fn forward_request(
+        &self,
+        local: SessionId,
+        block: &Block,
+    ) -> Result<SeqRequest, (ErrorCode, String)> {
+        let gamma = block.draft_tokens.len();
+        let n = block.committed_len;
+        if let Some(history) = &block.history {
+            let mut tokens = Vec::with_capacity(n + gamma);
+            tokens.extend_from_slice(history);
+            tokens.extend_from_slice(&block.draft_tokens);
+            return Ok(SeqRequest {
+                session: local,
+                start: 0,
+                tokens,
+                logits_for_last: gamma + 1,
+            });
+        }
+        let Some(s) = self.map.get(&local) else {
+            return Err((
+                ErrorCode::ResyncNeeded,
+                "this verify node holds no state for the session; resend the block with the \
+                 full history"
+                    .into(),
+            ));
         };
-        Ok(Planned {
-            key,
-            local,
-            block,
-            seq,
+        if s.committed_len != n {
+            // The session's own length is not echoed: errors tell a caller what was wrong with
+            // its request, never another party's state.
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!(
+                    "committed_len {n} does not match the session's state on this node; resend \
+                     the block with the full history"
+                ),
+            ));
+        }
+        let mut tokens = Vec::with_capacity(gamma + 1);
+        tokens.push(s.last_token);
+        tokens.extend_from_slice(&block.draft_tokens);
+        Ok(SeqRequest {
+            session: local,
+            start: n - 1,
+            tokens,
+            logits_for_last: gamma + 1,
         })
     }
 
@@ -318,14 +352,74 @@ impl Sessions {
         Some(s)
     }
 
+    /// Chooses which idle sessions to evict (least recently used first, never one in
+    /// `pinned`, the sessions of the batch being served) so that the `planned` blocks fit the
+    /// session capacity and the KV budget. An open that finds every slot busy is refused (its
+    /// index among `planned`). Changes nothing; the caller evicts.
+    pub fn make_room<'a>(
+        &self,
+        planned: impl IntoIterator<Item = &'a Planned>,
+        pinned: &HashSet<SessionId>,
+        kv: KvUse,
+    ) -> Room {
+        let planned: Vec<&Planned> = planned.into_iter().collect();
+        let mut room = Room::default();
+        let mut gone = HashSet::new();
+        let mut kv_bytes = kv.bytes;
+        let evict_one = |room: &mut Room, gone: &mut HashSet<SessionId>, kv_bytes: &mut u64| {
+            let (id, s) = self.lru_where(|id| !pinned.contains(id) && !gone.contains(id))?;
+            gone.insert(id);
+            room.evict.push(id);
+            // The KV estimate follows the evictions until the next measurement.
+            let freed = (s.committed_len - 1) as f64 * kv.bytes_per_token;
+            *kv_bytes = kv_bytes.saturating_sub(freed as u64);
+            Some(())
+        };
+        let mut opens = 0;
+        for (k, p) in planned.iter().enumerate() {
+            if self.map.contains_key(&p.local) {
+                continue;
+            }
+            if self.map.len() - gone.len() + opens >= self.limits.capacity
+                && evict_one(&mut room, &mut gone, &mut kv_bytes).is_none()
+            {
+                room.refused.push(k);
+                continue;
+            }
+            opens += 1;
+        }
+        if kv.bytes_per_token <= 0.0 {
+            return room;
+        }
+        let new_rows: usize = planned
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !room.refused.contains(k))
+            .map(|(_, p)| p.seq.tokens.len())
+            .sum();
+        let new_bytes = new_rows as f64 * kv.bytes_per_token;
+        while kv_bytes as f64 + new_bytes > kv.budget as f64 {
+            if evict_one(&mut room, &mut gone, &mut kv_bytes).is_none() {
+                room.over_budget = true;
+                break;
+            }
+        }
+        room
+    }
+
     /// The least recently used session not in `pinned` (the sessions of the batch being
     /// served), if any.
     pub fn lru_idle(&self, pinned: &HashSet<SessionId>) -> Option<SessionId> {
+        self.lru_where(|id| !pinned.contains(id)).map(|(id, _)| id)
+    }
+
+    /// The least recently used session that `eligible` accepts.
+    fn lru_where(&self, eligible: impl Fn(&SessionId) -> bool) -> Option<(SessionId, &Session)> {
         self.map
             .iter()
-            .filter(|(id, _)| !pinned.contains(id))
+            .filter(|(id, _)| eligible(id))
             .min_by_key(|(_, s)| s.last_used)
-            .map(|(id, _)| *id)
+            .map(|(id, s)| (*id, s))
     }
 }
 
@@ -444,6 +538,48 @@ mod tests {
         assert_eq!(s.lru_idle(&HashSet::new()), Some(two));
         assert_eq!(s.lru_idle(&HashSet::from([two])), Some(three));
         assert_eq!(s.lru_idle(&HashSet::from([one, two, three])), None);
+    }
+
+    #[test]
+    fn make_room_evicts_idle_sessions_for_capacity_and_kv_and_refuses_when_all_are_busy() {
+        let mut s = Sessions::new(LIMITS);
+        let locals: Vec<SessionId> = (1..=8).map(|id| commit(&mut s, id, 5, 0)).collect();
+        let open = plan(&mut s, block(9, 3, Some(vec![1, 2, 3]), vec![4])).unwrap();
+        let cont = plan(&mut s, block(2, 5, None, vec![4])).unwrap();
+        let no_kv = KvUse {
+            bytes: 0,
+            budget: 0,
+            bytes_per_token: 0.0,
+        };
+        // Full table: the open takes the least recently used idle slot; a continuation needs none.
+        let pinned = HashSet::from([locals[1]]);
+        let room = s.make_room([&cont, &open], &pinned, no_kv);
+        assert_eq!(room.evict, vec![locals[0]]);
+        assert!(room.refused.is_empty() && !room.over_budget);
+        assert_eq!(s.len(), 8, "deciding changes nothing");
+        // Every session busy: the open is refused, nothing is evicted.
+        let all: HashSet<SessionId> = locals.iter().copied().collect();
+        let room = s.make_room([&cont, &open], &all, no_kv);
+        assert_eq!(
+            room,
+            Room {
+                evict: vec![],
+                refused: vec![1],
+                over_budget: false
+            }
+        );
+        // KV: 8 sessions × 4 cached tokens × 10 B = 320 B; the continuation adds 2 rows (20 B).
+        // A 290 B budget needs 50 B back: two idle sessions of 40 B (the least recent first).
+        let kv = KvUse {
+            bytes: 320,
+            budget: 290,
+            bytes_per_token: 10.0,
+        };
+        let room = s.make_room([&cont], &pinned, kv);
+        assert_eq!(room.evict, vec![locals[0], locals[2]]);
+        assert!(!room.over_budget);
+        let room = s.make_room([&cont], &all, kv);
+        assert!(room.evict.is_empty() && room.over_budget);
     }
 
     #[test]
