@@ -1,11 +1,14 @@
-//! Assembling and running the node: load the draft model, pair with the coordinator (refusing a
-//! mismatched fleet), bind the HTTP listener, serve until shutdown.
+//! Assembling and running the node: load the draft model, bind the HTTP listener, start
+//! connecting to the coordinator in the background, serve until shutdown.
+//!
+//! The node never waits for the coordinator: it serves (and answers `/readyz` 503 with the
+//! reason) while the connection task retries, for as long as the node runs, so an outage of the
+//! coordinator at boot cannot make the process exit (and a supervisor's start limit give up).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use edgespec_model::forward::load_gguf_with;
 use edgespec_model::{ModelHandle, TextTokenizer};
@@ -13,7 +16,7 @@ use edgespec_runtime::ops::Exposition;
 use edgespec_runtime::tls::CertWatch;
 use tokio::net::TcpListener;
 
-use crate::connection::{Backoff, Connection, Hello, Link, LinkConfig, LinkError};
+use crate::connection::{Backoff, Connection, Hello, LinkConfig};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -21,7 +24,7 @@ use crate::node::{Node, NodeParts};
 use crate::session::{DraftConfig, SessionCtx};
 use crate::settings::Settings;
 
-/// A built draft node: model loaded, paired with the coordinator, HTTP listener bound.
+/// A built draft node: model loaded, HTTP listener bound, the coordinator link connecting.
 #[derive(Debug)]
 pub struct App {
     listener: TcpListener,
@@ -31,9 +34,9 @@ pub struct App {
 }
 
 impl App {
-    /// Validates `settings`, loads the draft model, opens the coordinator stream (retrying with
-    /// backoff for up to `coordinator.timeout`; a fingerprint mismatch fails at once) and binds
-    /// the HTTP listener (port 0 allowed).
+    /// Validates `settings`, loads the draft model, binds the HTTP listener (port 0 allowed) and
+    /// starts the coordinator link, which connects in the background: this returns without
+    /// waiting for the coordinator.
     pub async fn build(settings: Settings) -> Result<App, Error> {
         settings.validate()?;
         let tls = settings.tls.load(edgespec_proto::auth::Role::Draft)?;
@@ -80,9 +83,6 @@ impl App {
             initial: c.backoff_initial,
             max: c.backoff_max,
         };
-        let link = first_link(&link_cfg, backoff, c.timeout).await?;
-        tracing::info!(node = %node_id, coordinator = %c.address, fleet = %link.welcome.fleet_fingerprint, "paired with the coordinator");
-
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -98,7 +98,8 @@ impl App {
 
         let d = &settings.drafting;
         let engine = Engine::spawn(model.clone(), d.max_batch_sessions, metrics.clone());
-        let conn = Connection::spawn(link, link_cfg, backoff, metrics.clone());
+        tracing::info!(node = %node_id, "draft node starting");
+        let conn = Connection::start(link_cfg, backoff, metrics.clone());
         let ctx = SessionCtx {
             engine,
             conn,
@@ -153,41 +154,5 @@ impl App {
         drop(self.cert_watch);
         tracing::info!("draft node stopped");
         Ok(())
-    }
-}
-
-/// Opens the first stream, retrying transport failures until `timeout`.
-async fn first_link(cfg: &LinkConfig, backoff: Backoff, timeout: Duration) -> Result<Link, Error> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut delay = backoff.initial;
-    // A TLS refusal says more than the cancelled attempt that may end the wait: keep it.
-    let mut tls_refusal: Option<String> = None;
-    loop {
-        match Link::open(cfg).await {
-            Ok(link) => return Ok(link),
-            Err(LinkError::Mismatch { draft, fleet }) => {
-                return Err(Error::ModelMismatch { draft, fleet })
-            }
-            Err(LinkError::Refused { draft, reason }) => {
-                return Err(Error::ModelMismatch {
-                    draft,
-                    fleet: format!("(coordinator: {reason})"),
-                })
-            }
-            Err(LinkError::Unreachable(reason)) => {
-                if edgespec_runtime::tls::tls_hint(&reason).is_some() {
-                    tls_refusal = Some(reason.clone());
-                }
-                if tokio::time::Instant::now() + delay >= deadline {
-                    return Err(Error::ConnectCoordinator {
-                        address: cfg.address.clone(),
-                        reason: tls_refusal.unwrap_or(reason),
-                    });
-                }
-                tracing::warn!(%reason, "coordinator not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(backoff.max);
-            }
-        }
     }
 }

@@ -1,11 +1,11 @@
-//! The serving core behind the HTTP API: admission (coordinator state, concurrency limit) and the
-//! start of generations.
+//! The serving core behind the HTTP API: admission (coordinator state, concurrency limit),
+//! readiness, and the start of generations.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use edgespec_model::{ModelHandle, ModelHealth, ModelInfo, TextTokenizer};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::connection::LinkStatus;
 use crate::error::GenError;
@@ -78,31 +78,50 @@ impl Node {
         &self.inner.ctx.metrics
     }
 
-    /// `Ok` when the node can serve; otherwise why not.
+    /// `Ok` when the node admits requests (`/healthz`); otherwise why not. A coordinator away
+    /// for less than `coordinator.timeout` still admits them: they wait for the stream.
     pub fn readiness(&self) -> Result<(), GenError> {
-        match &*self.inner.model.health().borrow() {
-            // `ModelHandle::spawn` returns after the load, possibly before the watch says Ready.
-            ModelHealth::Ready | ModelHealth::Loading => {}
-            other => {
-                return Err(GenError::Unavailable(format!(
-                    "the draft model is not ready ({other:?})"
-                )))
-            }
-        }
+        self.model_ready()?;
         match self.inner.ctx.conn.status() {
-            LinkStatus::Up => Ok(()),
-            LinkStatus::Down { since } if since.elapsed() < self.inner.ctx.cfg.timeout => Ok(()),
-            LinkStatus::Down { .. } => Err(GenError::Unavailable(
-                "the coordinator is unreachable; retry later".into(),
-            )),
             LinkStatus::Refused(why) => Err(GenError::ModelMismatch(format!(
                 "the verify fleet does not serve this draft model's tokenizer: {why}"
+            ))),
+            s if s
+                .away_for()
+                .is_some_and(|away| away >= self.inner.ctx.cfg.timeout) =>
+            {
+                Err(GenError::Unavailable(
+                    "the coordinator is unreachable; retry later".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `Ok` when the node can serve right now (`/readyz`): the draft model is up and so is the
+    /// coordinator stream. Otherwise what an operator needs to know, e.g. the coordinator's
+    /// address and the last connection error while connecting.
+    pub fn ready(&self) -> Result<(), String> {
+        self.model_ready().map_err(|e| e.to_string())?;
+        let conn = &self.inner.ctx.conn;
+        match conn.status().describe(conn.address()) {
+            None => Ok(()),
+            Some(why) => Err(why),
+        }
+    }
+
+    fn model_ready(&self) -> Result<(), GenError> {
+        match &*self.inner.model.health().borrow() {
+            // `ModelHandle::spawn` returns after the load, possibly before the watch says Ready.
+            ModelHealth::Ready | ModelHealth::Loading => Ok(()),
+            other => Err(GenError::Unavailable(format!(
+                "the draft model is not ready ({other:?})"
             ))),
         }
     }
 
-    /// Starts a generation. Fails fast when the coordinator is known to be away or the node is
-    /// at its concurrency limit.
+    /// Starts a generation. Fails fast when the coordinator is known to be away or refusing, or
+    /// the node is at its concurrency limit.
     pub fn generate(&self, req: GenerateRequest) -> Result<mpsc::Receiver<GenEvent>, GenError> {
         self.readiness()?;
         let permit = Arc::clone(&self.inner.sessions)
@@ -114,6 +133,44 @@ impl Node {
                 ))
             })?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if matches!(self.inner.ctx.conn.status(), LinkStatus::Connecting { .. }) {
+            return Ok(self.start_once_connected(id, req, permit));
+        }
         Ok(session::spawn(self.inner.ctx.clone(), id, req, permit))
+    }
+
+    /// A request that arrives before the first stream is up waits for it (up to
+    /// `coordinator.timeout`), so its session starts with the coordinator's Welcome (γ bounds,
+    /// speculation on/off) instead of a blank one; its events are passed through.
+    fn start_once_connected(
+        &self,
+        id: u64,
+        req: GenerateRequest,
+        permit: OwnedSemaphorePermit,
+    ) -> mpsc::Receiver<GenEvent> {
+        let (out, rx) = mpsc::channel(1);
+        let ctx = self.inner.ctx.clone();
+        tokio::spawn(async move {
+            let connected = tokio::select! {
+                r = ctx.conn.wait_connected(ctx.cfg.timeout) => r,
+                () = out.closed() => return,
+            };
+            if let Err(e) = connected {
+                let _ = out.send(GenEvent::Failed(e)).await;
+                return;
+            }
+            let mut events = session::spawn(ctx, id, req, permit);
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ev) => if out.send(ev).await.is_err() { return },
+                        None => return,
+                    },
+                    // The client left: dropping `events` cancels the session.
+                    () = out.closed() => return,
+                }
+            }
+        });
+        rx
     }
 }

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (JSON or SSE),
-//! `/v1/models`, plus `/healthz` and `/metrics`.
+//! `/v1/models`, plus `/healthz` (admitting requests), `/readyz` (connected: route traffic here)
+//! and `/metrics`.
 
 mod error;
 mod openai;
@@ -40,6 +41,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
@@ -95,6 +97,19 @@ async fn healthz(State(s): State<AppState>) -> Response {
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "reason": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// 200 only while the coordinator stream is up: 503, with the reason, while the node connects
+/// (it serves from the start and retries for as long as it runs), reconnects or is refused.
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.node.ready() {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": reason})),
         )
             .into_response(),
     }
