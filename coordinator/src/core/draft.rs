@@ -121,65 +121,102 @@ impl Core {
         self.metrics.draft_streams.set(self.streams.len() as i64);
     }
 
+    /// A block: check the stream against the fleet, find or open its session, let the γ
+    /// controller see its timing, place the session and queue the block for its node.
     fn on_block(&mut self, stream: StreamId, db: DraftBlock, now: Instant, out: &mut Out) {
         let sid = (db.block.session_id, db.block.round);
-        let now_s = self.secs(now);
-        let Some(link) = self.streams.get_mut(&stream) else {
+        if !self.streams.contains_key(&stream) {
+            return; // the stream ended meanwhile
+        }
+        if let Err((code, msg)) = self.check_fleet(stream, &db) {
+            return self.session_error(out, stream, sid, code, msg);
+        }
+        let Some(global) = self.session_for(stream, &db, out) else {
             return;
+        };
+        if self.sessions[&global].busy {
+            let msg = "a block of this session is already queued or in flight";
+            return self.session_error(out, stream, sid, ErrorCode::InvalidArgument, msg);
+        }
+        self.observe_arrival(stream, global, &db, now);
+        if !self.ensure_placed(global, sid, stream, out) {
+            return;
+        }
+        self.enqueue(stream, global, db, now, out);
+    }
+
+    /// Whether the stream can be served at all: a verify node is up and runs the stream's
+    /// model (the fleet may have been empty when the stream said hello).
+    fn check_fleet(
+        &mut self,
+        stream: StreamId,
+        db: &DraftBlock,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(link) = self.streams.get_mut(&stream) else {
+            return Err((ErrorCode::Internal, "unknown draft stream".into()));
         };
         link.side.report_draft_cost(f64::from(db.draft_s_per_token));
         if self.registry.up_count() == 0 {
             let msg = "no verify node is available; retry later";
-            return self.session_error(out, stream, sid, ErrorCode::Unavailable, msg);
+            return Err((ErrorCode::Unavailable, msg.into()));
         }
-        // The fleet may have been empty when the stream said hello.
         let fleet = self.registry.fleet_fingerprint().unwrap_or_default();
-        if self
-            .streams
-            .get(&stream)
-            .is_some_and(|l| l.fingerprint != fleet)
-        {
+        if link.fingerprint != fleet {
             let msg = format!(
                 "model mismatch: this draft node's model differs from the verify fleet's ({fleet})"
             );
-            return self.session_error(out, stream, sid, ErrorCode::ModelMismatch, msg);
+            return Err((ErrorCode::ModelMismatch, msg));
         }
-        let key = (stream, db.block.session_id);
-        let global = match self.by_key.get(&key).copied() {
-            Some(g) => g,
-            None if db.block.history.is_none() => {
-                let msg = "session unknown to the coordinator; resend the block with its history";
-                return self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
-            }
-            None => match self.open_session(stream, &db, out) {
-                Some(g) => g,
-                None => return,
-            },
+        Ok(())
+    }
+
+    /// The block's session: the known one, or a new one when the block carries its history
+    /// (`None`: the block was answered with an error).
+    fn session_for(&mut self, stream: StreamId, db: &DraftBlock, out: &mut Out) -> Option<u64> {
+        if let Some(g) = self.by_key.get(&(stream, db.block.session_id)) {
+            return Some(*g);
+        }
+        if db.block.history.is_none() {
+            let sid = (db.block.session_id, db.block.round);
+            let msg = "session unknown to the coordinator; resend the block with its history";
+            self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
+            return None;
+        }
+        self.open_session(stream, db, out)
+    }
+
+    /// Feeds the block's timing and size to the γ controller.
+    fn observe_arrival(&mut self, stream: StreamId, global: u64, db: &DraftBlock, now: Instant) {
+        let now_s = self.secs(now);
+        let (Some(link), Some(s)) = (
+            self.streams.get_mut(&stream),
+            self.sessions.get_mut(&global),
+        ) else {
+            return;
         };
-        let s = self
-            .sessions
-            .get_mut(&global)
-            .expect("indexed session exists");
-        if s.busy {
-            let msg = "a block of this session is already queued or in flight";
-            return self.session_error(out, stream, sid, ErrorCode::InvalidArgument, msg);
-        }
-        let gamma = db.block.draft_tokens.len();
         let arrival = BlockArrival {
             now_s,
-            gamma,
+            gamma: db.block.draft_tokens.len(),
             q_entries: db.block.draft_probs.iter().map(|q| q.ids.len()).sum(),
             drafted_ahead: db.drafted_ahead,
             last_round_trip_s: db.last_round_trip_ns as f64 * 1e-9,
             last_server_s: std::mem::take(&mut s.last_server_ns) as f64 * 1e-9,
         };
-        if let Some(link) = self.streams.get_mut(&stream) {
-            self.gamma.on_block(&mut link.side, &mut s.g, arrival);
-        }
-        if !self.ensure_placed(global, sid, stream, out) {
-            return;
-        }
-        let s = self.sessions.get_mut(&global).expect("session exists");
+        self.gamma.on_block(&mut link.side, &mut s.g, arrival);
+    }
+
+    /// Queues the block of a placed session for its node (admission by the node's queued-token
+    /// limit) and sends the batch if it is due.
+    fn enqueue(
+        &mut self,
+        stream: StreamId,
+        global: u64,
+        db: DraftBlock,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let sid = (db.block.session_id, db.block.round);
+        let s = &self.sessions[&global];
         if db.block.history.is_none() && !s.synced {
             let msg = "the session moved to another verify node; resend the block with its history";
             return self.session_error(out, stream, sid, ErrorCode::ResyncNeeded, msg);
@@ -192,8 +229,7 @@ impl Core {
             .get(&node)
             .is_none_or(|q| q.admits(tokens, max_queued));
         if !admits {
-            let fresh = self.sessions[&global].g.rounds() == 0 && !self.sessions[&global].synced;
-            if fresh {
+            if s.g.rounds() == 0 && !s.synced {
                 self.drop_session(global, out);
             }
             let msg = format!("verify node {node} is at its queued-token limit; retry later");
