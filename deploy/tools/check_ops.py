@@ -26,7 +26,7 @@ BASE_KUSTOMIZATION = cd.K8S / "base" / "kustomization.yaml"
 DOCKERFILE_CUDA = cd.DEPLOY / "container" / "Dockerfile.cuda"
 CUDA_SCRIPT = cd.DEPLOY / "tools" / "cuda-from-pypi.sh"
 COORDINATOR_APP = cd.ROOT / "coordinator" / "src" / "app.rs"
-# The runtime's certificate expiry gauge (node-runtime, every node's /metrics).
+# The runtime's certificate expiry gauge (node-runtime, every node's /metrics in mtls mode).
 CERT_EXPIRY_METRIC = "edgespec_tls_cert_expiry_timestamp_seconds"
 # Oldest driver (major) that runs each CUDA major's PTX (13.0: driver 580).
 MIN_DRIVER = {12: 525, 13: 580}
@@ -488,7 +488,7 @@ def cmd_monitoring(metrics_file: str | None) -> None:
              "deploy_manifests test renders it from the crates' metrics modules)")
         return
     exposition = Path(metrics_file).read_text()
-    known = exported_series(exposition) | {CERT_EXPIRY_METRIC}
+    known = exported_series(exposition)
     # Prose may name a family (a histogram by its name); queries must name a series.
     families = set(re.findall(r"^# TYPE (\S+) ", exposition, re.M))
     files, docs = cd.load_docs()

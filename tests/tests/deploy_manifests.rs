@@ -363,8 +363,8 @@ fn config_overlays_set_only_keys_that_exist_in_the_crate_defaults() {
 
 /// The `/metrics` text of every node kind, from the crates' own metrics modules: the names (and
 /// types) the rules, the dashboard, the KEDA queries and the docs may use. A labelled family
-/// shows only once it has a child, so each gets one. The certificate expiry gauge, which the
-/// runtime adds to every node's `/metrics`, is known to the checker.
+/// shows only once it has a child, so each gets one. The runtime adds the certificate expiry
+/// gauge to every node's `/metrics` (in mtls mode only, so it is named here).
 fn exported_metrics() -> String {
     use edgespec_coordinator::metrics::PoolLabel;
     let coordinator = edgespec_coordinator::metrics::Metrics::new();
@@ -380,7 +380,11 @@ fn exported_metrics() -> String {
     draft.request("chat", "ok");
     let verify = edgespec_verify_node::metrics::Metrics::new();
     verify.session_error("resync_needed");
-    [coordinator.encode(), draft.render(), verify.encode()].join("\n")
+    let tls = format!(
+        "# TYPE {} gauge\n",
+        edgespec_runtime::tls::CERT_EXPIRY_METRIC
+    );
+    [coordinator.encode(), draft.render(), verify.encode(), tls].join("\n")
 }
 
 #[test]
