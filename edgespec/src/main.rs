@@ -1,5 +1,8 @@
-//! `edgespec`: the operator CLI — a local cluster in one command, model fetch, link emulator.
+//! `edgespec`: the operator CLI — a local cluster in one command, model fetch, link emulator,
+//! benchmarks, and `admin` for a running fleet's coordinator.
 #![forbid(unsafe_code)]
+
+mod admin_cli;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -42,6 +45,9 @@ enum Command {
     Link(LinkArgs),
     /// Run a benchmark scenario (docs/BENCHMARKS.md): JSON, PNG plots and a markdown table.
     Bench(BenchArgs),
+    /// Operate a running fleet through its coordinator's admin API (token: EDGESPEC_ADMIN_TOKEN
+    /// or --token-file).
+    Admin(admin_cli::AdminArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -192,12 +198,7 @@ impl BenchArgs {
 fn main() -> Result<()> {
     // Before any thread exists: size candle's pool to this process's CPU affinity.
     edgespec_model::configure_cpu_threads();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    edgespec_runtime::init_tracing("warn", edgespec_runtime::LogOutput::Stderr);
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -208,6 +209,7 @@ fn main() -> Result<()> {
             Command::Link(a) => link(a).await,
             Command::Bench(a) if a.scenario == "chaos" => chaos(a).await,
             Command::Bench(a) => edgespec::bench::run(a.into_options()).await.map(|_| ()),
+            Command::Admin(a) => admin_cli::run(a, &mut std::io::stdout().lock()).await,
         }
     })
 }
