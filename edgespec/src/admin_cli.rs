@@ -305,104 +305,71 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn fields(v: &Value, keys: &[&str]) -> Vec<String> {
-    keys.iter().map(|k| text(&v[*k])).collect()
+/// A table's columns: (header, field of the API's JSON).
+type Columns = [(&'static str, &'static str)];
+
+const VERIFIER_COLUMNS: &Columns = &[
+    ("ID", "id"),
+    ("POOL", "pool"),
+    ("HEALTH", "health"),
+    ("ADMIN", "admin"),
+    ("SESSIONS", "sessions"),
+    ("CAPACITY", "capacity"),
+    ("QUEUED", "queued_tokens"),
+    ("DELAY_MS", "predicted_queue_delay_ms"),
+    ("DEVICE", "device"),
+    ("ADDR", "addr"),
+];
+
+const DRAFT_COLUMNS: &Columns = &[
+    ("NODE", "node_id"),
+    ("STREAM", "stream"),
+    ("SESSIONS", "sessions"),
+    ("RTT_MS", "rtt_ms"),
+    ("BANDWIDTH_B/S", "bandwidth_bytes_per_s"),
+    ("DRAFT_MS/TOK", "draft_ms_per_token"),
+    ("ACCEPTANCE", "acceptance"),
+    ("PIPELINED", "pipelined"),
+];
+
+const SESSION_COLUMNS: &Columns = &[
+    ("ID", "id"),
+    ("DRAFT", "draft_node"),
+    ("VERIFIER", "verifier"),
+    ("GAMMA", "gamma"),
+    ("ALPHA", "alpha"),
+    ("ROUNDS", "rounds"),
+    ("DRAFTED", "drafted_tokens"),
+    ("ACCEPTED", "accepted_tokens"),
+];
+
+/// The objects of `v[key]` as a table with these columns.
+fn objects_table(v: &Value, key: &str, columns: &Columns) -> String {
+    let header: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+    let rows: Vec<Vec<String>> = items(v, key)
+        .iter()
+        .map(|o| columns.iter().map(|(_, k)| text(&o[*k])).collect())
+        .collect();
+    table(&header, &rows)
 }
 
 fn nodes_table(v: &Value) -> String {
-    let verifiers: Vec<Vec<String>> = items(v, "verifiers")
-        .iter()
-        .map(|n| {
-            fields(
-                n,
-                &[
-                    "id",
-                    "pool",
-                    "health",
-                    "admin",
-                    "sessions",
-                    "capacity",
-                    "queued_tokens",
-                    "predicted_queue_delay_ms",
-                    "device",
-                    "addr",
-                ],
-            )
-        })
-        .collect();
-    let drafts: Vec<Vec<String>> = items(v, "drafts")
-        .iter()
-        .map(|d| {
-            fields(
-                d,
-                &[
-                    "node_id",
-                    "stream",
-                    "sessions",
-                    "rtt_ms",
-                    "bandwidth_bytes_per_s",
-                    "draft_ms_per_token",
-                    "acceptance",
-                    "pipelined",
-                ],
-            )
-        })
-        .collect();
     format!(
         "coordinator {}  fleet {}\n\nverify nodes ({})\n{}\ndraft streams ({})\n{}",
         text(&v["coordinator_id"]),
         text(&v["fleet_fingerprint"]),
-        verifiers.len(),
-        table(
-            &[
-                "ID", "POOL", "HEALTH", "ADMIN", "SESSIONS", "CAPACITY", "QUEUED", "DELAY_MS",
-                "DEVICE", "ADDR",
-            ],
-            &verifiers
-        ),
-        drafts.len(),
-        table(
-            &[
-                "NODE",
-                "STREAM",
-                "SESSIONS",
-                "RTT_MS",
-                "BANDWIDTH_B/S",
-                "DRAFT_MS/TOK",
-                "ACCEPTANCE",
-                "PIPELINED"
-            ],
-            &drafts
-        ),
+        items(v, "verifiers").len(),
+        objects_table(v, "verifiers", VERIFIER_COLUMNS),
+        items(v, "drafts").len(),
+        objects_table(v, "drafts", DRAFT_COLUMNS),
     )
 }
 
 fn sessions_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = items(v, "sessions")
-        .iter()
-        .map(|s| {
-            fields(
-                s,
-                &[
-                    "id",
-                    "draft_node",
-                    "verifier",
-                    "gamma",
-                    "alpha",
-                    "rounds",
-                    "drafted_tokens",
-                    "accepted_tokens",
-                ],
-            )
-        })
-        .collect();
     format!(
         "{} sessions\n{}",
         text(&v["count"]),
-        table(
-            &["ID", "DRAFT", "VERIFIER", "GAMMA", "ALPHA", "ROUNDS", "DRAFTED", "ACCEPTED"],
-            &rows
-        )
+        objects_table(v, "sessions", SESSION_COLUMNS)
     )
 }
 
