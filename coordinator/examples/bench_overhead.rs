@@ -7,10 +7,13 @@
 //!
 //! `cargo run --release -p edgespec-coordinator --example bench_overhead [-- <window-ms>...]`
 
-use edgespec_coordinator::testing::{
+use edgespec_coordinator::{App, Settings};
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
+use edgespec_testkit::harness::Running;
+use edgespec_testkit::scripted::{
     DraftClient, ScriptedVerifier, ScriptedVerifierConfig, SessionScript,
 };
-use edgespec_coordinator::{App, Settings};
+use edgespec_testkit::stats::quantile;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,11 +31,6 @@ struct Row {
     coord_p99: Duration,
 }
 
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort_unstable();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
 async fn run(window: Duration, sessions: usize) -> anyhow::Result<Row> {
     let mut s = Settings::for_tests();
     s.admin.token = "bench".into();
@@ -41,22 +39,20 @@ async fn run(window: Duration, sessions: usize) -> anyhow::Result<Row> {
     s.admission.max_queued_tokens_per_node = 1 << 20;
     let app = App::build(s).await?;
     let url = format!("http://{}", app.grpc_addr());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(app.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let admin = AdminApi::http(app.http_addr(), "bench");
+    let coordinator = Running::spawn(|shutdown| app.run(shutdown));
     let mut verifiers = Vec::new();
     for (i, pool) in ["onprem", "onprem"].iter().enumerate() {
         let mut cfg = ScriptedVerifierConfig::new(&format!("v{i}"), pool, &url);
         cfg.capacity = 4096;
         verifiers.push(ScriptedVerifier::start(cfg).await?);
     }
-    // Wait (bounded) until the verifiers registered.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while verifiers.iter().any(|v| v.registrations() == 0) {
-        anyhow::ensure!(Instant::now() < deadline, "verifiers did not register");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    admin
+        .wait_fleet(
+            FleetWait::new(verifiers.len(), 0, Duration::from_secs(10)),
+            || Ok(()),
+        )
+        .await?;
     let mut clients = Vec::new();
     for i in 0..DRAFT_NODES {
         clients.push(Arc::new(
@@ -76,24 +72,24 @@ async fn run(window: Duration, sessions: usize) -> anyhow::Result<Row> {
     let (mut lat, mut coord) = (Vec::new(), Vec::new());
     let mut rounds = 0;
     for r in runs {
-        let rep = r.await?.map_err(anyhow::Error::msg)?;
+        let rep = r.await??;
         rounds += rep.rounds;
         lat.extend(rep.latencies);
         coord.extend(rep.coordinator_ns.into_iter().map(Duration::from_nanos));
     }
     let wall = start.elapsed();
-    let _ = stop_tx.send(());
     drop(clients);
-    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), coordinator.stop()).await;
+    let pct = |v: &[Duration], q: f64| quantile(v, q).unwrap_or_default();
     Ok(Row {
         window_ms: window.as_secs_f64() * 1e3,
         sessions,
         rounds,
         wall,
-        p50: pct(&mut lat, 0.5),
-        p99: pct(&mut lat, 0.99),
-        coord_p50: pct(&mut coord, 0.5),
-        coord_p99: pct(&mut coord, 0.99),
+        p50: pct(&lat, 0.5),
+        p99: pct(&lat, 0.99),
+        coord_p50: pct(&coord, 0.5),
+        coord_p99: pct(&coord, 0.99),
     })
 }
 

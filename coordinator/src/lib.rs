@@ -20,7 +20,6 @@ pub mod placement;
 pub mod policy;
 pub mod registry;
 mod settings;
-pub mod testing;
 
 pub use app::App;
 pub use error::Error;

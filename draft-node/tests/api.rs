@@ -409,9 +409,10 @@ async fn shutdown_lets_in_flight_requests_finish() {
         .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
         .collect();
     assert_eq!(streamed, expected);
-    tokio::time::timeout(Duration::from_secs(10), &mut h.node.done)
+    tokio::time::timeout(Duration::from_secs(10), h.node.running.finished())
         .await
         .expect("the node stops after its last request")
+        .unwrap()
         .unwrap();
     assert!(
         reqwest::get(h.node.url("/healthz")).await.is_err(),

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
+use edgespec_testkit::reference::references;
+use edgespec_testkit::stats::quantile;
+use edgespec_testkit::tiny::write_tiny_pair;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -283,33 +285,10 @@ pub async fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     std::fs::create_dir_all(&o.dir)?;
     let target = o.dir.join("chaos-target.gguf");
     let draft = o.dir.join("chaos-draft.gguf");
-    write_tiny_gguf(
-        &target,
-        &TinySpec {
-            seed: 11,
-            ..Default::default()
-        },
-    )?;
     // The same weights quantised coarser: the draft agrees with the target most of the time and
     // disagrees sometimes, so answers mix acceptances, rejections and corrections.
-    write_tiny_gguf(
-        &draft,
-        &TinySpec {
-            seed: 11,
-            weights: edgespec_model::synthetic::TinyWeights::Q4_0,
-            ..Default::default()
-        },
-    )?;
-    let max = o.max_tokens as usize;
-    let t = target.clone();
-    let references: Vec<Vec<u32>> = tokio::task::spawn_blocking(move || {
-        PROMPTS
-            .iter()
-            .map(|p| crate::reference::target_only_greedy_ids(&t, p, max))
-            .collect::<Result<Vec<_>>>()
-    })
-    .await??;
-    let references = Arc::new(references);
+    write_tiny_pair(&target, &draft, 11)?;
+    let references = Arc::new(references(&target, &PROMPTS, o.max_tokens as usize).await?);
 
     let started = Instant::now();
     let mut fleet = start_fleet(&target, &draft).await?;
@@ -390,14 +369,8 @@ pub async fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     }
     fleet.link_stop.cancel();
 
-    let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
-    t.latencies.sort();
-    let pct = |q: f64| {
-        t.latencies
-            .get(((t.latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
+    let t = std::mem::take(&mut *tally.lock().expect("tally"));
+    let pct = |q: f64| quantile(&t.latencies, q).unwrap_or_default();
     Ok(ChaosReport {
         elapsed: started.elapsed(),
         completed: t.completed,

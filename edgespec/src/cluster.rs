@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::task::JoinHandle;
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
+use edgespec_testkit::harness::Running;
 use tokio_util::sync::CancellationToken;
 
 use crate::linkemu::{LinkControl, LinkEmulator, LinkProfile};
@@ -85,17 +86,8 @@ impl ClusterOptions {
     }
 }
 
-struct Component {
-    stop: CancellationToken,
-    task: JoinHandle<Result<()>>,
-}
-
-impl Component {
-    async fn stop(self) -> Result<()> {
-        self.stop.cancel();
-        self.task.await.context("component task panicked")?
-    }
-}
+/// A node or link emulator of the cluster, running in this process.
+type Component = Running<Result<()>>;
 
 /// A draft node of a running cluster.
 #[derive(Debug, Clone)]
@@ -123,9 +115,8 @@ pub struct LocalCluster {
     pub verify_grpc: Vec<SocketAddr>,
     /// The draft nodes.
     pub drafts: Vec<DraftHandle>,
-    /// A client for the admin API (trusting the fleet CA when the cluster runs mTLS).
-    admin: reqwest::Client,
-    admin_scheme: &'static str,
+    /// The admin API (its client trusts the fleet CA when the cluster runs mTLS).
+    admin: AdminApi,
     coordinator_settings: edgespec_coordinator::Settings,
     coordinator: Option<Component>,
     verifiers: Vec<Option<Component>>,
@@ -173,7 +164,7 @@ impl LocalCluster {
         }
         let (coordinator, coordinator_grpc, admin_http) = start_coordinator(cs.clone()).await?;
         // In mTLS mode the admin API is HTTPS with the coordinator's certificate.
-        let (admin, admin_scheme) = match &opts.tls {
+        let (client, scheme) = match &opts.tls {
             Some(t) => {
                 let ca = std::fs::read(&t.coordinator.ca)
                     .with_context(|| format!("reading {}", t.coordinator.ca.display()))?;
@@ -183,6 +174,11 @@ impl LocalCluster {
                 (client, "https")
             }
             None => (reqwest::Client::new(), "http"),
+        };
+        let admin = AdminApi {
+            client,
+            base: format!("{scheme}://{admin_http}"),
+            token: LOCAL_ADMIN_TOKEN.into(),
         };
         // A restart must come back on the same addresses, which the nodes keep dialling.
         cs.grpc.listen = coordinator_grpc;
@@ -203,10 +199,9 @@ impl LocalCluster {
                 .await
                 .with_context(|| format!("starting verify node {i}"))?;
             verify_grpc.push(app.grpc_addr());
-            let stop = CancellationToken::new();
-            let fut = stop.clone().cancelled_owned();
-            let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
-            verifiers.push(Some(Component { stop, task }));
+            verifiers.push(Some(Running::spawn(|shutdown| async move {
+                Ok(app.run(shutdown).await?)
+            })));
         }
 
         let mut drafts = Vec::new();
@@ -228,7 +223,7 @@ impl LocalCluster {
                         handle.await.context("link emulator task")?;
                         Ok(())
                     });
-                    links.push(Component { stop, task });
+                    links.push(Running::adopt(stop, task));
                     (addr, Some(control))
                 }
                 None => (coordinator_grpc, None),
@@ -251,10 +246,9 @@ impl LocalCluster {
                 http: app.http_addr(),
                 link,
             });
-            let stop = CancellationToken::new();
-            let fut = stop.clone().cancelled_owned();
-            let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
-            draft_nodes.push(Component { stop, task });
+            draft_nodes.push(Running::spawn(|shutdown| async move {
+                Ok(app.run(shutdown).await?)
+            }));
         }
 
         let cluster = Self {
@@ -263,7 +257,6 @@ impl LocalCluster {
             verify_grpc,
             drafts,
             admin,
-            admin_scheme,
             coordinator_settings: cs,
             coordinator: Some(coordinator),
             verifiers,
@@ -276,41 +269,21 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// Polls the coordinator until `verifiers` verify nodes are registered and up.
+    /// Polls the coordinator until `verifiers` verify nodes are registered and up and every
+    /// draft node is connected.
     async fn wait_ready(&self, verifiers: usize, deadline: Duration) -> Result<()> {
-        let client = &self.admin;
-        let url = self.admin_url("/admin/v1/nodes");
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let (up, drafts) = match client.get(&url).bearer_auth(LOCAL_ADMIN_TOKEN).send().await {
-                Ok(r) if r.status().is_success() => {
-                    let v: serde_json::Value = r.json().await.unwrap_or_default();
-                    count_connected(&v)
-                }
-                _ => (0, 0),
-            };
-            if up >= verifiers && drafts >= self.drafts.len() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > until {
-                bail!(
-                    "within {deadline:?} only {up} of {verifiers} verify nodes registered and \
-                     {drafts} of {} draft nodes connected",
-                    self.drafts.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let want = FleetWait::new(verifiers, self.drafts.len(), deadline);
+        self.admin.wait_fleet(want, || Ok(())).await
     }
 
     /// The admin API's URL for `path` (`https://` when the cluster runs mTLS).
     pub fn admin_url(&self, path: &str) -> String {
-        format!("{}://{}{path}", self.admin_scheme, self.admin_http)
+        format!("{}{path}", self.admin.base)
     }
 
     /// A client for [`LocalCluster::admin_url`] (it trusts the fleet CA in mTLS mode).
     pub fn admin_client(&self) -> &reqwest::Client {
-        &self.admin
+        &self.admin.client
     }
 
     /// The first draft node's API base URL.
@@ -321,7 +294,7 @@ impl LocalCluster {
     /// Stops verify node `i` (its server goes away; the coordinator fails its sessions over).
     pub async fn kill_verify_node(&mut self, i: usize) -> Result<()> {
         match self.verifiers.get_mut(i).and_then(Option::take) {
-            Some(c) => c.stop().await,
+            Some(c) => c.close().await,
             None => bail!("verify node {i} is not running"),
         }
     }
@@ -329,7 +302,7 @@ impl LocalCluster {
     /// Stops the coordinator and starts a fresh one (empty state) on the same addresses.
     pub async fn restart_coordinator(&mut self) -> Result<()> {
         if let Some(c) = self.coordinator.take() {
-            c.stop().await.context("stopping the coordinator")?;
+            c.close().await.context("stopping the coordinator")?;
         }
         let (c, _, _) = start_coordinator(self.coordinator_settings.clone()).await?;
         self.coordinator = Some(c);
@@ -344,7 +317,7 @@ impl LocalCluster {
         all.append(&mut self.links);
         let mut first = Ok(());
         for c in all {
-            let r = c.stop().await;
+            let r = c.close().await;
             if first.is_ok() {
                 first = r;
             }
@@ -360,19 +333,6 @@ async fn start_coordinator(
         .await
         .context("starting the coordinator")?;
     let (grpc, admin) = (app.grpc_addr(), app.http_addr());
-    let stop = CancellationToken::new();
-    let fut = stop.clone().cancelled_owned();
-    let task = tokio::spawn(async move { Ok(app.run(fut).await?) });
-    Ok((Component { stop, task }, grpc, admin))
-}
-
-/// (verify nodes registered and up, draft nodes connected), from `GET /admin/v1/nodes`.
-fn count_connected(v: &serde_json::Value) -> (usize, usize) {
-    let up = v["verifiers"].as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|n| n["health"].as_str() == Some("up"))
-            .count()
-    });
-    let drafts = v["drafts"].as_array().map_or(0, Vec::len);
-    (up, drafts)
+    let running = Running::spawn(|shutdown| async move { Ok(app.run(shutdown).await?) });
+    Ok((running, grpc, admin))
 }

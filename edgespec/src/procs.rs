@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
 use tokio::process::{Child, Command};
 
 /// Admin token of the coordinators started here.
@@ -159,15 +160,7 @@ impl NodeProcess {
 
 /// `GET` an admin path of the coordinator at `admin` as JSON.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<serde_json::Value> {
-    Ok(reqwest::Client::new()
-        .get(format!("http://{admin}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
+    AdminApi::http(admin, ADMIN_TOKEN).get(path).await
 }
 
 /// Waits until the coordinator at `admin` has `verifiers` verify nodes up and `drafts` draft
@@ -179,8 +172,8 @@ pub async fn wait_fleet(
     drafts: usize,
     procs: &mut [&mut NodeProcess],
 ) -> Result<()> {
-    let until = tokio::time::Instant::now() + Duration::from_secs(240);
-    loop {
+    let want = FleetWait::new(verifiers, drafts, Duration::from_secs(240));
+    let alive = || {
         for p in procs.iter_mut() {
             if !p.is_running() {
                 bail!(
@@ -190,22 +183,12 @@ pub async fn wait_fleet(
                 );
             }
         }
-        if let Ok(v) = admin_get(admin, "/admin/v1/nodes").await {
-            let up = v["verifiers"].as_array().map_or(0, |a| {
-                a.iter()
-                    .filter(|n| n["health"].as_str() == Some("up"))
-                    .count()
-            });
-            let connected = v["drafts"].as_array().map_or(0, Vec::len);
-            if up >= verifiers && connected >= drafts {
-                return Ok(());
-            }
-        }
-        if tokio::time::Instant::now() > until {
-            bail!("the fleet did not come up: wanted {verifiers} verify nodes and {drafts} drafts");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(())
+    };
+    AdminApi::http(admin, ADMIN_TOKEN)
+        .wait_fleet(want, alive)
+        .await
+        .context("the fleet did not come up")
 }
 
 /// Settings of a coordinator on fixed addresses with a fixed γ.

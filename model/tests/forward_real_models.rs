@@ -13,6 +13,8 @@ use candle_transformers::models::quantized_qwen2::ModelWeights;
 use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{CausalLm, ChatMessage, DeviceKind, SeqLogits, SeqRequest, TextTokenizer};
+use edgespec_specdec::argmax;
+use edgespec_testkit::reference::greedy_continuation;
 
 const TARGET: KnownModel = KnownModel::Qwen15bTarget;
 const DRAFT: KnownModel = KnownModel::Qwen05bDraft;
@@ -32,16 +34,6 @@ fn req(session: u64, start: usize, tokens: &[u32], last: usize) -> SeqRequest {
     }
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn chat_prompt(tok: &TextTokenizer, user: &str) -> Vec<u32> {
     let text = tok.apply_chat_template(&[ChatMessage::new("user", user)], true);
     tok.encode(&text).unwrap()
@@ -49,16 +41,7 @@ fn chat_prompt(tok: &TextTokenizer, user: &str) -> Vec<u32> {
 
 /// Greedy decoding with our forward: a prefill, then one token per step.
 fn greedy(m: &mut dyn CausalLm, prompt: &[u32], n: usize) -> Vec<u32> {
-    let out = m.forward_batch(&[req(1, 0, prompt, 1)]).unwrap();
-    let mut toks = vec![argmax(out[0].row(0))];
-    while toks.len() < n {
-        let last = *toks.last().unwrap();
-        let pos = prompt.len() + toks.len() - 1;
-        let out = m.forward_batch(&[req(1, pos, &[last], 1)]).unwrap();
-        toks.push(argmax(out[0].row(0)));
-    }
-    m.release(1);
-    toks
+    greedy_continuation(m, 1, prompt, n, &[]).unwrap()
 }
 
 fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {

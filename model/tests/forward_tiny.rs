@@ -1,27 +1,15 @@
 //! Forward-pass behaviour on tiny synthetic models: ragged batches, all-position logits, KV
 //! truncation, input validation, and bit-exact batch invariance.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgespec_model::forward::load_gguf;
 use edgespec_model::synthetic::{write_tiny_gguf, TinyArch, TinySpec, TinyWeights};
 use edgespec_model::{CausalLm, DeviceKind, ModelError, SeqLogits, SeqRequest};
-
-struct Tiny {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    spec: TinySpec,
-}
+use edgespec_testkit::tiny::TinyModel as Tiny;
 
 fn tiny(spec: TinySpec) -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&path, &spec).unwrap();
-    Tiny {
-        _dir: dir,
-        path,
-        spec,
-    }
+    Tiny::new(spec)
 }
 
 fn load(path: &Path) -> Box<dyn CausalLm> {

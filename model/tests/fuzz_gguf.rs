@@ -31,8 +31,9 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file::{Content, Value};
 use edgespec_model::fetch::{cached_model_path, default_cache_dir, KnownModel};
 use edgespec_model::forward::{load_gguf, read_gguf_content};
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
+use edgespec_model::synthetic::TinySpec;
 use edgespec_model::{ChatMessage, DeviceKind, ModelError, SeqRequest, TextTokenizer};
+use edgespec_testkit::tiny::TinyModel;
 use fuzz_support::{byte_mutation, mutate_bytes, ByteMutation, Counters};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -56,10 +57,8 @@ fn spec() -> TinySpec {
 fn tiny_bytes() -> &'static [u8] {
     static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BYTES.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        write_tiny_gguf(&path, &spec()).unwrap();
-        std::fs::read(&path).unwrap()
+        let m = TinyModel::new(spec());
+        std::fs::read(&m.path).unwrap()
     })
 }
 

@@ -4,21 +4,18 @@
 use std::io::BufReader;
 
 use candle_core::quantized::gguf_file;
-use edgespec_model::synthetic::{write_tiny_gguf, TinyArch, TinySpec};
+use edgespec_model::synthetic::{TinyArch, TinySpec};
 use edgespec_model::{ChatMessage, TextTokenizer};
+use edgespec_testkit::tiny::TinyModel;
 
 fn tiny(arch: TinyArch) -> (TinySpec, TextTokenizer, gguf_file::Content) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec {
+    let m = TinyModel::new(TinySpec {
         arch,
         ..TinySpec::default()
-    };
-    write_tiny_gguf(&path, &spec).unwrap();
-    let tok = TextTokenizer::from_gguf(&path).unwrap();
-    let content =
-        gguf_file::Content::read(&mut BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
-    (spec, tok, content)
+    });
+    let file = std::fs::File::open(&m.path).unwrap();
+    let content = gguf_file::Content::read(&mut BufReader::new(file)).unwrap();
+    (m.spec.clone(), m.tokenizer(), content)
 }
 
 #[test]

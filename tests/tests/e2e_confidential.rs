@@ -14,8 +14,9 @@ use anyhow::{ensure, Result};
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec::cluster::{ClusterOptions, LocalCluster};
 use edgespec_model::forward::load_gguf;
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec, TinyWeights};
+use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
 use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
+use edgespec_testkit::tiny::write_tiny_pair;
 use tracing_subscriber::fmt::format::FmtSpan;
 
 #[derive(Clone, Default)]
@@ -120,15 +121,8 @@ async fn logs_of_every_node_and_thread_hold_no_prompt_or_completion() -> Result<
     let dir = tempfile::tempdir()?;
     let target = dir.path().join("target.gguf");
     let draft = dir.path().join("draft.gguf");
-    write_tiny_gguf(&target, &TinySpec::default())?;
     // A draft close to the target but not equal to it, so rejections and corrections run too.
-    write_tiny_gguf(
-        &draft,
-        &TinySpec {
-            weights: TinyWeights::Q4_0,
-            ..Default::default()
-        },
-    )?;
+    write_tiny_pair(&target, &draft, TinySpec::default().seed)?;
     // The canary is a character no log line has any reason to hold: printing the prompt in any
     // granularity (whole, word by word, character by character) shows it.
     let prompt = format!("Summarise the plan for {SECRET} {CANARY} in one line.");

@@ -5,7 +5,8 @@
 use anyhow::Context;
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec::cluster::{ClusterOptions, LocalCluster, PolicyOverrides};
-use edgespec_tests::{qwen_pair, target_only_greedy_ids, PROMPTS};
+use edgespec_testkit::reference::references;
+use edgespec_tests::{qwen_pair, PROMPTS};
 
 const MAX_TOKENS: u32 = 40;
 
@@ -30,14 +31,7 @@ async fn complete(cluster: &LocalCluster, prompt: &str) -> anyhow::Result<ChatOu
 async fn speculative_greedy_equals_target_only_greedy_on_the_real_pair() -> anyhow::Result<()> {
     edgespec_tests::init_logs();
     let (target, draft) = qwen_pair()?;
-    let t = target.clone();
-    let references = tokio::task::spawn_blocking(move || {
-        PROMPTS
-            .iter()
-            .map(|p| target_only_greedy_ids(&t, p, MAX_TOKENS as usize))
-            .collect::<anyhow::Result<Vec<_>>>()
-    })
-    .await??;
+    let references = references(&target, &PROMPTS, MAX_TOKENS as usize).await?;
 
     // Fixed γ = 4 so speculation really happens (the adaptive controller may pick γ = 0 on
     // one shared CPU), then the adaptive policy with pipelining.

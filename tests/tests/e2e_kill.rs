@@ -16,7 +16,8 @@ use edgespec::linkemu::{CutMode, LinkControl, LinkEmulator, LinkProfile};
 use edgespec::procs::{
     admin_get, coordinator_env, draft_env, free_addr, verify_env, wait_fleet, NodeProcess, Role,
 };
-use edgespec_tests::{smollm, stream_counting, target_only_greedy_ids, wait_pieces};
+use edgespec_testkit::reference::references;
+use edgespec_tests::{smollm, stream_counting, wait_pieces};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -29,8 +30,9 @@ const MAX_TOKENS: u32 = 64;
 
 async fn reference() -> Result<Vec<u32>> {
     let model = smollm()?;
-    tokio::task::spawn_blocking(move || target_only_greedy_ids(&model, PROMPT, MAX_TOKENS as usize))
+    Ok(references(&model, &[PROMPT], MAX_TOKENS as usize)
         .await?
+        .remove(0))
 }
 
 /// Starts the answer and waits until it is under way (3 pieces of text), or says how it ended.

@@ -12,6 +12,7 @@ use edgespec::client::{stream_chat, ChatRequest};
 use edgespec::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
 use edgespec_runtime::tls::{source_chain, TlsSettings};
+use edgespec_testkit::harness::Running;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
@@ -273,8 +274,7 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     cs.tls = ca.settings("coordinator", &ca.ca_pem)?;
     let coordinator = edgespec_coordinator::App::build(cs).await?;
     let grpc = coordinator.grpc_addr();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
+    let coordinator = Running::spawn(|stop| coordinator.run(stop));
 
     // Signed by another CA, but trusting the fleet's CA (so only the coordinator can object).
     let ds = joining_draft(
@@ -298,9 +298,7 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
         "a plaintext draft node joined a TLS coordinator"
     );
 
-    stop.cancel();
-    task.await??;
-    Ok(())
+    coordinator.close().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,8 +317,7 @@ async fn probes_reach_the_plaintext_health_port_while_the_verifier_stays_behind_
         app.grpc_addr(),
         app.health_addr().context("health_listen was set")?,
     );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(app.run(stop.clone().cancelled_owned()));
+    let node = Running::spawn(|stop| app.run(stop));
 
     // What the kubelet does: a plaintext gRPC health check, no certificate.
     health_check(health, None)
@@ -342,9 +339,7 @@ async fn probes_reach_the_plaintext_health_port_while_the_verifier_stays_behind_
         .context("the health port served the Verifier")?;
     ensure!(err.code() == tonic::Code::Unimplemented, "{err:?}");
 
-    stop.cancel();
-    task.await??;
-    Ok(())
+    node.close().await
 }
 
 #[tokio::test]
@@ -441,8 +436,7 @@ async fn each_role_may_call_only_its_own_rpcs() -> Result<()> {
     cs.tls = ca.settings("coordinator", &ca.ca_pem)?;
     let coordinator = edgespec_coordinator::App::build(cs).await?;
     let cgrpc = coordinator.grpc_addr();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let ctask = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
+    let coordinator = Running::spawn(|stop| coordinator.run(stop));
 
     let mut vs = edgespec_verify_node::Settings::default();
     vs.model.path = model.clone();
@@ -452,7 +446,7 @@ async fn each_role_may_call_only_its_own_rpcs() -> Result<()> {
     // node_id was left empty: the node runs as the id its certificate names.
     ensure!(verify.facts().node_id == "verify-0", "{:?}", verify.facts());
     let vgrpc = verify.grpc_addr();
-    let vtask = tokio::spawn(verify.run(stop.clone().cancelled_owned()));
+    let verify = Running::spawn(|stop| verify.run(stop));
 
     let draft = ca.node("draft")?;
     let verify_b = ca.node_as("verify", "verify-b", true)?;
@@ -598,8 +592,8 @@ async fn each_role_may_call_only_its_own_rpcs() -> Result<()> {
         .to_string();
     ensure!(err.contains("draft-9") && err.contains("draft-0"), "{err}");
 
-    stop.cancel();
-    ctask.await??;
-    vtask.await??;
-    Ok(())
+    coordinator.shutdown();
+    verify.shutdown();
+    coordinator.close().await?;
+    verify.close().await
 }

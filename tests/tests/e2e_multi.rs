@@ -15,7 +15,8 @@ use anyhow::{ensure, Context, Result};
 use edgespec::client::{stream_chat, ChatRequest};
 use edgespec::cluster::{ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides};
 use edgespec::linkemu::LinkProfile;
-use edgespec_tests::{smollm, target_only_greedy_ids, PROMPTS};
+use edgespec_testkit::reference::references;
+use edgespec_tests::{smollm, PROMPTS};
 use futures::future::try_join_all;
 
 const MAX_TOKENS: u32 = 24;
@@ -56,14 +57,7 @@ async fn draft_nodes_over_different_links_share_one_verifier() -> Result<()> {
     let model = smollm()?;
     let dir = tempfile::tempdir()?;
     let draft = disagreeing_draft(&model, dir.path())?;
-    let m = model.clone();
-    let references = tokio::task::spawn_blocking(move || {
-        PROMPTS
-            .iter()
-            .map(|p| target_only_greedy_ids(&m, p, MAX_TOKENS as usize))
-            .collect::<Result<Vec<_>>>()
-    })
-    .await??;
+    let references = references(&model, &PROMPTS, MAX_TOKENS as usize).await?;
 
     let mut opts = ClusterOptions::new(model, draft);
     opts.drafts = [0u64, 20, 50]

@@ -12,9 +12,9 @@ use anyhow::{ensure, Context, Result};
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
 use edgespec::cluster::{ClusterOptions, LocalCluster, PolicyOverrides};
 use edgespec_model::forward::load_gguf;
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec, TinyWeights};
 use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
 use edgespec_specdec::{probs_from_logits, SamplingParams};
+use edgespec_testkit::tiny::write_tiny_pair;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 const PROMPT: &str = "hello";
@@ -137,23 +137,9 @@ async fn speculated_samples_follow_the_target_joint_distribution_and_seeds_repro
     let dir = tempfile::tempdir()?;
     let target = dir.path().join("target.gguf");
     let draft = dir.path().join("draft.gguf");
-    write_tiny_gguf(
-        &target,
-        &TinySpec {
-            seed: 11,
-            ..Default::default()
-        },
-    )?;
     // The target's own random weights at 4 bits instead of 8: a q close to p but not equal,
     // so drafts are often accepted and often rejected.
-    write_tiny_gguf(
-        &draft,
-        &TinySpec {
-            seed: 11,
-            weights: TinyWeights::Q4_0,
-            ..Default::default()
-        },
-    )?;
+    write_tiny_pair(&target, &draft, 11)?;
     let p = first_two_tokens_distribution(&target)?;
 
     let mut opts = ClusterOptions::new(target, draft);

@@ -16,33 +16,12 @@ use edgespec_model::{ChatMessage, TextTokenizer};
 use edgespec_proto::pb::verifier_client::VerifierClient;
 use edgespec_proto::pb::InfoRequest;
 use edgespec_runtime::tls::TlsSettings;
-use edgespec_tests::{smollm, target_only_greedy_ids};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use edgespec_tests::smollm;
 
 const MAX_TOKENS: u32 = 40;
 
-/// A running node: cancel `stop` and await `task` to stop it.
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) -> Result<()> {
-        self.stop.cancel();
-        self.task.await?
-    }
-}
-
-fn spawn<F>(run: impl FnOnce(tokio_util::sync::WaitForCancellationFutureOwned) -> F) -> Running
-where
-    F: std::future::Future<Output = Result<()>> + Send + 'static,
-{
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run(stop.clone().cancelled_owned()));
-    Running { stop, task }
-}
+/// A running node: [`Running::close`] stops it.
+type Running = edgespec_testkit::harness::Running<Result<()>>;
 
 const ADMIN_TOKEN: &str = "tenancy-test";
 
@@ -65,7 +44,7 @@ async fn coordinator_with_admin(grpc: SocketAddr) -> Result<(SocketAddr, SocketA
     Ok((
         addr,
         admin,
-        spawn(|stop| async move { Ok(app.run(stop).await?) }),
+        Running::spawn(|stop| async move { Ok(app.run(stop).await?) }),
     ))
 }
 
@@ -93,7 +72,10 @@ async fn verify_node_as(
     vs.tls = TlsSettings::plaintext();
     let app = edgespec_verify_node::App::build(vs).await?;
     let addr = app.grpc_addr();
-    Ok((addr, spawn(|stop| async move { Ok(app.run(stop).await?) })))
+    Ok((
+        addr,
+        Running::spawn(|stop| async move { Ok(app.run(stop).await?) }),
+    ))
 }
 
 async fn draft_node(model: &std::path::Path, coordinator: SocketAddr) -> Result<(String, Running)> {
@@ -105,7 +87,10 @@ async fn draft_node(model: &std::path::Path, coordinator: SocketAddr) -> Result<
     ds.tls = TlsSettings::plaintext();
     let app = edgespec_draft_node::App::build(ds).await?;
     let base = format!("http://{}/v1", app.http_addr());
-    Ok((base, spawn(|stop| async move { Ok(app.run(stop).await?) })))
+    Ok((
+        base,
+        Running::spawn(|stop| async move { Ok(app.run(stop).await?) }),
+    ))
 }
 
 /// Live sessions the verify node holds (all coordinators together).
@@ -150,14 +135,7 @@ async fn ask(base: &str, prompt: &str) -> Result<ChatOutcome> {
 
 /// Reference answers (token ids) by target-only greedy decoding, one token per forward.
 async fn references(model: &std::path::Path, prompts: [&'static str; 2]) -> Result<Vec<Vec<u32>>> {
-    let m = model.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        prompts
-            .iter()
-            .map(|p| target_only_greedy_ids(&m, p, MAX_TOKENS as usize))
-            .collect::<Result<Vec<_>>>()
-    })
-    .await?
+    edgespec_testkit::reference::references(model, &prompts, MAX_TOKENS as usize).await
 }
 
 /// Polls the verify node's live-session count while `work` runs; returns the work's output and
@@ -221,7 +199,7 @@ async fn two_coordinators_sharing_a_verify_node_keep_their_sessions_apart() -> R
     );
 
     for n in [d1, d2, coord1, coord2, vnode] {
-        n.stop().await?;
+        n.close().await?;
     }
     Ok(())
 }
@@ -251,7 +229,7 @@ async fn a_restarted_coordinator_never_touches_its_predecessors_sessions() -> Re
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    coord.stop().await?;
+    coord.close().await?;
     let orphans = live_sessions(verify).await?;
     ensure!(
         orphans >= 1,
@@ -282,7 +260,7 @@ async fn a_restarted_coordinator_never_touches_its_predecessors_sessions() -> Re
     );
 
     for n in [draft, coord, vnode] {
-        n.stop().await?;
+        n.close().await?;
     }
     Ok(())
 }
@@ -354,7 +332,7 @@ async fn a_stopping_verify_node_drains_itself_through_its_coordinator() -> Resul
         !answer.is_finished(),
         "the answer ended before the node was stopped"
     );
-    let stopping = tokio::spawn(holder.stop());
+    let stopping = tokio::spawn(holder.close());
     let mut moved = 0;
     while !stopping.is_finished() {
         moved = moved.max(live_sessions(other).await.unwrap_or(0));
@@ -386,7 +364,7 @@ async fn a_stopping_verify_node_drains_itself_through_its_coordinator() -> Resul
         .into_iter()
         .flatten()
     {
-        n.stop().await?;
+        n.close().await?;
     }
     Ok(())
 }

@@ -21,6 +21,9 @@ use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
 use edgespec_model::{ChatMessage, TextTokenizer};
 use edgespec_proto::pb;
 use edgespec_proto::pb::verifier_client::VerifierClient;
+use edgespec_testkit::harness::Running;
+use edgespec_testkit::stats::median;
+use edgespec_testkit::wire::greedy_item;
 use edgespec_verify_node::{App, Settings};
 use tonic::transport::Channel;
 
@@ -70,15 +73,6 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn greedy() -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    }
-}
-
 struct Ctx {
     client: VerifierClient<Channel>,
     fingerprint: String,
@@ -115,15 +109,8 @@ impl Ctx {
         history: bool,
         drafts: Vec<u32>,
     ) -> pb::VerifyItem {
-        pb::VerifyItem {
-            session_id: session,
-            round: committed.len() as u64,
-            committed_len: committed.len() as u32,
-            history: if history { committed.to_vec() } else { vec![] },
-            draft_tokens: drafts,
-            draft_probs: vec![],
-            sampling: Some(greedy()),
-        }
+        let history = if history { committed } else { &[] };
+        greedy_item(session, committed.len(), history, &drafts)
     }
 
     /// The true continuation with each position wrong with probability `corrupt`; the pattern
@@ -267,11 +254,6 @@ async fn measure(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -305,10 +287,7 @@ async fn main() -> Result<()> {
     let fingerprint = app.facts().fingerprint.clone();
     let vocab = app.facts().vocab_size as u32;
     let metrics = app.metrics();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run(async move {
-        let _ = stopped.await;
-    }));
+    let server = Running::spawn(|shutdown| app.run(shutdown));
     let client = VerifierClient::connect(format!("http://{addr}")).await?;
     let ctx = Ctx {
         client,
@@ -356,17 +335,19 @@ async fn main() -> Result<()> {
     for &n in &ctx.args.sessions {
         for batched in [true, false] {
             let ms = &rows[&(n, batched)];
+            let med = |f: fn(&Measure) -> f64| {
+                median(&ms.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+            };
             println!(
                 "| {n} | {} | {:.1} | {:.3} | {:.1} | {:.2} |",
                 if batched { "batched" } else { "one at a time" },
-                median(ms.iter().map(|m| m.tokens_per_s).collect()),
-                median(ms.iter().map(|m| m.forwards_per_token).collect()),
-                median(ms.iter().map(|m| m.rows_per_forward).collect()),
-                median(ms.iter().map(|m| m.acceptance).collect()),
+                med(|m| m.tokens_per_s),
+                med(|m| m.forwards_per_token),
+                med(|m| m.rows_per_forward),
+                med(|m| m.acceptance),
             );
         }
     }
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await??;
     Ok(())
 }

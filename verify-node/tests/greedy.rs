@@ -12,16 +12,16 @@ const GAMMA: usize = 4;
 async fn greedy_verdicts_equal_a_target_only_greedy_walk() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();
-    let mut reference = load_reference(&m.path);
+    let mut reference = m.load();
     let node = Node::start(settings(&m.path)).await;
     for (session, plen) in [(1u64, 5usize), (2, 23)] {
         let p = prompt(session, plen, vocab);
         let n = 48;
-        let walk = greedy_walk(reference.as_mut(), 99, &p, n + GAMMA + 1);
+        let walk = greedy_continuation(reference.as_mut(), 99, &p, n + GAMMA + 1, &[]).unwrap();
         let full: Vec<u32> = p.iter().chain(&walk).copied().collect();
         // Round r drafts the true continuation with position r % (γ + 1) corrupted (no
         // corruption when that is γ), so every acceptance count 0..=γ occurs.
-        let (got, rounds) = speculate(&node, session, &p, n, greedy(), |c, r| {
+        let (got, rounds) = speculate(&node, session, &p, n, GREEDY, |c, r| {
             let mut d = full[c.len()..c.len() + GAMMA].to_vec();
             if r % (GAMMA + 1) < GAMMA {
                 let i = r % (GAMMA + 1);
@@ -43,11 +43,11 @@ async fn greedy_verdicts_equal_a_target_only_greedy_walk() {
 async fn gamma_zero_is_plain_target_decoding() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();
-    let mut reference = load_reference(&m.path);
+    let mut reference = m.load();
     let node = Node::start(settings(&m.path)).await;
     let p = prompt(3, 9, vocab);
-    let walk = greedy_walk(reference.as_mut(), 99, &p, 20);
-    let (got, rounds) = speculate(&node, 7, &p, 20, greedy(), |_, _| vec![]).await;
+    let walk = greedy_continuation(reference.as_mut(), 99, &p, 20, &[]).unwrap();
+    let (got, rounds) = speculate(&node, 7, &p, 20, GREEDY, |_, _| vec![]).await;
     assert_eq!(got, walk);
     assert_eq!(rounds.len(), 20, "one token per γ = 0 round");
     assert!(rounds.iter().all(|&r| r == (0, 0)));

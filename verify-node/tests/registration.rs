@@ -8,14 +8,13 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
+use edgespec_testkit::harness::{eventually, Running};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -89,36 +88,20 @@ impl Coordinator for FakeCoordinator {
 
 struct Fake {
     coordinator: FakeCoordinator,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    running: Running<Result<(), tonic::transport::Error>>,
 }
 
 fn serve_fake(listener: TcpListener) -> Fake {
     let coordinator = FakeCoordinator::default();
-    let (stop, stopped) = oneshot::channel::<()>();
     let svc = CoordinatorServer::new(coordinator.clone());
-    let task = tokio::spawn(async move {
+    let running = Running::spawn(|shutdown| {
         tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
     });
     Fake {
         coordinator,
-        stop,
-        task,
-    }
-}
-
-/// Polls `cond` every 10 ms until it holds; fails after 10 s.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        running,
     }
 }
 
@@ -146,7 +129,7 @@ async fn registers_heartbeats_and_registers_again() {
     let node = Node::start(node_settings(&m, coord_addr)).await;
 
     let c = fake.coordinator.clone();
-    eventually("registration", || !c.registrations().is_empty()).await;
+    eventually("registration", || async { !c.registrations().is_empty() }).await;
     let info = &c.registrations()[0];
     assert_eq!(info.node_id, "verify-test");
     assert_eq!(info.advertise_addr, format!("http://{}", node.addr));
@@ -159,7 +142,7 @@ async fn registers_heartbeats_and_registers_again() {
     assert!(info.load.is_some());
 
     serve_one_verify(&node).await;
-    eventually("heartbeats with load", || {
+    eventually("heartbeats with load", || async {
         c.heartbeats()
             .iter()
             .any(|h| h.load.is_some_and(|l| l.active_sessions == 1))
@@ -169,25 +152,24 @@ async fn registers_heartbeats_and_registers_again() {
 
     // known = false → register again.
     c.forget();
-    eventually("re-registration after known=false", || {
+    eventually("re-registration after known=false", || async {
         c.registrations().len() >= 2
     })
     .await;
 
     // The coordinator goes away: the node keeps serving; when a fresh coordinator comes back on
     // the same address, the node registers with it.
-    let _ = fake.stop.send(());
-    fake.task.await.unwrap();
+    fake.running.stop().await.unwrap().unwrap();
     serve_one_verify(&node).await;
     let listener = TcpListener::bind(coord_addr).await.unwrap();
     let back = serve_fake(listener);
     let c2 = back.coordinator.clone();
-    eventually("registration with the restarted coordinator", || {
+    eventually("registration with the restarted coordinator", || async {
         !c2.registrations().is_empty()
     })
     .await;
     node.stop().await.unwrap();
-    let _ = back.stop.send(());
+    back.running.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +184,10 @@ async fn serves_without_a_coordinator_and_registers_when_one_appears() {
     serve_one_verify(&node).await;
     let fake = serve_fake(TcpListener::bind(addr).await.unwrap());
     let c = fake.coordinator.clone();
-    eventually("late registration", || !c.registrations().is_empty()).await;
+    eventually("late registration", || async {
+        !c.registrations().is_empty()
+    })
+    .await;
     node.stop().await.unwrap();
-    let _ = fake.stop.send(());
+    fake.running.shutdown();
 }

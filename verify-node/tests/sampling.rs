@@ -37,7 +37,7 @@ fn draw(q: &pb::SparseDist, rng: &mut StdRng) -> u32 {
 async fn first_emitted_token_follows_the_target_distribution() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();
-    let mut reference = load_reference(&m.path);
+    let mut reference = m.load();
     let p_prompt = prompt(42, 10, vocab);
     let params = SamplingParams {
         temperature: 0.7,

@@ -42,12 +42,12 @@ async fn run_rounds(
 async fn capacity_eviction_then_resync_continues_identically() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();
-    let mut reference = load_reference(&m.path);
+    let mut reference = m.load();
     let mut s = settings(&m.path);
     s.sessions.capacity = 2;
     let node = Node::start(s).await;
     let pa = prompt(1, 12, vocab);
-    let walk = greedy_walk(reference.as_mut(), 99, &pa, 40);
+    let walk = greedy_continuation(reference.as_mut(), 99, &pa, 40, &[]).unwrap();
     let full: Vec<u32> = pa.iter().chain(&walk).copied().collect();
 
     let committed = run_rounds(&node, 1, &full, &pa, 3).await;
@@ -185,16 +185,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();
     let v = vocab as u32;
-    let mut reference = load_reference(&m.path);
+    let mut reference = m.load();
     let mut s = settings(&m.path);
     s.model.max_context = 64;
     s.sessions.max_block_tokens = 4;
     let node = Node::start(s).await;
     let pg = prompt(21, 8, vocab);
-    let walk = greedy_walk(reference.as_mut(), 99, &pg, 30);
+    let walk = greedy_continuation(reference.as_mut(), 99, &pg, 30, &[]).unwrap();
     let full: Vec<u32> = pg.iter().chain(&walk).copied().collect();
     let ph = prompt(22, 8, vocab);
-    let walk_h = greedy_walk(reference.as_mut(), 99, &ph, 30);
+    let walk_h = greedy_continuation(reference.as_mut(), 99, &ph, 30, &[]).unwrap();
     let full_h: Vec<u32> = ph.iter().chain(&walk_h).copied().collect();
 
     // Open G and H.

@@ -1,9 +1,9 @@
 //! Admin API: auth, policy, health/readiness, model fingerprint checks.
 
 use crate::support::{self, Manual, TOKEN};
-use edgespec_coordinator::testing::{DraftClient, FINGERPRINT};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
+use edgespec_testkit::scripted::{DraftClient, FINGERPRINT};
 use reqwest::StatusCode;
 
 #[tokio::test]

@@ -1,10 +1,8 @@
 //! Failover: a verify node dies mid-run; its sessions resync onto another node without loss.
 
 use crate::support::{self, eventually};
-use edgespec_coordinator::testing::{
-    reference, DraftClient, ScriptedVerifierConfig, SessionScript,
-};
 use edgespec_proto::domain::ErrorCode;
+use edgespec_testkit::scripted::{reference, DraftClient, ScriptedVerifierConfig, SessionScript};
 use std::time::Duration;
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! Placement: on-prem first, cloud burst, drain / cordon / uncordon.
 
 use crate::support::{self, eventually, Manual};
-use edgespec_coordinator::testing::{reference, DraftClient, ScriptedVerifierConfig};
 use edgespec_proto::domain::ErrorCode;
+use edgespec_testkit::scripted::{reference, DraftClient, ScriptedVerifierConfig};
 
 #[tokio::test]
 async fn prefers_onprem_then_bursts_new_sessions_to_cloud() {

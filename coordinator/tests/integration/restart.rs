@@ -1,8 +1,8 @@
 //! Coordinator restart: soft state rebuilds itself.
 
 use crate::support::{self, Manual};
-use edgespec_coordinator::testing::{reference, DraftClient};
 use edgespec_proto::domain::ErrorCode;
+use edgespec_testkit::scripted::{reference, DraftClient};
 
 #[tokio::test]
 async fn after_a_restart_verifiers_reregister_and_sessions_resync() {

@@ -164,10 +164,9 @@ impl Manual {
         if let CoordinatorMessage::Verdict(v) = &m {
             assert_eq!(v.round, self.round);
             assert_eq!(v.client_send_unix_ns, 1_000_000 + self.round, "echoed");
-            self.committed
-                .extend_from_slice(&drafts[..v.accepted as usize]);
+            self.committed.extend_from_slice(&drafts[..v.accepted]);
             self.committed.push(v.next_token);
-            assert_eq!(v.committed_len as usize, self.committed.len());
+            assert_eq!(v.committed_len, self.committed.len());
             self.round += 1;
         }
         m

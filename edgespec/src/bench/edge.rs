@@ -11,13 +11,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::inproc::{drive_prompts, http_client, warmup, References};
 use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
 use super::{host_info, loadavg, medians, record_run, set_tokens_per_s_ratio, unix_s, Ctx};
 use crate::linkemu::{LinkEmulator, LinkProfile};
+use crate::procs::free_addr;
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
 
 const TOKEN: &str = "bench-admin-token";
 const LINK_MBIT: u64 = 20;
@@ -54,11 +56,6 @@ fn log_tail(p: &Path) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-fn free_port() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
 }
 
 /// The binaries: `--bin-dir`, else the directory of this executable.
@@ -141,7 +138,7 @@ impl Deployment {
         let dir = bin_dir(ctx)?;
         let work = std::env::temp_dir().join(format!("edgespec-bench-edge-{}", std::process::id()));
         std::fs::create_dir_all(&work)?;
-        let (grpc, admin, verify, http) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (grpc, admin, verify, http) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
         let mut procs = Vec::new();
         let link_stop = CancellationToken::new();
         let mut d = Self {
@@ -214,27 +211,14 @@ impl Deployment {
     }
 
     async fn wait(&mut self, admin: SocketAddr, verifiers: usize, drafts: usize) -> Result<()> {
-        let client = http_client()?;
-        let url = format!("http://{admin}/admin/v1/nodes");
-        let until = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            if let Ok(r) = client.get(&url).bearer_auth(TOKEN).send().await {
-                if let Ok(v) = r.json::<Value>().await {
-                    let up = v["verifiers"]
-                        .as_array()
-                        .map_or(0, |a| a.iter().filter(|n| n["health"] == "up").count());
-                    let d = v["drafts"].as_array().map_or(0, Vec::len);
-                    if up >= verifiers && d >= drafts {
-                        return Ok(());
-                    }
-                }
-            }
-            if tokio::time::Instant::now() > until {
-                bail!("the edge deployment did not come up within {READY_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let want = FleetWait {
+            poll: Duration::from_millis(200),
+            ..FleetWait::new(verifiers, drafts, READY_TIMEOUT)
+        };
+        AdminApi::http(admin, TOKEN)
+            .wait_fleet(want, || self.check_alive())
+            .await
+            .context("the edge deployment did not come up")
     }
 
     async fn wait_http(&mut self) -> Result<()> {

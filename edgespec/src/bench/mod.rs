@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use edgespec_testkit::stats::median;
 pub use report::{ConfigResult, Report, RunRecord, SummaryLine};
 
 /// The dev prompts, embedded so the harness works from any directory of a clone.
@@ -159,21 +160,6 @@ pub fn select_prompts(all: &[Prompt], n: usize) -> Vec<Prompt> {
         }
     }
     out
-}
-
-/// Median of the finite values (None if there are none).
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    })
 }
 
 /// Median of every metric over the runs.
@@ -397,13 +383,5 @@ mod tests {
         let kinds: Vec<&str> = four.iter().map(|p| p.kind.as_str()).collect();
         assert_eq!(kinds, ["code", "prose", "math", "structured"]);
         assert_eq!(select_prompts(&all, 100).len(), all.len());
-    }
-
-    #[test]
-    fn median_handles_odd_even_and_nan() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0));
-        assert_eq!(median(&[]), None);
     }
 }

@@ -14,8 +14,8 @@
 //! served output ever leaves T (a numeric near-tie), that stream continues with γ = 0 and the
 //! report counts it (`off_path_streams`).
 //!
-//! The bench process drives the coordinator's `Drafts` gRPC stream directly (the
-//! `edgespec_coordinator::testing::DraftClient` stream) with these blocks.
+//! The bench process drives the coordinator's `Drafts` gRPC stream directly with these blocks,
+//! through the session driver of the coordinator's own tests (`edgespec_testkit::scripted`).
 
 use edgespec_runtime::tls::TlsSettings;
 use std::collections::BTreeMap;
@@ -23,21 +23,23 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use edgespec_coordinator::testing::DraftClient;
+use anyhow::{anyhow, Context, Result};
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
-use edgespec_proto::domain::{Block, CoordinatorMessage, DraftBlock, DraftMessage, ErrorCode};
-use edgespec_specdec::SamplingParams;
+use edgespec_proto::domain::ErrorCode;
+use edgespec_specdec::argmax;
+use edgespec_testkit::fleet::{AdminApi, FleetWait};
+use edgespec_testkit::harness::Running;
+use edgespec_testkit::reference::greedy_continuation;
+use edgespec_testkit::scripted::{DraftClient, Drafter, SessionScript};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLine};
 use super::{host_info, loadavg, medians, set_tokens_per_s_ratio, unix_s, Ctx};
 
 /// Draft seconds per token the replaying client reports (drafting is free here).
-const REPLAY_DRAFT_S_PER_TOKEN: f32 = 0.001;
+const REPLAY_DRAFT_S_PER_TOKEN: f32 = edgespec_testkit::scripted::DRAFT_S_PER_TOKEN;
 const ADMIN_TOKEN: &str = "bench-admin-token";
 
 /// One prompt's recording.
@@ -61,16 +63,6 @@ struct Recording {
     prompts: Vec<Recorded>,
     /// Greedy agreement draft vs target over all positions (teacher-forced).
     agreement: f64,
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -109,28 +101,7 @@ async fn recording(ctx: &Ctx) -> Result<Recording> {
         for (i, p) in prompts.iter().enumerate() {
             let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &p.prompt)], true);
             let prompt = tok.encode(&rendered)?;
-            let sid = i as u64 + 1;
-            let mut logits = target.forward_batch(&[SeqRequest {
-                session: sid,
-                start: 0,
-                tokens: prompt.clone(),
-                logits_for_last: 1,
-            }])?;
-            let mut path = Vec::new();
-            loop {
-                let next = argmax(logits[0].row(0));
-                path.push(next);
-                if path.len() >= max || eos.contains(&next) {
-                    break;
-                }
-                logits = target.forward_batch(&[SeqRequest {
-                    session: sid,
-                    start: prompt.len() + path.len() - 1,
-                    tokens: vec![next],
-                    logits_for_last: 1,
-                }])?;
-            }
-            target.release(sid);
+            let path = greedy_continuation(target.as_mut(), i as u64 + 1, &prompt, max, &eos)?;
             out.push(Recorded {
                 id: p.id.clone(),
                 prompt_tokens: prompt,
@@ -210,13 +181,35 @@ struct StreamStats {
     seconds: f64,
 }
 
-fn unix_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+static SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Replayed drafts: `pred[j..j + γ]` at `j` generated tokens, while the served output follows the
+/// recorded target path; nothing once it left it (a numeric near-tie).
+struct Replay<'a> {
+    rec: &'a Recorded,
+    off_path: bool,
 }
 
-static SESSION: AtomicU64 = AtomicU64::new(1);
+impl Replay<'_> {
+    /// Notes whether `committed` has left the recorded path.
+    fn track(&mut self, committed: &[u32]) {
+        let generated = &committed[self.rec.prompt_tokens.len()..];
+        if self.rec.target.get(..generated.len()) != Some(generated) {
+            self.off_path = true;
+        }
+    }
+}
+
+impl Drafter for Replay<'_> {
+    fn draft(&mut self, committed: &[u32], gamma: usize) -> Vec<u32> {
+        self.track(committed);
+        let j = committed.len() - self.rec.prompt_tokens.len();
+        if self.off_path || j >= self.rec.pred.len() {
+            return Vec::new();
+        }
+        self.rec.pred[j..(j + gamma).min(self.rec.pred.len())].to_vec()
+    }
+}
 
 /// Drives one session to its recorded end (or the budget) with replayed drafts.
 async fn drive(
@@ -227,109 +220,35 @@ async fn drive(
     eos: &[u32],
 ) -> Result<StreamStats> {
     let sid = SESSION.fetch_add(1, Ordering::Relaxed);
-    let mut rx = client.subscribe(sid);
     let started = Instant::now();
-    let p = rec.prompt_tokens.len();
-    let mut st = StreamStats {
-        id: rec.id.clone(),
-        ..StreamStats::default()
+    let script = SessionScript {
+        stop_tokens: eos.to_vec(),
+        fixed_gamma: match mode {
+            Mode::TargetOnly => Some(0),
+            Mode::Fixed(g) => Some(g),
+            Mode::Adaptive => None,
+        },
+        max_retries: 5000,
+        answer_timeout: Duration::from_secs(120),
+        ..SessionScript::with_prompt(sid, rec.prompt_tokens.clone(), max_new)
     };
-    let mut committed = rec.prompt_tokens.clone();
-    let mut gamma = client.welcome().initial_gamma;
-    let (mut with_history, mut round, mut last_rt) = (true, 1u64, 0u64);
-    loop {
-        let j = committed.len() - p;
-        if j >= max_new || (j > 0 && eos.contains(committed.last().expect("non-empty"))) {
-            break;
-        }
-        let remaining = max_new - j;
-        let g = match mode {
-            Mode::TargetOnly => 0,
-            Mode::Fixed(g) => g as usize,
-            Mode::Adaptive => gamma as usize,
-        }
-        .min(remaining - 1);
-        let drafts: Vec<u32> = if st.off_path || j >= rec.pred.len() {
-            Vec::new()
-        } else {
-            rec.pred[j..(j + g).min(rec.pred.len())].to_vec()
-        };
-        let block = DraftBlock {
-            block: Block {
-                session_id: sid,
-                round,
-                committed_len: committed.len(),
-                history: with_history.then(|| committed.clone()),
-                draft_tokens: drafts.clone(),
-                draft_probs: Vec::new(),
-                sampling: SamplingParams::GREEDY,
-            },
-            max_new_tokens: remaining as u32,
-            client_send_unix_ns: unix_ns(),
-            draft_s_per_token: REPLAY_DRAFT_S_PER_TOKEN,
-            last_round_trip_ns: last_rt,
-            drafted_ahead: false,
-        };
-        let sent = Instant::now();
-        client
-            .send(DraftMessage::Block(block))
-            .await
-            .map_err(|e| anyhow!("sending a block: {e}"))?;
-        let answer = tokio::time::timeout(Duration::from_secs(120), rx.recv())
-            .await
-            .map_err(|_| anyhow!("session {sid}: no answer to round {round} within 120 s"))?
-            .ok_or_else(|| anyhow!("session {sid}: stream closed"))?;
-        match answer {
-            CoordinatorMessage::Verdict(v) => {
-                if v.round != round {
-                    bail!("verdict for round {} while at {round}", v.round);
-                }
-                last_rt = sent.elapsed().as_nanos() as u64;
-                let accepted = (v.accepted as usize).min(drafts.len());
-                committed.extend_from_slice(&drafts[..accepted]);
-                committed.push(v.next_token);
-                if committed.len() != v.committed_len as usize {
-                    bail!(
-                        "committed_len {} but the replay holds {}",
-                        v.committed_len,
-                        committed.len()
-                    );
-                }
-                let new = &committed[p + j..];
-                if !st.off_path && rec.target.get(j..j + new.len()) != Some(new) {
-                    st.off_path = true;
-                }
-                st.rounds += 1;
-                st.drafted += drafts.len();
-                st.accepted += accepted;
-                gamma = v.next_gamma;
-                with_history = false;
-                round += 1;
-            }
-            CoordinatorMessage::Error(e) => match e.code {
-                ErrorCode::ResyncNeeded => {
-                    st.resyncs += 1;
-                    with_history = true;
-                }
-                ErrorCode::Overloaded | ErrorCode::Unavailable => {
-                    st.retries += 1;
-                    if st.retries > 5000 {
-                        bail!("session {sid}: gave up after {} retries", st.retries);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                other => bail!("session {sid}: {other:?}: {}", e.message),
-            },
-            other => bail!("session {sid}: unexpected message {other:?}"),
-        }
-    }
-    client
-        .close(sid)
-        .await
-        .map_err(|e| anyhow!("closing: {e}"))?;
-    st.generated = committed.len() - p;
-    st.seconds = started.elapsed().as_secs_f64();
-    Ok(st)
+    let mut replay = Replay {
+        rec,
+        off_path: false,
+    };
+    let report = client.drive(script, &mut replay).await?;
+    replay.track(&report.tokens);
+    Ok(StreamStats {
+        id: rec.id.clone(),
+        generated: report.tokens.len() - rec.prompt_tokens.len(),
+        rounds: report.rounds,
+        drafted: report.drafted,
+        accepted: report.accepted,
+        resyncs: report.count(ErrorCode::ResyncNeeded),
+        retries: report.count(ErrorCode::Overloaded) + report.count(ErrorCode::Unavailable),
+        off_path: replay.off_path,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Verify calls the coordinator has made (sum over its `batch_sessions` histogram).
@@ -347,9 +266,9 @@ async fn verify_calls(http: &reqwest::Client, admin: std::net::SocketAddr) -> Re
         .ok_or_else(|| anyhow!("no edgespec_coordinator_batch_sessions_count in /metrics"))
 }
 
+/// The coordinator and the verify node serving every measurement.
 struct Node {
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    servers: Vec<Running<()>>,
     grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
 }
@@ -362,67 +281,45 @@ impl Node {
         cs.verify.timeout = Duration::from_secs(120);
         let app = edgespec_coordinator::App::build(cs).await?;
         let (grpc, admin) = (app.grpc_addr(), app.http_addr());
-        let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
-        let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = app.run(s.cancelled_owned()).await {
-                eprintln!("coordinator: {e}");
-            }
-        }));
+        let mut node = Self {
+            servers: vec![Running::spawn(|shutdown| async move {
+                if let Err(e) = app.run(shutdown).await {
+                    eprintln!("coordinator: {e}");
+                }
+            })],
+            grpc,
+            admin,
+        };
         let mut vs = edgespec_verify_node::Settings::default();
         vs.server.listen = ([127, 0, 0, 1], 0).into();
         vs.server.node_id = "verify-bench".into();
         vs.model.path = target.to_path_buf();
         vs.coordinator.addresses = vec![format!("http://{grpc}")];
         vs.tls = TlsSettings::plaintext();
-        let node = Self {
-            stop: stop.clone(),
-            tasks,
-            grpc,
-            admin,
-        };
         let app = edgespec_verify_node::App::build(vs)
             .await
             .context("starting the verify node")?;
-        let mut node = node;
-        let s = stop.clone();
-        node.tasks.push(tokio::spawn(async move {
-            if let Err(e) = app.run(s.cancelled_owned()).await {
+        node.servers.push(Running::spawn(|shutdown| async move {
+            if let Err(e) = app.run(shutdown).await {
                 eprintln!("verify node: {e}");
             }
         }));
-        // Wait for registration.
-        let http = reqwest::Client::new();
-        let until = Instant::now() + Duration::from_secs(120);
-        loop {
-            let up = http
-                .get(format!("http://{admin}/admin/v1/nodes"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .ok();
-            if let Some(r) = up {
-                let v: Value = r.json().await.unwrap_or_default();
-                if v["verifiers"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|n| n["health"] == "up"))
-                {
-                    return Ok(node);
-                }
-            }
-            if Instant::now() > until {
-                node.shutdown().await;
-                bail!("the verify node did not register within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let registered = AdminApi::http(admin, ADMIN_TOKEN)
+            .wait_fleet(FleetWait::new(1, 0, Duration::from_secs(120)), || Ok(()))
+            .await;
+        if let Err(e) = registered {
+            node.shutdown().await;
+            return Err(e.context("the verify node did not register"));
         }
+        Ok(node)
     }
 
     async fn shutdown(self) {
-        self.stop.cancel();
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+        for s in &self.servers {
+            s.shutdown();
+        }
+        for mut s in self.servers {
+            let _ = tokio::time::timeout(Duration::from_secs(60), s.finished()).await;
         }
     }
 }

@@ -1,42 +1,25 @@
-//! Shared test helpers: tiny synthetic models, in-process verify nodes on 127.0.0.1:0, a gRPC
-//! client, and a target-only greedy reference computed directly on the model.
-#![allow(dead_code)] // each test binary uses a different subset
+//! Shared test helpers: in-process verify nodes on 127.0.0.1:0 serving a tiny synthetic model,
+//! a gRPC client, and verify items. Tiny models and the target-only greedy reference come from
+//! `edgespec_testkit`.
+#![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use edgespec_model::forward::load_gguf;
-use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
-use edgespec_model::{CausalLm, DeviceKind, SeqRequest};
+use edgespec_model::{CausalLm, SeqRequest};
 use edgespec_proto::pb;
 use edgespec_proto::pb::verifier_client::VerifierClient;
-use edgespec_specdec::argmax;
+use edgespec_testkit::harness::Running;
+pub use edgespec_testkit::reference::greedy_continuation;
+pub use edgespec_testkit::tiny::TinyModel;
+pub use edgespec_testkit::wire::{greedy_item as item, GREEDY};
 use edgespec_verify_node::{App, Settings};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// A tiny model file in its own temp dir.
-pub struct TinyModel {
-    pub _dir: tempfile::TempDir,
-    pub path: PathBuf,
-    pub spec: TinySpec,
-}
-
+/// The tiny model every verify-node test serves.
 pub fn tiny_model() -> TinyModel {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec {
-        seed: 11,
-        ..TinySpec::default()
-    };
-    write_tiny_gguf(&path, &spec).unwrap();
-    TinyModel {
-        _dir: dir,
-        path,
-        spec,
-    }
+    TinyModel::seeded(11)
 }
 
 /// Settings for a node on 127.0.0.1:0 serving `model`, with a short batching window.
@@ -57,8 +40,7 @@ pub struct Node {
     pub client: VerifierClient<Channel>,
     pub fingerprint: String,
     pub vocab_size: usize,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), edgespec_verify_node::Error>>>,
+    running: Running<Result<(), edgespec_verify_node::Error>>,
 }
 
 impl Node {
@@ -67,10 +49,7 @@ impl Node {
         let addr = app.grpc_addr();
         let fingerprint = app.facts().fingerprint.clone();
         let vocab_size = app.facts().vocab_size;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(async move {
-            let _ = stopped.await;
-        }));
+        let running = Running::spawn(|shutdown| app.run(shutdown));
         let client = VerifierClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -79,15 +58,13 @@ impl Node {
             client,
             fingerprint,
             vocab_size,
-            stop: Some(stop),
-            task: Some(task),
+            running,
         }
     }
 
     /// Graceful shutdown; returns the result of `App::run`.
-    pub async fn stop(mut self) -> Result<(), edgespec_verify_node::Error> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap()
+    pub async fn stop(self) -> Result<(), edgespec_verify_node::Error> {
+        self.running.stop().await.unwrap()
     }
 
     /// Sends one batch and returns the response (panics on a call-level error).
@@ -113,33 +90,6 @@ impl Node {
     }
 }
 
-pub fn greedy() -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    }
-}
-
-/// A block; `history` non-empty opens/resyncs the session.
-pub fn item(
-    session_id: u64,
-    committed_len: usize,
-    history: &[u32],
-    drafts: &[u32],
-) -> pb::VerifyItem {
-    pb::VerifyItem {
-        session_id,
-        round: committed_len as u64,
-        committed_len: committed_len as u32,
-        history: history.to_vec(),
-        draft_tokens: drafts.to_vec(),
-        draft_probs: vec![],
-        sampling: Some(greedy()),
-    }
-}
-
 pub fn outcome(r: &pb::VerifyResult) -> pb::VerifyOutcome {
     match r.result.as_ref().unwrap() {
         pb::verify_result::Result::Outcome(o) => *o,
@@ -152,38 +102,6 @@ pub fn error(r: &pb::VerifyResult) -> pb::SessionError {
         pb::verify_result::Result::Error(e) => e.clone(),
         pb::verify_result::Result::Outcome(o) => panic!("unexpected outcome: {o:?}"),
     }
-}
-
-pub fn load_reference(path: &Path) -> Box<dyn CausalLm> {
-    load_gguf(path, DeviceKind::Cpu).unwrap()
-}
-
-/// Target-only greedy decoding of `n` tokens after `prompt`, one token per forward.
-pub fn greedy_walk(model: &mut dyn CausalLm, session: u64, prompt: &[u32], n: usize) -> Vec<u32> {
-    model.release(session);
-    let mut out = Vec::with_capacity(n);
-    let mut logits = model
-        .forward_batch(&[SeqRequest {
-            session,
-            start: 0,
-            tokens: prompt.to_vec(),
-            logits_for_last: 1,
-        }])
-        .unwrap();
-    for len in prompt.len()..prompt.len() + n {
-        let next = argmax(logits[0].row(0));
-        out.push(next);
-        logits = model
-            .forward_batch(&[SeqRequest {
-                session,
-                start: len,
-                tokens: vec![next],
-                logits_for_last: 1,
-            }])
-            .unwrap();
-    }
-    model.release(session);
-    out
 }
 
 /// The logit row after `prompt` (predicting the next token).

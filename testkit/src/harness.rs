@@ -1,0 +1,101 @@
+//! The start/stop harness of in-process servers, and bounded polling.
+//!
+//! Every node's `App::run` takes a shutdown future, so one handle serves them all:
+//! [`Running::spawn`] hands the run function a cancellation future and keeps the task.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::{JoinError, JoinHandle};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// A server task that shuts down gracefully when asked ([`Running::shutdown`], [`Running::stop`],
+/// or dropping the handle).
+#[derive(Debug)]
+pub struct Running<T> {
+    stop: CancellationToken,
+    task: JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Running<T> {
+    /// Spawns `run(shutdown)`; the server should return once `shutdown` completes.
+    ///
+    /// ```text
+    /// let app = App::build(settings).await?;
+    /// let addr = app.grpc_addr();
+    /// let node = Running::spawn(|shutdown| app.run(shutdown));
+    /// ```
+    pub fn spawn<F>(run: impl FnOnce(WaitForCancellationFutureOwned) -> F) -> Self
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone().cancelled_owned()));
+        Self { stop, task }
+    }
+
+    /// A task already spawned that shuts down when `stop` is cancelled.
+    pub fn adopt(stop: CancellationToken, task: JoinHandle<T>) -> Self {
+        Self { stop, task }
+    }
+
+    /// Asks the server to shut down, without waiting.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the server's task has ended (after [`Running::shutdown`], or on its own), and
+    /// returns what it returned. Call it once: a task that has ended cannot be awaited again.
+    pub async fn finished(&mut self) -> Result<T, JoinError> {
+        (&mut self.task).await
+    }
+
+    /// Whether the task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Graceful shutdown: asks and waits.
+    pub async fn stop(mut self) -> Result<T, JoinError> {
+        self.shutdown();
+        self.finished().await
+    }
+}
+
+impl<T, E> Running<Result<T, E>>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    anyhow::Error: From<E>,
+{
+    /// Graceful shutdown ([`Running::stop`]), with the server's error and a panic of its task
+    /// as one error.
+    pub async fn close(self) -> anyhow::Result<T> {
+        Ok(self.stop().await.context("the server task panicked")??)
+    }
+}
+
+impl<T> Drop for Running<T> {
+    fn drop(&mut self) {
+        // A dropped handle still shuts its server down (gracefully, in the background).
+        self.stop.cancel();
+    }
+}
+
+/// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms and panics,
+/// naming `what`, when it has not held within 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
