@@ -24,14 +24,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The coordinator could not be reached at startup within `coordinator.timeout`.
-    #[error("cannot reach the coordinator at {address}: {reason}")]
-    ConnectCoordinator {
-        /// Coordinator address.
-        address: String,
-        /// The last failure.
-        reason: String,
-    },
     /// The verify fleet serves a model whose tokenizer differs from the draft model's.
     #[error(
         "model mismatch: the draft model's tokenizer fingerprint is {draft} but the verify \

@@ -7,9 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgespec_draft_node::{App, Error};
 use serde_json::{json, Value};
-use support::{script, settings, sse_events, Harness, ScriptedCoordinator, Target, TinyModel};
+use support::{sse_events, Harness, Target};
 
 const PROMPTS: [&str; 3] = [
     "def fib(n): the answer is",
@@ -279,52 +278,4 @@ async fn a_silent_coordinator_fails_the_request_with_503_never_draft_text() {
             .contains("coordinator"),
         "{v}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_with_another_fingerprint_is_refused_at_startup() {
-    let model = TinyModel::new();
-    let target = Arc::new(Target::new(&model.path, 0));
-    let fleet = "ab".repeat(32);
-    let coordinator = ScriptedCoordinator::start(script(Arc::clone(&target), &fleet)).await;
-    let err = App::build(settings(&model, &coordinator.url()))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::ModelMismatch { .. }), "{err}");
-    let msg = err.to_string();
-    assert!(
-        msg.contains(&fleet) && msg.contains(&model.fingerprint),
-        "{msg}"
-    );
-
-    // A coordinator that refuses the stream itself (FAILED_PRECONDITION).
-    let mut sc = script(Arc::clone(&target), &fleet);
-    sc.refuse = true;
-    let coordinator = ScriptedCoordinator::start(sc).await;
-    let err = App::build(settings(&model, &coordinator.url()))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::ModelMismatch { .. }), "{err}");
-    assert!(err.to_string().contains(&model.fingerprint), "{err}");
-
-    // An empty fleet fingerprint (no verify node yet) is accepted.
-    let coordinator = ScriptedCoordinator::start(script(target, "")).await;
-    App::build(settings(&model, &coordinator.url()))
-        .await
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_coordinator_fails_startup_after_the_timeout() {
-    let model = TinyModel::new();
-    // Bind and drop a listener to get a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut st = settings(&model, &format!("http://127.0.0.1:{port}"));
-    st.coordinator.timeout = Duration::from_millis(300);
-    let err = App::build(st).await.unwrap_err();
-    assert!(matches!(err, Error::ConnectCoordinator { .. }), "{err}");
 }

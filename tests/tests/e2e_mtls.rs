@@ -277,28 +277,44 @@ async fn a_draft_node_with_a_foreign_certificate_cannot_join() -> Result<()> {
     let coordinator = Running::spawn(|stop| coordinator.run(stop));
 
     // Signed by another CA, but trusting the fleet's CA (so only the coordinator can object).
+    // The draft node starts (it never waits for its coordinator) but never gets a stream, and
+    // says why.
     let ds = joining_draft(
         &model,
         &format!("https://{grpc}"),
         rogue.settings("draft", &ca.ca_pem)?,
     );
-    let err = match edgespec_draft_node::App::build(ds).await {
-        Ok(_) => anyhow::bail!("a draft node with a foreign certificate joined the fleet"),
-        Err(e) => e.to_string(),
-    };
+    let reason = refused_reason(ds).await?;
     ensure!(
-        err.to_lowercase().contains("certificate") || err.contains("tls") || err.contains("TLS"),
-        "the refusal should say it is about the certificate: {err}"
+        reason.to_lowercase().contains("certificate")
+            || reason.contains("tls")
+            || reason.contains("TLS"),
+        "the refusal should say it is about the certificate: {reason}"
     );
 
     // A draft node that asks for plaintext against the TLS coordinator cannot join either.
     let ds = joining_draft(&model, &format!("http://{grpc}"), TlsSettings::plaintext());
-    ensure!(
-        edgespec_draft_node::App::build(ds).await.is_err(),
-        "a plaintext draft node joined a TLS coordinator"
-    );
+    refused_reason(ds).await?;
 
     coordinator.close().await
+}
+
+/// Starts a draft node the coordinator must refuse, waits for its first failed attempt and
+/// returns why it is not ready (`/readyz`'s reason).
+async fn refused_reason(ds: edgespec_draft_node::Settings) -> Result<String> {
+    let app = edgespec_draft_node::App::build(ds).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.node().ready() {
+            Ok(()) => anyhow::bail!("a draft node the coordinator must refuse got a stream"),
+            Err(reason) if reason.contains("): ") => return Ok(reason),
+            Err(reason) => ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no connection attempt failed within 10 s: {reason}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
