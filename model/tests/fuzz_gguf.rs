@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file::{Content, Value};
 use edgespec_model::fetch::{cached_model_path, default_cache_dir, KnownModel};
 use edgespec_model::forward::{load_gguf, read_gguf_content};
-use edgespec_model::synthetic::TinySpec;
+use edgespec_model::synthetic::{ggml_type_code, gguf_value_type, TinySpec};
 use edgespec_model::{ChatMessage, DeviceKind, ModelError, SeqRequest, TextTokenizer};
 use edgespec_testkit::tiny::TinyModel;
 use fuzz_support::{byte_mutation, mutate_bytes, ByteMutation, Counters};
@@ -79,27 +79,6 @@ struct Gguf {
     data: Vec<u8>,
 }
 
-fn ggml_type_code(t: candle_core::quantized::GgmlDType) -> u32 {
-    use candle_core::quantized::GgmlDType as G;
-    match t {
-        G::F32 => 0,
-        G::F16 => 1,
-        G::Q4_0 => 2,
-        G::Q4_1 => 3,
-        G::Q5_0 => 6,
-        G::Q5_1 => 7,
-        G::Q8_0 => 8,
-        G::Q8_1 => 9,
-        G::Q2K => 10,
-        G::Q3K => 11,
-        G::Q4K => 12,
-        G::Q5K => 13,
-        G::Q6K => 14,
-        G::Q8K => 15,
-        G::BF16 => 30,
-    }
-}
-
 fn pristine() -> &'static Gguf {
     static G: std::sync::OnceLock<Gguf> = std::sync::OnceLock::new();
     G.get_or_init(|| {
@@ -125,24 +104,6 @@ fn pristine() -> &'static Gguf {
             data: bytes[c.tensor_data_offset as usize..].to_vec(),
         }
     })
-}
-
-fn type_code(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
 }
 
 struct Writer {
@@ -183,7 +144,7 @@ impl Writer {
             Value::Array(items) => {
                 // Element type of the first item (an empty array says u32); a mixed array
                 // writes each item as itself, which readers see as corruption.
-                self.u32(items.first().map_or(4, type_code));
+                self.u32(items.first().map_or(4, gguf_value_type));
                 self.len(items.len());
                 for i in items {
                     self.value(i);
@@ -227,7 +188,7 @@ impl Gguf {
         w.len(self.kv.len());
         for (k, v) in &self.kv {
             w.string(k);
-            w.u32(type_code(v));
+            w.u32(gguf_value_type(v));
             w.value(v);
         }
         for t in &self.tensors {
