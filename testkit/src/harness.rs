@@ -85,17 +85,29 @@ impl<T> Drop for Running<T> {
 
 /// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms and panics,
 /// naming `what`, when it has not held within 10 s.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+pub async fn eventually<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    if let Err(e) = wait_until(what, Duration::from_secs(10), cond).await {
+        panic!("{e}");
+    }
+}
+
+/// Checks `cond` every 10 ms until it holds; an error naming `what` when it has not held
+/// `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
         if cond().await {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("timed out waiting for: {what}");
+    anyhow::bail!("timed out waiting for: {what}")
 }

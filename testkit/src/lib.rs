@@ -10,6 +10,7 @@
 //! - [`fleet`]: waiting until a coordinator's admin API lists a fleet as up.
 //! - [`stats`]: median and quantiles for the benchmarks.
 //! - [`wire`]: verify items built by hand.
+//! - With the `tls` feature: [`ca`], a throwaway certificate authority for the mTLS tests.
 //! - With the `model` feature (links candle through `edgespec-model`): [`tiny`], tiny synthetic
 //!   GGUF models in a temporary folder, and [`reference`], the one target-only greedy decoder
 //!   every exactness check compares with.
@@ -18,6 +19,8 @@
 //! it for its benchmarks and chaos soak, which drive synthetic fleets.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "tls")]
+pub mod ca;
 pub mod fleet;
 pub mod harness;
 #[cfg(feature = "model")]

@@ -12,38 +12,30 @@ use edgespec::client::{stream_chat, ChatRequest};
 use edgespec::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
 use edgespec_runtime::tls::{source_chain, TlsSettings};
+use edgespec_testkit::ca::{self, CertSpec};
 use edgespec_testkit::harness::Running;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// A CA that signs node certificates into a folder.
+/// A CA (`edgespec_testkit::ca`) that writes its certificate and the node certificates it
+/// signs into a folder.
 struct TestCa {
     dir: PathBuf,
     name: String,
-    issuer: Issuer<'static, KeyPair>,
+    ca: ca::TestCa,
     ca_pem: PathBuf,
 }
 
 impl TestCa {
     fn new(dir: &Path, name: &str) -> Result<TestCa> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
+        let ca = ca::TestCa::new(name)?;
         let ca_pem = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&ca_pem, cert.pem())?;
+        std::fs::write(&ca_pem, &ca.pem)?;
         Ok(TestCa {
             dir: dir.to_path_buf(),
             name: name.to_string(),
-            issuer: Issuer::new(params, key),
+            ca,
             ca_pem,
         })
     }
@@ -63,29 +55,18 @@ impl TestCa {
     /// A certificate for node `id` of `role`; `with_identity = false` leaves out the URI SAN
     /// (a certificate from before per-role identities).
     fn node_as(&self, role: &str, id: &str, with_identity: bool) -> Result<(PathBuf, PathBuf)> {
-        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-        if with_identity {
-            params.subject_alt_names.push(SanType::URI(
-                format!("spiffe://edgespec/{role}/{id}").try_into()?,
-            ));
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("edgespec {role}"));
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = self.ca.sign(CertSpec {
+            identity: with_identity,
+            ..CertSpec::new(role, id)
+        })?;
         let cert_path = self
             .dir
             .join(format!("{}-{role}-{id}-{with_identity}.pem", self.name));
         let key_path = self
             .dir
             .join(format!("{}-{role}-{id}-{with_identity}.key", self.name));
-        std::fs::write(&cert_path, cert.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
+        std::fs::write(&cert_path, &cert.cert)?;
+        std::fs::write(&key_path, &cert.key)?;
         Ok((cert_path, key_path))
     }
 

@@ -11,11 +11,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use edgespec_model::synthetic::{write_tiny_gguf, TinySpec};
 use edgespec_runtime::tls::{source_chain, TlsSettings};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
-use tokio_util::sync::CancellationToken;
+use edgespec_testkit::ca::{CertSpec, NodeCert, TestCa as Ca};
+use edgespec_testkit::harness::{wait_until, Running};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -28,55 +25,12 @@ const NOT_AFTER_2031_06_01: i64 = 1_938_038_400;
 const NOT_AFTER_2032_03_01: i64 = 1_961_712_000;
 const NOT_AFTER_2033_09_01: i64 = 2_009_145_600;
 
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A node certificate: PEMs and the DER the server presents.
-struct NodeCert {
-    cert: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Result<Ca> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        let key = KeyPair::generate()?;
-        let pem = params.self_signed(&key)?.pem();
-        Ok(Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// `spiffe://edgespec/<role>/<id>` for loopback, expiring on `(y, m, d)`.
-    fn node(&self, role: &str, id: &str, (y, m, d): (i32, u8, u8)) -> Result<NodeCert> {
-        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-        params.subject_alt_names.push(SanType::URI(
-            format!("spiffe://edgespec/{role}/{id}").try_into()?,
-        ));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("edgespec {role}"));
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_after = rcgen::date_time_ymd(y, m, d);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(NodeCert {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        })
-    }
+/// A certificate of node `id` of `role` from `ca`, expiring on `not_after`.
+fn node(ca: &Ca, role: &str, id: &str, not_after: (i32, u8, u8)) -> Result<NodeCert> {
+    ca.sign(CertSpec {
+        not_after: Some(not_after),
+        ..CertSpec::new(role, id)
+    })
 }
 
 /// Writes a node's `[tls]` files into `dir` under `name`; returns its settings.
@@ -148,19 +102,6 @@ async fn grpc_health(addr: SocketAddr, ca: &str, client: &NodeCert) -> Result<()
     Ok(())
 }
 
-/// Polls `check` until it is true, for at most 15 s (a node's watcher runs on its own clock).
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    check: impl Fn() -> F,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        ensure!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_reports_its_certificate_expiry_and_the_verify_node_serves_metrics() -> Result<()>
 {
@@ -170,16 +111,15 @@ async fn every_node_reports_its_certificate_expiry_and_the_verify_node_serves_me
     write_tiny_gguf(&model, &TinySpec::default())?;
     let ca = Ca::new("fleet")?;
     // Each role's certificate expires on another day, so each gauge must be the node's own.
-    let coordinator_cert = ca.node("coordinator", "c0", (2031, 6, 1))?;
-    let verify_cert = ca.node("verify", "verify-0", (2032, 3, 1))?;
-    let draft_cert = ca.node("draft", "draft-0", (2033, 9, 1))?;
-    let stop = CancellationToken::new();
+    let coordinator_cert = node(&ca, "coordinator", "c0", (2031, 6, 1))?;
+    let verify_cert = node(&ca, "verify", "verify-0", (2032, 3, 1))?;
+    let draft_cert = node(&ca, "draft", "draft-0", (2033, 9, 1))?;
 
     let mut cs = edgespec_coordinator::Settings::for_tests();
     cs.tls = write_tls(dir.path(), "coordinator", &ca.pem, &coordinator_cert)?;
     let coordinator = edgespec_coordinator::App::build(cs).await?;
     let (grpc, admin) = (coordinator.grpc_addr(), coordinator.http_addr());
-    let coordinator = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
+    let coordinator = Running::spawn(|stop| coordinator.run(stop));
 
     let mut vs = edgespec_verify_node::Settings::default();
     vs.model.path = model.clone();
@@ -188,7 +128,7 @@ async fn every_node_reports_its_certificate_expiry_and_the_verify_node_serves_me
     vs.tls = write_tls(dir.path(), "verify", &ca.pem, &verify_cert)?;
     let verify = edgespec_verify_node::App::build(vs).await?;
     let metrics = verify.metrics_addr();
-    let verify = tokio::spawn(verify.run(stop.clone().cancelled_owned()));
+    let verify = Running::spawn(|stop| verify.run(stop));
 
     let mut ds = edgespec_draft_node::Settings::default();
     ds.model.path = model;
@@ -199,7 +139,7 @@ async fn every_node_reports_its_certificate_expiry_and_the_verify_node_serves_me
     ds.tls = write_tls(dir.path(), "draft", &ca.pem, &draft_cert)?;
     let draft = edgespec_draft_node::App::build(ds).await?;
     let api = draft.http_addr();
-    let draft = tokio::spawn(draft.run(stop.clone().cancelled_owned()));
+    let draft = Running::spawn(|stop| draft.run(stop));
 
     // The verify node's metrics endpoint: plain HTTP, its own metrics and its certificate.
     let http = reqwest::Client::new();
@@ -243,11 +183,12 @@ async fn every_node_reports_its_certificate_expiry_and_the_verify_node_serves_me
     );
     ensure!(text.matches("# EOF").count() == 1, "{text}");
 
-    stop.cancel();
-    draft.await??;
-    verify.await??;
-    coordinator.await??;
-    Ok(())
+    draft.shutdown();
+    verify.shutdown();
+    coordinator.shutdown();
+    draft.close().await?;
+    verify.close().await?;
+    coordinator.close().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,9 +196,9 @@ async fn a_coordinator_serves_a_rotated_certificate_without_a_restart() -> Resul
     edgespec_tests::init_logs();
     let dir = tempfile::tempdir()?;
     let (ca_a, ca_b) = (Ca::new("A")?, Ca::new("B")?);
-    let cert_a = ca_a.node("coordinator", "c0", (2030, 1, 1))?;
-    let cert_b = ca_b.node("coordinator", "c0", (2031, 6, 1))?;
-    let client_b = ca_b.node("draft", "probe", (2030, 1, 1))?;
+    let cert_a = node(&ca_a, "coordinator", "c0", (2030, 1, 1))?;
+    let cert_b = node(&ca_b, "coordinator", "c0", (2031, 6, 1))?;
+    let client_b = node(&ca_b, "draft", "probe", (2030, 1, 1))?;
     ensure!(cert_a.der != cert_b.der);
 
     let mut cs = edgespec_coordinator::Settings::for_tests();
@@ -267,8 +208,7 @@ async fn a_coordinator_serves_a_rotated_certificate_without_a_restart() -> Resul
     };
     let coordinator = edgespec_coordinator::App::build(cs).await?;
     let (grpc, admin) = (coordinator.grpc_addr(), coordinator.http_addr());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
+    let task = Running::spawn(|stop| coordinator.run(stop));
     let metrics_url = format!("https://{admin}/metrics");
     let both = format!("{}{}", ca_a.pem, ca_b.pem);
 
@@ -284,9 +224,14 @@ async fn a_coordinator_serves_a_rotated_certificate_without_a_restart() -> Resul
     let (ca_path, _, _) = tls_paths(dir.path(), "coordinator");
     write_tls(dir.path(), "coordinator", &both, &cert_b)?;
     ensure!(std::fs::read_to_string(ca_path)? == both);
-    eventually("the admin API presents certificate B", || async {
-        matches!(https_get(&both, &metrics_url).await, Ok((_, p)) if p == cert_b.der)
-    })
+    let rotated =
+        || async { matches!(https_get(&both, &metrics_url).await, Ok((_, p)) if p == cert_b.der) };
+    // A node's certificate watcher runs on its own clock.
+    wait_until(
+        "the admin API presents certificate B",
+        Duration::from_secs(15),
+        rotated,
+    )
     .await?;
     let (text, _) = https_get(&ca_b.pem, &metrics_url).await?;
     ensure!(expiry(&text) == Some(NOT_AFTER_2031_06_01), "{text}");
@@ -294,7 +239,5 @@ async fn a_coordinator_serves_a_rotated_certificate_without_a_restart() -> Resul
         .await
         .context("the gRPC port after the rotation (certificate B, CA B trusted)")?;
 
-    stop.cancel();
-    task.await??;
-    Ok(())
+    task.close().await
 }
