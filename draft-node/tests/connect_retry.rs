@@ -10,19 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgespec_testkit::harness::free_addr;
 use serde_json::{json, Value};
 use support::{script, settings, RunningNode, ScriptedCoordinator, Target, TinyModel};
 use tokio::net::{TcpListener, TcpStream};
 
 const PROMPT: &str = "def fib(n): the answer is";
-
-/// An address nothing listens on yet: bound and released here, taken by [`forward`] later.
-fn vacant_address() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// Makes the coordinator reachable at `at` (where the node dials) by forwarding every connection
 /// to `to`, where the scripted coordinator listens.
@@ -58,18 +51,15 @@ async fn complete(http: &reqwest::Client, node: &RunningNode) -> reqwest::Respon
 /// What the target alone produces for [`PROMPT`] (24 tokens at most).
 fn expected(model: &TinyModel, target: &Target) -> String {
     let ids = model.tokenizer.encode(PROMPT).unwrap();
-    let mut out = target.greedy(&ids, 24, model.eos);
-    if out.last() == Some(&model.eos) {
-        out.pop();
-    }
-    model.tokenizer.decode(&out).unwrap()
+    target.expected(model, &ids, 24).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_without_a_coordinator_serves_at_once_and_connects_when_it_comes_up() {
     let model = TinyModel::new();
     let target = Arc::new(Target::new(&model.path, 3));
-    let addr = vacant_address();
+    // An address nothing listens on yet, taken by `forward` later.
+    let addr = free_addr().unwrap();
     let mut st = settings(&model, &format!("http://{addr}"));
     // Short, so the node outlives several of them before the coordinator appears.
     let timeout = Duration::from_millis(400);
@@ -134,7 +124,8 @@ async fn a_node_started_without_a_coordinator_serves_at_once_and_connects_when_i
 async fn a_request_that_arrives_while_the_node_connects_waits_for_the_coordinator() {
     let model = TinyModel::new();
     let target = Arc::new(Target::new(&model.path, 3));
-    let addr = vacant_address();
+    // An address nothing listens on yet, taken by `forward` later.
+    let addr = free_addr().unwrap();
     let mut st = settings(&model, &format!("http://{addr}"));
     st.coordinator.timeout = Duration::from_secs(30);
     st.coordinator.backoff_max = Duration::from_millis(100);

@@ -20,10 +20,7 @@ use tokio::process::{Child, Command};
 pub const ADMIN_TOKEN: &str = "procs-test-token";
 
 /// A free loopback port (bound, read, released: the child binds it right after).
-pub fn free_addr() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
-}
+pub use edgespec_testkit::harness::free_addr;
 
 /// Path of a workspace binary built into the same target folder as the running executable
 /// (`target/<profile>/edgespec` itself, or a test in `target/<profile>/deps/`).

@@ -83,6 +83,12 @@ impl<T> Drop for Running<T> {
     }
 }
 
+/// A free loopback address (bound, read, released: whoever needs a fixed address binds it
+/// right after, e.g. a child process or a server that must come back on the same address).
+pub fn free_addr() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 /// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms and panics,
 /// naming `what`, when it has not held within 10 s.
 pub async fn eventually<F, Fut>(what: &str, cond: F)

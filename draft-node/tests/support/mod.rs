@@ -90,6 +90,23 @@ impl Target {
             .collect()
     }
 
+    /// What the node must produce for `ids`: the text of [`Target::greedy`] (without a final
+    /// end of text), its token count, and the finish reason.
+    pub fn expected(
+        &self,
+        model: &TinyModel,
+        ids: &[u32],
+        max_new: usize,
+    ) -> (String, usize, &'static str) {
+        let out = self.greedy(ids, max_new, model.eos);
+        let n = out.len();
+        let (text_ids, reason) = match out.last() {
+            Some(&t) if t == model.eos => (&out[..n - 1], "stop"),
+            _ => (&out[..], "length"),
+        };
+        (model.tokenizer.decode(text_ids).unwrap(), n, reason)
+    }
+
     /// Target-only greedy decoding: what the node must produce.
     pub fn greedy(&self, prompt: &[u32], max_new: usize, eos: u32) -> Vec<u32> {
         let mut seq = prompt.to_vec();
@@ -532,13 +549,7 @@ impl Harness {
     }
 
     pub fn expected_ids(&self, ids: &[u32], max_new: usize) -> (String, usize, &'static str) {
-        let out = self.target.greedy(ids, max_new, self.model.eos);
-        let n = out.len();
-        let (text_ids, reason) = match out.last() {
-            Some(&t) if t == self.model.eos => (&out[..n - 1], "stop"),
-            _ => (&out[..], "length"),
-        };
-        (self.model.tokenizer.decode(text_ids).unwrap(), n, reason)
+        self.target.expected(&self.model, ids, max_new)
     }
 
     pub fn chat_prompt(&self, user: &str) -> Vec<u32> {
