@@ -212,6 +212,7 @@ impl App {
                 limits,
                 window: settings.batching.window,
                 max_batch_tokens: settings.batching.max_batch_tokens,
+                max_prefill_tokens: settings.batching.max_prefill_tokens,
                 kv_budget_bytes: settings.sessions.kv_budget_bytes,
             },
             metrics,

@@ -7,8 +7,14 @@
 //! before the forward; a bad one is answered with its error and left out, so it never disturbs the
 //! others. After the forward each session gets its verdict, its KV cache is truncated to the
 //! committed tokens, and each request is answered with its results and the node's load.
+//!
+//! An open or resync longer than `max_prefill_tokens` is prefilled over several forwards
+//! ([`prefill`]); its request is answered once its verdict is in, and every forward meanwhile
+//! also serves whatever other requests are queued, so a long prompt never stalls the node.
 
-use std::collections::{HashSet, VecDeque};
+mod prefill;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +22,7 @@ use std::time::Duration;
 use edgespec_model::{ModelError, ModelHandle, SeqRequest, SessionId};
 use edgespec_proto::domain::{Block, ErrorCode, Outcome, SessionError};
 pub use edgespec_proto::domain::{ItemResult, Timings};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -26,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::sessions::{KvUse, Limits, Owner, Planned, SessionKey, Sessions};
 use crate::verdict::decide;
 use crate::Error;
+use prefill::{Piece, Prefill};
 
 /// Commands queued for the batcher before callers feel back-pressure.
 const COMMAND_CAPACITY: usize = 1024;
@@ -39,6 +47,9 @@ pub struct BatcherConfig {
     pub window: Duration,
     /// Token budget of one forward.
     pub max_batch_tokens: usize,
+    /// Most prefill tokens of long opens/resyncs in one forward; a longer one is prefilled in
+    /// chunks (at least `limits.max_block_tokens + 1`).
+    pub max_prefill_tokens: usize,
     /// KV memory budget; idle sessions are evicted (LRU) to stay under it.
     pub kv_budget_bytes: u64,
 }
@@ -101,6 +112,9 @@ impl Batcher {
             bytes_per_token: 0.0,
             kv_bytes: 0,
             epoch: Instant::now(),
+            prefills: VecDeque::new(),
+            held: HashMap::new(),
+            next_held: 0,
         };
         let task = tokio::spawn(actor.run(rx));
         let handle = Batcher {
@@ -198,13 +212,25 @@ struct Slot {
     forwarded: bool,
 }
 
-/// When and how big the batch's forward was.
+/// A request between its planning and its answer: the results of its blocks so far and how
+/// many of them still wait (for this forward or, after it, for a chunked prefill).
+struct Held {
+    arrived: Instant,
+    reply: oneshot::Sender<BatchReply>,
+    slots: Vec<Slot>,
+    waiting: usize,
+}
+
+/// When and how big a forward was.
 struct ForwardStats {
     start: Instant,
     end: Instant,
     rows: usize,
     sessions: usize,
 }
+
+/// A block (by held request and index) and its planned forward.
+type Placed = (u64, usize, Planned);
 
 struct Actor {
     model: ModelHandle,
@@ -220,6 +246,11 @@ struct Actor {
     /// KV bytes after the last batch.
     kv_bytes: u64,
     epoch: Instant,
+    /// Long opens being prefilled, oldest first.
+    prefills: VecDeque<Prefill>,
+    /// Requests not answered yet, by a batcher-local id.
+    held: HashMap<u64, Held>,
+    next_held: u64,
 }
 
 impl Actor {
@@ -228,9 +259,22 @@ impl Actor {
         let mut open = true;
         loop {
             let first = match carry.pop_front() {
-                Some(job) => job,
+                Some(job) => Some(job),
+                // A prefill in progress keeps the model busy: take what is queued, never wait.
+                None if !self.prefills.is_empty() => match rx.try_recv() {
+                    Ok(Command::Verify(job)) => Some(job),
+                    Ok(Command::Release(owner, ids, reply)) => {
+                        let _ = reply.send(self.release(owner, &ids).await);
+                        continue;
+                    }
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        None
+                    }
+                },
                 None if open => match rx.recv().await {
-                    Some(Command::Verify(job)) => job,
+                    Some(Command::Verify(job)) => Some(job),
                     Some(Command::Release(owner, ids, reply)) => {
                         let _ = reply.send(self.release(owner, &ids).await);
                         continue;
@@ -238,6 +282,10 @@ impl Actor {
                     None => break,
                 },
                 None => break,
+            };
+            let Some(first) = first else {
+                self.serve(Collected::new()).await;
+                continue;
             };
             let deadline = first.arrived + self.config.window;
             let max = self.config.max_batch_tokens;
@@ -279,6 +327,12 @@ impl Actor {
                 owner: owner.clone(),
                 id,
             };
+            if self
+                .cancel_prefill(&key, "the session was released during its prefill")
+                .await
+            {
+                released += 1;
+            }
             let Some(local) = self.sessions.local_id(&key) else {
                 continue;
             };
@@ -288,8 +342,48 @@ impl Actor {
                 tracing::warn!(error = %e, "releasing a session's KV cache failed");
             }
         }
-        self.publish_load().await;
+        let load = self.publish_load().await;
+        self.answer_ready(None, load);
         released
+    }
+
+    /// Stops the prefill of `key`, if one is running, answering its block with `why`; true
+    /// when there was one.
+    async fn cancel_prefill(&mut self, key: &SessionKey, why: &str) -> bool {
+        let Some(k) = self.prefills.iter().position(|p| &p.planned.key == key) else {
+            return false;
+        };
+        let p = self.prefills.remove(k).expect("found");
+        let b = &p.planned.block;
+        let error = SessionError {
+            session_id: b.session_id,
+            round: b.round,
+            code: ErrorCode::Unavailable,
+            message: why.to_string(),
+        };
+        self.settle(p.held, p.slot, Err(error), false);
+        if let Err(e) = self.model.release(p.planned.local).await {
+            tracing::warn!(error = %e, "releasing a cancelled prefill's KV cache failed");
+        }
+        true
+    }
+
+    /// Records the result of block `slot` of held request `held`.
+    fn settle(
+        &mut self,
+        held: u64,
+        slot: usize,
+        result: Result<Outcome, SessionError>,
+        forwarded: bool,
+    ) {
+        if let Some(h) = self.held.get_mut(&held) {
+            let s = &mut h.slots[slot];
+            if s.result.is_none() {
+                h.waiting -= 1;
+            }
+            s.result = Some(result);
+            s.forwarded = forwarded;
+        }
     }
 
     async fn evict(&mut self, id: SessionId) {
@@ -304,18 +398,21 @@ impl Actor {
         tracing::debug!("evicted an idle session");
     }
 
-    /// Serves one collected batch: check, make room, forward, decide, truncate, answer.
+    /// Serves one collected batch (possibly empty, when only prefills are in progress): check,
+    /// make room, forward (with the next prefill chunks), decide, truncate, answer.
     async fn serve(&mut self, batch: Collected) {
         let Collected {
             jobs,
             sessions: keys,
             tokens,
         } = batch;
-        // Node-local ids of every session in the batch: none of them may be evicted for it.
-        let pinned: HashSet<SessionId> = keys
+        // Node-local ids of every session in the batch or being prefilled: none of them may be
+        // evicted for it.
+        let mut pinned: HashSet<SessionId> = keys
             .iter()
             .filter_map(|k| self.sessions.local_id(k))
             .collect();
+        pinned.extend(self.prefills.iter().map(|p| p.planned.local));
         self.queued_tokens.fetch_sub(tokens, Ordering::Relaxed);
         let span = tracing::debug_span!(
             "verify_batch",
@@ -326,30 +423,51 @@ impl Actor {
         for job in &jobs {
             span.follows_from(job.span.id());
         }
-        let (mut slots, mut planned, replies) = self.plan_jobs(jobs);
-        self.make_room(&mut planned, &mut slots, &pinned).await;
-        let forward = self.forward(planned, &mut slots, &span).await;
+        let mut planned = self.plan_jobs(jobs);
+        for (_, _, p) in &planned {
+            // The owner gave up on the earlier block (a retry after its timeout).
+            self.cancel_prefill(&p.key, "superseded by a newer block of the session")
+                .await;
+        }
+        self.make_room(&mut planned, &pinned).await;
+        let planned = self.start_prefills(planned);
+        let forward = self.forward(planned, &span).await;
         let load = self.publish_load().await;
-        self.answer(replies, slots, &forward, load);
+        self.answer_ready(Some(&forward), load);
     }
 
-    /// Checks every block of every job against the limits and its session's state. Returns one
-    /// slot per block (already answered when the check failed), the blocks to forward with
-    /// their (job, block) position, and each job's arrival and reply channel.
-    #[allow(clippy::type_complexity)]
-    fn plan_jobs(
-        &mut self,
-        jobs: Vec<VerifyJob>,
-    ) -> (
-        Vec<Vec<Slot>>,
-        Vec<(usize, usize, Planned)>,
-        Vec<(Instant, oneshot::Sender<BatchReply>)>,
-    ) {
-        let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(jobs.len());
+    /// Turns the planned opens longer than the prefill budget into prefills (the rest is
+    /// returned to be forwarded now).
+    fn start_prefills(&mut self, planned: Vec<Placed>) -> Vec<Placed> {
+        let budget = self.config.max_prefill_tokens;
+        let mut now = Vec::with_capacity(planned.len());
+        for (held, slot, p) in planned {
+            if p.seq.start > 0 || p.seq.tokens.len() <= budget {
+                now.push((held, slot, p));
+                continue;
+            }
+            // A resync of a live session rebuilds its cache: until the verdict, the table must
+            // not claim a state the cache no longer has.
+            self.sessions.remove(p.local);
+            self.prefills.push_back(Prefill {
+                held,
+                slot,
+                planned: p,
+                done: 0,
+            });
+        }
+        now
+    }
+
+    /// Checks every block of every job against the limits and its session's state, and holds
+    /// each job until it is answered. Returns the blocks to forward with their (held request,
+    /// block) position; a block that failed its check is already settled.
+    fn plan_jobs(&mut self, jobs: Vec<VerifyJob>) -> Vec<Placed> {
         let mut planned = Vec::new();
-        let mut replies = Vec::with_capacity(jobs.len());
-        for (j, job) in jobs.into_iter().enumerate() {
-            let mut row = Vec::with_capacity(job.blocks.len());
+        for job in jobs {
+            let id = self.next_held;
+            self.next_held += 1;
+            let mut slots = Vec::with_capacity(job.blocks.len());
             for (i, block) in job.blocks.into_iter().enumerate() {
                 let mut slot = Slot {
                     session_id: block.session_id,
@@ -363,26 +481,58 @@ impl Actor {
                 };
                 let local = self.sessions.resolve(&key);
                 match self.sessions.plan(key, local, block) {
-                    Ok(p) => planned.push((j, i, p)),
+                    Ok(p) => planned.push((id, i, p)),
                     Err(e) => slot.result = Some(Err(e)),
                 }
-                row.push(slot);
+                slots.push(slot);
             }
-            slots.push(row);
-            replies.push((job.arrived, job.reply));
+            let held = Held {
+                arrived: job.arrived,
+                reply: job.reply,
+                waiting: slots.iter().filter(|s| s.result.is_none()).count(),
+                slots,
+            };
+            self.held.insert(id, held);
         }
-        (slots, planned, replies)
+        planned
     }
 
-    /// Runs the one batched forward over the planned blocks, decides each block's verdict into
-    /// its slot and truncates the KV caches to the committed tokens.
-    async fn forward(
-        &mut self,
-        planned: Vec<(usize, usize, Planned)>,
-        slots: &mut [Vec<Slot>],
-        span: &tracing::Span,
-    ) -> ForwardStats {
-        let seqs: Vec<SeqRequest> = planned.iter().map(|(_, _, p)| p.seq.clone()).collect();
+    /// Takes the next pieces of the prefills in progress, within the prefill budget: final
+    /// pieces join `verify`, chunks are returned with their requests.
+    fn next_pieces(&mut self, verify: &mut Vec<Placed>) -> Vec<(Prefill, SeqRequest)> {
+        let mut budget = self.config.max_prefill_tokens;
+        let mut chunks = Vec::new();
+        let mut waiting = VecDeque::new();
+        while let Some(p) = self.prefills.pop_front() {
+            match p.next_piece(budget) {
+                Some(piece @ Piece::Chunk { start, end }) => {
+                    budget -= end - start;
+                    let seq = p.request(&piece);
+                    chunks.push((p, seq));
+                }
+                Some(piece @ Piece::Final { start }) => {
+                    budget -= p.planned.seq.tokens.len() - start;
+                    let seq = p.request(&piece);
+                    let mut planned = p.planned;
+                    planned.seq = seq;
+                    verify.push((p.held, p.slot, planned));
+                }
+                None => waiting.push_back(p),
+            }
+        }
+        self.prefills = waiting;
+        chunks
+    }
+
+    /// Runs one batched forward over the planned blocks and the next prefill pieces, decides
+    /// each concluded block's verdict and truncates the KV caches to the committed tokens.
+    async fn forward(&mut self, mut verify: Vec<Placed>, span: &tracing::Span) -> ForwardStats {
+        let chunks = self.next_pieces(&mut verify);
+        let seqs: Vec<SeqRequest> = verify
+            .iter()
+            .map(|(_, _, p)| p.seq.clone())
+            .chain(chunks.iter().map(|(_, seq)| seq.clone()))
+            .collect();
         let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let sessions = seqs.len();
         span.record("rows", rows);
@@ -410,19 +560,23 @@ impl Actor {
         let mut truncations = Vec::new();
         match output {
             Ok(logits) => {
-                for ((j, i, p), logits) in planned.into_iter().zip(&logits) {
+                for ((held, i, p), logits) in verify.into_iter().zip(&logits) {
                     let result = self.conclude(p, logits, &mut truncations).await;
-                    let slot = &mut slots[j][i];
-                    slot.result = Some(result);
-                    slot.forwarded = true;
+                    self.settle(held, i, result, true);
+                }
+                // Chunks come back to the front, in order: the oldest prefill finishes first.
+                for (mut p, seq) in chunks.into_iter().rev() {
+                    p.done = seq.start + seq.tokens.len();
+                    self.prefills.push_front(p);
                 }
             }
             Err(e) => {
                 tracing::error!(parent: span, error = %e, "the batched forward failed");
-                for (j, i, p) in planned {
-                    slots[j][i].result = Some(Err(forward_error(&p.block, &e)));
-                    // An open under a fresh local id may have left a cache the table never
-                    // names; drop it so it cannot leak.
+                let aborted = chunks.into_iter().map(|(p, _)| (p.held, p.slot, p.planned));
+                for (held, i, p) in verify.into_iter().chain(aborted) {
+                    self.settle(held, i, Err(forward_error(&p.block, &e)), false);
+                    // An open under a fresh local id (or a prefill) may have left a cache the
+                    // table never names; drop it so it cannot leak.
                     if self.sessions.get(p.local).is_none() {
                         let _ = self.model.release(p.local).await;
                     }
@@ -442,50 +596,71 @@ impl Actor {
         }
     }
 
-    /// Answers every job with its blocks' results (in order), their timings and the load.
-    fn answer(
-        &self,
-        replies: Vec<(Instant, oneshot::Sender<BatchReply>)>,
-        slots: Vec<Vec<Slot>>,
-        forward: &ForwardStats,
-        load: Load,
-    ) {
-        let forward_ns = nanos(forward.end - forward.start);
-        for ((arrived, reply), row) in replies.into_iter().zip(slots) {
-            let total_ns = nanos(Instant::now() - arrived);
-            let queue_ns = nanos(forward.start.saturating_duration_since(arrived));
-            let results = row
-                .into_iter()
-                .inspect(|s| {
-                    if let Some(Err(e)) = &s.result {
-                        self.metrics.session_error(e.code.label());
-                    }
-                })
-                .map(|s| ItemResult {
-                    session_id: s.session_id,
-                    round: s.round,
-                    result: s.result.unwrap_or_else(|| {
-                        Err(internal(s.session_id, s.round, "the block was not served"))
-                    }),
-                    timings: if s.forwarded {
-                        Timings {
-                            queue_ns,
-                            forward_ns,
-                            total_ns,
-                            batch_tokens: forward.rows as u32,
-                            batch_sessions: forward.sessions as u32,
-                        }
-                    } else {
-                        Timings {
-                            queue_ns,
-                            total_ns,
-                            ..Timings::default()
-                        }
-                    },
-                })
-                .collect();
-            let _ = reply.send(BatchReply { results, load });
+    /// Answers every held request whose blocks all have results (in order), with their
+    /// timings (`forward`: the forward that just ran, if any) and the load.
+    fn answer_ready(&mut self, forward: Option<&ForwardStats>, load: Load) {
+        let ready: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.waiting == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let h = self.held.remove(&id).expect("listed");
+            self.answer(h, forward, load);
         }
+    }
+
+    /// Answers one request with its blocks' results (in order), their timings and the load.
+    fn answer(&self, held: Held, forward: Option<&ForwardStats>, load: Load) {
+        let Held {
+            arrived,
+            reply,
+            slots,
+            ..
+        } = held;
+        let now = Instant::now();
+        let total_ns = nanos(now - arrived);
+        let (queue_ns, forward_ns, rows, sessions) = match forward {
+            Some(f) => (
+                nanos(f.start.saturating_duration_since(arrived)),
+                nanos(f.end - f.start),
+                f.rows,
+                f.sessions,
+            ),
+            None => (total_ns, 0, 0, 0),
+        };
+        let results = slots
+            .into_iter()
+            .inspect(|s| {
+                if let Some(Err(e)) = &s.result {
+                    self.metrics.session_error(e.code.label());
+                }
+            })
+            .map(|s| ItemResult {
+                session_id: s.session_id,
+                round: s.round,
+                result: s.result.unwrap_or_else(|| {
+                    Err(internal(s.session_id, s.round, "the block was not served"))
+                }),
+                timings: if s.forwarded {
+                    Timings {
+                        queue_ns,
+                        forward_ns,
+                        total_ns,
+                        batch_tokens: rows as u32,
+                        batch_sessions: sessions as u32,
+                    }
+                } else {
+                    Timings {
+                        queue_ns,
+                        total_ns,
+                        ..Timings::default()
+                    }
+                },
+            })
+            .collect();
+        let _ = reply.send(BatchReply { results, load });
     }
 
     /// Applies the acceptance rule to one forwarded block and records the new session state.
@@ -533,12 +708,7 @@ impl Actor {
 
     /// Evicts the idle sessions [`Sessions::make_room`] chooses so the batch fits the session
     /// capacity and the KV budget, and refuses the opens that cannot get a slot.
-    async fn make_room(
-        &mut self,
-        planned: &mut Vec<(usize, usize, Planned)>,
-        slots: &mut [Vec<Slot>],
-        pinned: &HashSet<SessionId>,
-    ) {
+    async fn make_room(&mut self, planned: &mut Vec<Placed>, pinned: &HashSet<SessionId>) {
         let kv = KvUse {
             bytes: self.kv_bytes,
             budget: self.config.kv_budget_bytes,
@@ -556,15 +726,16 @@ impl Actor {
         }
         let capacity = self.config.limits.capacity;
         for k in room.refused.into_iter().rev() {
-            let (j, i, p) = planned.remove(k);
-            slots[j][i].result = Some(Err(SessionError {
+            let (held, i, p) = planned.remove(k);
+            let error = SessionError {
                 session_id: p.block.session_id,
                 round: p.block.round,
                 code: ErrorCode::Overloaded,
                 message: format!(
                     "this verify node holds its maximum of {capacity} sessions and all are busy"
                 ),
-            }));
+            };
+            self.settle(held, i, Err(error), false);
         }
     }
 

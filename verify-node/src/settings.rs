@@ -100,6 +100,9 @@ pub struct BatchingSettings {
     pub window: Duration,
     /// Token budget of one forward.
     pub max_batch_tokens: usize,
+    /// Most prefill tokens (of opens and resyncs) per forward; a longer history is prefilled
+    /// over several forwards, between which other sessions keep being verified.
+    pub max_prefill_tokens: usize,
 }
 
 /// `[coordinator]`.
@@ -171,6 +174,13 @@ impl Settings {
                 self.batching.max_batch_tokens, self.sessions.max_block_tokens
             ));
         }
+        if self.sessions.max_block_tokens + 1 > self.batching.max_prefill_tokens {
+            return bad(format!(
+                "batching.max_prefill_tokens ({}) must exceed sessions.max_block_tokens ({}): \
+                 the last piece of a prefill carries the draft tokens",
+                self.batching.max_prefill_tokens, self.sessions.max_block_tokens
+            ));
+        }
         if self.coordinator.heartbeat_interval.is_zero() {
             return bad("coordinator.heartbeat_interval must be positive".into());
         }
@@ -220,6 +230,10 @@ mod tests {
         let mut s = s;
         s.model.path = "m.gguf".into();
         s.validate().unwrap();
+        s.batching.max_prefill_tokens = s.sessions.max_block_tokens;
+        assert!(
+            matches!(s.validate(), Err(Error::Settings(m)) if m.contains("max_prefill_tokens"))
+        );
     }
 
     #[test]
