@@ -20,10 +20,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tonic::Status;
 
-/// Outgoing half of a draft stream. Unbounded on purpose: the coordinator writes at most one
-/// verdict or error per block the draft node sent (plus rare probes), so the volume is bounded
-/// by the inbound stream, which the bounded command channel already throttles.
-pub type StreamTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
+/// Outgoing half of a draft stream, bounded by [`STREAM_QUEUE`]: a peer that stops reading
+/// cannot make the coordinator hold more than that many messages for it.
+pub type StreamTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// Messages queued toward one draft stream. The coordinator writes at most one verdict or error
+/// per block the draft node sent, and a draft node has at most one block in flight per session;
+/// a stream whose queue is full is not reading, and is dropped (its sessions released). Probes
+/// are only sent to a stream with nothing queued, so a stalled peer never accumulates 64 KiB
+/// bandwidth probes.
+pub const STREAM_QUEUE: usize = 1024;
 
 const COMMAND_QUEUE: usize = 4096;
 
@@ -275,7 +281,7 @@ impl Actor {
         match cmd {
             Command::Hello { hello, tx, reply } => match self.core.hello(&hello, t) {
                 Ok((id, welcome)) => {
-                    let _ = tx.send(Ok(CoordinatorMessage::Welcome(welcome).into()));
+                    let _ = tx.try_send(Ok(CoordinatorMessage::Welcome(welcome).into()));
                     self.streams.insert(id, tx);
                     let _ = reply.send(Ok(id));
                 }
@@ -367,10 +373,30 @@ impl Actor {
     }
 
     fn execute(&mut self, out: Out) {
+        let mut stalled = Vec::new();
         for (stream, msg) in out.messages {
-            if let Some(tx) = self.streams.get(&stream) {
-                let _ = tx.send(Ok(msg.into()));
+            let Some(tx) = self.streams.get(&stream) else {
+                continue;
+            };
+            if matches!(msg, CoordinatorMessage::Probe(_)) && tx.capacity() < tx.max_capacity() {
+                continue; // the peer is behind: a probe would only measure our own queue
             }
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Ok(msg.into())) {
+                stalled.push(stream);
+            }
+        }
+        if !stalled.is_empty() {
+            let mut more = Out::default();
+            for stream in stalled {
+                tracing::warn!(
+                    stream,
+                    queued = STREAM_QUEUE,
+                    "a draft stream stopped reading; dropping it and releasing its sessions"
+                );
+                self.streams.remove(&stream);
+                self.core.disconnect(stream, &mut more);
+            }
+            self.execute(more);
         }
         for l in out.launches {
             let done = self.self_tx.clone();

@@ -9,7 +9,7 @@ use edgespec_proto::pb;
 use futures::Stream;
 use std::pin::Pin;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -63,7 +63,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
         };
         check_claim(peer.as_deref(), &hello.node_id)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(crate::actor::STREAM_QUEUE);
         let stream = self.handle.hello(hello, tx).await?;
         let handle = self.handle.clone();
         let stop = self.stop.clone();
@@ -92,7 +92,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
             handle.disconnect(stream).await;
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     #[tracing::instrument(skip_all, fields(node))]

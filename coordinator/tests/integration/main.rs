@@ -4,6 +4,7 @@
 mod admin;
 mod batching;
 mod failover;
+mod limits;
 mod placement;
 mod restart;
 mod support;

@@ -62,6 +62,13 @@ impl TryFrom<RawBlock> for Block {
                 expected: committed_len,
             });
         }
+        if m.draft_tokens.len() > edgespec_specdec::MAX_GAMMA {
+            return Err(ProtocolError::Range {
+                field: "draft_tokens",
+                value: format!("{} tokens", m.draft_tokens.len()),
+                allowed: "at most 64 (the protocol's ceiling on γ)",
+            });
+        }
         let sampling = sampling_from_pb(m.sampling)?;
         let expected_q = if sampling.is_greedy() {
             0
