@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{sse_events, Harness};
+use support::{sse_chunks, sse_events, streamed_text, Harness};
 
 const PROMPT: &str = "def fib(n): the answer is";
 
@@ -140,15 +140,8 @@ async fn streamed_completion_and_chat_deliver_the_same_text_in_chunks() {
         .starts_with("text/event-stream"));
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
-    assert_eq!(streamed, text);
+    let chunks = sse_chunks(&events);
+    assert_eq!(streamed_text(&chunks), text);
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
     let finish = chunks
         .iter()
@@ -171,10 +164,7 @@ async fn streamed_completion_and_chat_deliver_the_same_text_in_chunks() {
     .await;
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse_chunks(&events);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks
         .iter()
@@ -207,17 +197,9 @@ async fn stop_strings_end_the_output_and_are_trimmed() {
         )
         .await;
         let (text, finish) = if stream {
-            let events = sse_events(r).await;
-            let chunks: Vec<Value> = events[..events.len() - 1]
-                .iter()
-                .map(|e| serde_json::from_str(e).unwrap())
-                .collect();
-            let text: String = chunks
-                .iter()
-                .filter_map(|c| c["choices"][0]["text"].as_str())
-                .collect();
+            let chunks = sse_chunks(&sse_events(r).await);
             (
-                text,
+                streamed_text(&chunks),
                 chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
             )
         } else {
@@ -403,12 +385,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
     h.node.shutdown();
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let streamed: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
-        .collect();
-    assert_eq!(streamed, expected);
+    assert_eq!(streamed_text(&sse_chunks(&events)), expected);
     tokio::time::timeout(Duration::from_secs(10), h.node.running.finished())
         .await
         .expect("the node stops after its last request")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{sse_events, Harness, Target};
+use support::{sse_chunks, sse_events, streamed_text, Harness, Target};
 
 const PROMPTS: [&str; 3] = [
     "def fib(n): the answer is",
@@ -112,12 +112,7 @@ async fn concurrent_sessions_share_the_stream_and_each_gets_its_own_output() {
                     .await
                     .unwrap();
                 if stream {
-                    let events = sse_events(r).await;
-                    events[..events.len() - 1]
-                        .iter()
-                        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-                        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
-                        .collect::<String>()
+                    streamed_text(&sse_chunks(&sse_events(r).await))
                 } else {
                     let v: Value = r.json().await.unwrap();
                     v["choices"][0]["text"].as_str().unwrap().to_string()
@@ -227,15 +222,8 @@ async fn a_broken_stream_is_reconnected_without_losing_or_repeating_text() {
             .unwrap();
         let events = sse_events(r).await;
         assert_eq!(events.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
-        let streamed: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["text"].as_str())
-            .collect();
-        assert_eq!(streamed, expected, "pipeline={pipeline}");
+        let chunks = sse_chunks(&events);
+        assert_eq!(streamed_text(&chunks), expected, "pipeline={pipeline}");
         assert_eq!(
             chunks.last().unwrap()["choices"][0]["finish_reason"],
             reason

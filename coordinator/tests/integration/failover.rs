@@ -48,14 +48,7 @@ async fn killing_a_verifier_mid_run_resyncs_its_sessions_without_loss() {
         }
     }
     assert!(moved >= 1, "some sessions were on the killed node");
-    let nodes = support::get_json(&coord.admin("/admin/v1/nodes")).await;
-    let a_view = nodes["verifiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == "a")
-        .unwrap()
-        .clone();
+    let a_view = support::verifier_view(&coord, "a").await;
     assert_eq!(a_view["health"], "down");
     coord.stop().await;
 }

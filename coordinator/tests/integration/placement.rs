@@ -96,14 +96,7 @@ async fn cordon_and_drain_take_no_new_sessions_and_let_existing_ones_finish() {
         "a",
         "uncordoned and least loaded"
     );
-    let nodes = support::get_json(&coord.admin("/admin/v1/nodes")).await;
-    let a_view = nodes["verifiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == "a")
-        .unwrap()
-        .clone();
+    let a_view = support::verifier_view(&coord, "a").await;
     assert_eq!(a_view["admin"], "active");
     assert_eq!(
         support::post(&coord.admin("/admin/v1/verifiers/nope/drain")).await,

@@ -91,6 +91,18 @@ pub async fn get_json(url: &str) -> serde_json::Value {
     r.json().await.expect("json")
 }
 
+/// Verify node `id` as `GET /admin/v1/nodes` lists it.
+pub async fn verifier_view(coord: &Coord, id: &str) -> serde_json::Value {
+    let nodes = get_json(&coord.admin("/admin/v1/nodes")).await;
+    nodes["verifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap()
+        .clone()
+}
+
 pub async fn post(url: &str) -> reqwest::StatusCode {
     http()
         .post(url)

@@ -560,6 +560,23 @@ impl Harness {
     }
 }
 
+/// The JSON chunks of SSE `events`: every event but the last (`[DONE]` when the stream ended
+/// properly).
+pub fn sse_chunks(events: &[String]) -> Vec<serde_json::Value> {
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// The text a streamed completion carried (`choices[0].text` of each chunk).
+pub fn streamed_text(chunks: &[serde_json::Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect()
+}
+
 /// Reads an SSE body into its `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let body = resp.text().await.unwrap();
