@@ -108,10 +108,13 @@ impl App {
             .build_v1()
             .map_err(|e| Error::Settings(format!("reflection: {e}")))?;
         let service = CoordinatorServer::new(CoordinatorService::new(handle.clone(), stop.clone()))
-            .max_decoding_message_size(64 << 20);
+            .max_decoding_message_size(settings.grpc.max_message_bytes)
+            .max_encoding_message_size(settings.grpc.max_message_bytes);
         let grpc_stop = stop.clone();
         let grpc_router = tls
             .grpc_server(COORDINATOR_RULES)
+            .http2_keepalive_interval(Some(settings.grpc.keepalive_interval))
+            .http2_keepalive_timeout(Some(settings.grpc.keepalive_timeout))
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)

@@ -1,6 +1,12 @@
 //! Where a new (or moving) session goes: a pure function over a snapshot of the candidate
 //! nodes. Prefer the `onprem` pool; burst to `cloud` when the on-prem pool's predicted queue
 //! delay or utilisation passes the policy's thresholds; spread by load within a pool.
+//!
+//! A node's load is the larger of this coordinator's own count and what the node reports for
+//! all coordinators (its recently active sessions, its KV against the budget), so replicas that
+//! share a node do not overcommit it. The report may be stale (a node reports after its work),
+//! so when no node has room by it, a node with room by this coordinator's own count is still
+//! tried: the node itself decides, and refuses with OVERLOADED what it cannot hold.
 
 use crate::registry::Pool;
 use std::time::Duration;
@@ -12,8 +18,12 @@ pub struct Candidate {
     pub id: String,
     /// Pool.
     pub pool: Pool,
-    /// Sessions placed on it.
+    /// Sessions this coordinator placed on it.
     pub sessions: usize,
+    /// Recently active sessions the node reports, every coordinator's together.
+    pub reported_sessions: usize,
+    /// The node reports its KV at or over its budget.
+    pub kv_full: bool,
     /// Sessions it may hold (its capacity, capped by admission limits).
     pub capacity: usize,
     /// Predicted wait of a new block before its forward starts.
@@ -21,12 +31,23 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// Sessions on the node as far as this coordinator knows.
+    fn load(&self) -> usize {
+        self.sessions.max(self.reported_sessions)
+    }
+
     fn has_room(&self) -> bool {
+        self.load() < self.capacity && !self.kv_full
+    }
+
+    /// Room by this coordinator's own count only (the node decides).
+    fn may_try(&self) -> bool {
         self.sessions < self.capacity
     }
 
     fn utilisation(&self) -> f64 {
-        self.sessions as f64 / self.capacity.max(1) as f64
+        let kv = if self.kv_full { 1.0 } else { 0.0 };
+        (self.load() as f64 / self.capacity.max(1) as f64).max(kv)
     }
 }
 
@@ -59,7 +80,7 @@ pub fn onprem_saturated(candidates: &[Candidate], burst: &BurstPolicy) -> bool {
     if onprem.is_empty() {
         return true;
     }
-    let sessions: usize = onprem.iter().map(|c| c.sessions).sum();
+    let sessions: usize = onprem.iter().map(|c| c.load()).sum();
     let capacity: usize = onprem.iter().map(|c| c.capacity).sum();
     let utilisation = sessions as f64 / capacity.max(1) as f64;
     let best_delay = onprem
@@ -74,8 +95,32 @@ pub fn onprem_saturated(candidates: &[Candidate], burst: &BurstPolicy) -> bool {
 }
 
 /// Picks a node for a new session among `candidates` (excluding `avoid`, e.g. the node a
-/// draining session leaves).
+/// draining session leaves): one with room by every count, else one with room by this
+/// coordinator's own count (on-prem first), which then decides itself.
 pub fn place(candidates: &[Candidate], burst: &BurstPolicy, avoid: Option<&str>) -> Placement {
+    match place_with_room(candidates, burst, avoid) {
+        Placement::Full => {}
+        decided => return decided,
+    }
+    candidates
+        .iter()
+        .filter(|c| Some(c.id.as_str()) != avoid && c.may_try())
+        .min_by(|a, b| {
+            (a.pool != Pool::Onprem, a.sessions, &a.id).cmp(&(
+                b.pool != Pool::Onprem,
+                b.sessions,
+                &b.id,
+            ))
+        })
+        .map_or(Placement::Full, |c| Placement::Node(c.id.clone()))
+}
+
+/// Like [`place`], but only on a node with room by the node's own report too.
+pub fn place_with_room(
+    candidates: &[Candidate],
+    burst: &BurstPolicy,
+    avoid: Option<&str>,
+) -> Placement {
     let usable: Vec<Candidate> = candidates
         .iter()
         .filter(|c| Some(c.id.as_str()) != avoid)
@@ -108,9 +153,35 @@ mod tests {
             id: id.into(),
             pool,
             sessions,
+            reported_sessions: 0,
+            kv_full: false,
             capacity,
             predicted_delay: Duration::from_millis(delay_ms),
         }
+    }
+
+    #[test]
+    fn the_nodes_own_report_counts_and_a_stale_report_still_lets_the_node_decide() {
+        // Another coordinator filled onprem-1: its report says so, our own count does not.
+        let mut full = cand("onprem-1", Pool::Onprem, 0, 4, 0);
+        full.reported_sessions = 4;
+        let mut kv = cand("onprem-2", Pool::Onprem, 0, 4, 0);
+        kv.kv_full = true;
+        let cloud = cand("cloud-1", Pool::Cloud, 1, 4, 0);
+        let c = [full.clone(), kv.clone(), cloud];
+        assert_eq!(place(&c, &BURST, None), Placement::Node("cloud-1".into()));
+        assert_eq!(
+            place_with_room(&[full.clone(), kv.clone()], &BURST, None),
+            Placement::Full
+        );
+        // Nothing has room by the reports: the least loaded by our own count is tried.
+        full.sessions = 1;
+        assert_eq!(
+            place(&[full.clone(), kv], &BURST, None),
+            Placement::Node("onprem-2".into())
+        );
+        full.sessions = 4;
+        assert_eq!(place(&[full], &BURST, None), Placement::Full);
     }
 
     const BURST: BurstPolicy = BurstPolicy {

@@ -19,6 +19,9 @@ pub enum Health {
     Up,
     /// Missed heartbeats or failed a Verify call; must re-register to come back.
     Down,
+    /// Heartbeating but stuck: work waited for `registry.stall_timeout` without progress. Takes
+    /// no work; comes back up when its reported progress moves again.
+    Quarantined,
 }
 
 /// Operator state of a verify node.
@@ -76,9 +79,38 @@ pub struct Verifier {
     /// The drain was the node's own (a `draining` heartbeat while it stopped), not an
     /// operator's: a later registration (the restarted process) makes it active again.
     pub self_drained: bool,
+    /// When progress was last seen (an answered batch, or a changed `last_progress_unix_ms`),
+    /// on this coordinator's clock.
+    pub progress_at: Instant,
+    /// Since when the node has reported queued tokens without progress (`None`: no queue).
+    pub queued_since: Option<Instant>,
 }
 
 impl Verifier {
+    /// Takes a load report received at `now`: a changed progress time is progress (only change
+    /// counts, never the value against this clock). Returns true when it ended a quarantine.
+    fn report(&mut self, load: Load, now: Instant) -> bool {
+        let moved = load.last_progress_unix_ms != self.reported.last_progress_unix_ms;
+        self.reported = load;
+        if load.queued_tokens == 0 {
+            self.queued_since = None;
+        } else if self.queued_since.is_none() {
+            self.queued_since = Some(now);
+        }
+        moved && self.progressed(now)
+    }
+
+    /// Progress seen at `now`; returns true when it ended a quarantine.
+    fn progressed(&mut self, now: Instant) -> bool {
+        self.progress_at = now;
+        self.queued_since = self.queued_since.map(|_| now);
+        let was = self.health == Health::Quarantined;
+        if was {
+            self.health = Health::Up;
+        }
+        was
+    }
+
     /// Up and taking new sessions.
     pub fn schedulable(&self) -> bool {
         self.health == Health::Up && self.admin == AdminState::Active
@@ -140,6 +172,12 @@ impl Registry {
         let was_known = previous.is_some();
         // A re-registering node keeps its operator state and its cost fit (same hardware).
         // A node that drained itself to stop comes back active when it registers again.
+        // A quarantined node stays so until its progress moves (re-registering is no progress).
+        let stuck = previous.as_ref().is_some_and(|p| {
+            p.health == Health::Quarantined
+                && p.reported.last_progress_unix_ms == info.load.last_progress_unix_ms
+        });
+        let progress_at = previous.as_ref().map_or(now, |p| p.progress_at);
         let (admin, cost) = previous
             .map(|p| {
                 let admin = if p.self_drained {
@@ -160,25 +198,34 @@ impl Registry {
                 capacity: info.capacity_sessions as usize,
                 max_batch_tokens: info.max_batch_tokens as usize,
                 device: info.device.clone(),
-                health: Health::Up,
+                health: if stuck {
+                    Health::Quarantined
+                } else {
+                    Health::Up
+                },
                 admin,
                 last_seen: now,
                 reported: info.load,
                 cost,
                 generation: self.generations,
                 self_drained: false,
+                progress_at: if stuck { progress_at } else { now },
+                queued_since: None,
             },
         );
         Ok(Registered { was_known })
     }
 
-    /// A heartbeat. Unknown and down nodes are told to register again.
+    /// A heartbeat. Unknown and down nodes are told to register again; a quarantined node
+    /// stays known (it is alive) and leaves quarantine when its progress moves.
     pub fn heartbeat(&mut self, node_id: &str, load: Option<Load>, now: Instant) -> HeartbeatAck {
         match self.nodes.get_mut(node_id) {
-            Some(n) if n.health == Health::Up => {
+            Some(n) if n.health != Health::Down => {
                 n.last_seen = now;
                 if let Some(l) = load {
-                    n.reported = l;
+                    if n.report(l, now) {
+                        tracing::info!(node = node_id, "verify node progresses again: back up");
+                    }
                 }
                 HeartbeatAck {
                     known: true,
@@ -196,10 +243,72 @@ impl Registry {
         }
     }
 
-    /// Marks down every up node not seen for `timeout`; returns their ids.
+    /// The load a node sent with a batch's answer at `now` (the batch was answered: progress).
+    pub fn batch_answered(&mut self, node_id: &str, load: Option<Load>, now: Instant) {
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            if let Some(l) = load {
+                n.report(l, now);
+            }
+            if n.progressed(now) {
+                tracing::info!(node = node_id, "verify node answers again: back up");
+            }
+        }
+    }
+
+    /// Quarantines every up node whose work has waited longer than `timeout` since the later
+    /// of its start and the node's last progress; returns their ids. A node's work starts at
+    /// the oldest of its reported queue (first heartbeat that showed one) and `inflight(id)`,
+    /// this coordinator's oldest batch in flight to it.
+    pub fn quarantine_stalled(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        inflight: impl Fn(&str) -> Option<Instant>,
+    ) -> Vec<String> {
+        let mut stalled = Vec::new();
+        for n in self.nodes.values_mut() {
+            if n.health != Health::Up {
+                continue;
+            }
+            let work = match (n.queued_since, inflight(&n.id)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(work) = work else { continue };
+            if now.saturating_duration_since(work.max(n.progress_at)) > timeout {
+                n.health = Health::Quarantined;
+                stalled.push(n.id.clone());
+            }
+        }
+        stalled
+    }
+
+    /// Forgets every down node not seen for `after`; returns their ids.
+    pub fn forget(&mut self, now: Instant, after: Duration) -> Vec<String> {
+        let gone: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.health == Health::Down && now.saturating_duration_since(n.last_seen) > after
+            })
+            .map(|n| n.id.clone())
+            .collect();
+        for id in &gone {
+            self.nodes.remove(id);
+        }
+        gone
+    }
+
+    /// Marks down every up (or quarantined) node not seen for `timeout`; returns the ids of
+    /// those that were up.
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
         let mut downed = Vec::new();
         for n in self.nodes.values_mut() {
+            if n.health == Health::Quarantined
+                && now.saturating_duration_since(n.last_seen) > timeout
+            {
+                n.health = Health::Down;
+            }
             if n.health == Health::Up && now.saturating_duration_since(n.last_seen) > timeout {
                 n.health = Health::Down;
                 downed.push(n.id.clone());
@@ -321,6 +430,75 @@ mod tests {
         assert!(!r.heartbeat("zzz", None, t1).known);
         r.register(&info("a", "onprem", "fp"), t1).unwrap();
         assert_eq!(r.up_count(), 1);
+    }
+
+    fn load(progress: u64, queued: u32) -> Load {
+        Load {
+            last_progress_unix_ms: progress,
+            queued_tokens: queued,
+            ..Load::default()
+        }
+    }
+
+    #[test]
+    fn work_without_progress_quarantines_until_progress_moves() {
+        let t0 = Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let stall = Duration::from_secs(10);
+        let mut r = Registry::default();
+        r.register(&info("a", "onprem", "fp"), t0).unwrap();
+        r.register(&info("b", "onprem", "fp"), t0).unwrap();
+        let none = |_: &str| None;
+        // Idle for long: no work, no stall. Queued work appears and progresses.
+        assert!(r.heartbeat("a", Some(load(1, 0)), s(30)).known);
+        assert!(r.quarantine_stalled(s(60), stall, none).is_empty());
+        r.heartbeat("a", Some(load(1, 8)), s(61));
+        r.heartbeat("a", Some(load(2, 8)), s(70));
+        assert!(r.quarantine_stalled(s(75), stall, none).is_empty());
+        // The queue stays, progress does not move: quarantined after the timeout.
+        r.heartbeat("a", Some(load(2, 8)), s(80));
+        assert!(r.quarantine_stalled(s(80), stall, none).is_empty());
+        assert_eq!(r.quarantine_stalled(s(81), stall, none), vec!["a"]);
+        assert!(!r.get("a").unwrap().schedulable());
+        // Still heartbeating (known), re-registering does not lift it; progress does.
+        assert!(r.heartbeat("a", Some(load(2, 8)), s(82)).known);
+        let mut same = info("a", "onprem", "fp");
+        same.load = load(2, 0);
+        r.register(&same, s(83)).unwrap();
+        assert_eq!(r.get("a").unwrap().health, Health::Quarantined);
+        r.heartbeat("a", Some(load(3, 0)), s(84));
+        assert_eq!(r.get("a").unwrap().health, Health::Up);
+        // Our own batch in flight with no answer counts as work; an answered one is progress.
+        let sent = s(85);
+        assert!(r
+            .quarantine_stalled(s(94), stall, |n| (n == "b").then_some(sent))
+            .is_empty());
+        r.batch_answered("b", None, s(94));
+        assert!(r
+            .quarantine_stalled(s(100), stall, |n| (n == "b").then_some(sent))
+            .is_empty());
+        assert_eq!(
+            r.quarantine_stalled(s(105), stall, |n| (n == "b").then_some(sent)),
+            vec!["b"]
+        );
+        r.batch_answered("b", None, s(106));
+        assert_eq!(r.get("b").unwrap().health, Health::Up);
+    }
+
+    #[test]
+    fn down_nodes_are_forgotten() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        r.register(&info("a", "onprem", "fp"), t0).unwrap();
+        r.register(&info("b", "onprem", "fp"), t0).unwrap();
+        let later = t0 + Duration::from_secs(100);
+        r.heartbeat("b", None, later);
+        assert_eq!(r.expire(later, Duration::from_secs(3)), vec!["a"]);
+        assert!(r.forget(later, Duration::from_secs(600)).is_empty());
+        let much_later = t0 + Duration::from_secs(701);
+        r.heartbeat("b", None, much_later);
+        assert_eq!(r.forget(much_later, Duration::from_secs(600)), vec!["a"]);
+        assert!(r.get("a").is_none() && r.get("b").is_some());
     }
 
     #[test]

@@ -46,6 +46,15 @@ pub struct Settings {
 pub struct GrpcSettings {
     /// Listen address (port 0 allowed).
     pub listen: SocketAddr,
+    /// Largest gRPC message accepted or sent (draft stream messages, verify batches).
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping period on every connection (draft streams in, verify calls out).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A peer that does not answer a keepalive ping within this is gone: its connection (and a
+    /// draft node's stream with its sessions) is dropped.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `[admin]`.
@@ -88,6 +97,14 @@ pub struct RegistrySettings {
     pub heartbeat_interval: Duration,
     /// Missed heartbeats before a node is down.
     pub missed_heartbeats: u32,
+    /// A node with work (queued tokens reported, or a batch of this coordinator in flight) and
+    /// no progress (no answered batch, an unchanged `last_progress_unix_ms`) for this long is
+    /// quarantined: no new work, its sessions resync elsewhere, until it progresses again.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// A node down (or quarantined and silent) for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub forget_after: Duration,
 }
 
 /// `[verify]`.
@@ -100,6 +117,9 @@ pub struct VerifySettings {
     /// Connection deadline.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Added to `timeout` per prefill row (history of an open or resync) in the batch.
+    #[serde(with = "humantime_serde")]
+    pub prefill_timeout_per_token: Duration,
     /// Batches in flight per node.
     pub max_inflight_batches: usize,
 }
@@ -112,7 +132,8 @@ pub struct AdmissionSettings {
     pub max_queued_tokens_per_node: usize,
     /// Sessions per node (0: the node's capacity).
     pub max_sessions_per_node: usize,
-    /// Sessions in total.
+    /// Sessions in total placed by this coordinator replica (not fleet-wide: each replica
+    /// counts its own; the verify nodes' own capacity is the fleet-wide limit).
     pub max_sessions_total: usize,
 }
 
@@ -191,11 +212,26 @@ impl Settings {
     /// Checks values that deserialisation cannot.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Settings(format!("`{key}` {why}")));
+        if self.grpc.max_message_bytes < 64 * 1024 {
+            return bad("grpc.max_message_bytes", "must be at least 65536");
+        }
         if self.registry.heartbeat_interval.is_zero() {
             return bad("registry.heartbeat_interval", "must be > 0");
         }
         if self.registry.heartbeat_interval.as_millis() > u128::from(u32::MAX) {
             return bad("registry.heartbeat_interval", "is too long");
+        }
+        if self.registry.stall_timeout <= self.registry.heartbeat_interval {
+            return bad(
+                "registry.stall_timeout",
+                "must exceed registry.heartbeat_interval (progress is seen through heartbeats)",
+            );
+        }
+        if self.grpc.keepalive_interval.is_zero() || self.grpc.keepalive_timeout.is_zero() {
+            return bad(
+                "grpc.keepalive_interval",
+                "and grpc.keepalive_timeout must be > 0",
+            );
         }
         if self.registry.missed_heartbeats == 0 {
             return bad("registry.missed_heartbeats", "must be >= 1");

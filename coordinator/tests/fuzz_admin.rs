@@ -717,6 +717,7 @@ fn node_info() -> BoxedStrategy<pb::NodeInfo> {
                 busy_fraction: e,
                 verify_base_s: f,
                 verify_per_token_s: g,
+                ..Default::default()
             }),
     );
     (

@@ -204,6 +204,7 @@ impl App {
             max_context: facts.max_context,
             max_block_tokens: facts.max_block_tokens,
             capacity: settings.sessions.capacity,
+            evict_idle_after: settings.sessions.evict_idle_after,
         };
         let exposition = Exposition::new().with(metrics.clone()).with(tls.metrics());
         let (batcher, batcher_task) = Batcher::spawn(
@@ -286,7 +287,11 @@ impl App {
             .grpc_server(VERIFIER_RULES)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(VerifierServer::new(service).max_decoding_message_size(64 << 20));
+            .add_service(
+                VerifierServer::new(service)
+                    .max_decoding_message_size(settings.server.max_message_bytes)
+                    .max_encoding_message_size(settings.server.max_message_bytes),
+            );
         let server = tls.serve_grpc(router, listener, async move {
             shutdown.await;
             drain.run().await;

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::load::{BusyMeter, CostFit, Load};
 use crate::metrics::Metrics;
-use crate::sessions::{KvUse, Limits, Owner, Planned, SessionKey, Sessions};
+use crate::sessions::{KvUse, Limits, Owner, Planned, Refusal, SessionKey, Sessions};
 use crate::verdict::decide;
 use crate::Error;
 use prefill::{Piece, Prefill};
@@ -111,6 +111,7 @@ impl Batcher {
             cost: CostFit::new(0.95),
             bytes_per_token: 0.0,
             kv_bytes: 0,
+            last_progress_unix_ms: 0,
             epoch: Instant::now(),
             prefills: VecDeque::new(),
             held: HashMap::new(),
@@ -245,6 +246,8 @@ struct Actor {
     bytes_per_token: f64,
     /// KV bytes after the last batch.
     kv_bytes: u64,
+    /// When the model thread last answered (Unix ms; 0: not yet).
+    last_progress_unix_ms: u64,
     epoch: Instant,
     /// Long opens being prefilled, oldest first.
     prefills: VecDeque<Prefill>,
@@ -706,17 +709,21 @@ impl Actor {
         }
     }
 
-    /// Evicts the idle sessions [`Sessions::make_room`] chooses so the batch fits the session
-    /// capacity and the KV budget, and refuses the opens that cannot get a slot.
+    /// Evicts the long-idle sessions [`Sessions::make_room`] chooses so the batch fits the
+    /// session capacity and the KV budget, and refuses (OVERLOADED) the new sessions that do
+    /// not fit without evicting a recently active one.
     async fn make_room(&mut self, planned: &mut Vec<Placed>, pinned: &HashSet<SessionId>) {
         let kv = KvUse {
             bytes: self.kv_bytes,
             budget: self.config.kv_budget_bytes,
             bytes_per_token: self.bytes_per_token,
         };
-        let room = self
-            .sessions
-            .make_room(planned.iter().map(|(_, _, p)| p), pinned, kv);
+        let room = self.sessions.make_room(
+            planned.iter().map(|(_, _, p)| p),
+            pinned,
+            kv,
+            std::time::Instant::now(),
+        );
         for victim in room.evict {
             self.metrics.evictions.inc();
             self.evict(victim).await;
@@ -724,25 +731,40 @@ impl Actor {
         if room.over_budget {
             tracing::warn!("KV budget exceeded by sessions of the current batch");
         }
-        let capacity = self.config.limits.capacity;
-        for k in room.refused.into_iter().rev() {
+        let Limits {
+            capacity,
+            evict_idle_after: idle,
+            ..
+        } = self.config.limits;
+        for (k, why) in room.refused.into_iter().rev() {
             let (held, i, p) = planned.remove(k);
+            let message = match why {
+                Refusal::Capacity => format!(
+                    "this verify node is full: its {capacity} session slots are held by \
+                     sessions active within {idle:?}; retry later or on another node"
+                ),
+                Refusal::KvBudget => format!(
+                    "this verify node's KV memory budget ({} bytes) cannot hold the new session; \
+                     retry later or on another node",
+                    self.config.kv_budget_bytes
+                ),
+            };
             let error = SessionError {
                 session_id: p.block.session_id,
                 round: p.block.round,
                 code: ErrorCode::Overloaded,
-                message: format!(
-                    "this verify node holds its maximum of {capacity} sessions and all are busy"
-                ),
+                message,
             };
             self.settle(held, i, Err(error), false);
         }
     }
 
-    /// Measures KV memory and publishes the current load.
+    /// Measures KV memory and publishes the current load. An answer from the model thread is
+    /// its progress: a stuck model never answers, and its last progress time stays put.
     async fn publish_load(&mut self) -> Load {
         match self.model.kv_bytes().await {
             Ok(bytes) => {
+                self.last_progress_unix_ms = crate::load::unix_ms(std::time::SystemTime::now());
                 self.kv_bytes = bytes as u64;
                 let cached = self.sessions.cached_tokens();
                 if cached > 0 && bytes > 0 {
@@ -762,6 +784,8 @@ impl Actor {
                 .fraction((Instant::now() - self.epoch).as_secs_f64()),
             verify_base_s: base as f32,
             verify_per_token_s: per_token as f32,
+            last_progress_unix_ms: self.last_progress_unix_ms,
+            recent_sessions: self.sessions.recent(std::time::Instant::now()) as u32,
         };
         self.load_tx.send_replace(load);
         load

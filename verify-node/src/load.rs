@@ -1,9 +1,15 @@
 //! The node's load as coordinators see it: sessions, KV bytes, queued tokens, busy fraction and a
 //! fitted forward cost (seconds = base + per_token × tokens). Time is passed in.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use edgespec_proto::domain::Load;
+
+/// `t` as Unix milliseconds (0 before the epoch).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Exponentially decayed busy time: `fraction` is the share of the last ~`tau` spent busy.
 #[derive(Debug, Clone)]

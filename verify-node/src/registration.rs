@@ -9,7 +9,7 @@ use std::time::Duration;
 use edgespec_proto::domain::{self, Heartbeat, HeartbeatAck};
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_client::CoordinatorClient;
-use edgespec_runtime::tls::Tls;
+use edgespec_runtime::tls::{Tls, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,10 @@ pub fn spawn(
             let endpoint = match tls.endpoint(addr) {
                 Ok(e) => e
                     .connect_timeout(config.rpc_timeout)
-                    .timeout(config.rpc_timeout),
+                    .timeout(config.rpc_timeout)
+                    .http2_keep_alive_interval(DEFAULT_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(DEFAULT_KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true),
                 Err(e) => {
                     tracing::error!(coordinator = %addr, error = %e, "invalid coordinator address");
                     return None;

@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use edgespec_model::{SeqRequest, SessionId};
 use edgespec_proto::domain::{Block, ErrorCode, SessionError};
@@ -30,6 +31,9 @@ pub struct Limits {
     pub max_block_tokens: usize,
     /// Sessions held at once.
     pub capacity: usize,
+    /// A session without a round for this long may be evicted for a new one; one active more
+    /// recently is never evicted to admit another (the new one is refused instead).
+    pub evict_idle_after: Duration,
 }
 
 /// Whose sessions these are: the calling coordinator as authenticated (its certificate's
@@ -76,6 +80,8 @@ pub struct Session {
     pub last_token: u32,
     /// LRU clock value of the last round that touched it.
     last_used: u64,
+    /// When its last round was recorded.
+    last_active: Instant,
 }
 
 /// A block that passed every check, with the forward it needs.
@@ -110,14 +116,24 @@ pub struct KvUse {
     pub bytes_per_token: f64,
 }
 
+/// Why a new session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every slot is held by a session active within `evict_idle_after` (or in the batch).
+    Capacity,
+    /// Its KV would exceed the budget and nothing idle is left to evict.
+    KvBudget,
+}
+
 /// What [`Sessions::make_room`] decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Room {
-    /// Idle sessions to evict, in order.
+    /// Long-idle sessions to evict, in order.
     pub evict: Vec<SessionId>,
-    /// Indices (among the planned blocks) of opens refused because every slot is busy.
-    pub refused: Vec<usize>,
-    /// The batch exceeds the KV budget even with every idle session evicted.
+    /// Opens of new sessions refused (index among the planned blocks, reason), in index order.
+    pub refused: Vec<(usize, Refusal)>,
+    /// The batch's sessions already held here exceed the KV budget even with every long-idle
+    /// session evicted and every new one refused.
     pub over_budget: bool,
 }
 
@@ -181,6 +197,19 @@ impl Sessions {
     /// Live sessions of one owner (all owners: [`Sessions::len`]).
     pub fn owned_by(&self, owner: &Owner) -> usize {
         self.ids.keys().filter(|k| &k.owner == owner).count()
+    }
+
+    /// Sessions that had a round within `evict_idle_after` of `now`: the ones a new session may
+    /// not displace.
+    pub fn recent(&self, now: Instant) -> usize {
+        self.map
+            .values()
+            .filter(|s| !self.long_idle(s, now))
+            .count()
+    }
+
+    fn long_idle(&self, s: &Session, now: Instant) -> bool {
+        now.saturating_duration_since(s.last_active) >= self.limits.evict_idle_after
     }
 
     /// Tokens held in KV caches across all sessions (committed minus the uncached last one).
@@ -320,13 +349,25 @@ impl Sessions {
     }
 
     /// Records a round's result: session `key` (node-local `id`) now has `committed_len`
-    /// tokens ending in `last_token`, and is the most recently used.
+    /// tokens ending in `last_token`, and is the most recently used (active now).
     pub fn commit(
         &mut self,
         key: &SessionKey,
         id: SessionId,
         committed_len: usize,
         last_token: u32,
+    ) {
+        self.commit_at(key, id, committed_len, last_token, Instant::now());
+    }
+
+    /// [`Sessions::commit`] with the round's time given.
+    pub fn commit_at(
+        &mut self,
+        key: &SessionKey,
+        id: SessionId,
+        committed_len: usize,
+        last_token: u32,
+        now: Instant,
     ) {
         self.clock += 1;
         if let Some(old) = self.ids.insert(key.clone(), id) {
@@ -341,6 +382,7 @@ impl Sessions {
                 committed_len,
                 last_token,
                 last_used: self.clock,
+                last_active: now,
             },
         );
     }
@@ -352,22 +394,27 @@ impl Sessions {
         Some(s)
     }
 
-    /// Chooses which idle sessions to evict (least recently used first, never one in
-    /// `pinned`, the sessions of the batch being served) so that the `planned` blocks fit the
-    /// session capacity and the KV budget. An open that finds every slot busy is refused (its
-    /// index among `planned`). Changes nothing; the caller evicts.
+    /// Decides, at `now`, how the `planned` blocks fit the session capacity and the KV budget:
+    /// which long-idle sessions (no round for `evict_idle_after`, least recently used first,
+    /// never one in `pinned`, the sessions of the batch being served) to evict, and which opens
+    /// of new sessions to refuse. A session active more recently is never evicted to admit
+    /// another: the node is the authority on its capacity and says no rather than thrash.
+    /// Sessions it already holds are never refused. Changes nothing; the caller evicts.
     pub fn make_room<'a>(
         &self,
         planned: impl IntoIterator<Item = &'a Planned>,
         pinned: &HashSet<SessionId>,
         kv: KvUse,
+        now: Instant,
     ) -> Room {
         let planned: Vec<&Planned> = planned.into_iter().collect();
         let mut room = Room::default();
         let mut gone = HashSet::new();
         let mut kv_bytes = kv.bytes;
         let evict_one = |room: &mut Room, gone: &mut HashSet<SessionId>, kv_bytes: &mut u64| {
-            let (id, s) = self.lru_where(|id| !pinned.contains(id) && !gone.contains(id))?;
+            let (id, s) = self.lru_where(|id, s| {
+                !pinned.contains(id) && !gone.contains(id) && self.long_idle(s, now)
+            })?;
             gone.insert(id);
             room.evict.push(id);
             // The KV estimate follows the evictions until the next measurement.
@@ -375,49 +422,61 @@ impl Sessions {
             *kv_bytes = kv_bytes.saturating_sub(freed as u64);
             Some(())
         };
-        let mut opens = 0;
+        let is_new = |p: &Planned| !self.map.contains_key(&p.local);
+        let mut admitted = Vec::new();
         for (k, p) in planned.iter().enumerate() {
-            if self.map.contains_key(&p.local) {
+            if !is_new(p) {
                 continue;
             }
-            if self.map.len() - gone.len() + opens >= self.limits.capacity
+            if self.map.len() - gone.len() + admitted.len() >= self.limits.capacity
                 && evict_one(&mut room, &mut gone, &mut kv_bytes).is_none()
             {
-                room.refused.push(k);
+                room.refused.push((k, Refusal::Capacity));
                 continue;
             }
-            opens += 1;
+            admitted.push(k);
         }
         if kv.bytes_per_token <= 0.0 {
             return room;
         }
-        let new_rows: usize = planned
+        let rows = |k: usize| planned[k].seq.tokens.len() as f64 * kv.bytes_per_token;
+        let mut new_bytes: f64 = planned
             .iter()
             .enumerate()
-            .filter(|(k, _)| !room.refused.contains(k))
-            .map(|(_, p)| p.seq.tokens.len())
+            .filter(|(k, p)| !is_new(p) || admitted.contains(k))
+            .map(|(k, _)| rows(k))
             .sum();
-        let new_bytes = new_rows as f64 * kv.bytes_per_token;
         while kv_bytes as f64 + new_bytes > kv.budget as f64 {
-            if evict_one(&mut room, &mut gone, &mut kv_bytes).is_none() {
+            if evict_one(&mut room, &mut gone, &mut kv_bytes).is_some() {
+                continue;
+            }
+            // Nothing idle is left: the newest opens give way, the sessions held stay.
+            let Some(k) = admitted.pop() else {
                 room.over_budget = true;
                 break;
-            }
+            };
+            new_bytes -= rows(k);
+            room.refused.push((k, Refusal::KvBudget));
         }
+        room.refused.sort_by_key(|(k, _)| *k);
         room
     }
 
     /// The least recently used session not in `pinned` (the sessions of the batch being
     /// served), if any.
     pub fn lru_idle(&self, pinned: &HashSet<SessionId>) -> Option<SessionId> {
-        self.lru_where(|id| !pinned.contains(id)).map(|(id, _)| id)
+        self.lru_where(|id, _| !pinned.contains(id))
+            .map(|(id, _)| id)
     }
 
     /// The least recently used session that `eligible` accepts.
-    fn lru_where(&self, eligible: impl Fn(&SessionId) -> bool) -> Option<(SessionId, &Session)> {
+    fn lru_where(
+        &self,
+        eligible: impl Fn(&SessionId, &Session) -> bool,
+    ) -> Option<(SessionId, &Session)> {
         self.map
             .iter()
-            .filter(|(id, _)| eligible(id))
+            .filter(|(id, s)| eligible(id, s))
             .min_by_key(|(_, s)| s.last_used)
             .map(|(id, s)| (*id, s))
     }
@@ -434,6 +493,7 @@ mod tests {
         max_context: 32,
         max_block_tokens: 4,
         capacity: 8,
+        evict_idle_after: Duration::from_secs(60),
     };
 
     fn block(id: u64, n: usize, history: Option<Vec<u32>>, drafts: Vec<u32>) -> Block {
@@ -551,20 +611,22 @@ mod tests {
             budget: 0,
             bytes_per_token: 0.0,
         };
+        // A minute later every session is long idle.
+        let later = Instant::now() + LIMITS.evict_idle_after;
         // Full table: the open takes the least recently used idle slot; a continuation needs none.
         let pinned = HashSet::from([locals[1]]);
-        let room = s.make_room([&cont, &open], &pinned, no_kv);
+        let room = s.make_room([&cont, &open], &pinned, no_kv, later);
         assert_eq!(room.evict, vec![locals[0]]);
         assert!(room.refused.is_empty() && !room.over_budget);
         assert_eq!(s.len(), 8, "deciding changes nothing");
         // Every session busy: the open is refused, nothing is evicted.
         let all: HashSet<SessionId> = locals.iter().copied().collect();
-        let room = s.make_room([&cont, &open], &all, no_kv);
+        let room = s.make_room([&cont, &open], &all, no_kv, later);
         assert_eq!(
             room,
             Room {
                 evict: vec![],
-                refused: vec![1],
+                refused: vec![(1, Refusal::Capacity)],
                 over_budget: false
             }
         );
@@ -575,11 +637,60 @@ mod tests {
             budget: 290,
             bytes_per_token: 10.0,
         };
-        let room = s.make_room([&cont], &pinned, kv);
+        let room = s.make_room([&cont], &pinned, kv, later);
         assert_eq!(room.evict, vec![locals[0], locals[2]]);
         assert!(!room.over_budget);
-        let room = s.make_room([&cont], &all, kv);
+        let room = s.make_room([&cont], &all, kv, later);
         assert!(room.evict.is_empty() && room.over_budget);
+    }
+
+    #[test]
+    fn make_room_refuses_new_sessions_instead_of_evicting_recently_active_ones() {
+        let mut s = Sessions::new(LIMITS);
+        let t0 = Instant::now();
+        let key = |id| key_of("a", id);
+        for id in 1..=8 {
+            let local = s.resolve(&key(id));
+            // Session 1 had its last round long ago; the others just now.
+            let at = if id == 1 {
+                t0
+            } else {
+                t0 + LIMITS.evict_idle_after
+            };
+            s.commit_at(&key(id), local, 5, 0, at);
+        }
+        let now = t0 + LIMITS.evict_idle_after + Duration::from_secs(1);
+        assert_eq!(s.recent(now), 7);
+        let open =
+            |s: &mut Sessions, id| plan(s, block(id, 3, Some(vec![1, 2, 3]), vec![4])).unwrap();
+        let (nine, ten) = (open(&mut s, 9), open(&mut s, 10));
+        let cont = plan(&mut s, block(2, 5, None, vec![4])).unwrap();
+        let no_kv = KvUse {
+            bytes: 0,
+            budget: 0,
+            bytes_per_token: 0.0,
+        };
+        // The long-idle session 1 makes room for one open; the next is refused, nothing recent
+        // is evicted.
+        let room = s.make_room([&cont, &nine, &ten], &HashSet::new(), no_kv, now);
+        assert_eq!(room.evict, vec![s.local_id(&key(1)).unwrap()]);
+        assert_eq!(room.refused, vec![(2, Refusal::Capacity)]);
+        // KV: 8 × 4 tokens × 10 B = 320 B held; a 340 B budget. The continuation (2 rows) fits,
+        // the open's 4 rows do not once session 1's 40 B are freed… 320 − 40 + 20 + 40 = 340:
+        // it fits exactly; with a 330 B budget it is refused for KV and the continuation stays.
+        let kv = |budget| KvUse {
+            bytes: 320,
+            budget,
+            bytes_per_token: 10.0,
+        };
+        let room = s.make_room([&cont, &nine], &HashSet::new(), kv(340), now);
+        assert!(room.refused.is_empty() && !room.over_budget, "{room:?}");
+        let room = s.make_room([&cont, &nine], &HashSet::new(), kv(330), now);
+        assert_eq!(room.refused, vec![(1, Refusal::KvBudget)]);
+        assert!(!room.over_budget);
+        // Held sessions are never refused: over budget on their own is only reported.
+        let room = s.make_room([&cont], &HashSet::new(), kv(100), now);
+        assert!(room.refused.is_empty() && room.over_budget);
     }
 
     #[test]

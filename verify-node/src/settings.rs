@@ -50,6 +50,8 @@ pub struct MetricsSettings {
 pub struct ServerSettings {
     /// gRPC listen address (port 0 allowed).
     pub listen: SocketAddr,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
     /// Address coordinators dial; empty derives it from the bound address.
     pub advertise_addr: String,
     /// Plaintext gRPC-health-only listener for probes; empty = none.
@@ -87,6 +89,10 @@ pub struct SessionSettings {
     pub capacity: usize,
     /// KV memory budget in bytes.
     pub kv_budget_bytes: u64,
+    /// A session without a round for this long may be evicted for a new one; more recently
+    /// active sessions are not, and a new session that does not fit is refused (OVERLOADED).
+    #[serde(with = "humantime_serde")]
+    pub evict_idle_after: Duration,
     /// Longest draft block (γ max).
     pub max_block_tokens: usize,
 }
@@ -153,6 +159,9 @@ impl Settings {
             return bad("model.path is required (the target model's GGUF file)".into());
         }
         self.device()?;
+        if self.server.max_message_bytes < 64 * 1024 {
+            return bad("server.max_message_bytes must be at least 65536".into());
+        }
         if edgespec_proto::domain::Pool::parse(&self.server.pool).is_none() {
             return bad(format!(
                 "server.pool must be \"onprem\" or \"cloud\", not {:?}",

@@ -45,6 +45,8 @@ async fn capacity_eviction_then_resync_continues_identically() {
     let mut reference = m.load();
     let mut s = settings(&m.path);
     s.sessions.capacity = 2;
+    // Every session between rounds counts as idle here: eviction, not refusal, is under test.
+    s.sessions.evict_idle_after = Duration::ZERO;
     let node = Node::start(s).await;
     let pa = prompt(1, 12, vocab);
     let walk = greedy_continuation(reference.as_mut(), 99, &pa, 40, &[]).unwrap();
@@ -113,6 +115,7 @@ async fn kv_budget_evicts_the_least_recently_used_idle_session() {
     assert!(one > 0);
     let mut s = settings(&m.path);
     s.sessions.kv_budget_bytes = one * 5 / 2;
+    s.sessions.evict_idle_after = Duration::ZERO;
     let node = Node::start(s).await;
     let prompts: Vec<Vec<u32>> = (1..=3).map(|i| prompt(i, 40, vocab)).collect();
     let mut next = Vec::new();

@@ -47,6 +47,7 @@ impl Core {
                 fingerprint: hello.fingerprint.clone(),
                 model_name: hello.model_name.clone(),
                 side,
+                granted_gamma: initial_gamma as usize,
                 sessions: HashSet::new(),
                 next_probe_at: now,
                 probe_seq: 0,
@@ -145,8 +146,9 @@ impl Core {
         self.enqueue(stream, global, db, now, out);
     }
 
-    /// Whether the stream can be served at all: a verify node is up and runs the stream's
-    /// model (the fleet may have been empty when the stream said hello).
+    /// Whether the stream's block can be served at all: it drafts no more than the coordinator
+    /// allowed, a verify node is up and runs the stream's model (the fleet may have been empty
+    /// when the stream said hello).
     fn check_fleet(
         &mut self,
         stream: StreamId,
@@ -159,6 +161,15 @@ impl Core {
         if self.registry.up_count() == 0 {
             let msg = "no verify node is available; retry later";
             return Err((ErrorCode::Unavailable, msg.into()));
+        }
+        let gamma = db.block.draft_tokens.len();
+        let allowed = link.granted_gamma.max(self.gamma.max_gamma(&link.side));
+        if gamma > allowed {
+            let msg = format!(
+                "the block drafts {gamma} tokens; the coordinator allows this draft node at most \
+                 {allowed}"
+            );
+            return Err((ErrorCode::InvalidArgument, msg));
         }
         let fleet = self.registry.fleet_fingerprint().unwrap_or_default();
         if link.fingerprint != fleet {
@@ -251,6 +262,7 @@ impl Core {
                 received: now,
                 max_new_tokens: db.max_new_tokens,
                 client_send_unix_ns: db.client_send_unix_ns,
+                replaced: false,
             },
             tokens,
             now,
@@ -353,7 +365,9 @@ impl Core {
             link.probes.retain(|_, (sent, _)| {
                 now.saturating_duration_since(*sent) < l.probe_interval * 10
             });
-            if now < link.next_probe_at {
+            // One probe at a time: a peer that does not answer (it stopped reading) gets no
+            // more, so it cannot make the coordinator buffer 64 KiB probes for it.
+            if now < link.next_probe_at || !link.probes.is_empty() {
                 continue;
             }
             link.probe_seq += 1;
@@ -361,7 +375,10 @@ impl Core {
             let padded =
                 l.padded_probe_every > 0 && link.probe_seq % u64::from(l.padded_probe_every) == 0;
             let padding = if padded {
-                vec![0u8; l.probe_padding_bytes]
+                // Not zeros: a compressing link (or proxy) must not shrink a bandwidth probe.
+                (0..l.probe_padding_bytes)
+                    .map(|i| (i % 251) as u8 + 1)
+                    .collect()
             } else {
                 Vec::new()
             };

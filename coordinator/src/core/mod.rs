@@ -75,6 +75,9 @@ struct DraftLink {
     /// Link estimates, draft cost, calibration, pipelining and γ cap (per stream, so what is
     /// learnt carries over between requests).
     side: DraftSide,
+    /// The largest γ granted on this stream so far (Welcome or verdict): a block may not draft
+    /// more (a draft node sends only what its role allows).
+    granted_gamma: usize,
     sessions: HashSet<u64>,
     next_probe_at: Instant,
     probe_seq: u64,
@@ -110,6 +113,9 @@ struct Item {
     received: Instant,
     max_new_tokens: u32,
     client_send_unix_ns: u64,
+    /// A node refused the session (OVERLOADED) and it was placed again: a second refusal goes
+    /// to the draft node, so two full nodes cannot pass an open back and forth.
+    replaced: bool,
 }
 
 #[derive(Debug)]
@@ -170,6 +176,11 @@ impl Core {
     /// Coordinator instance id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The policy in force.
@@ -251,6 +262,9 @@ impl Core {
         Duration::from_secs_f64(secs.clamp(0.0, 3600.0))
     }
 
+    /// Schedulable nodes as placement sees them: this coordinator's own count of sessions per
+    /// node, and what the node reports for all coordinators together (recently active sessions,
+    /// KV bytes against its budget).
     fn candidates(&self) -> Vec<Candidate> {
         let fleet = self.registry.fleet_fingerprint().unwrap_or_default();
         let cap_limit = self.settings.admission.max_sessions_per_node;
@@ -261,6 +275,9 @@ impl Core {
                 id: v.id.clone(),
                 pool: v.pool,
                 sessions: self.node_sessions.get(&v.id).copied().unwrap_or(0),
+                reported_sessions: v.reported.recent_sessions as usize,
+                kv_full: v.reported.kv_budget_bytes > 0
+                    && v.reported.kv_bytes >= v.reported.kv_budget_bytes,
                 capacity: if cap_limit > 0 {
                     v.capacity.min(cap_limit)
                 } else {
@@ -349,8 +366,7 @@ impl Core {
         }
     }
 
-    /// Marks a node down: its sessions become unplaced (re-placed at their next block, which
-    /// must carry history) and its queued blocks are answered with RESYNC_NEEDED.
+    /// Marks a node down: its sessions move away (see [`Core::evacuate`]).
     fn node_down(&mut self, node: &str, reason: &str, out: &mut Out) {
         if self.registry.mark_down(node) {
             tracing::warn!(
@@ -358,6 +374,30 @@ impl Core {
                 reason,
                 "verify node marked down; its sessions will resync"
             );
+        }
+        self.evacuate(node, out);
+    }
+
+    /// Moves everything off a node that is down or quarantined: its sessions become unplaced
+    /// (re-placed at their next block, which must carry history), and its queued blocks and
+    /// those of its batches still in flight are answered with RESYNC_NEEDED. A batch given up
+    /// here is forgotten: should the node answer it after all, the answer is dropped, so no
+    /// verdict reaches a draft node twice.
+    fn evacuate(&mut self, node: &str, out: &mut Out) {
+        let stranded: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, b)| b.node == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stranded {
+            let b = self.inflight.remove(&id).expect("listed");
+            if let Some(q) = self.queues.get_mut(node) {
+                q.finish(b.tokens);
+            }
+            for item in b.items {
+                self.answer_resync(item, "verify node lost; resend the block with history", out);
+            }
         }
         let affected: Vec<u64> = self
             .sessions
@@ -394,12 +434,37 @@ impl Core {
         );
     }
 
-    /// Periodic work: heartbeat expiry, link probes, gauges.
+    /// Periodic work: heartbeat expiry, stalled nodes, forgetting long-down nodes, link
+    /// probes, gauges.
     pub fn tick(&mut self, now: Instant, out: &mut Out) {
         let r = &self.settings.registry;
-        let timeout = r.heartbeat_interval * r.missed_heartbeats;
+        let (timeout, stall, forget) = (
+            r.heartbeat_interval * r.missed_heartbeats,
+            r.stall_timeout,
+            r.forget_after,
+        );
         for node in self.registry.expire(now, timeout) {
             self.node_down(&node, "missed heartbeats", out);
+        }
+        let inflight = &self.inflight;
+        let oldest = |node: &str| {
+            inflight
+                .values()
+                .filter(|b| b.node == node)
+                .map(|b| b.sent_at)
+                .min()
+        };
+        for node in self.registry.quarantine_stalled(now, stall, oldest) {
+            tracing::warn!(
+                node = %node, stall_timeout = ?stall,
+                "verify node has work but makes no progress: quarantined; its sessions will resync"
+            );
+            self.evacuate(&node, out);
+        }
+        for node in self.registry.forget(now, forget) {
+            tracing::info!(node = %node, "verify node down for long: forgotten");
+            self.queues.remove(&node);
+            self.node_sessions.remove(&node);
         }
         self.send_probes(now, out);
         self.update_gauges();

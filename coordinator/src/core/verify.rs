@@ -2,6 +2,7 @@
 //! verdicts (with the next γ) and failover.
 
 use super::{Core, Inflight, Item, Launch, Out};
+use crate::placement::{self, Placement};
 use crate::registry::{AdminState, Health, NodeAction};
 use crate::Error;
 use edgespec_proto::domain::{
@@ -174,9 +175,7 @@ impl Core {
                 return;
             }
         };
-        if let (Some(v), Some(load)) = (self.registry.get_mut(&b.node), resp.load) {
-            v.reported = load;
-        }
+        self.registry.batch_answered(&b.node, resp.load, now);
         // A resync prefill is compute-bound (tens of ms per token on a CPU) while a verify block
         // is memory-bound (nearly flat in its length); one straight line through both would
         // price every drafted token like a prompt token, so prefill forwards are not fitted.
@@ -219,6 +218,9 @@ impl Core {
         let (stream, draft_id, round) = (s.stream, s.draft_id, item.block.round);
         let (outcome, timings) = match read_result(node, &item, result) {
             Ok(r) => r,
+            Err((ErrorCode::Overloaded, message)) if item.block.history.is_some() => {
+                return self.refused_by_node(node, item, message, now, out);
+            }
             Err((code, message)) => {
                 if code == ErrorCode::ResyncNeeded {
                     s.synced = false;
@@ -232,6 +234,9 @@ impl Core {
             .max_new_tokens
             .saturating_sub(outcome.accepted as u32 + 1);
         let gamma = self.next_gamma(item.global, node, remaining);
+        if let Some(link) = self.streams.get_mut(&stream) {
+            link.granted_gamma = link.granted_gamma.max(gamma as usize);
+        }
         let s = self.sessions.get_mut(&item.global).expect("session exists");
         s.gamma = gamma;
         let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
@@ -251,6 +256,54 @@ impl Core {
         };
         out.messages
             .push((stream, CoordinatorMessage::Verdict(verdict)));
+    }
+
+    /// A node refused to take a session (OVERLOADED: it is the authority on its capacity, which
+    /// other coordinators share). The session leaves it; its block goes to another node with room
+    /// by every count, once, or the refusal goes to the draft node (a session that never had a
+    /// round is dropped, as any refused open).
+    fn refused_by_node(
+        &mut self,
+        node: &str,
+        mut item: Item,
+        message: String,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let global = item.global;
+        self.assign(global, None);
+        let elsewhere = if item.replaced {
+            Placement::Full
+        } else {
+            placement::place_with_room(&self.candidates(), &self.burst_policy(), Some(node))
+        };
+        if let Placement::Node(other) = elsewhere {
+            tracing::info!(session = global, from = node, to = %other, "verify node refused the session: placing it elsewhere");
+            self.assign(global, Some(other.clone()));
+            let s = self.sessions.get_mut(&global).expect("session exists");
+            s.busy = true;
+            s.synced = true;
+            item.replaced = true;
+            let tokens = item.block.forward_tokens();
+            self.queues
+                .entry(other)
+                .or_default()
+                .push(item, tokens, now);
+            return;
+        }
+        let s = &self.sessions[&global];
+        let (stream, draft_id, fresh) = (s.stream, s.draft_id, s.g.rounds() == 0);
+        if fresh {
+            self.drop_session(global, out);
+        }
+        let message = format!("verify node {node} refused the session: {message}");
+        self.session_error(
+            out,
+            stream,
+            (draft_id, item.block.round),
+            ErrorCode::Overloaded,
+            message,
+        );
     }
 
     /// Counts a verified round: the session's γ controller state, its stats, the metrics and

@@ -42,6 +42,14 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "edgespec";
 /// How often the certificate files are checked when `tls.reload_interval` is not set.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 
+/// HTTP/2 keepalive ping period of every gRPC server ([`Tls::grpc_server`]) and of the clients
+/// that use the defaults: a peer that vanished without closing its TCP connection (a host that
+/// lost power, a dropped route) is noticed within interval + timeout, not TCP's minutes.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a keepalive ping may go unanswered before the connection is closed.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -252,8 +260,13 @@ impl Tls {
 
     /// A gRPC server builder with the per-role authorization of `rules` ([`Tls::authorize`]);
     /// serve its router with [`Tls::serve_grpc`], which adds the TLS.
+    /// HTTP/2 keepalive is on with [`DEFAULT_KEEPALIVE_INTERVAL`] and
+    /// [`DEFAULT_KEEPALIVE_TIMEOUT`] (the builder's `http2_keepalive_*` override them).
     pub fn grpc_server(&self, rules: &'static [Rule]) -> GrpcServer {
-        Server::builder().layer(self.authorize(rules))
+        Server::builder()
+            .http2_keepalive_interval(Some(DEFAULT_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(DEFAULT_KEEPALIVE_TIMEOUT))
+            .layer(self.authorize(rules))
     }
 
     /// Serves `router` on `listener` until `shutdown` completes: in mTLS mode each connection

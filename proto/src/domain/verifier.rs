@@ -248,6 +248,13 @@ pub struct Load {
     pub verify_base_s: f32,
     /// Fitted cost per token in a forward, seconds (≥ 0).
     pub verify_per_token_s: f32,
+    /// When the node's model last completed work, Unix ms on the node's clock (0: never). Only
+    /// its changes mean something to a coordinator (progress), not its value against another
+    /// clock.
+    pub last_progress_unix_ms: u64,
+    /// Sessions active within the node's idle-eviction time (≤ `active_sessions`): the ones a
+    /// new session may not displace.
+    pub recent_sessions: u32,
 }
 
 impl TryFrom<pb::VerifierLoad> for Load {
@@ -264,6 +271,13 @@ impl TryFrom<pb::VerifierLoad> for Load {
                 })
             }
         };
+        if l.recent_sessions > l.active_sessions {
+            return Err(ProtocolError::Range {
+                field: "load.recent_sessions",
+                value: l.recent_sessions.to_string(),
+                allowed: "recent_sessions <= active_sessions",
+            });
+        }
         if !(0.0..=1.0).contains(&l.busy_fraction) {
             return Err(ProtocolError::Range {
                 field: "load.busy_fraction",
@@ -279,6 +293,8 @@ impl TryFrom<pb::VerifierLoad> for Load {
             busy_fraction: l.busy_fraction,
             verify_base_s: non_negative("load.verify_base_s", l.verify_base_s)?,
             verify_per_token_s: non_negative("load.verify_per_token_s", l.verify_per_token_s)?,
+            last_progress_unix_ms: l.last_progress_unix_ms,
+            recent_sessions: l.recent_sessions,
         })
     }
 }
@@ -293,6 +309,8 @@ impl From<Load> for pb::VerifierLoad {
             busy_fraction: l.busy_fraction,
             verify_base_s: l.verify_base_s,
             verify_per_token_s: l.verify_per_token_s,
+            last_progress_unix_ms: l.last_progress_unix_ms,
+            recent_sessions: l.recent_sessions,
         }
     }
 }
