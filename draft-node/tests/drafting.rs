@@ -47,6 +47,11 @@ async fn greedy_output_equals_the_target_with_and_without_pipelining() {
             assert_eq!(text(&v), expected, "pipeline={pipeline} prompt={prompt:?}");
             assert_eq!(v["usage"]["completion_tokens"], n);
         }
+        // A session's close reaches the coordinator just after its response: wait for the last.
+        edgespec_testkit::harness::eventually("every session closed", || async {
+            h.coordinator.record().closes.len() >= PROMPTS.len()
+        })
+        .await;
         let rec = h.coordinator.record();
         assert!(rec.invalid.is_empty(), "{rec:?}");
         assert_eq!(
