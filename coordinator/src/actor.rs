@@ -363,7 +363,8 @@ impl Actor {
             .endpoint(addr)
             .map_err(|e| format!("bad verifier address: {e}"))?
             .connect_timeout(self.verify.connect_timeout)
-            .timeout(self.verify.timeout)
+            // No channel-wide deadline: each call has its own (`verify_deadline`), which a
+            // batch with long prefills extends.
             .tcp_nodelay(true);
         let c = VerifierClient::new(ep.connect_lazy())
             .max_decoding_message_size(64 << 20)
@@ -401,7 +402,7 @@ impl Actor {
         for l in out.launches {
             let done = self.self_tx.clone();
             let client = self.client(&l.addr);
-            let timeout = self.verify.timeout;
+            let timeout = verify_deadline(&self.verify, &l.request);
             tokio::spawn(async move {
                 let result = match client {
                     Err(e) => Err(e),
@@ -444,6 +445,24 @@ impl Actor {
             });
         }
     }
+}
+
+/// The deadline of one Verify call: `verify.timeout`, plus `verify.prefill_timeout_per_token`
+/// for every row of its opens and resyncs, so a long prompt's prefill (chunked on the node,
+/// however many forwards it takes) is not taken for a dead node.
+fn verify_deadline(
+    verify: &VerifySettings,
+    request: &edgespec_proto::domain::VerifyBatch,
+) -> Duration {
+    let prefill_rows: usize = request
+        .blocks()
+        .filter(|b| b.history.is_some())
+        .map(edgespec_proto::domain::Block::forward_tokens)
+        .sum();
+    let rows = u32::try_from(prefill_rows).unwrap_or(u32::MAX);
+    verify
+        .timeout
+        .saturating_add(verify.prefill_timeout_per_token.saturating_mul(rows))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

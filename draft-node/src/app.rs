@@ -112,6 +112,7 @@ impl App {
                 timeout: c.timeout,
                 retry_initial: c.backoff_initial,
                 retry_max: c.backoff_max,
+                max_resyncs: c.max_resyncs as usize,
             },
             draft_cost,
             recent_gamma: Arc::new(AtomicU32::new(crate::session::NO_GAMMA_YET)),

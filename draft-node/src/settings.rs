@@ -94,6 +94,9 @@ pub struct CoordinatorSettings {
     /// Largest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Resyncs (the verify side lost a session's state) one request survives; the next one
+    /// fails it with 503.
+    pub max_resyncs: u32,
 }
 
 /// `[drafting]`
@@ -179,6 +182,9 @@ impl Settings {
             if d.is_zero() {
                 return bad(key, "must be greater than zero");
             }
+        }
+        if c.max_resyncs == 0 {
+            return bad("coordinator.max_resyncs", "must be at least 1");
         }
         if c.backoff_initial > c.backoff_max {
             return bad(

@@ -83,6 +83,8 @@ pub(crate) struct DraftConfig {
     pub retry_initial: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// Resyncs one request survives (`coordinator.max_resyncs`).
+    pub max_resyncs: usize,
 }
 
 /// What every session shares.
@@ -147,6 +149,7 @@ pub(crate) fn spawn(
         events,
         out,
         last_round_trip_ns: 0,
+        resyncs: 0,
     };
     let span = tracing::debug_span!("session", session = id);
     tokio::spawn(
@@ -181,6 +184,8 @@ struct Driver {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     out: mpsc::Sender<GenEvent>,
     last_round_trip_ns: u64,
+    /// Times the verify side lost this session's state so far.
+    resyncs: usize,
 }
 
 impl Driver {
@@ -353,16 +358,12 @@ impl Driver {
                         return Ok((v, spec));
                     }
                     Some(SessionEvent::Resync { round }) if round == pending.block.round => {
-                        pending = self.state.with_history(&pending);
-                        self.resend(&pending, true).await;
-                        deadline = tokio::time::Instant::now() + cfg.timeout;
+                        pending = self.resync(&pending).await?;
                     }
                     Some(SessionEvent::Resync { .. }) => {}
                     Some(SessionEvent::Error(e)) => match e.code {
                         ErrorCode::ResyncNeeded => {
-                            pending = self.state.with_history(&pending);
-                            self.resend(&pending, true).await;
-                            deadline = tokio::time::Instant::now() + cfg.timeout;
+                            pending = self.resync(&pending).await?;
                         }
                         ErrorCode::Overloaded | ErrorCode::Unavailable => {
                             let since = *refused_since.get_or_insert_with(Instant::now);
@@ -397,6 +398,23 @@ impl Driver {
                 _ = self.out.closed() => return Err(Halt::ClientGone),
             }
         }
+    }
+
+    /// Resends `pending` with the full history, unless the request has used up its resyncs.
+    /// The block keeps its deadline: a verify side that keeps losing the session (nodes
+    /// flapping under load) must fail the request clearly, not keep it waiting forever.
+    async fn resync(&mut self, pending: &DraftBlock) -> Result<DraftBlock, Halt> {
+        self.resyncs += 1;
+        let max = self.ctx.cfg.max_resyncs;
+        if self.resyncs > max {
+            return Err(GenError::Unavailable(format!(
+                "the verify side kept losing this session ({max} resyncs); try again later"
+            ))
+            .into());
+        }
+        let block = self.state.with_history(pending);
+        self.resend(&block, true).await;
+        Ok(block)
     }
 
     async fn resend(&mut self, block: &DraftBlock, resync: bool) {
