@@ -56,20 +56,11 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
+fn median(xs: Vec<f64>) -> f64 {
+    edgespec_specdec::stats::median(&xs).unwrap_or(0.0)
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+use edgespec_specdec::argmax;
 
 /// A fixed, model-independent prompt of ordinary token ids.
 fn prompt(len: usize) -> Vec<u32> {

@@ -12,6 +12,7 @@ pub mod gamma;
 pub mod proposal;
 pub mod rng;
 pub mod sampling;
+pub mod stats;
 pub mod types;
 pub mod verify;
 

@@ -1,4 +1,5 @@
-//! Order statistics for the benchmarks.
+//! Order statistics for benchmarks and measurements (the one `median` and `quantile` of the
+//! workspace; `edgespec_testkit::stats` re-exports them).
 
 /// Median of the finite values (the mean of the middle two for an even count); `None` if there
 /// are none.

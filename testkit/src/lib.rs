@@ -26,7 +26,10 @@ pub mod harness;
 #[cfg(feature = "model")]
 pub mod reference;
 pub mod scripted;
-pub mod stats;
+/// Order statistics (`median`, `quantile`), from `specdec` so production tools share them.
+pub mod stats {
+    pub use edgespec_specdec::stats::{median, quantile};
+}
 #[cfg(feature = "model")]
 pub mod tiny;
 pub mod wire;

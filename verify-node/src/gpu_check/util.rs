@@ -110,8 +110,7 @@ pub fn prefill(
     Ok(Some(firsts))
 }
 
-/// Median of a non-empty list.
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// Median of the samples (0 when there are none).
+pub fn median(v: Vec<f64>) -> f64 {
+    edgespec_specdec::stats::median(&v).unwrap_or(0.0)
 }
