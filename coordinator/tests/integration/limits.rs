@@ -10,6 +10,18 @@ use edgespec_testkit::scripted::{greedy_block, target_next, DraftClient, FINGERP
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// A well-formed block of a new session `sid` on `d` gets a verdict.
+async fn assert_serves(d: &DraftClient, sid: u64) {
+    let mut rx = d.subscribe(sid);
+    let block = greedy_block(sid, 1, &[7], true, vec![target_next(7)]);
+    d.send(DraftMessage::Block(block)).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an answer arrives")
+        .expect("stream open");
+    assert!(matches!(m, CoordinatorMessage::Verdict(_)), "{m:?}");
+}
+
 async fn refusal(d: &DraftClient, sid: u64, block: DraftBlock) -> (ErrorCode, String) {
     let mut rx = d.subscribe(sid);
     d.send(DraftMessage::Block(block)).await.unwrap();
@@ -63,14 +75,7 @@ async fn huge_q_payloads_and_gamma_above_the_policy_are_invalid_arguments() {
     assert_eq!(code, ErrorCode::InvalidArgument, "{msg}");
 
     // The stream still works for a well-formed block.
-    let mut rx = d.subscribe(4);
-    let block = greedy_block(4, 1, &[7], true, vec![target_next(7)]);
-    d.send(DraftMessage::Block(block)).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(m, CoordinatorMessage::Verdict(_)), "{m:?}");
+    assert_serves(&d, 4).await;
     coord.stop().await;
 }
 
@@ -138,14 +143,7 @@ async fn a_thousand_draft_streams_that_never_read_leave_memory_bounded() {
     );
     // It still serves a stream that reads.
     let d = DraftClient::connect(&coord.url(), "edge-ok").await.unwrap();
-    let mut rx = d.subscribe(1);
-    let block = greedy_block(1, 1, &[7], true, vec![target_next(7)]);
-    d.send(DraftMessage::Block(block)).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(m, CoordinatorMessage::Verdict(_)), "{m:?}");
+    assert_serves(&d, 1).await;
     drop(held);
     coord.stop().await;
 }
