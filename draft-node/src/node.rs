@@ -29,6 +29,13 @@ struct Inner {
     next_id: AtomicU64,
 }
 
+/// A generation slot of the node, from [`Node::admit`] until the session it starts ends (or
+/// until dropped, e.g. when the request turns out to be invalid once tokenised).
+#[derive(Debug)]
+pub struct Admission {
+    permit: OwnedSemaphorePermit,
+}
+
 /// Parts the node is assembled from.
 #[derive(Debug)]
 pub(crate) struct NodeParts {
@@ -120,18 +127,38 @@ impl Node {
         }
     }
 
-    /// Starts a generation. Fails fast when the coordinator is known to be away or refusing, or
-    /// the node is at its concurrency limit.
-    pub fn generate(&self, req: GenerateRequest) -> Result<mpsc::Receiver<GenEvent>, GenError> {
+    /// Admission: one of the node's `limits.max_concurrent_sessions` generation slots, waited
+    /// for up to `limits.admission_wait`. Fails fast when the coordinator is known to be away or
+    /// refusing (503), and with [`GenError::Overloaded`] (429) when no slot frees in time. A
+    /// request does its heavy work (tokenising, generating) only while it holds the slot.
+    pub async fn admit(&self) -> Result<Admission, GenError> {
         self.readiness()?;
-        let permit = Arc::clone(&self.inner.sessions)
-            .try_acquire_owned()
-            .map_err(|_| {
-                GenError::Overloaded(format!(
-                    "this node is already serving {} requests; retry later",
-                    self.inner.limits.max_concurrent_sessions
-                ))
-            })?;
+        let sessions = Arc::clone(&self.inner.sessions);
+        let wait = self.inner.limits.admission_wait;
+        let permit = if wait.is_zero() {
+            sessions.try_acquire_owned().ok()
+        } else {
+            tokio::time::timeout(wait, sessions.acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        permit.map(|permit| Admission { permit }).ok_or_else(|| {
+            GenError::Overloaded(format!(
+                "this node is already serving {} requests; retry later",
+                self.inner.limits.max_concurrent_sessions
+            ))
+        })
+    }
+
+    /// Starts an admitted generation; its slot is released when the session ends.
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+        admission: Admission,
+    ) -> Result<mpsc::Receiver<GenEvent>, GenError> {
+        self.readiness()?;
+        let permit = admission.permit;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         if matches!(self.inner.ctx.conn.status(), LinkStatus::Connecting { .. }) {
             return Ok(self.start_once_connected(id, req, permit));

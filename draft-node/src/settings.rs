@@ -128,6 +128,17 @@ pub struct LimitSettings {
     pub max_body_bytes: usize,
     /// Concurrent generations; more get 429.
     pub max_concurrent_sessions: usize,
+    /// Most stop strings per request (OpenAI allows 4).
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes.
+    pub max_stop_len: usize,
+    /// How long a request may wait for a generation slot (and for the coordinator to stop
+    /// refusing its first block as overloaded) before it is answered 429; 0 = not at all.
+    #[serde(with = "humantime_serde")]
+    pub admission_wait: Duration,
+    /// `Retry-After` of a 429, rounded up to whole seconds.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 impl Default for Settings {
@@ -226,6 +237,15 @@ impl Settings {
         }
         if l.max_concurrent_sessions == 0 {
             return bad("limits.max_concurrent_sessions", "must be at least 1");
+        }
+        if l.max_stop_strings == 0 {
+            return bad("limits.max_stop_strings", "must be at least 1");
+        }
+        if l.max_stop_len == 0 {
+            return bad("limits.max_stop_len", "must be at least 1");
+        }
+        if l.retry_after < Duration::from_secs(1) {
+            return bad("limits.retry_after", "must be at least 1s");
         }
         Ok(())
     }

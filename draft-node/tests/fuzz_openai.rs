@@ -12,9 +12,12 @@
 //!   OpenAI shapes and `docs/` (not from `openai.rs`): a body that is not JSON or has a field of
 //!   the wrong type is a 400 without `param`; otherwise a request that breaks a rule is a 400
 //!   (404 for an unknown model) whose `param` names one of the broken rules' fields, and a
-//!   request that breaks none passes validation and tokenization. The node's one generation
-//!   slot is held by a request the (silent) scripted coordinator never answers, so a request
-//!   that passes validation is answered 429 at once instead of generating;
+//!   request that breaks none passes validation. The node's one generation slot is held by a
+//!   request the (silent) scripted coordinator never answers, and `limits.admission_wait` is 0,
+//!   so a request that passes validation is answered 429 at once instead of generating. The node
+//!   tokenises only once admitted, so the rules on the prompt's token count (empty, beyond
+//!   `max_prompt_tokens`, no room left for `max_tokens`) are not reached here: `tests/api.rs`
+//!   covers them;
 //! - bodies above `limits.max_body_bytes` are a 413;
 //! - no single allocation above 8 MiB (bodies are at most ~20 KiB).
 //!
@@ -44,7 +47,8 @@ const MODEL: &str = "tiny";
 const MAX_TOKENS: i64 = 1000;
 const MAX_PROMPT_TOKENS: usize = 64;
 const MAX_BODY_BYTES: usize = 16 * 1024;
-const MAX_STOP: usize = 16;
+const MAX_STOP: usize = 4;
+const MAX_STOP_LEN: usize = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Field values: `None` leaves the field out.
@@ -595,7 +599,6 @@ fn ty_messages(o: &Map<String, Value>) -> Result<Vec<(String, Result<String, ()>
 struct Ctx {
     tokenizer: TextTokenizer,
     vocab: usize,
-    context: usize,
 }
 
 fn expect(ctx: &Ctx, chat: bool, body: &[u8]) -> Expect {
@@ -616,10 +619,13 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     let top_p = ty_f32(o, "top_p")?;
     let top_k = ty_i64(o, "top_k")?;
     ty_i64(o, "seed")?;
-    let stop = match opt(o, "stop") {
-        None => 0,
-        Some(Value::String(_)) => 1,
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a.len(),
+    let stop: Vec<usize> = match opt(o, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.len()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| s.as_str().map_or(0, str::len))
+            .collect(),
         Some(_) => return Err(TypeError),
     };
     ty_bool(o, "stream")?;
@@ -638,7 +644,7 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     if model != MODEL {
         broken.push((404, "model"));
     }
-    let (prompt, prompt_param, max) = if chat {
+    let (_prompt, _prompt_param, max) = if chat {
         let messages = ty_messages(o)?;
         let max_completion = ty_i64(o, "max_completion_tokens")?;
         if ty_bool(o, "logprobs")? == Some(true) {
@@ -708,16 +714,9 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     if frequency.is_some_and(|p| p != 0.0) {
         broken.push((400, "frequency_penalty"));
     }
-    if let Some(prompt) = &prompt {
-        let max_prompt = MAX_PROMPT_TOKENS.min(ctx.context - 1);
-        if prompt.is_empty() || prompt.len() > max_prompt {
-            broken.push((400, prompt_param));
-        } else if let Some(m) = max {
-            let room = (ctx.context - prompt.len()) as i64;
-            if !(1..=MAX_TOKENS).contains(&m) || m > room {
-                broken.push((400, "max_tokens"));
-            }
-        }
+    // The prompt's token count is checked once admitted (see the top of the file).
+    if max.is_some_and(|m| !(1..=MAX_TOKENS).contains(&m)) {
+        broken.push((400, "max_tokens"));
     }
     if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
         broken.push((400, "temperature"));
@@ -728,7 +727,7 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     if top_k.is_some_and(|k| !(-1..=u32::MAX as i64).contains(&k)) {
         broken.push((400, "top_k"));
     }
-    if stop > MAX_STOP {
+    if stop.len() > MAX_STOP || stop.iter().any(|&l| l > MAX_STOP_LEN) {
         broken.push((400, "stop"));
     }
     Ok(if broken.is_empty() {
@@ -779,6 +778,7 @@ impl Node {
             st.limits.max_prompt_tokens = MAX_PROMPT_TOKENS as u32;
             st.limits.max_body_bytes = MAX_BODY_BYTES;
             st.limits.max_concurrent_sessions = 1;
+            st.limits.admission_wait = Duration::ZERO;
             let app = App::build(st).await.expect("the draft node starts");
             let node = app.node().clone();
             (edgespec_draft_node::router(node.clone()), coordinator, node)
@@ -786,7 +786,6 @@ impl Node {
         let ctx = Ctx {
             tokenizer: node.tokenizer().clone(),
             vocab: node.model_info().vocab_size,
-            context: node.model_info().max_context,
         };
         let n = Node {
             rt,

@@ -1,7 +1,7 @@
 //! OpenAI-format errors (`{"error": {"message", "type", "param", "code"}}`) and the one mapping
 //! from the node's errors to HTTP statuses.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -21,6 +21,8 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// Machine-readable code.
     pub code: Option<&'static str>,
+    /// `Retry-After` in seconds (429 answers).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -47,6 +49,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -58,6 +61,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model"),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -69,6 +73,7 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -121,12 +126,18 @@ impl From<GenError> for ApiError {
             kind,
             param: None,
             code: Some(code),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.to_json())).into_response()
+        let mut r = (self.status, Json(self.to_json())).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }

@@ -1,6 +1,11 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (JSON or SSE),
 //! `/v1/models`, plus `/healthz` (admitting requests), `/readyz` (connected: route traffic here)
 //! and `/metrics`.
+//!
+//! A generation request is read (at most `limits.max_body_bytes`: 413 beyond), parsed and checked
+//! on the async worker — as cheap as reading it — and only then waits, at most
+//! `limits.admission_wait`, for one of the node's generation slots (429 with `Retry-After`
+//! otherwise). Tokenising, the expensive part, happens once admitted, on a blocking thread.
 
 mod error;
 mod openai;
@@ -61,20 +66,20 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 async fn completions(State(s): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Response {
-    let prepared = body(raw)
+    let checked = body(raw)
         .and_then(|b| openai::parse::<CompletionRequest>(&b))
-        .and_then(|r| r.prepare(&s.node));
-    respond::generate(&s.node, Kind::Completion, prepared).await
+        .and_then(|r| r.check(&s.node));
+    respond::generate(&s.node, Kind::Completion, checked).await
 }
 
 async fn chat_completions(
     State(s): State<AppState>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = body(raw)
+    let checked = body(raw)
         .and_then(|b| openai::parse::<ChatRequest>(&b))
-        .and_then(|r| r.prepare(&s.node));
-    respond::generate(&s.node, Kind::Chat, prepared).await
+        .and_then(|r| r.check(&s.node));
+    respond::generate(&s.node, Kind::Chat, checked).await
 }
 
 async fn models(State(s): State<AppState>) -> Response {
@@ -133,6 +138,7 @@ async fn not_found() -> Response {
         kind: "invalid_request_error",
         param: None,
         code: Some("unknown_url"),
+        retry_after: None,
     }
     .into_response()
 }

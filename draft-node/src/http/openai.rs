@@ -1,5 +1,8 @@
-//! OpenAI request bodies and their validation into a [`GenerateRequest`]. Unknown fields are
-//! ignored (clients send many); fields we cannot honour are refused with a 400 naming them.
+//! OpenAI request bodies and their validation into a [`GenerateRequest`], in two steps: `check`
+//! (everything that does not need the prompt's tokens, cheap, before admission) and
+//! [`Checked::tokenize`] (the prompt's tokens and what depends on them, only once the request
+//! holds a generation slot, off the async workers). Unknown fields are ignored (clients send
+//! many); fields we cannot honour are refused with a 400 naming them.
 
 use edgespec_model::ChatMessage;
 use edgespec_specdec::SamplingParams;
@@ -8,9 +11,6 @@ use serde::Deserialize;
 use super::error::ApiError;
 use crate::node::Node;
 use crate::session::GenerateRequest;
-
-/// Most stop strings per request.
-const MAX_STOP_STRINGS: usize = 16;
 
 /// Fields shared by both endpoints.
 #[derive(Debug, Deserialize)]
@@ -102,6 +102,31 @@ pub(crate) struct ContentPart {
     pub text: Option<String>,
 }
 
+/// The prompt before tokenisation.
+#[derive(Debug)]
+enum PromptSource {
+    /// Plain text (`/v1/completions`).
+    Text(String),
+    /// Token ids, already checked against the vocabulary.
+    Tokens(Vec<u32>),
+    /// Chat messages, to go through the chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A request that passed every check that does not need its tokens.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    prompt: PromptSource,
+    prompt_param: &'static str,
+    /// Asked for, already within `limits.max_tokens`.
+    max_tokens: Option<usize>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+    return_token_ids: bool,
+}
+
 /// A validated request.
 #[derive(Debug)]
 pub(crate) struct Prepared {
@@ -118,8 +143,8 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Ap
 }
 
 impl CompletionRequest {
-    /// Validates and tokenizes.
-    pub fn prepare(self, node: &Node) -> Result<Prepared, ApiError> {
+    /// Validates everything but the prompt's length.
+    pub fn check(self, node: &Node) -> Result<Checked, ApiError> {
         check_model(&self.common, node)?;
         if self.echo == Some(true) {
             return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
@@ -138,12 +163,12 @@ impl CompletionRequest {
         }
         let prompt = match self.prompt {
             None => return Err(ApiError::invalid(Some("prompt"), "prompt is required")),
-            Some(PromptParam::Text(t)) => encode(node, &t, "prompt")?,
-            Some(PromptParam::Texts(mut ts)) if ts.len() == 1 => {
-                encode(node, &ts.remove(0), "prompt")?
+            Some(PromptParam::Text(t)) => PromptSource::Text(t),
+            Some(PromptParam::Texts(mut ts)) if ts.len() == 1 => PromptSource::Text(ts.remove(0)),
+            Some(PromptParam::Tokens(ids)) => PromptSource::Tokens(ids),
+            Some(PromptParam::TokenLists(mut ls)) if ls.len() == 1 => {
+                PromptSource::Tokens(ls.remove(0))
             }
-            Some(PromptParam::Tokens(ids)) => ids,
-            Some(PromptParam::TokenLists(mut ls)) if ls.len() == 1 => ls.remove(0),
             Some(_) => {
                 return Err(ApiError::invalid(
                     Some("prompt"),
@@ -151,20 +176,22 @@ impl CompletionRequest {
                 ))
             }
         };
-        let vocab = node.model_info().vocab_size;
-        if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::invalid(
-                Some("prompt"),
-                format!("token id {t} is outside the vocabulary (size {vocab})"),
-            ));
+        if let PromptSource::Tokens(ids) = &prompt {
+            let vocab = node.model_info().vocab_size;
+            if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::invalid(
+                    Some("prompt"),
+                    format!("token id {t} is outside the vocabulary (size {vocab})"),
+                ));
+            }
         }
-        prepare_common(self.common, prompt, None, "prompt", node)
+        check_common(self.common, prompt, None, "prompt", node)
     }
 }
 
 impl ChatRequest {
-    /// Validates, applies the chat template and tokenizes.
-    pub fn prepare(self, node: &Node) -> Result<Prepared, ApiError> {
+    /// Validates everything but the prompt's length.
+    pub fn check(self, node: &Node) -> Result<Checked, ApiError> {
         check_model(&self.common, node)?;
         if self.logprobs == Some(true) {
             return Err(ApiError::invalid(
@@ -214,14 +241,9 @@ impl ChatRequest {
             };
             messages.push(ChatMessage::new(role, content));
         }
-        // The template's markers become control tokens; what the messages say never does.
-        let prompt = node
-            .tokenizer()
-            .encode_chat(&messages, true)
-            .map_err(|_| ApiError::invalid(Some("messages"), "the text could not be tokenized"))?;
-        prepare_common(
+        check_common(
             self.common,
-            prompt,
+            PromptSource::Chat(messages),
             self.max_completion_tokens,
             "messages",
             node,
@@ -236,21 +258,13 @@ fn check_model(c: &CommonParams, node: &Node) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A raw prompt as plain text: strings that spell control tokens stay text (a client that
-/// embeds untrusted text in its prompt cannot have it end the prompt or open a turn).
-fn encode(node: &Node, text: &str, param: &'static str) -> Result<Vec<u32>, ApiError> {
-    node.tokenizer()
-        .encode_plain(text)
-        .map_err(|_| ApiError::invalid(Some(param), "the text could not be tokenized"))
-}
-
-fn prepare_common(
+fn check_common(
     c: CommonParams,
-    prompt: Vec<u32>,
+    prompt: PromptSource,
     max_completion_tokens: Option<i64>,
     prompt_param: &'static str,
     node: &Node,
-) -> Result<Prepared, ApiError> {
+) -> Result<Checked, ApiError> {
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
     }
@@ -265,31 +279,9 @@ fn prepare_common(
             ));
         }
     }
-    if prompt.is_empty() {
-        return Err(ApiError::invalid(
-            Some(prompt_param),
-            "the prompt must not be empty",
-        ));
-    }
     let limits = node.limits();
-    let context = node.model_info().max_context;
-    let max_prompt = (limits.max_prompt_tokens as usize).min(context.saturating_sub(1));
-    if prompt.len() > max_prompt {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                Some(prompt_param),
-                format!(
-                    "The prompt has {} tokens; this server accepts at most {max_prompt} \
-                     (model context {context}).",
-                    prompt.len()
-                ),
-            )
-        });
-    }
-    let room = context - prompt.len();
     let max_tokens = match max_completion_tokens.or(c.max_tokens) {
-        None => (limits.default_max_tokens as usize).min(room),
+        None => None,
         Some(m) if m < 1 => {
             return Err(ApiError::invalid(
                 Some("max_tokens"),
@@ -305,21 +297,7 @@ fn prepare_common(
                 ),
             ))
         }
-        Some(m) if m as usize > room => {
-            return Err(ApiError {
-                code: Some("context_length_exceeded"),
-                ..ApiError::invalid(
-                    Some("max_tokens"),
-                    format!(
-                        "This model's maximum context length is {context} tokens. However, you \
-                         requested {} tokens ({} in the prompt, {m} for the completion).",
-                        prompt.len() as i64 + m,
-                        prompt.len()
-                    ),
-                )
-            })
-        }
-        Some(m) => m as usize,
+        Some(m) => Some(m as usize),
     };
     let sampling = sampling(&c)?;
     let stop = match c.stop {
@@ -327,23 +305,113 @@ fn prepare_common(
         Some(StopParam::One(s)) => vec![s],
         Some(StopParam::Many(v)) => v,
     };
-    if stop.len() > MAX_STOP_STRINGS {
+    // Every stop string is searched for in the held-back text after each token: their number
+    // and length bound that work.
+    if stop.len() > limits.max_stop_strings {
         return Err(ApiError::invalid(
             Some("stop"),
-            format!("at most {MAX_STOP_STRINGS} stop strings are supported"),
+            format!(
+                "at most {} stop strings are supported",
+                limits.max_stop_strings
+            ),
         ));
     }
-    Ok(Prepared {
-        generate: GenerateRequest {
-            prompt,
-            max_new_tokens: max_tokens,
-            sampling,
-            stop,
-        },
+    if stop.iter().any(|s| s.len() > limits.max_stop_len) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!(
+                "a stop string may be at most {} bytes long",
+                limits.max_stop_len
+            ),
+        ));
+    }
+    Ok(Checked {
+        prompt,
+        prompt_param,
+        max_tokens,
+        sampling,
+        stop,
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         return_token_ids: c.return_token_ids.unwrap_or(false),
     })
+}
+
+impl Checked {
+    /// Tokenises the prompt and checks its length against the limits and the context window.
+    /// Up to `limits.max_body_bytes` of text: run it on a blocking thread, once admitted.
+    pub fn tokenize(self, node: &Node) -> Result<Prepared, ApiError> {
+        let param = self.prompt_param;
+        let unreadable = || ApiError::invalid(Some(param), "the text could not be tokenized");
+        let prompt = match self.prompt {
+            // A raw prompt is plain text: strings that spell control tokens stay text (a client
+            // that embeds untrusted text in its prompt cannot have it end the prompt or open a
+            // turn).
+            PromptSource::Text(t) => node
+                .tokenizer()
+                .encode_plain(&t)
+                .map_err(|_| unreadable())?,
+            PromptSource::Tokens(ids) => ids,
+            // The template's markers become control tokens; what the messages say never does.
+            PromptSource::Chat(m) => node
+                .tokenizer()
+                .encode_chat(&m, true)
+                .map_err(|_| unreadable())?,
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                Some(param),
+                "the prompt must not be empty",
+            ));
+        }
+        let limits = node.limits();
+        let context = node.model_info().max_context;
+        let max_prompt = (limits.max_prompt_tokens as usize).min(context.saturating_sub(1));
+        if prompt.len() > max_prompt {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    Some(param),
+                    format!(
+                        "The prompt has {} tokens; this server accepts at most {max_prompt} \
+                         (model context {context}).",
+                        prompt.len()
+                    ),
+                )
+            });
+        }
+        let room = context - prompt.len();
+        let max_new_tokens = match self.max_tokens {
+            None => (limits.default_max_tokens as usize).min(room),
+            Some(m) if m > room => {
+                return Err(ApiError {
+                    code: Some("context_length_exceeded"),
+                    ..ApiError::invalid(
+                        Some("max_tokens"),
+                        format!(
+                            "This model's maximum context length is {context} tokens. However, \
+                             you requested {} tokens ({} in the prompt, {m} for the completion).",
+                            prompt.len() + m,
+                            prompt.len()
+                        ),
+                    )
+                })
+            }
+            Some(m) => m,
+        };
+        Ok(Prepared {
+            generate: GenerateRequest {
+                prompt,
+                max_new_tokens,
+                sampling: self.sampling,
+                stop: self.stop,
+                overload_wait: limits.admission_wait,
+            },
+            stream: self.stream,
+            include_usage: self.include_usage,
+            return_token_ids: self.return_token_ids,
+        })
+    }
 }
 
 fn sampling(c: &CommonParams) -> Result<SamplingParams, ApiError> {

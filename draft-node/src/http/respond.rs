@@ -1,6 +1,12 @@
-//! Turning a generation's events into an OpenAI response: one JSON body, or an SSE stream of
-//! chunks ending with `data: [DONE]`. The first event is awaited before answering, so a request
-//! that fails before producing anything gets a proper HTTP status even when streaming.
+//! Running a checked request and turning its events into an OpenAI response: admission (a
+//! generation slot, or 429 with `Retry-After`), tokenising on a blocking thread, then one JSON
+//! body or an SSE stream of chunks ending with `data: [DONE]`. The first event is awaited before
+//! answering, so a request that fails before producing anything (a fleet that keeps refusing its
+//! first block as overloaded included) gets a proper HTTP status even when streaming.
+//!
+//! A client that goes away drops this future (hyper cancels the handler of a closed
+//! connection), and with it the event receiver: the session sees it and closes itself at the
+//! coordinator, streaming or not.
 
 use std::convert::Infallible;
 
@@ -12,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::openai::Prepared;
+use super::openai::Checked;
 use super::unix_secs;
 use crate::error::GenError;
 use crate::node::Node;
@@ -90,18 +96,35 @@ fn extension(s: &Summary, with_ids: bool) -> Value {
     v
 }
 
-/// Runs a prepared request and answers it.
+/// Admits a checked request, tokenises it and answers it.
 pub(crate) async fn generate(
     node: &Node,
     kind: Kind,
-    prepared: Result<Prepared, ApiError>,
+    checked: Result<Checked, ApiError>,
 ) -> Response {
     let endpoint = kind.endpoint();
-    let p = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            node.metrics().request(endpoint, "invalid");
-            return e.into_response();
+    let checked = match checked {
+        Ok(c) => c,
+        Err(e) => return invalid(node, endpoint, e),
+    };
+    let admission = match node.admit().await {
+        Ok(a) => a,
+        Err(e) => return failed(node, endpoint, e),
+    };
+    // Up to `max_body_bytes` of text: never on an async worker. The slot travels with the work,
+    // so a client that leaves meanwhile frees it only once the tokeniser is done.
+    let tokenizing = node.clone();
+    let tokenized =
+        tokio::task::spawn_blocking(move || (checked.tokenize(&tokenizing), admission)).await;
+    let (p, admission) = match tokenized {
+        Ok((Ok(p), admission)) => (p, admission),
+        Ok((Err(e), _)) => return invalid(node, endpoint, e),
+        Err(_) => {
+            return failed(
+                node,
+                endpoint,
+                GenError::Internal("the prompt could not be tokenized".into()),
+            )
         }
     };
     let meta = Meta {
@@ -119,7 +142,7 @@ pub(crate) async fn generate(
         model: node.served_name().to_string(),
         prompt_tokens: p.generate.prompt.len(),
     };
-    let mut rx = match node.generate(p.generate) {
+    let mut rx = match node.generate(p.generate, admission) {
         Ok(rx) => rx,
         Err(e) => return failed(node, endpoint, e),
     };
@@ -169,9 +192,21 @@ fn stopped() -> GenError {
     GenError::Internal("the generation stopped unexpectedly".into())
 }
 
+fn invalid(node: &Node, endpoint: &'static str, e: ApiError) -> Response {
+    node.metrics().request(endpoint, "invalid");
+    e.into_response()
+}
+
+/// A failure before the response started; an overloaded node or fleet says when to come back.
 fn failed(node: &Node, endpoint: &'static str, e: GenError) -> Response {
-    node.metrics().request(endpoint, "error");
-    ApiError::from(e).into_response()
+    let overloaded = matches!(e, GenError::Overloaded(_));
+    node.metrics()
+        .request(endpoint, if overloaded { "overloaded" } else { "error" });
+    let mut answer = ApiError::from(e);
+    if overloaded {
+        answer.retry_after = Some(node.limits().retry_after.as_secs_f64().ceil() as u64);
+    }
+    answer.into_response()
 }
 
 struct SseState {

@@ -42,6 +42,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Stop strings (trimmed from the output).
     pub stop: Vec<String>,
+    /// How long the coordinator may refuse this request's first block as overloaded before the
+    /// request fails with [`GenError::Overloaded`] (429) instead of retrying for up to
+    /// `coordinator.timeout` (the node's `limits.admission_wait`).
+    pub overload_wait: Duration,
 }
 
 /// The end of a successful generation.
@@ -141,6 +145,7 @@ pub(crate) fn spawn(
     });
     let (events_tx, events) = mpsc::unbounded_channel();
     let driver = Driver {
+        overload_wait: req.overload_wait,
         drafter: Drafter::new(id, ctx.engine.clone()),
         ctx,
         id,
@@ -186,6 +191,7 @@ struct Driver {
     last_round_trip_ns: u64,
     /// Times the verify side lost this session's state so far.
     resyncs: usize,
+    overload_wait: Duration,
 }
 
 impl Driver {
@@ -367,6 +373,15 @@ impl Driver {
                         }
                         ErrorCode::Overloaded | ErrorCode::Unavailable => {
                             let since = *refused_since.get_or_insert_with(Instant::now);
+                            // Refused before its first token, the request was never really
+                            // admitted: the client hears 429 (retry later) after its admission
+                            // wait, not 503 after coordinator.timeout.
+                            if e.code == ErrorCode::Overloaded
+                                && self.output.produced() == 0
+                                && since.elapsed() >= self.overload_wait
+                            {
+                                return Err(overloaded(&e).into());
+                            }
                             if since.elapsed() >= cfg.timeout {
                                 return Err(refused(&e, cfg.timeout).into());
                             }
@@ -434,6 +449,10 @@ fn refused(e: &SessionError, timeout: Duration) -> GenError {
         humantime_secs(timeout),
         e.message
     ))
+}
+
+fn overloaded(e: &SessionError) -> GenError {
+    GenError::Overloaded(format!("the verify pool is overloaded: {}", e.message))
 }
 
 fn session_error(e: SessionError) -> Halt {
