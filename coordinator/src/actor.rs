@@ -365,7 +365,12 @@ impl Actor {
             .connect_timeout(self.verify.connect_timeout)
             // No channel-wide deadline: each call has its own (`verify_deadline`), which a
             // batch with long prefills extends.
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A verify node that vanished without a reset fails its calls within the keepalive,
+            // not at the call's deadline.
+            .http2_keep_alive_interval(self.core.settings().grpc.keepalive_interval)
+            .keep_alive_timeout(self.core.settings().grpc.keepalive_timeout)
+            .keep_alive_while_idle(true);
         let c = VerifierClient::new(ep.connect_lazy())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
