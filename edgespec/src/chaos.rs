@@ -138,7 +138,7 @@ impl ChaosReport {
 }
 
 /// Prompts of the soak (short; the tiny model's tokenizer covers them).
-const PROMPTS: [&str; 8] = [
+pub(crate) const PROMPTS: [&str; 8] = [
     "hello",
     "hello world",
     "the cat",
@@ -158,29 +158,95 @@ struct Fleet {
     link_stop: CancellationToken,
 }
 
+/// Coordinators and verify nodes as child processes on one target model, every verify node
+/// registered with every coordinator: the synthetic-model fleet the chaos soak and the load
+/// bench (`bench::load`) share.
+pub(crate) struct ProcFleet {
+    /// Coordinator processes.
+    pub coordinators: Vec<NodeProcess>,
+    /// Their gRPC addresses (draft streams, verify-node registration).
+    pub grpcs: Vec<SocketAddr>,
+    /// Their admin addresses.
+    pub admins: Vec<SocketAddr>,
+    /// Verify node processes.
+    pub verifiers: Vec<NodeProcess>,
+}
+
+/// What [`ProcFleet::start`] starts.
+pub(crate) struct FleetSpec<'a> {
+    /// Coordinators.
+    pub coordinators: usize,
+    /// Verify nodes, each registered with every coordinator.
+    pub verifiers: usize,
+    /// Target model of the verify nodes.
+    pub target: &'a Path,
+    /// Fixed γ of the coordinators.
+    pub gamma: u32,
+    /// Coordinator settings beyond [`coordinator_env`].
+    pub coordinator_env: Vec<(&'static str, String)>,
+}
+
+impl ProcFleet {
+    /// Starts the processes (without waiting for them: [`ProcFleet::wait`]).
+    pub fn start(spec: &FleetSpec<'_>) -> Result<ProcFleet> {
+        let mut fleet = ProcFleet {
+            coordinators: Vec::new(),
+            grpcs: Vec::new(),
+            admins: Vec::new(),
+            verifiers: Vec::new(),
+        };
+        for _ in 0..spec.coordinators {
+            let (grpc, admin) = (free_addr()?, free_addr()?);
+            let mut env = coordinator_env(grpc, admin, spec.gamma);
+            env.extend(spec.coordinator_env.iter().cloned());
+            fleet
+                .coordinators
+                .push(NodeProcess::start(Role::Coordinator, &env)?);
+            fleet.grpcs.push(grpc);
+            fleet.admins.push(admin);
+        }
+        for i in 0..spec.verifiers {
+            let env = verify_env(
+                &format!("verify-{i}"),
+                spec.target,
+                free_addr()?,
+                &fleet.grpcs,
+            );
+            fleet
+                .verifiers
+                .push(NodeProcess::start(Role::Verify, &env)?);
+        }
+        Ok(fleet)
+    }
+
+    /// Waits until every coordinator has every verify node up and `drafts` draft nodes
+    /// connected; fails at once when one of the fleet's processes or of `others` exits.
+    pub async fn wait(&mut self, drafts: usize, others: &mut [NodeProcess]) -> Result<()> {
+        let verifiers = self.verifiers.len();
+        for admin in self.admins.clone() {
+            let mut procs: Vec<&mut NodeProcess> = self.coordinators.iter_mut().collect();
+            procs.extend(self.verifiers.iter_mut());
+            procs.extend(others.iter_mut());
+            wait_fleet(admin, verifiers, drafts, &mut procs).await?;
+        }
+        Ok(())
+    }
+}
+
 async fn start_fleet(target: &Path, draft: &Path) -> Result<Fleet> {
-    let mut coordinators = Vec::new();
-    let mut grpcs = Vec::new();
-    let mut admins = Vec::new();
-    for _ in 0..2 {
-        let (grpc, admin) = (free_addr()?, free_addr()?);
-        let mut env = coordinator_env(grpc, admin, 2);
+    let mut core = ProcFleet::start(&FleetSpec {
+        coordinators: 2,
+        verifiers: 3,
+        target,
+        gamma: 2,
         // A stopped (SIGSTOP) verify node must time out quickly.
-        env.push(("EDGESPEC__VERIFY__TIMEOUT", "2s".into()));
-        coordinators.push(NodeProcess::start(Role::Coordinator, &env)?);
-        grpcs.push(grpc);
-        admins.push(admin);
-    }
-    let mut verifiers = Vec::new();
-    for i in 0..3 {
-        let env = verify_env(&format!("verify-{i}"), target, free_addr()?, &grpcs);
-        verifiers.push(NodeProcess::start(Role::Verify, &env)?);
-    }
+        coordinator_env: vec![("EDGESPEC__VERIFY__TIMEOUT", "2s".into())],
+    })?;
     let link_stop = CancellationToken::new();
     let mut drafts = Vec::new();
     let mut draft_http = Vec::new();
     let mut links = Vec::new();
-    for (i, grpc) in grpcs.iter().enumerate() {
+    for (i, grpc) in core.grpcs.iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let dial = listener.local_addr()?;
         let (_task, link) = LinkEmulator::spawn(
@@ -197,15 +263,10 @@ async fn start_fleet(target: &Path, draft: &Path) -> Result<Fleet> {
         draft_http.push(http);
         links.push(link);
     }
-    for admin in &admins {
-        let mut procs: Vec<&mut NodeProcess> = coordinators.iter_mut().collect();
-        procs.extend(verifiers.iter_mut());
-        procs.extend(drafts.iter_mut());
-        wait_fleet(*admin, 3, 1, &mut procs).await?;
-    }
+    core.wait(1, &mut drafts).await?;
     Ok(Fleet {
-        coordinators,
-        verifiers,
+        coordinators: core.coordinators,
+        verifiers: core.verifiers,
         _drafts: drafts,
         draft_http,
         links,

@@ -116,9 +116,10 @@ struct LinkArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Scenario: single (a), rtt (b), server (c), edge (d), wire (bytes on the draft link), or
-    /// chaos (a fault soak on synthetic models).
-    #[arg(value_parser = ["single", "rtt", "server", "edge", "wire", "chaos"])]
+    /// Scenario: single (a), rtt (b), server (c), edge (d), wire (bytes on the draft link),
+    /// chaos (a fault soak on synthetic models) or load (a ramp of concurrent streams on
+    /// synthetic models).
+    #[arg(value_parser = ["single", "rtt", "server", "edge", "wire", "chaos", "load"])]
     scenario: String,
     /// chaos: how long faults are injected.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -150,7 +151,8 @@ struct BenchArgs {
     /// rtt / edge: RTTs in ms, comma-separated (default: 0,20,50,100 / 0,20,50).
     #[arg(long, value_delimiter = ',')]
     rtts: Option<Vec<u64>>,
-    /// server: stream counts, comma-separated (default: 1,4,8,16).
+    /// server: stream counts, comma-separated (default: 1,4,8,16); load: the ramp's steps of
+    /// concurrent streams (default: 50,200,500,1000).
     #[arg(long, value_delimiter = ',')]
     streams: Option<Vec<usize>>,
     /// edge: directory of the edgespec-* binaries (default: beside this executable).
@@ -176,6 +178,7 @@ impl BenchArgs {
                 "rtt" => Scenario::Rtt,
                 "server" => Scenario::Server,
                 "wire" => Scenario::Wire,
+                "load" => Scenario::Load,
                 _ => Scenario::Edge,
             },
             runs: self.runs,

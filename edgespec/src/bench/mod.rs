@@ -11,6 +11,8 @@
 //!   target-only decoding of the same N streams.
 //! - [`Scenario::Edge`] — real binaries in separate processes, draft node pinned to core 0,
 //!   coordinator and verify node to core 1: SD (adaptive, pipelined) vs target-only.
+//! - [`Scenario::Load`] — overload under load on a tiny synthetic target (issue 15): a ramp of
+//!   concurrent draft streams against one coordinator and two verify nodes (child processes).
 //!
 //! Every configuration is measured `runs` times, interleaved (run 1 of every configuration, then
 //! run 2, ...), so slow drift of a shared machine spreads over all of them; medians are reported
@@ -20,6 +22,7 @@
 
 mod edge;
 mod inproc;
+mod load;
 mod report;
 mod server;
 
@@ -49,6 +52,8 @@ pub enum Scenario {
     Edge,
     /// Bytes on the draft ↔ coordinator link per round and per token (greedy, sampling).
     Wire,
+    /// Overload under load: a ramp of concurrent streams on a synthetic fleet.
+    Load,
 }
 
 impl Scenario {
@@ -60,6 +65,7 @@ impl Scenario {
             Scenario::Server => "server",
             Scenario::Edge => "edge",
             Scenario::Wire => "wire",
+            Scenario::Load => "load",
         }
     }
 
@@ -75,6 +81,7 @@ impl Scenario {
     pub fn default_max_tokens(self) -> u32 {
         match self {
             Scenario::Server => 64,
+            Scenario::Load => 16,
             _ => 128,
         }
     }
@@ -217,6 +224,16 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if opts.scenario == Scenario::Load {
+        // A synthetic fleet: no prompt file, no real models.
+        let max_tokens = opts
+            .max_tokens
+            .unwrap_or(Scenario::Load.default_max_tokens());
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("creating {}", opts.out.display()))?;
+        let report = load::run(&opts, max_tokens.max(2)).await?;
+        return finish(report, &opts);
+    }
     let text = match &opts.prompt_file {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
@@ -260,8 +277,15 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
         Scenario::Server => server::run(&ctx).await?,
         Scenario::Edge => edge::run(&ctx).await?,
         Scenario::Wire => inproc::wire(&ctx).await?,
+        Scenario::Load => unreachable!("run before the models are resolved"),
     };
-    let files = report::write(&report, &opts.out, opts.tag.as_deref(), !opts.no_plots)?;
+    finish(report, &opts)
+}
+
+/// Writes the report (JSON, markdown, plots where it has any), prints its table.
+fn finish(report: Report, opts: &BenchOptions) -> Result<Report> {
+    let plots = !opts.no_plots && !report.plots.is_empty();
+    let files = report::write(&report, &opts.out, opts.tag.as_deref(), plots)?;
     println!("{}", report.markdown());
     for f in files {
         eprintln!("wrote {}", f.display());
