@@ -39,6 +39,16 @@ pub struct VerifierView {
     pub busy_fraction: f32,
     /// Node-reported active sessions.
     pub reported_sessions: u32,
+    /// Node-reported sessions active within its idle-eviction time, every coordinator's
+    /// together (what placement counts against the capacity).
+    pub reported_recent_sessions: u32,
+    /// Node-reported KV bytes held.
+    pub reported_kv_bytes: u64,
+    /// Node-reported KV budget, bytes.
+    pub reported_kv_budget_bytes: u64,
+    /// Seconds since the node last showed progress (an answered batch or a changed progress
+    /// time), on this coordinator's clock.
+    pub progress_s_ago: f64,
     /// Seconds since the last heartbeat.
     pub last_seen_s_ago: f64,
 }
@@ -128,6 +138,10 @@ impl Core {
                     verify_per_token_ms: cost.per_token_s * 1e3,
                     busy_fraction: v.reported.busy_fraction,
                     reported_sessions: v.reported.active_sessions,
+                    reported_recent_sessions: v.reported.recent_sessions,
+                    reported_kv_bytes: v.reported.kv_bytes,
+                    reported_kv_budget_bytes: v.reported.kv_budget_bytes,
+                    progress_s_ago: now.saturating_duration_since(v.progress_at).as_secs_f64(),
                     last_seen_s_ago: now.saturating_duration_since(v.last_seen).as_secs_f64(),
                 }
             })
@@ -224,6 +238,11 @@ impl Core {
     /// Refreshes the per-pool and autoscaling gauges.
     pub(super) fn update_gauges(&self) {
         use crate::metrics::PoolLabel;
+        for l in self.streams.values() {
+            let link = l.side.link();
+            self.metrics
+                .set_link(&l.node_id, link.rtt_s(), link.bandwidth_bytes_per_s());
+        }
         for pool in [Pool::Onprem, Pool::Cloud] {
             let label = PoolLabel {
                 pool: pool.as_str().into(),
