@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn overload_limits_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let base = "[model]\npath = \"/m.gguf\"\n[limits]\n";
+        std::fs::write(&p, format!("{base}admission_wait = \"0s\"\n")).unwrap();
+        let s = load_settings(Some(&p)).unwrap();
+        assert!(s.limits.admission_wait.is_zero(), "0s: 429 at once");
+        assert_eq!(Settings::default().limits.max_stop_strings, 4);
+        for (line, key) in [
+            ("max_stop_strings = 0", "limits.max_stop_strings"),
+            ("max_stop_len = 0", "limits.max_stop_len"),
+            ("retry_after = \"500ms\"", "limits.retry_after"),
+        ] {
+            std::fs::write(&p, format!("{base}{line}\n")).unwrap();
+            let err = load_settings(Some(&p)).unwrap_err().to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
