@@ -376,16 +376,21 @@ impl Driver {
                             // Refused before its first token, the request was never really
                             // admitted: the client hears 429 (retry later) after its admission
                             // wait, not 503 after coordinator.timeout.
-                            if e.code == ErrorCode::Overloaded
-                                && self.output.produced() == 0
-                                && since.elapsed() >= self.overload_wait
-                            {
+                            let first = e.code == ErrorCode::Overloaded
+                                && self.output.produced() == 0;
+                            if first && since.elapsed() >= self.overload_wait {
                                 return Err(overloaded(&e).into());
                             }
                             if since.elapsed() >= cfg.timeout {
                                 return Err(refused(&e, cfg.timeout).into());
                             }
-                            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                            // A first block's last retry comes as its admission wait ends.
+                            let wait = if first {
+                                retry_delay.min(self.overload_wait.saturating_sub(since.elapsed()))
+                            } else {
+                                retry_delay
+                            };
+                            retry_at = Some(tokio::time::Instant::now() + wait);
                             retry_delay = (retry_delay * 2).min(cfg.retry_max);
                             deadline = tokio::time::Instant::now() + cfg.timeout + retry_delay;
                         }
