@@ -98,13 +98,13 @@ enum Outcome {
         /// OVERLOADED / UNAVAILABLE answers retried on the way.
         retried: usize,
     },
-    /// Refused or failed, by label (an error code's, or what went wrong).
-    Refused(String),
+    /// Refused or failed: a label (an error code's, or what went wrong) and the error.
+    Refused(String, String),
 }
 
 /// The column a refusal label is counted in.
 fn bucket(label: &str) -> &'static str {
-    match label {
+    match label.trim_start_matches("stream ") {
         "overloaded" => "refused_overloaded",
         "unavailable" => "refused_unavailable",
         "resource_exhausted" => "refused_resource_exhausted",
@@ -238,7 +238,10 @@ async fn stream_worker(
 ) -> Vec<Outcome> {
     let client = match DraftClient::connect_with(&ctx.url, &name, &ctx.fingerprint).await {
         Ok(c) => c,
-        Err(status) => return vec![Outcome::Refused(stream_label(status.code()))],
+        Err(status) => {
+            let label = format!("stream {}", stream_label(status.code()));
+            return vec![Outcome::Refused(label, status.message().to_string())];
+        }
     };
     let mut out = Vec::new();
     let mut session_id = 0;
@@ -266,10 +269,10 @@ async fn stream_worker(
                 accepted: rep.accepted,
                 retried: rep.count(ErrorCode::Overloaded) + rep.count(ErrorCode::Unavailable),
             },
-            Ok(Err(e)) => Outcome::Refused(session_label(&e)),
-            Err(_) => Outcome::Refused("session timeout".into()),
+            Ok(Err(e)) => Outcome::Refused(session_label(&e), format!("{e:#}")),
+            Err(_) => Outcome::Refused("session timeout".into(), String::new()),
         };
-        let refused = matches!(outcome, Outcome::Refused(_));
+        let refused = matches!(outcome, Outcome::Refused(..));
         out.push(outcome);
         if refused {
             tokio::time::sleep(REFUSED_BACKOFF).await;
@@ -342,6 +345,8 @@ struct StepFacts {
 fn record(outcomes: &[Outcome], f: StepFacts) -> RunRecord {
     let (mut ttft, mut total) = (Vec::new(), Vec::new());
     let mut refused: BTreeMap<String, u64> = BTreeMap::new();
+    // One error per label, to tell what an "other" was.
+    let mut examples: BTreeMap<String, String> = BTreeMap::new();
     let mut m: BTreeMap<String, f64> = BTreeMap::new();
     let (mut completed, mut mismatched, mut tokens, mut drafted, mut accepted, mut retried) =
         (0u64, 0u64, 0usize, 0usize, 0usize, 0usize);
@@ -365,7 +370,12 @@ fn record(outcomes: &[Outcome], f: StepFacts) -> RunRecord {
                 accepted += a;
                 retried += r;
             }
-            Outcome::Refused(label) => *refused.entry(label.clone()).or_default() += 1,
+            Outcome::Refused(label, error) => {
+                *refused.entry(label.clone()).or_default() += 1;
+                examples
+                    .entry(label.clone())
+                    .or_insert_with(|| error.clone());
+            }
         }
     }
     for col in [
@@ -396,13 +406,14 @@ fn record(outcomes: &[Outcome], f: StepFacts) -> RunRecord {
         ("coordinator_rss_idle_mib".into(), mib(f.idle_rss)),
         ("coordinator_rss_peak_mib".into(), mib(f.peak_rss)),
         ("wall_s".into(), f.wall.as_secs_f64()),
+        ("loadavg".into(), f.load_at_start),
     ]);
     RunRecord {
         run: f.run,
         started_unix_s: f.started_unix_s,
         loadavg: f.load_at_start,
         metrics: m,
-        detail: json!({ "refused": refused }),
+        detail: json!({ "refused": refused, "examples": examples }),
     }
 }
 
@@ -464,6 +475,11 @@ pub(crate) async fn run(o: &BenchOptions, max_tokens: u32) -> Result<Report> {
                 "run {run} streams {n:>5}: {} sessions, {} completed, {} mismatched, refused {}, ttft p50/p99 {:.0}/{:.0} ms, rss peak {:.1} MiB",
                 m["sessions"], m["completed"], m["mismatched"], r.detail["refused"], m["ttft_p50_ms"], m["ttft_p99_ms"], m["coordinator_rss_peak_mib"]
             );
+            if let Some(ex) = r.detail["examples"].as_object() {
+                for (label, e) in ex.iter().filter(|(l, _)| l.as_str() != "overloaded") {
+                    eprintln!("    {label}: e.g. {e}");
+                }
+            }
             c.runs.push(r);
         }
     }
@@ -477,7 +493,13 @@ pub(crate) async fn run(o: &BenchOptions, max_tokens: u32) -> Result<Report> {
     for c in &mut configs {
         c.median = medians(&c.runs);
     }
-    Ok(report(o, &steps, max_tokens, configs))
+    wait_idle(fleet.admins[0]).await?;
+    let after = rss_bytes(coordinator).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    let mut r = report(o, &steps, max_tokens, configs);
+    r.notes.push(format!(
+        "coordinator RSS after the ramp, every session gone: {after:.1} MiB"
+    ));
+    Ok(r)
 }
 
 fn report(
@@ -518,9 +540,11 @@ fn report(
             col("done_p50_ms", "done p50 ms", 0),
             col("done_p99_ms", "done p99 ms", 0),
             col("tokens_per_s", "tok/s", 0),
+            col("coordinator_rss_idle_mib", "coord RSS before MiB", 1),
             col("coordinator_rss_peak_mib", "coord RSS peak MiB", 1),
             col("mismatched", "mismatches", 0),
             col("wall_s", "wall s", 1),
+            col("loadavg", "load avg", 1),
         ],
         plots: Vec::new(),
         notes: vec![
@@ -531,7 +555,7 @@ fn report(
             format!("refused = sessions that failed, by the code of the last answer (OVERLOADED / UNAVAILABLE after {MAX_RETRIES} retries 5 ms apart), and streams refused at connect by gRPC status; a refused stream waits {} ms before its next session", REFUSED_BACKOFF.as_millis()),
             "TTFT = session start → verdict on its first block (retries included); done = start → last verdict".into(),
             "mismatches = completed sessions whose tokens differ from the target-only greedy reference (must be 0)".into(),
-            "coordinator RSS: peak VmRSS of the coordinator process during the step, sampled every 50 ms".into(),
+            "coordinator RSS: VmRSS of the coordinator process before the step (idle) and its peak during the step, sampled every 50 ms; load avg = the machine's 1-minute load average at the step's start (other work on a shared machine shows here)".into(),
         ],
     }
 }
