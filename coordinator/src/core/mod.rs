@@ -478,6 +478,8 @@ impl Core {
 }
 
 #[cfg(test)]
+mod capacity_tests;
+#[cfg(test)]
 mod tests;
 
 impl Core {
