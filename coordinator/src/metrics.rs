@@ -25,6 +25,14 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+/// Label of per-draft-node metrics (one series per connected draft node; removed when it
+/// disconnects, so the cardinality is the fleet's size).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DraftNodeLabel {
+    /// The draft node's id.
+    pub draft_node: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Handles of all metrics (cheap to clone).
@@ -65,6 +73,10 @@ pub struct Metrics {
     pub cloud_demand: Gauge,
     /// Connected draft streams.
     pub draft_streams: Gauge,
+    /// The γ controller's RTT estimate per draft node's link.
+    pub link_rtt_seconds: Family<DraftNodeLabel, FloatGauge>,
+    /// The γ controller's bandwidth estimate per draft node's link.
+    pub link_bandwidth: Family<DraftNodeLabel, FloatGauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +114,8 @@ impl Metrics {
             pool_verifiers_up: Family::default(),
             cloud_demand: Gauge::default(),
             draft_streams: Gauge::default(),
+            link_rtt_seconds: Family::default(),
+            link_bandwidth: Family::default(),
         };
         r.register("rounds", "Verified rounds", m.rounds.clone());
         r.register(
@@ -184,6 +198,16 @@ impl Metrics {
             "Connected draft streams",
             m.draft_streams.clone(),
         );
+        r.register(
+            "link_rtt_seconds",
+            "Round-trip time of each draft node's link, as the γ controller estimates it",
+            m.link_rtt_seconds.clone(),
+        );
+        r.register(
+            "link_bandwidth_bytes_per_second",
+            "Bandwidth of each draft node's link, as the γ controller estimates it",
+            m.link_bandwidth.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
@@ -198,11 +222,55 @@ impl Metrics {
         s
     }
 
+    /// Publishes a draft node's link estimates.
+    pub fn set_link(&self, draft_node: &str, rtt_s: f64, bandwidth_bytes_per_s: f64) {
+        let label = DraftNodeLabel {
+            draft_node: draft_node.to_string(),
+        };
+        self.link_rtt_seconds.get_or_create(&label).set(rtt_s);
+        self.link_bandwidth
+            .get_or_create(&label)
+            .set(bandwidth_bytes_per_s);
+    }
+
+    /// Drops a disconnected draft node's link series.
+    pub fn remove_link(&self, draft_node: &str) {
+        let label = DraftNodeLabel {
+            draft_node: draft_node.to_string(),
+        };
+        self.link_rtt_seconds.remove(&label);
+        self.link_bandwidth.remove(&label);
+    }
+
     /// Counts a per-session error.
     pub fn session_error(&self, code: edgespec_proto::domain::ErrorCode) {
         let code = code.label();
         self.session_errors
             .get_or_create(&CodeLabel { code: code.into() })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_series_come_and_go_with_their_draft_node() {
+        let m = Metrics::new();
+        m.set_link("edge-a", 0.05, 2.5e6);
+        let text = m.encode();
+        assert!(
+            text.contains("edgespec_coordinator_link_rtt_seconds{draft_node=\"edge-a\"} 0.05"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "edgespec_coordinator_link_bandwidth_bytes_per_second{draft_node=\"edge-a\"} 2500000"
+            ),
+            "{text}"
+        );
+        m.remove_link("edge-a");
+        assert!(!m.encode().contains("edge-a"));
     }
 }

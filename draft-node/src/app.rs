@@ -60,7 +60,10 @@ impl App {
         let info = model.info().clone();
         tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "draft model loaded");
 
-        let metrics = Metrics::with_extra(Exposition::new().with(tls.metrics()));
+        let metrics = Metrics::with_kinds(
+            Exposition::new().with(tls.metrics()),
+            settings.metrics.prompt_kinds.clone(),
+        );
         // Certificates rotated on disk are used by the next (re)connection to the coordinator.
         let cert_watch = tls.watch();
         let draft_cost = Arc::new(AtomicU32::new(0));

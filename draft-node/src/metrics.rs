@@ -13,6 +13,12 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+type KindLabel = Vec<(&'static str, String)>;
+
+/// The `kind` label of a request that names no prompt kind.
+pub const UNLABELLED: &str = "unlabelled";
+/// The `kind` label of a request that names a kind the node does not list.
+pub const OTHER_KIND: &str = "other";
 
 /// Cheaply cloneable metric handles.
 #[derive(Clone)]
@@ -45,6 +51,11 @@ struct Inner {
     round_trip: Histogram,
     draft_forward: Histogram,
     draft_batch: Histogram,
+    /// The prompt kinds clients may name (`metrics.prompt_kinds`); anything else is "other".
+    kinds: Vec<String>,
+    drafted_by_kind: Family<KindLabel, Counter>,
+    accepted_by_kind: Family<KindLabel, Counter>,
+    rounds_by_kind: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -61,6 +72,11 @@ impl Metrics {
 
     /// Registers every metric; [`Metrics::render`] appends `extra` after them.
     pub fn with_extra(extra: Exposition) -> Self {
+        Self::with_kinds(extra, Vec::new())
+    }
+
+    /// [`Metrics::with_extra`], labelling speculation by the listed prompt kinds.
+    pub fn with_kinds(extra: Exposition, kinds: Vec<String>) -> Self {
         let mut r = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         let (drafted, accepted, rounds, emitted) = (
@@ -96,6 +112,26 @@ impl Metrics {
             format!("{p}rounds"),
             "Verdicts applied (one target forward each)",
             rounds.clone(),
+        );
+        let (drafted_by_kind, accepted_by_kind, rounds_by_kind) = (
+            Family::<KindLabel, Counter>::default(),
+            Family::<KindLabel, Counter>::default(),
+            Family::<KindLabel, Counter>::default(),
+        );
+        r.register(
+            format!("{p}kind_drafted_tokens"),
+            "Draft tokens sent for verification, by the prompt kind the client named",
+            drafted_by_kind.clone(),
+        );
+        r.register(
+            format!("{p}kind_accepted_tokens"),
+            "Draft tokens accepted, by the prompt kind the client named",
+            accepted_by_kind.clone(),
+        );
+        r.register(
+            format!("{p}kind_rounds"),
+            "Verdicts applied, by the prompt kind the client named",
+            rounds_by_kind.clone(),
         );
         r.register(
             format!("{p}emitted_tokens"),
@@ -171,7 +207,22 @@ impl Metrics {
                 round_trip,
                 draft_forward,
                 draft_batch,
+                kinds,
+                drafted_by_kind,
+                accepted_by_kind,
+                rounds_by_kind,
             }),
+        }
+    }
+
+    /// The `kind` label for a request's `prompt_kind`: the kind when the node lists it,
+    /// [`OTHER_KIND`] when not, [`UNLABELLED`] when the request names none (so clients cannot
+    /// grow the label set).
+    pub fn kind_label(&self, requested: Option<&str>) -> String {
+        match requested {
+            None => UNLABELLED.to_string(),
+            Some(k) if self.inner.kinds.iter().any(|x| x == k) => k.to_string(),
+            Some(_) => OTHER_KIND.to_string(),
         }
     }
 
@@ -193,11 +244,20 @@ impl Metrics {
             .inc();
     }
 
-    /// One verdict applied.
-    pub fn round(&self, drafted: usize, accepted: usize, round_trip: Duration) {
+    /// One verdict applied to a request of prompt kind `kind` ([`Metrics::kind_label`]).
+    pub fn round(&self, kind: &str, drafted: usize, accepted: usize, round_trip: Duration) {
         self.inner.drafted.inc_by(drafted as u64);
         self.inner.accepted.inc_by(accepted as u64);
         self.inner.rounds.inc();
+        let label = vec![("kind", kind.to_string())];
+        let i = &self.inner;
+        i.drafted_by_kind
+            .get_or_create(&label)
+            .inc_by(drafted as u64);
+        i.accepted_by_kind
+            .get_or_create(&label)
+            .inc_by(accepted as u64);
+        i.rounds_by_kind.get_or_create(&label).inc();
         self.inner.round_trip.observe(round_trip.as_secs_f64());
     }
 

@@ -34,6 +34,17 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Transport security (mTLS or explicit plaintext) of the coordinator link.
     pub tls: TlsSettings,
+    /// What `/metrics` breaks down.
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Prompt kinds a request may name (`"prompt_kind"`, an extension field) to have its
+    /// acceptance counted under that `kind` label; any other name counts as `other`.
+    pub prompt_kinds: Vec<String>,
 }
 
 /// `[node]`
@@ -218,6 +229,21 @@ impl Settings {
         }
         if d.max_batch_sessions == 0 {
             return bad("drafting.max_batch_sessions", "must be at least 1");
+        }
+        let kinds = &self.metrics.prompt_kinds;
+        if kinds.len() > 32
+            || kinds.iter().any(|k| {
+                k.is_empty()
+                    || k.len() > 32
+                    || !k
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+        {
+            return bad(
+                "metrics.prompt_kinds",
+                "must be at most 32 names of 1 to 32 characters [a-z0-9_]",
+            );
         }
         let l = &self.limits;
         if l.max_tokens == 0 {

@@ -20,6 +20,42 @@ async fn post(h: &Harness, path: &str, body: Value) -> reqwest::Response {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptance_is_counted_by_the_prompt_kind_a_request_names() {
+    let h = Harness::start(|_, st| st.metrics.prompt_kinds = vec!["code".into()]).await;
+    for kind in [Some("code"), Some("poetry"), None] {
+        let mut body =
+            json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0});
+        if let Some(k) = kind {
+            body["prompt_kind"] = json!(k);
+        }
+        assert_eq!(post(&h, "/v1/completions", body).await.status(), 200);
+    }
+    let metrics = reqwest::get(h.node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rounds = |kind: &str| -> u64 {
+        let prefix = format!("edgespec_draft_kind_rounds_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // A listed kind keeps its name; an unlisted one is "other", none is "unlabelled".
+    for kind in ["code", "other", "unlabelled"] {
+        assert!(rounds(kind) >= 1, "no rounds for kind {kind} in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("poetry"),
+        "a client must not add labels:\n{metrics}"
+    );
+    assert!(metrics.contains("edgespec_draft_kind_accepted_tokens_total{kind=\"code\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_healthz_and_metrics() {
     let h = Harness::start(|_, _| {}).await;
     let models: Value = reqwest::get(h.node.url("/v1/models"))

@@ -787,6 +787,7 @@ impl Actor {
             last_progress_unix_ms: self.last_progress_unix_ms,
             recent_sessions: self.sessions.recent(std::time::Instant::now()) as u32,
         };
+        self.metrics.set_load(&load);
         self.load_tx.send_replace(load);
         load
     }

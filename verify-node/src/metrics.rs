@@ -5,6 +5,7 @@
 use prometheus_client::encoding::text::{encode, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -33,6 +34,12 @@ pub struct Metrics {
     pub session_errors: Family<CodeLabel, Counter>,
     /// Idle sessions evicted for capacity or KV budget (`edgespec_verify_evictions_total`).
     pub evictions: Counter,
+    /// Sessions with live KV state, every coordinator's (`edgespec_verify_sessions`).
+    pub sessions: Gauge,
+    /// Bytes held by KV caches (`edgespec_verify_kv_bytes`).
+    pub kv_bytes: Gauge,
+    /// The KV budget (`edgespec_verify_kv_budget_bytes`).
+    pub kv_budget_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,6 +64,23 @@ impl Metrics {
         let evictions = Counter::default();
         let session_errors = Family::<CodeLabel, Counter>::default();
         let forward_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let (sessions, kv_bytes, kv_budget_bytes) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "edgespec_verify_sessions",
+            "Sessions with live KV state (all coordinators')",
+            sessions.clone(),
+        );
+        registry.register(
+            "edgespec_verify_kv_bytes",
+            "Bytes held by KV caches",
+            kv_bytes.clone(),
+        );
+        registry.register(
+            "edgespec_verify_kv_budget_bytes",
+            "The KV memory budget",
+            kv_budget_bytes.clone(),
+        );
         m(
             &mut registry,
             "edgespec_verify_forwards",
@@ -120,7 +144,19 @@ impl Metrics {
             emitted_tokens,
             session_errors,
             evictions,
+            sessions,
+            kv_bytes,
+            kv_budget_bytes,
         }
+    }
+
+    /// Publishes the load the node reports to coordinators.
+    pub fn set_load(&self, load: &edgespec_proto::domain::Load) {
+        self.sessions.set(i64::from(load.active_sessions));
+        self.kv_bytes
+            .set(i64::try_from(load.kv_bytes).unwrap_or(i64::MAX));
+        self.kv_budget_bytes
+            .set(i64::try_from(load.kv_budget_bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts one per-item error.
@@ -163,6 +199,25 @@ mod tests {
             "edgespec_verify_accepted_tokens_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_reported_load_is_exported() {
+        let m = Metrics::new();
+        m.set_load(&edgespec_proto::domain::Load {
+            active_sessions: 3,
+            kv_bytes: 4096,
+            kv_budget_bytes: 1 << 20,
+            ..Default::default()
+        });
+        let text = m.encode();
+        for line in [
+            "edgespec_verify_sessions 3",
+            "edgespec_verify_kv_bytes 4096",
+            "edgespec_verify_kv_budget_bytes 1048576",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
         }
     }
 }

@@ -118,7 +118,12 @@ impl Core {
         for g in ids {
             self.drop_session(g, out);
         }
-        self.streams.remove(&stream);
+        if let Some(link) = self.streams.remove(&stream) {
+            // Another stream of the same node (a reconnect) keeps publishing its link.
+            if !self.streams.values().any(|l| l.node_id == link.node_id) {
+                self.metrics.remove_link(&link.node_id);
+            }
+        }
         self.metrics.draft_streams.set(self.streams.len() as i64);
     }
 

@@ -30,6 +30,9 @@ pub(crate) struct CommonParams {
     pub frequency_penalty: Option<f32>,
     /// Extension: add the completion's token ids to the `edgespec` object of the response.
     pub return_token_ids: Option<bool>,
+    /// Extension: the kind of prompt (one of the node's `metrics.prompt_kinds`), for the
+    /// per-kind acceptance metrics.
+    pub prompt_kind: Option<String>,
 }
 
 /// `stream_options`.
@@ -125,6 +128,7 @@ pub(crate) struct Checked {
     stream: bool,
     include_usage: bool,
     return_token_ids: bool,
+    prompt_kind: Option<String>,
 }
 
 /// A validated request.
@@ -334,6 +338,7 @@ fn check_common(
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         return_token_ids: c.return_token_ids.unwrap_or(false),
+        prompt_kind: c.prompt_kind,
     })
 }
 
@@ -406,6 +411,7 @@ impl Checked {
                 sampling: self.sampling,
                 stop: self.stop,
                 overload_wait: limits.admission_wait,
+                prompt_kind: self.prompt_kind,
             },
             stream: self.stream,
             include_usage: self.include_usage,

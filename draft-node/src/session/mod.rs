@@ -46,6 +46,8 @@ pub struct GenerateRequest {
     /// request fails with [`GenError::Overloaded`] (429) instead of retrying for up to
     /// `coordinator.timeout` (the node's `limits.admission_wait`).
     pub overload_wait: Duration,
+    /// The prompt kind the client named, if any (metrics only).
+    pub prompt_kind: Option<String>,
 }
 
 /// The end of a successful generation.
@@ -146,6 +148,7 @@ pub(crate) fn spawn(
     let (events_tx, events) = mpsc::unbounded_channel();
     let driver = Driver {
         overload_wait: req.overload_wait,
+        kind: ctx.metrics.kind_label(req.prompt_kind.as_deref()),
         drafter: Drafter::new(id, ctx.engine.clone()),
         ctx,
         id,
@@ -192,6 +195,8 @@ struct Driver {
     /// Times the verify side lost this session's state so far.
     resyncs: usize,
     overload_wait: Duration,
+    /// The `kind` label of this request's metrics.
+    kind: String,
 }
 
 impl Driver {
@@ -256,7 +261,7 @@ impl Driver {
             };
             self.ctx
                 .metrics
-                .round(gamma, verdict.accepted, sent.elapsed());
+                .round(&self.kind, gamma, verdict.accepted, sent.elapsed());
             if let Some(h) = self.emit(&new).await {
                 return h;
             }
