@@ -173,8 +173,10 @@ impl Registry {
         // A re-registering node keeps its operator state and its cost fit (same hardware).
         // A node that drained itself to stop comes back active when it registers again.
         // A quarantined node stays so until its progress moves (re-registering is no progress).
+        // A mark of 0 is a process that never finished a forward: possibly a restarted one.
         let stuck = previous.as_ref().is_some_and(|p| {
             p.health == Health::Quarantined
+                && p.reported.last_progress_unix_ms != 0
                 && p.reported.last_progress_unix_ms == info.load.last_progress_unix_ms
         });
         let progress_at = previous.as_ref().map_or(now, |p| p.progress_at);
@@ -315,6 +317,17 @@ impl Registry {
             }
         }
         downed
+    }
+
+    /// Quarantines an up node (alive but stuck). Returns true if it was up.
+    pub fn quarantine(&mut self, node_id: &str) -> bool {
+        match self.nodes.get_mut(node_id) {
+            Some(n) if n.health == Health::Up => {
+                n.health = Health::Quarantined;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks a node down (failed call). Returns true if it was up.

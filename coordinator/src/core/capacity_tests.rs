@@ -203,3 +203,35 @@ fn a_stalled_node_is_quarantined_and_its_in_flight_sessions_resync_elsewhere() {
     c.draft_message(s, open(1), t, &mut out);
     assert_eq!(out.launches.pop().expect("a batch").node_id, "b");
 }
+
+#[test]
+fn a_call_that_times_out_on_a_node_that_still_heartbeats_quarantines_it() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    c.register(&info("b", "onprem"), t0).unwrap();
+    let (s, _) = c
+        .hello(
+            &Hello::try_from(pb::DraftHello {
+                node_id: "x".into(),
+                fingerprint: "fp".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            t0,
+        )
+        .unwrap();
+    let mut out = Out::default();
+    c.draft_message(s, open(1), t0, &mut out);
+    let stuck = out.launches.pop().expect("a batch");
+    let t1 = t0 + Duration::from_secs(1);
+    c.heartbeat("a", None, false, t1);
+    let mut out = Out::default();
+    c.batch_done(stuck.batch_id, Err("timed out".into()), t1, &mut out);
+    let a = c.registry.get("a").unwrap();
+    assert_eq!(a.health, crate::registry::Health::Quarantined);
+    // Known (no re-registration loop), and no new work.
+    assert!(c.heartbeat("a", None, false, t1).known);
+    let mut out = Out::default();
+    c.draft_message(s, open(1), t1, &mut out);
+    assert_eq!(out.launches.pop().expect("a batch").node_id, "b");
+}

@@ -161,7 +161,17 @@ impl Core {
                     .registry
                     .get(&b.node)
                     .is_some_and(|v| v.generation == b.generation);
-                if same {
+                // Still heartbeating, yet no progress since the call left: the node is stuck, not
+                // gone. Quarantined, it stays known (no re-registration, no fresh work) until its
+                // progress moves; marked down, it would register again and take new work.
+                let stuck = self.registry.get(&b.node).is_some_and(|v| {
+                    v.last_seen > b.sent_at && v.progress_at <= b.sent_at && v.health == Health::Up
+                });
+                if same && stuck {
+                    self.registry.quarantine(&b.node);
+                    tracing::warn!(node = %b.node, reason = %why, "verify node alive but stuck: quarantined; its sessions will resync");
+                    self.evacuate(&b.node, out);
+                } else if same {
                     self.node_down(&b.node, &why, out);
                 }
                 for item in b.items {
