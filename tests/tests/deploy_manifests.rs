@@ -376,8 +376,10 @@ fn exported_metrics() -> String {
     coordinator.pool_capacity.get_or_create(&pool).set(0);
     coordinator.pool_queued_tokens.get_or_create(&pool).set(0);
     coordinator.pool_verifiers_up.get_or_create(&pool).set(0);
+    coordinator.set_link("edge-1", 0.05, 1e6);
     let draft = edgespec_draft_node::metrics::Metrics::new();
     draft.request("chat", "ok");
+    draft.round("code", 4, 3, std::time::Duration::from_millis(30));
     let verify = edgespec_verify_node::metrics::Metrics::new();
     verify.session_error("resync_needed");
     let tls = format!(
