@@ -204,6 +204,8 @@ struct Actor {
     tick: Duration,
     streams: HashMap<StreamId, StreamTx>,
     clients: HashMap<String, VerifierClient<Channel>>,
+    /// The certificate generation ([`Tls::version`]) the cached clients were dialled with.
+    clients_tls_version: u64,
     self_tx: mpsc::Sender<Command>,
     ready: watch::Sender<usize>,
 }
@@ -224,6 +226,7 @@ pub fn spawn(
         tick,
         streams: HashMap::new(),
         clients: HashMap::new(),
+        clients_tls_version: 0,
         self_tx: tx.clone(),
         ready,
     };
@@ -355,6 +358,13 @@ impl Actor {
     }
 
     fn client(&mut self, addr: &str) -> Result<VerifierClient<Channel>, String> {
+        // A reloaded certificate: dial afresh so new connections present it (calls in flight
+        // finish on the old ones).
+        let version = self.tls.version();
+        if version != self.clients_tls_version {
+            self.clients.clear();
+            self.clients_tls_version = version;
+        }
         if let Some(c) = self.clients.get(addr) {
             return Ok(c.clone());
         }
@@ -372,8 +382,8 @@ impl Actor {
             .keep_alive_timeout(self.core.settings().grpc.keepalive_timeout)
             .keep_alive_while_idle(true);
         let c = VerifierClient::new(ep.connect_lazy())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(self.core.settings().grpc.max_message_bytes)
+            .max_encoding_message_size(self.core.settings().grpc.max_message_bytes);
         self.clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }

@@ -262,6 +262,7 @@ async fn unusable_or_foreign_files_leave_the_loaded_certificate_in_place() {
         "unchanged files are not a new certificate"
     );
     let before = expiry_line(&tls);
+    assert_eq!(tls.version(), 0);
 
     // A certificate for another node id: refused, the node keeps its identity.
     files.write(&ca.pem, &ca.node("verify", "v9", (2031, 6, 1)));
@@ -277,10 +278,12 @@ async fn unusable_or_foreign_files_leave_the_loaded_certificate_in_place() {
         "a certificate with the wrong key was swapped in"
     );
     assert_eq!(expiry_line(&tls), before);
+    assert_eq!(tls.version(), 0, "refused files are no new generation");
 
-    // The right pair: taken.
+    // The right pair: taken, as a new generation (long-lived clients dial afresh on it).
     files.write(&ca.pem, &other);
     assert!(tls.reload().unwrap());
+    assert_eq!(tls.version(), 1);
     assert_eq!(
         expiry_line(&tls),
         format!("edgespec_tls_cert_expiry_timestamp_seconds {B_NOT_AFTER}")

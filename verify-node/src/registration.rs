@@ -56,13 +56,8 @@ pub fn spawn(
     addresses
         .iter()
         .filter_map(|addr| {
-            let endpoint = match tls.endpoint(addr) {
-                Ok(e) => e
-                    .connect_timeout(config.rpc_timeout)
-                    .timeout(config.rpc_timeout)
-                    .http2_keep_alive_interval(DEFAULT_KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(DEFAULT_KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true),
+            let client = match dial(tls, addr, &config) {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::error!(coordinator = %addr, error = %e, "invalid coordinator address");
                     return None;
@@ -70,7 +65,9 @@ pub fn spawn(
             };
             let registrar = Registrar {
                 addr: addr.clone(),
-                client: CoordinatorClient::new(endpoint.connect_lazy()),
+                client,
+                tls: tls.clone(),
+                tls_version: tls.version(),
                 config,
                 facts: shared.facts.clone(),
                 batcher: shared.batcher.clone(),
@@ -83,9 +80,29 @@ pub fn spawn(
         .collect()
 }
 
+/// A lazily connecting client of the coordinator at `addr`, with this node's current
+/// certificate.
+fn dial(
+    tls: &Tls,
+    addr: &str,
+    config: &RegistrationConfig,
+) -> Result<CoordinatorClient<Channel>, edgespec_runtime::tls::TlsError> {
+    let endpoint = tls
+        .endpoint(addr)?
+        .connect_timeout(config.rpc_timeout)
+        .timeout(config.rpc_timeout)
+        .http2_keep_alive_interval(DEFAULT_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(DEFAULT_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(CoordinatorClient::new(endpoint.connect_lazy()))
+}
+
 struct Registrar {
     addr: String,
     client: CoordinatorClient<Channel>,
+    tls: Tls,
+    /// The certificate generation `client` was dialled with.
+    tls_version: u64,
     config: RegistrationConfig,
     facts: Arc<NodeFacts>,
     batcher: Batcher,
@@ -158,8 +175,24 @@ impl Registrar {
         }
     }
 
+    /// Dials afresh after a certificate reload, so the next connection presents the new one.
+    fn redial_on_new_certificate(&mut self) {
+        let version = self.tls.version();
+        if version == self.tls_version {
+            return;
+        }
+        match dial(&self.tls, &self.addr, &self.config) {
+            Ok(c) => {
+                self.client = c;
+                self.tls_version = version;
+            }
+            Err(e) => tracing::warn!(coordinator = %self.addr, error = %e, "redialling failed"),
+        }
+    }
+
     /// Registers; returns the heartbeat interval to use.
     async fn register(&mut self) -> Result<Duration, tonic::Status> {
+        self.redial_on_new_certificate();
         let info = pb::NodeInfo::from(&node_info(&self.facts, self.batcher.load()));
         let resp = self
             .client
@@ -176,6 +209,7 @@ impl Registrar {
 
     /// Sends one heartbeat; returns whether the coordinator knows the node.
     async fn heartbeat(&mut self) -> Result<bool, tonic::Status> {
+        self.redial_on_new_certificate();
         let draining = *self.draining.borrow();
         let resp = self
             .client

@@ -136,6 +136,7 @@ impl TlsSettings {
                 own: loaded.own.clone(),
                 current: RwLock::new(Arc::new(loaded)),
                 metrics: metrics.clone(),
+                version: std::sync::atomic::AtomicU64::new(0),
             })),
             metrics,
         })
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     own: PeerIdentity,
     current: RwLock<Arc<Loaded>>,
     metrics: TlsMetrics,
+    /// Bumped on every certificate swap ([`Tls::version`]).
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -246,6 +249,16 @@ impl Tls {
             }
             _ => CertWatch::none(),
         }
+    }
+
+    /// Which certificate generation this node presents: 0 at start, one more at every reload
+    /// that swapped in a new certificate. A client that keeps long-lived connections (the
+    /// coordinator's to verify nodes, a verify node's to its coordinators) dials afresh when it
+    /// changes, so its new connections present the new certificate.
+    pub fn version(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.version.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Re-reads the certificate files now (what [`Tls::watch`] does on each tick): `Ok(true)`

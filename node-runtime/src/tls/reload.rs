@@ -84,6 +84,8 @@ impl Shared {
         }
         let not_after = loaded.not_after;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.metrics.set_expiry(not_after);
         Ok(true)
     }
