@@ -28,6 +28,7 @@ impl Coordinator {
         settings.admin.token = TOKEN.into();
         // The fake verify node below never heartbeats: keep it up for the whole test.
         settings.registry.heartbeat_interval = Duration::from_secs(60);
+        settings.registry.stall_timeout = Duration::from_secs(600);
         let app = edgespec_coordinator::App::build(settings).await?;
         let (grpc, admin) = (app.grpc_addr(), app.http_addr());
         let stop = CancellationToken::new();

@@ -50,6 +50,11 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a keepalive ping may go unanswered before the connection is closed.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Concurrent HTTP/2 streams one peer connection may open on a gRPC server: far above what a
+/// well-behaved peer uses (a draft node opens one stream, a coordinator at most its in-flight
+/// batches per verify node), low enough that one connection cannot open streams without bound.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -274,9 +279,11 @@ impl Tls {
     /// A gRPC server builder with the per-role authorization of `rules` ([`Tls::authorize`]);
     /// serve its router with [`Tls::serve_grpc`], which adds the TLS.
     /// HTTP/2 keepalive is on with [`DEFAULT_KEEPALIVE_INTERVAL`] and
-    /// [`DEFAULT_KEEPALIVE_TIMEOUT`] (the builder's `http2_keepalive_*` override them).
+    /// [`DEFAULT_KEEPALIVE_TIMEOUT`] (the builder's `http2_keepalive_*` override them), and a
+    /// connection may open at most [`MAX_CONCURRENT_STREAMS`] streams at once.
     pub fn grpc_server(&self, rules: &'static [Rule]) -> GrpcServer {
         Server::builder()
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(DEFAULT_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(DEFAULT_KEEPALIVE_TIMEOUT))
             .layer(self.authorize(rules))
