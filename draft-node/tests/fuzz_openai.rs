@@ -622,10 +622,9 @@ fn expect_object(ctx: &Ctx, chat: bool, o: &Map<String, Value>) -> Result<Expect
     let stop: Vec<usize> = match opt(o, "stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.len()],
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
-            .iter()
-            .map(|s| s.as_str().map_or(0, str::len))
-            .collect(),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            a.iter().map(|s| s.as_str().map_or(0, str::len)).collect()
+        }
         Some(_) => return Err(TypeError),
     };
     ty_bool(o, "stream")?;
