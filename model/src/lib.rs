@@ -111,6 +111,10 @@ pub struct ModelInfo {
     /// Hex sha256 over the tokenizer's vocabulary (tokens in id order) and merges: two models
     /// can pair for speculative decoding iff their fingerprints are equal.
     pub fingerprint: String,
+    /// KV-cache bytes one cached token takes (keys and values of every layer), before the
+    /// caches' growth slack; 0 when unknown. Lets a memory budget hold from the first batch,
+    /// before any cache has been measured.
+    pub kv_bytes_per_token: usize,
 }
 
 /// A causal language model with per-session KV caches. Synchronous: it lives on the model thread.

@@ -37,6 +37,7 @@ impl FakeLm {
                 vocab_size: VOCAB,
                 max_context: 16,
                 fingerprint: "f00d".into(),
+                kv_bytes_per_token: 0,
             },
             sessions: HashMap::new(),
             probe,

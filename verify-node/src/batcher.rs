@@ -100,6 +100,9 @@ impl Batcher {
             ..Load::default()
         };
         let (load_tx, load_rx) = watch::channel(initial);
+        // The model's own figure until the caches are measured, so the KV budget holds from the
+        // first batch on.
+        let bytes_per_token = model.info().kv_bytes_per_token as f64;
         let actor = Actor {
             model,
             config,
@@ -109,7 +112,7 @@ impl Batcher {
             load_tx,
             busy: BusyMeter::new(Duration::from_secs(5)),
             cost: CostFit::new(0.95),
-            bytes_per_token: 0.0,
+            bytes_per_token,
             kv_bytes: 0,
             last_progress_unix_ms: 0,
             epoch: Instant::now(),

@@ -143,6 +143,32 @@ async fn kv_budget_evicts_the_least_recently_used_idle_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_budget_holds_from_the_very_first_batch() {
+    let m = tiny_model();
+    let vocab = m.spec.vocab_size();
+    let probe = Node::start(settings(&m.path)).await;
+    let p = prompt(5, 40, vocab);
+    let one = probe
+        .verify(vec![item(1, 40, &p, &[])])
+        .await
+        .load
+        .unwrap()
+        .kv_bytes;
+    probe.stop().await.unwrap();
+    // A fresh node whose budget cannot hold one such session refuses it before any cache was
+    // measured (the model's own bytes per token price it), instead of admitting it and warning.
+    let mut s = settings(&m.path);
+    s.sessions.kv_budget_bytes = one / 2;
+    let node = Node::start(s).await;
+    let resp = node.verify(vec![item(1, 40, &p, &[])]).await;
+    let e = error(&resp.results[0]);
+    assert_eq!(e.code, pb::ErrorCode::Overloaded as i32, "{e:?}");
+    let load = resp.load.unwrap();
+    assert!(load.kv_bytes <= load.kv_budget_bytes, "{load:?}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_drops_sessions() {
     let m = tiny_model();
     let vocab = m.spec.vocab_size();

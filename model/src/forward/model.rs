@@ -213,6 +213,8 @@ impl GgufModel {
             vocab_size: hp.vocab,
             max_context: hp.context,
             fingerprint: super::tokenizer_fingerprint(ct),
+            // Keys and values (f32) of every layer's KV heads.
+            kv_bytes_per_token: 2 * hp.n_layer * hp.n_kv_head * hp.head_dim * size_of::<f32>(),
         };
         tracing::info!(
             arch = %info.arch, name = %info.name, layers = hp.n_layer, hidden = hp.hidden,
