@@ -19,6 +19,15 @@ async fn post(h: &Harness, path: &str, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+async fn metrics_text(h: &Harness) -> String {
+    reqwest::get(h.node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acceptance_is_counted_by_the_prompt_kind_a_request_names() {
     let h = Harness::start(|_, st| st.metrics.prompt_kinds = vec!["code".into()]).await;
@@ -30,12 +39,7 @@ async fn acceptance_is_counted_by_the_prompt_kind_a_request_names() {
         }
         assert_eq!(post(&h, "/v1/completions", body).await.status(), 200);
     }
-    let metrics = reqwest::get(h.node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&h).await;
     let rounds = |kind: &str| -> u64 {
         let prefix = format!("edgespec_draft_kind_rounds_total{{kind=\"{kind}\"}} ");
         metrics
@@ -78,12 +82,7 @@ async fn models_healthz_and_metrics() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let metrics = reqwest::get(h.node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&h).await;
     for name in [
         "edgespec_draft_rounds_total",
         "edgespec_draft_drafted_tokens_total",

@@ -98,21 +98,26 @@ async fn run_rounds_from(
     committed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_budget_evicts_the_least_recently_used_idle_session() {
-    let m = tiny_model();
-    let vocab = m.spec.vocab_size();
-    // Measure what one 40-token session costs, then allow about two and a half of them.
+/// KV bytes a node holds after opening one session with `prompt` (on a node of its own).
+async fn one_session_kv_bytes(m: &TinyModel, prompt: &[u32]) -> u64 {
     let probe = Node::start(settings(&m.path)).await;
-    let p = prompt(5, 40, vocab);
-    let one = probe
-        .verify(vec![item(1, 40, &p, &[])])
+    let bytes = probe
+        .verify(vec![item(1, prompt.len(), prompt, &[])])
         .await
         .load
         .unwrap()
         .kv_bytes;
     probe.stop().await.unwrap();
-    assert!(one > 0);
+    assert!(bytes > 0);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_budget_evicts_the_least_recently_used_idle_session() {
+    let m = tiny_model();
+    let vocab = m.spec.vocab_size();
+    // Measure what one 40-token session costs, then allow about two and a half of them.
+    let one = one_session_kv_bytes(&m, &prompt(5, 40, vocab)).await;
     let mut s = settings(&m.path);
     s.sessions.kv_budget_bytes = one * 5 / 2;
     s.sessions.evict_idle_after = Duration::ZERO;
@@ -145,16 +150,8 @@ async fn kv_budget_evicts_the_least_recently_used_idle_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kv_budget_holds_from_the_very_first_batch() {
     let m = tiny_model();
-    let vocab = m.spec.vocab_size();
-    let probe = Node::start(settings(&m.path)).await;
-    let p = prompt(5, 40, vocab);
-    let one = probe
-        .verify(vec![item(1, 40, &p, &[])])
-        .await
-        .load
-        .unwrap()
-        .kv_bytes;
-    probe.stop().await.unwrap();
+    let p = prompt(5, 40, m.spec.vocab_size());
+    let one = one_session_kv_bytes(&m, &p).await;
     // A fresh node whose budget cannot hold one such session refuses it before any cache was
     // measured (the model's own bytes per token price it), instead of admitting it and warning.
     let mut s = settings(&m.path);
