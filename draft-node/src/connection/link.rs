@@ -65,6 +65,29 @@ pub(crate) enum LinkError {
     Refused { draft: String, reason: String },
 }
 
+/// Under TLS 1.3 a client finishes its handshake before the server has checked the client's
+/// certificate, so a coordinator that refuses this node's certificate often shows only as a
+/// connection closed at the first call, without the alert. Say what that most likely means.
+fn with_mtls_hint(tls: &Tls, chain: String) -> String {
+    let closed = [
+        "connection closed",
+        "operation was canceled",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|c| chain.contains(c));
+    if tls.is_mtls() && closed && edgespec_runtime::tls::tls_hint(&chain).is_none() {
+        format!(
+            "{chain} (the coordinator closed the connection right after the TLS handshake: it \
+             most likely refused this node's certificate; tls.cert must be signed by the CA the \
+             coordinator trusts)"
+        )
+    } else {
+        chain
+    }
+}
+
 /// An open `Drafts` stream.
 pub(crate) struct Link {
     out: mpsc::Sender<pb::DraftMessage>,
@@ -112,10 +135,15 @@ impl Link {
                 reason: s.message().to_string(),
             },
             // The cause (e.g. the TLS alert of a refused certificate) is in the source chain.
-            _ => LinkError::Unreachable(match std::error::Error::source(s) {
-                Some(cause) => format!("{}: {}: {}", s.code(), s.message(), source_chain(cause)),
-                None => format!("{}: {}", s.code(), s.message()),
-            }),
+            _ => {
+                let chain = match std::error::Error::source(s) {
+                    Some(cause) => {
+                        format!("{}: {}: {}", s.code(), s.message(), source_chain(cause))
+                    }
+                    None => format!("{}: {}", s.code(), s.message()),
+                };
+                LinkError::Unreachable(with_mtls_hint(&cfg.tls, chain))
+            }
         };
         let handshake = async {
             let mut inbound = CoordinatorClient::new(channel)
