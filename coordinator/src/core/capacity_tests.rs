@@ -4,9 +4,7 @@
 //! its late answer ignored.
 
 use super::*;
-use edgespec_proto::domain::{
-    BatchReply, CoordinatorMessage, DraftBlock, DraftMessage, Hello, NodeInfo,
-};
+use edgespec_proto::domain::{BatchReply, CoordinatorMessage, DraftBlock, DraftMessage, NodeInfo};
 use edgespec_proto::pb;
 use edgespec_specdec::SamplingParams;
 
@@ -18,15 +16,7 @@ fn core() -> (Core, Instant) {
 }
 
 fn info(id: &str, pool: &str) -> NodeInfo {
-    NodeInfo::try_from(pb::NodeInfo {
-        node_id: id.into(),
-        advertise_addr: format!("http://{id}:1"),
-        pool: pool.into(),
-        fingerprint: "fp".into(),
-        capacity_sessions: 2,
-        ..Default::default()
-    })
-    .unwrap()
+    super::tests::node_info(id, pool, 2)
 }
 
 fn open(sid: u64) -> DraftMessage {
@@ -94,17 +84,7 @@ fn a_refusal_moves_the_session_once_then_reaches_the_draft_node() {
     let (mut c, t0) = core();
     c.register(&info("a", "onprem"), t0).unwrap();
     c.register(&info("b", "cloud"), t0).unwrap();
-    let (s, _) = c
-        .hello(
-            &Hello::try_from(pb::DraftHello {
-                node_id: "x".into(),
-                fingerprint: "fp".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            t0,
-        )
-        .unwrap();
+    let (s, _) = c.hello(&super::tests::hello("x"), t0).unwrap();
     let mut out = Out::default();
     c.draft_message(s, open(1), t0, &mut out);
     let first = out.launches.pop().expect("a batch");
@@ -153,17 +133,7 @@ fn a_stalled_node_is_quarantined_and_its_in_flight_sessions_resync_elsewhere() {
     let stall = c.settings.registry.stall_timeout;
     c.register(&info("a", "onprem"), t0).unwrap();
     c.register(&info("b", "onprem"), t0).unwrap();
-    let (s, _) = c
-        .hello(
-            &Hello::try_from(pb::DraftHello {
-                node_id: "x".into(),
-                fingerprint: "fp".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            t0,
-        )
-        .unwrap();
+    let (s, _) = c.hello(&super::tests::hello("x"), t0).unwrap();
     let mut out = Out::default();
     c.draft_message(s, open(1), t0, &mut out);
     let stuck = out.launches.pop().expect("a batch");
@@ -209,17 +179,7 @@ fn a_call_that_times_out_on_a_node_that_still_heartbeats_quarantines_it() {
     let (mut c, t0) = core();
     c.register(&info("a", "onprem"), t0).unwrap();
     c.register(&info("b", "onprem"), t0).unwrap();
-    let (s, _) = c
-        .hello(
-            &Hello::try_from(pb::DraftHello {
-                node_id: "x".into(),
-                fingerprint: "fp".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            t0,
-        )
-        .unwrap();
+    let (s, _) = c.hello(&super::tests::hello("x"), t0).unwrap();
     let mut out = Out::default();
     c.draft_message(s, open(1), t0, &mut out);
     let stuck = out.launches.pop().expect("a batch");

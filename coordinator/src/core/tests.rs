@@ -16,18 +16,24 @@ fn core() -> (Core, Instant) {
 }
 
 fn info(id: &str, pool: &str) -> NodeInfo {
+    node_info(id, pool, 8)
+}
+
+/// A verify node `id` of `pool` holding `capacity` sessions, fingerprint "fp".
+pub(super) fn node_info(id: &str, pool: &str, capacity: u32) -> NodeInfo {
     NodeInfo::try_from(pb::NodeInfo {
         node_id: id.into(),
         advertise_addr: format!("http://{id}:1"),
         pool: pool.into(),
         fingerprint: "fp".into(),
-        capacity_sessions: 8,
+        capacity_sessions: capacity,
         ..Default::default()
     })
     .unwrap()
 }
 
-fn hello(node: &str) -> Hello {
+/// A draft node's hello with fingerprint "fp".
+pub(super) fn hello(node: &str) -> Hello {
     Hello::try_from(pb::DraftHello {
         node_id: node.into(),
         fingerprint: "fp".into(),
