@@ -525,6 +525,19 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// The only session was closed at the coordinator long before its 200 tokens (its client
+    /// left).
+    pub async fn session_closed_early(&self) {
+        self.coordinator
+            .wait_for("the session's close", |r| r.closes.len() == 1)
+            .await;
+        let rec = self.coordinator.record();
+        assert!(
+            rec.verdicts < 40,
+            "the session stopped when its client left, not after all 200 tokens: {rec:?}"
+        );
+    }
+
     pub async fn start(customise: impl FnOnce(&mut Script, &mut Settings)) -> Harness {
         let model = TinyModel::new();
         let target = Arc::new(Target::new(&model.path, 3));
