@@ -65,29 +65,6 @@ pub(crate) enum LinkError {
     Refused { draft: String, reason: String },
 }
 
-/// Under TLS 1.3 a client finishes its handshake before the server has checked the client's
-/// certificate, so a coordinator that refuses this node's certificate often shows only as a
-/// connection closed at the first call, without the alert. Say what that most likely means.
-fn with_mtls_hint(tls: &Tls, chain: String) -> String {
-    let closed = [
-        "connection closed",
-        "operation was canceled",
-        "connection reset",
-        "broken pipe",
-    ]
-    .iter()
-    .any(|c| chain.contains(c));
-    if tls.is_mtls() && closed && edgespec_runtime::tls::tls_hint(&chain).is_none() {
-        format!(
-            "{chain} (the coordinator closed the connection right after the TLS handshake: it \
-             most likely refused this node's certificate; tls.cert must be signed by the CA the \
-             coordinator trusts)"
-        )
-    } else {
-        chain
-    }
-}
-
 /// An open `Drafts` stream.
 pub(crate) struct Link {
     out: mpsc::Sender<pb::DraftMessage>,
@@ -142,7 +119,7 @@ impl Link {
                     }
                     None => format!("{}: {}", s.code(), s.message()),
                 };
-                LinkError::Unreachable(with_mtls_hint(&cfg.tls, chain))
+                LinkError::Unreachable(cfg.tls.explain_dial_error(chain))
             }
         };
         let handshake = async {

@@ -276,6 +276,30 @@ impl Tls {
         }
     }
 
+    /// `chain` (a failed dial's error chain) with what it most likely means added when the text
+    /// alone does not say: under TLS 1.3 a client finishes its handshake before the server has
+    /// checked the client's certificate, so a peer that refuses this node's certificate often
+    /// shows only as a connection closed at the first call, without the alert.
+    pub fn explain_dial_error(&self, chain: String) -> String {
+        let closed = [
+            "connection closed",
+            "operation was canceled",
+            "connection reset",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|c| chain.contains(c));
+        if self.is_mtls() && closed && tls_hint(&chain).is_none() {
+            format!(
+                "{chain} (the peer closed the connection right after the TLS handshake: it most \
+                 likely refused this node's certificate; tls.cert must be signed by the CA the \
+                 peer trusts)"
+            )
+        } else {
+            chain
+        }
+    }
+
     /// A gRPC server builder with the per-role authorization of `rules` ([`Tls::authorize`]);
     /// serve its router with [`Tls::serve_grpc`], which adds the TLS.
     /// HTTP/2 keepalive is on with [`DEFAULT_KEEPALIVE_INTERVAL`] and

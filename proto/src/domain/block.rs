@@ -185,15 +185,16 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
 
 impl From<&DraftBlock> for pb::DraftBlock {
     fn from(d: &DraftBlock) -> Self {
-        let b = &d.block;
+        // The round's fields are a verify item's.
+        let b = pb::VerifyItem::from(&d.block);
         Self {
             session_id: b.session_id,
             round: b.round,
-            committed_len: b.committed_len as u32,
-            history: b.history.clone().unwrap_or_default(),
-            draft_tokens: b.draft_tokens.clone(),
-            draft_probs: b.draft_probs.iter().map(sparse_to_pb).collect(),
-            sampling: Some(sampling_to_pb(&b.sampling)),
+            committed_len: b.committed_len,
+            history: b.history,
+            draft_tokens: b.draft_tokens,
+            draft_probs: b.draft_probs,
+            sampling: b.sampling,
             max_new_tokens: d.max_new_tokens,
             client_send_unix_ns: d.client_send_unix_ns,
             draft_s_per_token: d.draft_s_per_token,
