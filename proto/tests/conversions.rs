@@ -214,6 +214,7 @@ fn draft_block_round_trips_through_the_stream_message() {
         draft_s_per_token: 0.03,
         last_round_trip_ns: 0,
         drafted_ahead: false,
+        method: pb::DraftMethod::Hybrid as i32,
     };
     let msg = pb::DraftMessage {
         kind: Some(pb::draft_message::Kind::Block(block.clone())),

@@ -312,6 +312,7 @@ fn draft_block(m: &RawItem, t: &Telemetry) -> pb::DraftBlock {
         draft_s_per_token: t.draft_s_per_token,
         last_round_trip_ns: t.last_round_trip_ns,
         drafted_ahead: t.drafted_ahead,
+        method: pb::DraftMethod::Lookup as i32,
     }
 }
 
@@ -599,6 +600,7 @@ fn check_case(c: &Counters, case: Case) -> Result<(), TestCaseError> {
                 draft_s_per_token: s,
                 pipelined: true,
                 max_gamma: 0,
+                method: pb::DraftMethod::Model as i32,
             };
             let msg = pb::DraftMessage {
                 kind: Some(pb::draft_message::Kind::Hello(h)),
@@ -868,6 +870,7 @@ fn seed_bytes() -> BoxedStrategy<Vec<u8>> {
                 draft_s_per_token: 0.01,
                 pipelined: true,
                 max_gamma: 8,
+                method: pb::DraftMethod::Hybrid as i32,
             })),
         }
         .encode_to_vec()),

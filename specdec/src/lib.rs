@@ -29,5 +29,5 @@ pub use gamma::{
 pub use proposal::{propose, truncate, PROPOSAL_SUM_TOLERANCE};
 pub use rng::{round_rng, RngSide};
 pub use sampling::{argmax, probs_from_logits, sample};
-pub use types::{SamplingParams, SparseDist};
+pub use types::{DraftMethod, SamplingParams, SparseDist};
 pub use verify::{verify, verify_greedy, verify_sampled, Verdict};

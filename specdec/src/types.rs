@@ -56,3 +56,64 @@ impl SparseDist {
             .map_or(0.0, |i| self.probs[i])
     }
 }
+
+/// How a draft node proposes tokens. The method is chosen per request (the node's setting is
+/// the default) and travels with every block, so the γ controller plans each session with its
+/// own method's acceptance and cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum DraftMethod {
+    /// A small draft model (autoregressive forwards on the draft node).
+    #[default]
+    Model,
+    /// Prompt lookup: the continuation of the latest earlier occurrence of the context's last
+    /// n tokens in the prompt and the session's own output (no model; microseconds per block).
+    /// A deterministic proposal: under sampling its q is a point mass.
+    Lookup,
+    /// Lookup where a match exists, the draft model otherwise.
+    Hybrid,
+}
+
+impl DraftMethod {
+    /// Every method, in label order.
+    pub const ALL: [DraftMethod; 3] =
+        [DraftMethod::Model, DraftMethod::Lookup, DraftMethod::Hybrid];
+
+    /// The settings / API / metrics label: `model`, `lookup` or `hybrid`.
+    pub fn label(self) -> &'static str {
+        match self {
+            DraftMethod::Model => "model",
+            DraftMethod::Lookup => "lookup",
+            DraftMethod::Hybrid => "hybrid",
+        }
+    }
+
+    /// Position in [`DraftMethod::ALL`] (for per-method tables).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether drafting runs the draft model (some or all of the time).
+    pub fn uses_model(self) -> bool {
+        !matches!(self, DraftMethod::Lookup)
+    }
+}
+
+impl std::fmt::Display for DraftMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::str::FromStr for DraftMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "model" => Ok(DraftMethod::Model),
+            "lookup" => Ok(DraftMethod::Lookup),
+            "hybrid" => Ok(DraftMethod::Hybrid),
+            other => Err(format!(
+                "unknown draft method {other:?}: expected \"model\", \"lookup\" or \"hybrid\""
+            )),
+        }
+    }
+}

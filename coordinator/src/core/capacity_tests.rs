@@ -35,6 +35,7 @@ fn open(sid: u64) -> DraftMessage {
         draft_s_per_token: 0.0,
         last_round_trip_ns: 0,
         drafted_ahead: false,
+        method: edgespec_proto::domain::DraftMethod::Model,
     })
 }
 

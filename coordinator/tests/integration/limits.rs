@@ -118,6 +118,7 @@ async fn a_thousand_draft_streams_that_never_read_leave_memory_bounded() {
                 draft_s_per_token: 0.001,
                 pipelined: false,
                 max_gamma: 0,
+                method: 0,
             };
             tx.send(pb::DraftMessage {
                 kind: Some(pb::draft_message::Kind::Hello(hello)),

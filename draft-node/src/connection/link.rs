@@ -102,6 +102,8 @@ impl Link {
             )),
             pipelined: h.pipelined,
             max_gamma: h.max_gamma,
+            // TODO(#17): the node's drafting.method.
+            method: edgespec_proto::domain::DraftMethod::Model,
         };
         out.send(DraftMessage::Hello(hello).into())
             .await

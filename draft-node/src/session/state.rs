@@ -161,6 +161,8 @@ impl SessionState {
             draft_s_per_token: t.draft_s_per_token,
             last_round_trip_ns: t.last_round_trip_ns,
             drafted_ahead: t.drafted_ahead,
+            // TODO(#17): the session's method.
+            method: edgespec_proto::domain::DraftMethod::Model,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use super::{sampling_from_pb, sampling_to_pb, sparse_from_pb, sparse_to_pb};
 use crate::{pb, ProtocolError};
-use edgespec_specdec::{SamplingParams, SparseDist};
+use edgespec_specdec::{DraftMethod, SamplingParams, SparseDist};
 
 /// One session's round: what the verify side needs to produce a verdict. Shared by the draft
 /// stream (`DraftBlock`) and the verify batch (`VerifyItem`).
@@ -152,6 +152,8 @@ pub struct DraftBlock {
     pub last_round_trip_ns: u64,
     /// Drafted during the previous round (pipelining) and kept.
     pub drafted_ahead: bool,
+    /// How the session drafts; `draft_s_per_token` is this method's cost.
+    pub method: DraftMethod,
 }
 
 impl TryFrom<pb::DraftBlock> for DraftBlock {
@@ -179,6 +181,7 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
             draft_s_per_token: m.draft_s_per_token,
             last_round_trip_ns: m.last_round_trip_ns,
             drafted_ahead: m.drafted_ahead,
+            method: super::stream::method_from_wire(m.method),
         })
     }
 }
@@ -200,6 +203,7 @@ impl From<&DraftBlock> for pb::DraftBlock {
             draft_s_per_token: d.draft_s_per_token,
             last_round_trip_ns: d.last_round_trip_ns,
             drafted_ahead: d.drafted_ahead,
+            method: super::stream::method_to_wire(d.method),
         }
     }
 }

@@ -15,13 +15,17 @@ mod stream;
 mod verifier;
 
 pub use block::{Block, DraftBlock, Outcome};
-pub use stream::{CoordinatorMessage, DraftMessage, Hello, Probe, ProbeReply, Verdict, Welcome};
+pub use stream::{
+    method_from_wire, method_to_wire, CoordinatorMessage, DraftMessage, Hello, Probe, ProbeReply,
+    Verdict, Welcome,
+};
 pub use verifier::{
     BatchReply, Heartbeat, HeartbeatAck, ItemResult, Load, NodeInfo, Pool, Registration, Release,
     Timings, VerifyBatch, MAX_COORDINATOR_ID_LEN,
 };
 
 use crate::{pb, ProtocolError};
+pub use edgespec_specdec::DraftMethod;
 use edgespec_specdec::{SamplingParams, SparseDist};
 
 /// Tolerance on the sum of a draft distribution (f32 renormalisation error on ~100 entries).

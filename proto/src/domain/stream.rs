@@ -3,7 +3,7 @@
 
 use super::{DraftBlock, Outcome, SessionError, Timings};
 use crate::{pb, ProtocolError};
-use edgespec_specdec::MAX_GAMMA;
+use edgespec_specdec::{DraftMethod, MAX_GAMMA};
 
 /// Longest node id, model name or fingerprint accepted in a hello.
 pub const MAX_NAME_LEN: usize = 256;
@@ -26,6 +26,8 @@ pub struct Hello {
     /// Largest γ it drafts (1..=[`MAX_GAMMA`]; the wire's 0, "not stated", reads as
     /// [`MAX_GAMMA`]).
     pub max_gamma: u32,
+    /// The node's default drafting method.
+    pub method: DraftMethod,
 }
 
 fn name(field: &'static str, s: String) -> Result<String, ProtocolError> {
@@ -62,6 +64,7 @@ impl TryFrom<pb::DraftHello> for Hello {
                 0 => MAX_GAMMA as u32,
                 n => n.min(MAX_GAMMA as u32),
             },
+            method: method_from_wire(h.method),
         })
     }
 }
@@ -76,6 +79,7 @@ impl From<&Hello> for pb::DraftHello {
             draft_s_per_token: h.draft_s_per_token as f32,
             pipelined: h.pipelined,
             max_gamma: h.max_gamma,
+            method: method_to_wire(h.method),
         }
     }
 }
@@ -331,4 +335,24 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
         };
         Self { kind: Some(kind) }
     }
+}
+
+/// A wire method; UNSPECIFIED (older nodes) and values this build does not know read as
+/// [`DraftMethod::Model`], what every node drafted with before methods existed.
+pub fn method_from_wire(v: i32) -> DraftMethod {
+    match pb::DraftMethod::try_from(v) {
+        Ok(pb::DraftMethod::Lookup) => DraftMethod::Lookup,
+        Ok(pb::DraftMethod::Hybrid) => DraftMethod::Hybrid,
+        _ => DraftMethod::Model,
+    }
+}
+
+/// The wire value of a method.
+pub fn method_to_wire(m: DraftMethod) -> i32 {
+    let wire = match m {
+        DraftMethod::Model => pb::DraftMethod::Model,
+        DraftMethod::Lookup => pb::DraftMethod::Lookup,
+        DraftMethod::Hybrid => pb::DraftMethod::Hybrid,
+    };
+    wire as i32
 }

@@ -44,6 +44,7 @@ impl DraftClient {
             draft_s_per_token: DRAFT_S_PER_TOKEN,
             pipelined: false,
             max_gamma: 0,
+            method: pb::DraftMethod::Unspecified as i32,
         };
         tx.send(pb::DraftMessage {
             kind: Some(pb::draft_message::Kind::Hello(hello)),

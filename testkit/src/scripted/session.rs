@@ -152,6 +152,7 @@ pub fn greedy_block(
         draft_s_per_token: DRAFT_S_PER_TOKEN,
         last_round_trip_ns: 0,
         drafted_ahead: false,
+        method: edgespec_proto::domain::DraftMethod::Model,
     }
 }
 
