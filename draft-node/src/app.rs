@@ -80,6 +80,7 @@ impl App {
                 draft_s_per_token: Arc::clone(&draft_cost),
                 pipelined: settings.drafting.pipeline,
                 max_gamma: settings.drafting.max_gamma,
+                method: settings.drafting.method,
             },
         };
         let backoff = Backoff {
@@ -116,6 +117,7 @@ impl App {
                 retry_initial: c.backoff_initial,
                 retry_max: c.backoff_max,
                 max_resyncs: c.max_resyncs as usize,
+                method: d.method,
             },
             draft_cost,
             recent_gamma: Arc::new(AtomicU32::new(crate::session::NO_GAMMA_YET)),

@@ -70,6 +70,11 @@ impl Node {
         self.inner.model.info()
     }
 
+    /// Whether this node has a draft model (`model` and `hybrid` drafting need one).
+    pub fn has_draft_model(&self) -> bool {
+        true
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.inner.ctx.tokenizer

@@ -9,7 +9,8 @@ use std::time::Duration;
 use edgespec_model::DeviceKind;
 use edgespec_runtime::tls::TlsSettings;
 use edgespec_runtime::Sources;
-use serde::Deserialize;
+use edgespec_specdec::DraftMethod;
+use serde::{Deserialize, Deserializer};
 
 use crate::Error;
 
@@ -59,8 +60,11 @@ pub struct NodeSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
-    /// Draft model GGUF.
+    /// Draft model GGUF (not needed by a node that only drafts by lookup).
     pub path: PathBuf,
+    /// GGUF whose tokenizer metadata the node uses (only metadata is read); empty = `path`.
+    /// Lets a lookup-only node point at the target's GGUF instead of a draft model.
+    pub tokenizer: PathBuf,
     /// Name served on `/v1/models` and expected in requests.
     pub served_name: String,
     /// `cpu` or `cuda:N`.
@@ -71,6 +75,15 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
+    /// The GGUF the tokenizer (and the model facts of the hello) come from.
+    pub fn tokenizer_path(&self) -> &Path {
+        if self.tokenizer.as_os_str().is_empty() {
+            &self.path
+        } else {
+            &self.tokenizer
+        }
+    }
+
     /// How the draft model is loaded.
     pub fn load_options(&self) -> edgespec_model::forward::LoadOptions {
         edgespec_model::forward::LoadOptions {
@@ -123,6 +136,30 @@ pub struct DraftingSettings {
     pub pipeline: bool,
     /// Most sessions per batched draft forward.
     pub max_batch_sessions: usize,
+    /// How sessions draft unless a request names a method (`"draft_method"`): `model`,
+    /// `lookup` or `hybrid`. A `lookup` node loads no draft model at all.
+    #[serde(deserialize_with = "draft_method")]
+    pub method: DraftMethod,
+    /// Prompt lookup (`lookup`, and `hybrid` where a match exists).
+    pub lookup: LookupSettings,
+}
+
+/// `[drafting.lookup]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupSettings {
+    /// Shortest suffix of the context matched against earlier positions.
+    pub min_ngram: usize,
+    /// Longest suffix tried (first: the longest match wins).
+    pub max_ngram: usize,
+}
+
+/// Longest n-gram prompt lookup matches (`drafting.lookup.max_ngram`).
+pub const MAX_NGRAM: usize = 8;
+
+fn draft_method<'de, D: Deserializer<'de>>(d: D) -> Result<DraftMethod, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// `[limits]`
@@ -173,8 +210,19 @@ impl Settings {
     /// Checks values that the types alone do not (called by `load_settings` and `App::build`).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Settings(format!("{key}: {why}")));
-        if self.model.path.as_os_str().is_empty() {
-            return bad("model.path", "must name the draft model GGUF file");
+        let method = self.drafting.method;
+        if method.uses_model() && self.model.path.as_os_str().is_empty() {
+            return bad(
+                "model.path",
+                "must name the draft model GGUF file (drafting.method is \"model\" or \"hybrid\")",
+            );
+        }
+        if self.model.tokenizer_path().as_os_str().is_empty() {
+            return bad(
+                "model.path",
+                "must name the draft model GGUF file, or model.tokenizer a GGUF whose \
+                 tokenizer a lookup-only node uses",
+            );
         }
         if self.model.served_name.trim().is_empty() {
             return bad("model.served_name", "must not be empty");
@@ -229,6 +277,16 @@ impl Settings {
         }
         if d.max_batch_sessions == 0 {
             return bad("drafting.max_batch_sessions", "must be at least 1");
+        }
+        let lk = &d.lookup;
+        if !(1..=MAX_NGRAM).contains(&lk.min_ngram) {
+            return bad("drafting.lookup.min_ngram", "must be between 1 and 8");
+        }
+        if !(1..=MAX_NGRAM).contains(&lk.max_ngram) || lk.max_ngram < lk.min_ngram {
+            return bad(
+                "drafting.lookup.max_ngram",
+                "must be between drafting.lookup.min_ngram and 8",
+            );
         }
         let kinds = &self.metrics.prompt_kinds;
         if kinds.len() > 32
@@ -317,6 +375,63 @@ mod tests {
             std::fs::write(&p, format!("{base}{line}\n")).unwrap();
             let err = load_settings(Some(&p)).unwrap_err().to_string();
             assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn drafting_methods_and_lookup_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let s = Settings::default();
+        assert_eq!(s.drafting.method, DraftMethod::Model, "model by default");
+        assert!(s.drafting.lookup.min_ngram <= s.drafting.lookup.max_ngram);
+        // A lookup node needs a tokenizer, not a draft model.
+        std::fs::write(
+            &p,
+            "[model]\ntokenizer = \"/t.gguf\"\n[drafting]\nmethod = \"lookup\"\n",
+        )
+        .unwrap();
+        let s = load_settings(Some(&p)).unwrap();
+        assert_eq!(s.drafting.method, DraftMethod::Lookup);
+        assert_eq!(s.model.tokenizer_path(), Path::new("/t.gguf"));
+        std::fs::write(
+            &p,
+            "[model]\npath = \"/m.gguf\"\n[drafting]\nmethod = \"lookup\"\n",
+        )
+        .unwrap();
+        let s = load_settings(Some(&p)).unwrap();
+        assert_eq!(
+            s.model.tokenizer_path(),
+            Path::new("/m.gguf"),
+            "empty: model.path"
+        );
+        for (toml, key) in [
+            ("[drafting]\nmethod = \"lookup\"\n", "model.path"),
+            (
+                "[model]\ntokenizer = \"/t.gguf\"\n[drafting]\nmethod = \"hybrid\"\n",
+                "model.path",
+            ),
+            ("[model]\ntokenizer = \"/t.gguf\"\n", "model.path"),
+            (
+                "[model]\npath = \"/m.gguf\"\n[drafting]\nmethod = \"ngram\"\n",
+                "ngram",
+            ),
+            (
+                "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\nmin_ngram = 0\n",
+                "drafting.lookup.min_ngram",
+            ),
+            (
+                "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\nmax_ngram = 9\n",
+                "drafting.lookup.max_ngram",
+            ),
+            (
+                "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\nmin_ngram = 4\nmax_ngram = 3\n",
+                "drafting.lookup.max_ngram",
+            ),
+        ] {
+            std::fs::write(&p, toml).unwrap();
+            let err = load_settings(Some(&p)).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
         }
     }
 

@@ -36,6 +36,8 @@ pub(crate) struct Hello {
     pub pipelined: bool,
     /// Largest γ this node drafts (`drafting.max_gamma`).
     pub max_gamma: u32,
+    /// How sessions draft by default (`drafting.method`).
+    pub method: domain::DraftMethod,
 }
 
 /// How to reach the coordinator.
@@ -102,8 +104,7 @@ impl Link {
             )),
             pipelined: h.pipelined,
             max_gamma: h.max_gamma,
-            // TODO(#17): the node's drafting.method.
-            method: edgespec_proto::domain::DraftMethod::Model,
+            method: h.method,
         };
         out.send(DraftMessage::Hello(hello).into())
             .await

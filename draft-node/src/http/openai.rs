@@ -5,7 +5,7 @@
 //! many); fields we cannot honour are refused with a 400 naming them.
 
 use edgespec_model::ChatMessage;
-use edgespec_specdec::SamplingParams;
+use edgespec_specdec::{DraftMethod, SamplingParams};
 use serde::Deserialize;
 
 use super::error::ApiError;
@@ -33,6 +33,9 @@ pub(crate) struct CommonParams {
     /// Extension: the kind of prompt (one of the node's `metrics.prompt_kinds`), for the
     /// per-kind acceptance metrics.
     pub prompt_kind: Option<String>,
+    /// Extension: how to draft this request (`model`, `lookup` or `hybrid`); the node's
+    /// `drafting.method` when absent.
+    pub draft_method: Option<String>,
 }
 
 /// `stream_options`.
@@ -129,6 +132,7 @@ pub(crate) struct Checked {
     include_usage: bool,
     return_token_ids: bool,
     prompt_kind: Option<String>,
+    method: Option<DraftMethod>,
 }
 
 /// A validated request.
@@ -304,6 +308,7 @@ fn check_common(
         Some(m) => Some(m as usize),
     };
     let sampling = sampling(&c)?;
+    let method = draft_method(c.draft_method.as_deref(), node)?;
     let stop = match c.stop {
         None => Vec::new(),
         Some(StopParam::One(s)) => vec![s],
@@ -339,7 +344,36 @@ fn check_common(
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         return_token_ids: c.return_token_ids.unwrap_or(false),
         prompt_kind: c.prompt_kind,
+        method,
     })
+}
+
+/// The extension field `draft_method`: one of the methods, and one this node can draft with.
+fn draft_method(asked: Option<&str>, node: &Node) -> Result<Option<DraftMethod>, ApiError> {
+    let Some(asked) = asked else { return Ok(None) };
+    let method: DraftMethod = asked.parse().map_err(|_| {
+        let allowed: Vec<String> = DraftMethod::ALL
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect();
+        ApiError::invalid(
+            Some("draft_method"),
+            format!(
+                "unknown draft_method {asked:?}; allowed values: {}",
+                allowed.join(", ")
+            ),
+        )
+    })?;
+    if method.uses_model() && !node.has_draft_model() {
+        return Err(ApiError::invalid(
+            Some("draft_method"),
+            format!(
+                "draft_method \"{method}\" needs a draft model and this node has none; \
+                 it drafts by \"lookup\" only"
+            ),
+        ));
+    }
+    Ok(Some(method))
 }
 
 impl Checked {
@@ -412,6 +446,7 @@ impl Checked {
                 stop: self.stop,
                 overload_wait: limits.admission_wait,
                 prompt_kind: self.prompt_kind,
+                method: self.method,
             },
             stream: self.stream,
             include_usage: self.include_usage,

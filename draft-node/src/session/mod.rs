@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgespec_model::TextTokenizer;
 use edgespec_proto::domain::{DraftBlock, ErrorCode, SessionError};
-use edgespec_specdec::SamplingParams;
+use edgespec_specdec::{DraftMethod, SamplingParams};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -48,6 +48,9 @@ pub struct GenerateRequest {
     pub overload_wait: Duration,
     /// The prompt kind the client named, if any (metrics only).
     pub prompt_kind: Option<String>,
+    /// How to draft (`None`: the node's `drafting.method`). A method that uses the draft model
+    /// on a node without one fails the request ([`GenError::InvalidRequest`]).
+    pub method: Option<DraftMethod>,
 }
 
 /// The end of a successful generation.
@@ -91,6 +94,8 @@ pub(crate) struct DraftConfig {
     pub retry_max: Duration,
     /// Resyncs one request survives (`coordinator.max_resyncs`).
     pub max_resyncs: usize,
+    /// How a request that names no method drafts (`drafting.method`).
+    pub method: DraftMethod,
 }
 
 /// What every session shares.
@@ -144,6 +149,7 @@ pub(crate) fn spawn(
         sampling: req.sampling,
         initial_gamma,
         max_gamma: ctx.cfg.max_gamma,
+        method: req.method.unwrap_or(ctx.cfg.method),
     });
     let (events_tx, events) = mpsc::unbounded_channel();
     let driver = Driver {

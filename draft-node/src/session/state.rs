@@ -3,7 +3,7 @@
 //! application of a verdict, with the statistics reported to the client.
 
 use edgespec_proto::domain::{Block, DraftBlock};
-use edgespec_specdec::SamplingParams;
+use edgespec_specdec::{DraftMethod, SamplingParams};
 use serde::Serialize;
 
 use super::draft::BlockDraft;
@@ -69,6 +69,7 @@ pub(crate) struct SessionState {
     round: u64,
     gamma: usize,
     max_gamma: usize,
+    method: DraftMethod,
     stats: GenStats,
 }
 
@@ -88,6 +89,8 @@ pub(crate) struct SessionSpec {
     /// This node's cap on γ (`drafting.max_gamma`, announced in its hello; the coordinator
     /// plans within it, so this only guards against a coordinator that does not).
     pub max_gamma: usize,
+    /// How this session drafts (sent with every block: the coordinator plans γ per method).
+    pub method: DraftMethod,
 }
 
 impl SessionState {
@@ -102,6 +105,7 @@ impl SessionState {
             round: 0,
             gamma: (spec.initial_gamma as usize).min(spec.max_gamma),
             max_gamma: spec.max_gamma,
+            method: spec.method,
             stats: GenStats::default(),
         }
     }
@@ -161,8 +165,7 @@ impl SessionState {
             draft_s_per_token: t.draft_s_per_token,
             last_round_trip_ns: t.last_round_trip_ns,
             drafted_ahead: t.drafted_ahead,
-            // TODO(#17): the session's method.
-            method: edgespec_proto::domain::DraftMethod::Model,
+            method: self.method,
         }
     }
 
@@ -209,6 +212,7 @@ mod tests {
             sampling: SamplingParams::GREEDY,
             initial_gamma: 50,
             max_gamma: 6,
+            method: DraftMethod::Hybrid,
         })
     }
 
@@ -246,6 +250,11 @@ mod tests {
         assert_eq!(b.block.round, 1);
         assert_eq!(b.block.history.as_deref(), Some(&[10, 11, 12][..]));
         assert_eq!(b.max_new_tokens, 100);
+        assert_eq!(
+            b.method,
+            DraftMethod::Hybrid,
+            "every block names the session's method"
+        );
         let new = s.apply(&b, &verdict(&b, 2, 9, 0)).unwrap();
         assert_eq!(new, vec![1, 2, 9]);
         assert_eq!(s.committed(), &[10, 11, 12, 1, 2, 9]);
