@@ -1,7 +1,15 @@
 //! Every Prometheus metric of the coordinator, in one place. Names are
 //! `edgespec_coordinator_<what>_<unit>`; counters get `_total` from the encoder; labels are
-//! low-cardinality (pool, error code), never a session id.
+//! low-cardinality (pool, error code, draft node, drafting method), never a session id.
+//!
+//! Acceptance and γ come twice: fleet totals without labels (`rounds`, `drafted_tokens`,
+//! `accepted_tokens`, `acceptance_rate`, `gamma`, as before methods existed, so existing
+//! queries and tests keep reading one series) and the same broken down by drafting method under
+//! `method_*` with a `method` label (`model`, `lookup`, `hybrid`: the counters' and the
+//! histogram's children exist from the start, so the label set is fixed at three; the decayed
+//! `method_acceptance_rate` appears once its method has verified a drafted token).
 
+use edgespec_specdec::DraftMethod;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -33,7 +41,27 @@ pub struct DraftNodeLabel {
     pub draft_node: String,
 }
 
+/// Label of per-drafting-method metrics: one of [`DraftMethod::ALL`]'s labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// "model", "lookup" or "hybrid".
+    pub method: String,
+}
+
+impl MethodLabel {
+    fn of(method: DraftMethod) -> Self {
+        Self {
+            method: method.label().into(),
+        }
+    }
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn gamma_histogram() -> Histogram {
+    Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0])
+}
 
 /// Handles of all metrics (cheap to clone).
 #[derive(Clone)]
@@ -77,6 +105,16 @@ pub struct Metrics {
     pub link_rtt_seconds: Family<DraftNodeLabel, FloatGauge>,
     /// The γ controller's bandwidth estimate per draft node's link.
     pub link_bandwidth: Family<DraftNodeLabel, FloatGauge>,
+    /// Verified rounds by drafting method.
+    pub method_rounds: Family<MethodLabel, Counter>,
+    /// Draft tokens sent to verification by drafting method.
+    pub method_drafted_tokens: Family<MethodLabel, Counter>,
+    /// Draft tokens accepted by drafting method.
+    pub method_accepted_tokens: Family<MethodLabel, Counter>,
+    /// Decayed per-token acceptance by drafting method (a child once the method has data).
+    pub method_acceptance_rate: Family<MethodLabel, FloatGauge>,
+    /// γ sent back in verdicts by the session's drafting method.
+    pub method_gamma: HistogramFamily<MethodLabel>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,7 +143,7 @@ impl Metrics {
             batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             queue_delay_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
             verify_call_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 18)),
-            gamma: Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
+            gamma: gamma_histogram(),
             verify_failures: Counter::default(),
             session_errors: Family::default(),
             pool_sessions: Family::default(),
@@ -116,7 +154,19 @@ impl Metrics {
             draft_streams: Gauge::default(),
             link_rtt_seconds: Family::default(),
             link_bandwidth: Family::default(),
+            method_rounds: Family::default(),
+            method_drafted_tokens: Family::default(),
+            method_accepted_tokens: Family::default(),
+            method_acceptance_rate: Family::default(),
+            method_gamma: Family::new_with_constructor(gamma_histogram),
         };
+        for method in DraftMethod::ALL {
+            let label = MethodLabel::of(method);
+            let _ = m.method_rounds.get_or_create(&label);
+            let _ = m.method_drafted_tokens.get_or_create(&label);
+            let _ = m.method_accepted_tokens.get_or_create(&label);
+            let _ = m.method_gamma.get_or_create(&label);
+        }
         r.register("rounds", "Verified rounds", m.rounds.clone());
         r.register(
             "drafted_tokens",
@@ -208,6 +258,31 @@ impl Metrics {
             "Bandwidth of each draft node's link, as the γ controller estimates it",
             m.link_bandwidth.clone(),
         );
+        r.register(
+            "method_rounds",
+            "Verified rounds by drafting method",
+            m.method_rounds.clone(),
+        );
+        r.register(
+            "method_drafted_tokens",
+            "Draft tokens sent to verification by drafting method",
+            m.method_drafted_tokens.clone(),
+        );
+        r.register(
+            "method_accepted_tokens",
+            "Draft tokens accepted by drafting method",
+            m.method_accepted_tokens.clone(),
+        );
+        r.register(
+            "method_acceptance_rate",
+            "Decayed per-token acceptance rate by drafting method",
+            m.method_acceptance_rate.clone(),
+        );
+        r.register(
+            "method_gamma",
+            "Candidate length sent in verdicts by the session's drafting method",
+            m.method_gamma.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
@@ -242,6 +317,36 @@ impl Metrics {
         self.link_bandwidth.remove(&label);
     }
 
+    /// Counts a verified round of a `method` session, fleet-wide and by method.
+    pub fn round(&self, method: DraftMethod, drafted: usize, accepted: usize) {
+        let label = MethodLabel::of(method);
+        self.rounds.inc();
+        self.drafted_tokens.inc_by(drafted as u64);
+        self.accepted_tokens.inc_by(accepted as u64);
+        self.method_rounds.get_or_create(&label).inc();
+        self.method_drafted_tokens
+            .get_or_create(&label)
+            .inc_by(drafted as u64);
+        self.method_accepted_tokens
+            .get_or_create(&label)
+            .inc_by(accepted as u64);
+    }
+
+    /// Records the γ sent back to a `method` session, fleet-wide and by method.
+    pub fn gamma_sent(&self, method: DraftMethod, gamma: u32) {
+        self.gamma.observe(f64::from(gamma));
+        self.method_gamma
+            .get_or_create(&MethodLabel::of(method))
+            .observe(f64::from(gamma));
+    }
+
+    /// Publishes a method's decayed acceptance.
+    pub fn set_method_acceptance(&self, method: DraftMethod, rate: f64) {
+        self.method_acceptance_rate
+            .get_or_create(&MethodLabel::of(method))
+            .set(rate);
+    }
+
     /// Counts a per-session error.
     pub fn session_error(&self, code: edgespec_proto::domain::ErrorCode) {
         let code = code.label();
@@ -272,5 +377,33 @@ mod tests {
         );
         m.remove_link("edge-a");
         assert!(!m.encode().contains("edge-a"));
+    }
+
+    #[test]
+    fn acceptance_and_gamma_are_counted_fleet_wide_and_by_method() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for method in ["model", "lookup", "hybrid"] {
+            let series =
+                format!("edgespec_coordinator_method_rounds_total{{method=\"{method}\"}} 0");
+            assert!(text.contains(&series), "{text}");
+        }
+        m.round(DraftMethod::Lookup, 4, 3);
+        m.gamma_sent(DraftMethod::Lookup, 6);
+        let text = m.encode();
+        for line in [
+            "edgespec_coordinator_rounds_total 1",
+            "edgespec_coordinator_drafted_tokens_total 4",
+            "edgespec_coordinator_accepted_tokens_total 3",
+            "edgespec_coordinator_method_rounds_total{method=\"lookup\"} 1",
+            "edgespec_coordinator_method_drafted_tokens_total{method=\"lookup\"} 4",
+            "edgespec_coordinator_method_accepted_tokens_total{method=\"lookup\"} 3",
+            "edgespec_coordinator_method_rounds_total{method=\"model\"} 0",
+            "edgespec_coordinator_method_gamma_sum{method=\"lookup\"} 6.0",
+            "edgespec_coordinator_method_gamma_count{method=\"model\"} 0",
+            "edgespec_coordinator_gamma_sum 6.0",
+        ] {
+            assert!(text.contains(line), "no {line}:\n{text}");
+        }
     }
 }

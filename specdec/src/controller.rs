@@ -2,12 +2,13 @@
 //!
 //! It is pure (time is a parameter, no I/O) and split by who the state belongs to:
 //!
-//! - [`DraftSide`]: one draft node's stream: its link estimates (RTT, bandwidth), what its
-//!   rounds really cost ([`RoundCalibration`]), its reported draft speed, whether it drafts ahead
-//!   (pipelining) and the largest γ it accepts (its cap, from the hello). Lives as long as the
-//!   stream, so what is learnt carries over from one request to the next.
-//! - [`SessionGamma`]: one session's acceptance estimate, round count, the γ of its last block
-//!   and its wire bytes per drafted token.
+//! - [`DraftSide`]: one draft node's stream: its link estimates (RTT, bandwidth), and per
+//!   drafting method ([`DraftMethod`]) its reported draft speed and what its rounds really cost
+//!   ([`RoundCalibration`]); whether it drafts ahead (pipelining), the largest γ it accepts (its
+//!   cap) and its default method, from the hello. Lives as long as the stream, so what is learnt
+//!   carries over from one request to the next.
+//! - [`SessionGamma`]: one session's drafting method, acceptance estimate, round count, the γ of
+//!   its last block and its wire bytes per drafted token.
 //! - [`GammaController`]: the operator's bounds and switches ([`GammaPolicy`]) plus the rules:
 //!   the objective ([`plan_from`]), probing sessions that sit at γ = 0, the switch-on hysteresis,
 //!   gating calibration samples to steady rounds, the request's budget and the bounds.
@@ -16,11 +17,20 @@
 //! [`GammaController::on_verdict`] when its verdict is known, and [`GammaController::plan`] for
 //! the γ it sends with the verdict. Draft nodes obey the γ they are given; their own setting is
 //! only the cap they announce.
+//!
+//! **Methods.** A session is planned with its own method's draft cost and calibration: a prompt
+//! lookup costs microseconds per token where a draft model costs milliseconds, so on a node
+//! where model drafting does not pay, lookup still may. Only [`DraftMethod::Model`] sessions are
+//! planned as pipelined (lookup and hybrid do not draft ahead). Lookup has no draft model and
+//! so no catch-up forward: its first γ > 0 block after γ = 0 rounds is a steady calibration
+//! sample, and switching it back on needs no [`SWITCH_ON_GAIN`] margin. Acceptance stays per
+//! session, from the same prior for every method (see [`SessionGamma::new`]).
 
 use crate::calibration::RoundCalibration;
 use crate::cost::VerifyCost;
 use crate::estimate::{AcceptanceEstimator, AcceptancePrior, LinkConfig, LinkEstimator};
 use crate::gamma::{plan, plan_from, GammaInputs, MAX_GAMMA};
+use crate::types::DraftMethod;
 
 /// At γ = 0 a session's α is never observed again, so a pessimistic early estimate would keep
 /// speculation off for good: such a session gets a short probe block at round `PROBE_FIRST` and
@@ -38,8 +48,11 @@ pub const PROBE_OPTIMISTIC_ALPHA: f64 = 0.9;
 /// every token committed meanwhile, which the per-round model does not price, and where drafting
 /// is about break-even (one shared CPU) flapping in and out of speculation lost 6 %.
 pub const SWITCH_ON_GAIN: f64 = 1.10;
-/// Draft cost assumed for a draft node that has not reported one.
+/// Draft cost of the draft model assumed for a draft node that has not reported one.
 pub const DEFAULT_DRAFT_S_PER_TOKEN: f64 = 0.005;
+/// Draft cost of prompt lookup assumed before a node reports one: a suffix match over the
+/// context, no forward (tens of microseconds for a block, not milliseconds per token).
+pub const DEFAULT_LOOKUP_S_PER_TOKEN: f64 = 20e-6;
 /// Half-life of a draft stream's round calibration: long enough to carry over between
 /// requests, short enough to follow a change of load.
 pub const CALIBRATION_HALF_LIFE_S: f64 = 60.0;
@@ -78,42 +91,60 @@ impl Default for GammaPolicy {
 /// What a draft node says about itself when its stream opens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DraftCaps {
-    /// Measured draft seconds per token (≤ 0 or non-finite: unknown).
+    /// Measured draft seconds per token of its default `method` (≤ 0 or non-finite: unknown).
     pub draft_s_per_token: f64,
     /// It drafts the next block while the current one is verified.
     pub pipelined: bool,
     /// Largest γ it accepts (0: it does not draft; its blocks are plain target decoding).
     pub max_gamma: usize,
+    /// Its default drafting method (a request may choose another; its blocks say which).
+    pub method: DraftMethod,
 }
 
-/// One draft stream's link, costs and cap.
+/// What one drafting method costs on one draft stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MethodCost {
+    /// The node's latest report (0 before one).
+    draft_s_per_token: f64,
+    /// Draft-side overheads learnt from this method's rounds.
+    calibration: RoundCalibration,
+}
+
+/// One draft stream's link, per-method costs and cap.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DraftSide {
     link: LinkEstimator,
-    calibration: RoundCalibration,
-    draft_s_per_token: f64,
+    /// Indexed by [`DraftMethod::index`]: a lookup round says nothing about what a model round
+    /// costs, nor the other way round.
+    methods: [MethodCost; 3],
     pipelined: bool,
     max_gamma: usize,
+    method: DraftMethod,
 }
 
 impl DraftSide {
     /// A stream that has just said hello.
     pub fn new(link: LinkConfig, caps: DraftCaps) -> Self {
+        let cost = MethodCost {
+            draft_s_per_token: 0.0,
+            calibration: RoundCalibration::new(CALIBRATION_HALF_LIFE_S),
+        };
         let mut d = Self {
             link: LinkEstimator::new(link),
-            calibration: RoundCalibration::new(CALIBRATION_HALF_LIFE_S),
-            draft_s_per_token: 0.0,
+            methods: [cost; 3],
             pipelined: caps.pipelined,
             max_gamma: caps.max_gamma.min(MAX_GAMMA),
+            method: caps.method,
         };
-        d.report_draft_cost(caps.draft_s_per_token);
+        d.report_draft_cost(caps.method, caps.draft_s_per_token);
         d
     }
 
-    /// The node's latest measurement of its draft cost (ignored unless positive and finite).
-    pub fn report_draft_cost(&mut self, s_per_token: f64) {
+    /// The node's latest measurement of `method`'s draft cost (ignored unless positive and
+    /// finite).
+    pub fn report_draft_cost(&mut self, method: DraftMethod, s_per_token: f64) {
         if s_per_token.is_finite() && s_per_token > 0.0 {
-            self.draft_s_per_token = s_per_token;
+            self.methods[method.index()].draft_s_per_token = s_per_token;
         }
     }
 
@@ -129,18 +160,29 @@ impl DraftSide {
         self.link.observe_transfer(bytes, transfer, now_s);
     }
 
-    /// Draft seconds per token to plan with: the node's report, or a default before one.
-    pub fn t_draft_s(&self) -> f64 {
-        if self.draft_s_per_token > 0.0 {
-            self.draft_s_per_token
-        } else {
-            DEFAULT_DRAFT_S_PER_TOKEN
+    /// Draft seconds per token to plan `method` with: the node's report, or before one a
+    /// default: [`DEFAULT_DRAFT_S_PER_TOKEN`] for the model, [`DEFAULT_LOOKUP_S_PER_TOKEN`] for
+    /// lookup, and for hybrid what the model costs on this node (its worst case: no match).
+    pub fn t_draft_s(&self, method: DraftMethod) -> f64 {
+        let reported = self.methods[method.index()].draft_s_per_token;
+        if reported > 0.0 {
+            return reported;
+        }
+        match method {
+            DraftMethod::Model => DEFAULT_DRAFT_S_PER_TOKEN,
+            DraftMethod::Lookup => DEFAULT_LOOKUP_S_PER_TOKEN,
+            DraftMethod::Hybrid => self.t_draft_s(DraftMethod::Model),
         }
     }
 
-    /// The node's reported draft cost (0 before a report).
-    pub fn reported_draft_s_per_token(&self) -> f64 {
-        self.draft_s_per_token
+    /// The node's reported cost of `method` (0 before a report).
+    pub fn reported_draft_s_per_token(&self, method: DraftMethod) -> f64 {
+        self.methods[method.index()].draft_s_per_token
+    }
+
+    /// The node's default drafting method (from its hello).
+    pub fn method(&self) -> DraftMethod {
+        self.method
     }
 
     /// Whether the node drafts ahead.
@@ -158,15 +200,17 @@ impl DraftSide {
         &self.link
     }
 
-    /// Learnt draft-side overheads.
-    pub fn calibration(&self) -> &RoundCalibration {
-        &self.calibration
+    /// Learnt draft-side overheads of `method`'s rounds.
+    pub fn calibration(&self, method: DraftMethod) -> &RoundCalibration {
+        &self.methods[method.index()].calibration
     }
 }
 
 /// One session's γ state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SessionGamma {
+    method: DraftMethod,
+    prior: AcceptancePrior,
     acceptance: AcceptanceEstimator,
     rounds: u64,
     last_block_gamma: usize,
@@ -175,15 +219,29 @@ pub struct SessionGamma {
 }
 
 impl SessionGamma {
-    /// A new session, planning from `prior` until rounds are observed.
-    pub fn new(prior: AcceptancePrior) -> Self {
+    /// A new session drafting with `method`, planning from `prior` until rounds are observed.
+    ///
+    /// The prior is the same for every method, by choice: lookup's acceptance is bimodal by
+    /// prompt (near 1 where the output copies its context — code edits, extraction, quoting —
+    /// and near 0 on free prose), so no single lookup prior is better than the operator's
+    /// `acceptance.prior_alpha`; it is worth a few trials and the session's own rounds replace
+    /// it within two or three blocks. What differs by method, the draft cost, is what decides
+    /// whether a lookup session drafts at all.
+    pub fn new(prior: AcceptancePrior, method: DraftMethod) -> Self {
         Self {
+            method,
+            prior,
             acceptance: AcceptanceEstimator::new(prior),
             rounds: 0,
             last_block_gamma: 0,
             last_block_at_s: None,
             bytes_per_token: TOKEN_BYTES,
         }
+    }
+
+    /// How the session drafts.
+    pub fn method(&self) -> DraftMethod {
+        self.method
     }
 
     /// Current acceptance estimate.
@@ -207,7 +265,9 @@ impl SessionGamma {
 pub struct BlockArrival {
     /// Arrival time (the controller's clock, seconds).
     pub now_s: f64,
-    /// Tokens drafted in the block.
+    /// How the block was drafted (the session's method).
+    pub method: DraftMethod,
+    /// Tokens drafted in the block (lookup may propose fewer than γ, or none).
     pub gamma: usize,
     /// Sparse q entries in the block (0 when greedy).
     pub q_entries: usize,
@@ -266,8 +326,19 @@ impl GammaController {
     }
 
     /// A block arrived: learns the link's RTT from the draft's last round trip and, on a steady
-    /// round, what the draft side really costs (see [`crate::calibration`]).
+    /// round, what the session's method really costs on the draft side (see
+    /// [`crate::calibration`]).
+    ///
+    /// A block that names another method than the session's switches the session to it (the
+    /// latest method wins): its acceptance restarts from the prior, since what one method's
+    /// drafts achieved says nothing about another's, and the block gives no calibration sample
+    /// (its cycle began under the old method).
     pub fn on_block(&self, draft: &mut DraftSide, s: &mut SessionGamma, b: BlockArrival) {
+        let switched = b.method != s.method;
+        if switched {
+            s.method = b.method;
+            s.acceptance = AcceptanceEstimator::new(s.prior);
+        }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
         if b.gamma > 0 {
@@ -283,16 +354,20 @@ impl GammaController {
             .observe_round_trip(b.now_s - rt, b.now_s, b.last_server_s);
         // The rest of the cycle since the previous block is the draft side: verdict received →
         // this block sent. A block drafted during the previous round (pipelining, kept) says
-        // nothing about drafting. Nor does the first γ > 0 block after γ = 0 rounds: its draft
-        // side includes the catch-up forward over every token committed meanwhile, a one-off
-        // cost of switching drafting on, not a per-token cost of drafting.
-        let steady = b.gamma == 0 || (previous_gamma > 0 && !b.drafted_ahead);
+        // nothing about drafting. Nor does the first γ > 0 block after γ = 0 rounds of a method
+        // with a model: its draft side includes the catch-up forward over every token committed
+        // meanwhile, a one-off cost of switching drafting on, not a per-token cost of drafting.
+        let caught_up = previous_gamma > 0 || !s.method.uses_model();
+        let steady = !switched && (b.gamma == 0 || (caught_up && !b.drafted_ahead));
         if let (Some(prev), true) = (previous_at, steady) {
             let cycle = (b.now_s - prev).max(0.0);
-            let t_draft = draft.t_draft_s();
-            draft
-                .calibration
-                .observe(b.gamma, cycle - rt, t_draft, b.now_s);
+            let t_draft = draft.t_draft_s(s.method);
+            draft.methods[s.method.index()].calibration.observe(
+                b.gamma,
+                cycle - rt,
+                t_draft,
+                b.now_s,
+            );
         }
     }
 
@@ -318,9 +393,16 @@ impl GammaController {
         }
         let min_gamma = self.policy.min_gamma.min(max_gamma);
         let mut inputs = self.inputs(draft, s, pool);
-        let drafting_measured = draft.calibration.knows_drafting();
-        draft.calibration.apply(&mut inputs);
-        let mut gamma = plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma;
+        let calibration = draft.calibration(s.method);
+        let drafting_measured = calibration.knows_drafting();
+        calibration.apply(&mut inputs);
+        // The switch-on margin prices the catch-up forward of a draft model; lookup has none.
+        let gain = if s.method.uses_model() {
+            SWITCH_ON_GAIN
+        } else {
+            1.0
+        };
+        let mut gamma = plan_from(&inputs, s.last_block_gamma, gain).gamma;
         let could_pay = !drafting_measured || {
             let optimistic = GammaInputs {
                 alpha: inputs.alpha.max(PROBE_OPTIMISTIC_ALPHA),
@@ -340,12 +422,16 @@ impl GammaController {
         }
     }
 
-    /// The objective's inputs for a session as of now, before calibration (for logs and tests).
+    /// The objective's inputs for a session as of now, with its method's draft cost, before
+    /// calibration (for logs and tests). Only model sessions are planned as pipelined: a draft
+    /// node drafts ahead only with its model (lookup and hybrid draft after the verdict; lookup
+    /// costs too little to gain from overlapping).
     pub fn inputs(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> GammaInputs {
         let max_gamma = self.max_gamma(draft);
+        let pipelined = self.policy.assume_pipelined || draft.pipelined;
         GammaInputs {
             alpha: s.alpha(),
-            t_draft_s: draft.t_draft_s(),
+            t_draft_s: draft.t_draft_s(s.method),
             rtt_s: draft.link.rtt_s(),
             bandwidth_bytes_per_s: draft.link.bandwidth_bytes_per_s(),
             bytes_per_token: s.bytes_per_token,
@@ -353,7 +439,7 @@ impl GammaController {
             verify: pool.verify,
             min_gamma: self.policy.min_gamma.min(max_gamma),
             max_gamma,
-            pipelined: self.policy.assume_pipelined || draft.pipelined,
+            pipelined: pipelined && s.method == DraftMethod::Model,
         }
     }
 }

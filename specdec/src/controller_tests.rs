@@ -13,6 +13,7 @@ fn caps(max_gamma: usize) -> DraftCaps {
         draft_s_per_token: 0.005,
         pipelined: false,
         max_gamma,
+        method: DraftMethod::Model,
     }
 }
 
@@ -35,12 +36,13 @@ fn run(
 ) {
     for _ in 0..rounds {
         let server = 0.03;
-        *t += rtt + server + gamma as f64 * d.t_draft_s();
+        *t += rtt + server + gamma as f64 * d.t_draft_s(s.method());
         c.on_block(
             d,
             s,
             BlockArrival {
                 now_s: *t,
+                method: s.method(),
                 gamma,
                 q_entries: 0,
                 drafted_ahead: false,
@@ -56,10 +58,13 @@ fn run(
 fn plans_from_priors_then_follows_acceptance() {
     let c = GammaController::new(policy(12));
     let mut d = DraftSide::new(LinkConfig::default(), caps(16));
-    let mut s = SessionGamma::new(AcceptancePrior {
-        half_life_s: 2.0,
-        ..AcceptancePrior::default()
-    });
+    let mut s = SessionGamma::new(
+        AcceptancePrior {
+            half_life_s: 2.0,
+            ..AcceptancePrior::default()
+        },
+        DraftMethod::Model,
+    );
     let initial = c.plan(&d, &s, POOL, 0);
     assert!(initial > 0);
     let mut t = 0.0;
@@ -78,8 +83,8 @@ fn longer_links_get_longer_blocks() {
     let mut near = DraftSide::new(LinkConfig::default(), caps(16));
     let mut far = near;
     let (mut sn, mut sf) = (
-        SessionGamma::new(AcceptancePrior::default()),
-        SessionGamma::new(AcceptancePrior::default()),
+        SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model),
+        SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model),
     );
     let (mut tn, mut tf) = (0.0, 0.0);
     run(&c, &mut near, &mut sn, &mut tn, 20, (4, 3, 0.001));
@@ -94,7 +99,7 @@ fn longer_links_get_longer_blocks() {
 
 #[test]
 fn the_node_cap_the_policy_bounds_and_the_budget_all_bound_gamma() {
-    let mut s = SessionGamma::new(AcceptancePrior::default());
+    let mut s = SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model);
     let mut d = DraftSide::new(LinkConfig::default(), caps(3));
     let c = GammaController::new(policy(12));
     let mut t = 0.0;
@@ -128,11 +133,14 @@ fn the_node_cap_the_policy_bounds_and_the_budget_all_bound_gamma() {
 fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_pay() {
     let c = GammaController::new(policy(8));
     let mut d = DraftSide::new(LinkConfig::default(), caps(16));
-    let mut s = SessionGamma::new(AcceptancePrior {
-        alpha: 0.01,
-        weight: 50.0,
-        half_life_s: 1e9,
-    });
+    let mut s = SessionGamma::new(
+        AcceptancePrior {
+            alpha: 0.01,
+            weight: 50.0,
+            half_life_s: 1e9,
+        },
+        DraftMethod::Model,
+    );
     let mut t = 0.0;
     run(&c, &mut d, &mut s, &mut t, 15, (0, 0, 0.01));
     assert_eq!(c.plan(&d, &s, POOL, 0), 0, "round 15");
@@ -142,7 +150,7 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
     assert_eq!(c.plan(&d, &s, POOL, 0), 0, "round 17");
     // Once drafting is measured to cost more than any acceptance could win back, no probes.
     let mut costly = DraftSide::new(LinkConfig::default(), caps(16));
-    let mut s2 = SessionGamma::new(AcceptancePrior::default());
+    let mut s2 = SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model);
     let mut t2 = 0.0;
     for i in 0..32 {
         let gamma = if i % 3 == 0 { 0 } else { 3 };
@@ -152,6 +160,7 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
             &mut s2,
             BlockArrival {
                 now_s: t2,
+                method: DraftMethod::Model,
                 gamma,
                 q_entries: 0,
                 drafted_ahead: false,
@@ -161,7 +170,7 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
         );
         c.on_verdict(&mut s2, gamma, 0, t2);
     }
-    assert!(costly.calibration().knows_drafting());
+    assert!(costly.calibration(DraftMethod::Model).knows_drafting());
     assert_eq!(s2.rounds(), 32);
     assert_eq!(c.plan(&costly, &s2, POOL, 0), 0, "round 32 is not probed");
 }
@@ -170,9 +179,10 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
 fn catch_up_and_drafted_ahead_blocks_give_no_calibration_sample() {
     let c = GammaController::new(policy(8));
     let mut d = DraftSide::new(LinkConfig::default(), caps(16));
-    let mut s = SessionGamma::new(AcceptancePrior::default());
+    let mut s = SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model);
     let arrival = |now_s, gamma, drafted_ahead| BlockArrival {
         now_s,
+        method: DraftMethod::Model,
         gamma,
         q_entries: 0,
         drafted_ahead,
@@ -182,24 +192,25 @@ fn catch_up_and_drafted_ahead_blocks_give_no_calibration_sample() {
     c.on_block(&mut d, &mut s, arrival(0.0, 0, false));
     // First γ > 0 block after γ = 0: its draft side includes the catch-up forward.
     c.on_block(&mut d, &mut s, arrival(5.0, 4, false));
-    assert!(!d.calibration().knows_drafting());
+    assert!(!d.calibration(DraftMethod::Model).knows_drafting());
     // A block drafted ahead measures nothing about drafting either.
     c.on_block(&mut d, &mut s, arrival(5.1, 4, true));
-    assert!(!d.calibration().knows_drafting());
+    assert!(!d.calibration(DraftMethod::Model).knows_drafting());
     c.on_block(&mut d, &mut s, arrival(5.3, 4, false));
-    assert!(d.calibration().knows_drafting());
+    assert!(d.calibration(DraftMethod::Model).knows_drafting());
 }
 
 #[test]
 fn wire_bytes_per_token_follow_the_q_payload() {
     let c = GammaController::new(policy(8));
     let mut d = DraftSide::new(LinkConfig::default(), caps(16));
-    let mut s = SessionGamma::new(AcceptancePrior::default());
+    let mut s = SessionGamma::new(AcceptancePrior::default(), DraftMethod::Model);
     c.on_block(
         &mut d,
         &mut s,
         BlockArrival {
             now_s: 0.0,
+            method: DraftMethod::Model,
             gamma: 4,
             q_entries: 32,
             drafted_ahead: false,
@@ -219,16 +230,173 @@ fn bad_draft_cost_reports_are_ignored_and_probes_feed_the_link() {
             draft_s_per_token: f64::NAN,
             pipelined: true,
             max_gamma: 100,
+            method: DraftMethod::Model,
         },
     );
-    assert_eq!(d.t_draft_s(), DEFAULT_DRAFT_S_PER_TOKEN);
+    assert_eq!(d.t_draft_s(DraftMethod::Model), DEFAULT_DRAFT_S_PER_TOKEN);
     assert_eq!(d.max_gamma(), MAX_GAMMA);
-    d.report_draft_cost(-1.0);
-    assert_eq!(d.reported_draft_s_per_token(), 0.0);
-    d.report_draft_cost(0.02);
-    assert_eq!(d.t_draft_s(), 0.02);
+    d.report_draft_cost(DraftMethod::Model, -1.0);
+    assert_eq!(d.reported_draft_s_per_token(DraftMethod::Model), 0.0);
+    d.report_draft_cost(DraftMethod::Model, 0.02);
+    assert_eq!(d.t_draft_s(DraftMethod::Model), 0.02);
     d.observe_probe(0.25, 1.0);
     assert!((d.link().rtt_s() - 0.25).abs() < 1e-9);
     d.observe_padded_probe(1_000_000, 0.75, 2.0);
     assert!((d.link().bandwidth_bytes_per_s() - 2e6).abs() < 1.0);
+}
+
+/// Shared-CPU verify cost (the target forward is slow, each extra token cheap).
+const SHARED_CPU: PoolContext = PoolContext {
+    queue_s: 0.005,
+    verify: VerifyCost {
+        base_s: 0.08,
+        per_token_s: 0.004,
+    },
+};
+
+fn side(model_s_per_token: f64, pipelined: bool) -> DraftSide {
+    DraftSide::new(
+        LinkConfig::default(),
+        DraftCaps {
+            draft_s_per_token: model_s_per_token,
+            pipelined,
+            max_gamma: 16,
+            method: DraftMethod::Model,
+        },
+    )
+}
+
+fn session(method: DraftMethod) -> SessionGamma {
+    SessionGamma::new(AcceptancePrior::default(), method)
+}
+
+#[test]
+fn a_slow_draft_model_plans_gamma_zero_where_lookup_with_the_same_acceptance_drafts() {
+    let c = GammaController::new(policy(8));
+    let d = side(0.1, false);
+    let (model, lookup, hybrid) = (
+        session(DraftMethod::Model),
+        session(DraftMethod::Lookup),
+        session(DraftMethod::Hybrid),
+    );
+    assert_eq!(model.alpha(), lookup.alpha());
+    assert_eq!(
+        c.plan(&d, &model, SHARED_CPU, 0),
+        0,
+        "100 ms a drafted token"
+    );
+    assert!(c.plan(&d, &lookup, SHARED_CPU, 0) > 0, "lookup costs µs");
+    assert_eq!(
+        c.inputs(&d, &lookup, SHARED_CPU).t_draft_s,
+        DEFAULT_LOOKUP_S_PER_TOKEN,
+        "before a lookup report: the lookup default, not the model's cost"
+    );
+    // Hybrid before its own report is priced as the model (no match: the model drafts).
+    assert_eq!(c.inputs(&d, &hybrid, SHARED_CPU).t_draft_s, 0.1);
+    assert_eq!(c.plan(&d, &hybrid, SHARED_CPU, 0), 0);
+}
+
+#[test]
+fn a_lookup_cost_report_and_lookup_rounds_leave_the_model_cost_and_calibration_alone() {
+    let c = GammaController::new(policy(8));
+    let mut d = side(0.03, false);
+    d.report_draft_cost(DraftMethod::Lookup, 1e-4);
+    assert_eq!(d.t_draft_s(DraftMethod::Model), 0.03);
+    assert_eq!(d.t_draft_s(DraftMethod::Lookup), 1e-4);
+    assert_eq!(d.reported_draft_s_per_token(DraftMethod::Hybrid), 0.0);
+    // Lookup rounds whose draft side costs next to nothing calibrate lookup only.
+    let mut s = session(DraftMethod::Lookup);
+    let mut t = 0.0;
+    run(&c, &mut d, &mut s, &mut t, 20, (4, 3, 0.02));
+    assert!(d.calibration(DraftMethod::Lookup).knows_drafting());
+    assert!(!d.calibration(DraftMethod::Model).knows_drafting());
+    assert_eq!(d.calibration(DraftMethod::Model).fixed_s(), 0.0);
+    let model = session(DraftMethod::Model);
+    assert_eq!(c.inputs(&d, &model, POOL).t_draft_s, 0.03);
+}
+
+#[test]
+fn only_model_sessions_are_planned_as_pipelined() {
+    let d = side(0.01, true);
+    for assume in [false, true] {
+        let c = GammaController::new(GammaPolicy {
+            assume_pipelined: assume,
+            ..policy(8)
+        });
+        assert!(c.inputs(&d, &session(DraftMethod::Model), POOL).pipelined);
+        for m in [DraftMethod::Lookup, DraftMethod::Hybrid] {
+            assert!(!c.inputs(&d, &session(m), POOL).pipelined, "{m}");
+        }
+    }
+}
+
+#[test]
+fn lookup_needs_no_switch_on_margin_and_calibrates_its_first_block_after_gamma_zero() {
+    let c = GammaController::new(policy(8));
+    let mut d = side(0.01, false);
+    // The smallest α at which drafting pays at all for lookup: the gain over γ = 0 is below
+    // the model's switch-on margin, yet a lookup session at γ = 0 drafts.
+    let mut found = false;
+    for i in 1..2000 {
+        let s = SessionGamma::new(
+            AcceptancePrior {
+                alpha: f64::from(i) * 5e-4,
+                weight: 1e6,
+                half_life_s: 1e9,
+            },
+            DraftMethod::Lookup,
+        );
+        let inputs = c.inputs(&d, &s, POOL);
+        if plan(&inputs).gamma > 0 {
+            assert_eq!(
+                plan_from(&inputs, 0, SWITCH_ON_GAIN).gamma,
+                0,
+                "at the margin"
+            );
+            assert!(c.plan(&d, &s, POOL, 0) > 0, "α = {}", s.alpha());
+            found = true;
+            break;
+        }
+    }
+    assert!(found);
+    // No catch-up forward: the first γ > 0 lookup block after a γ = 0 one is a sample.
+    let mut s = session(DraftMethod::Lookup);
+    let arrival = |now_s, gamma| BlockArrival {
+        now_s,
+        method: DraftMethod::Lookup,
+        gamma,
+        q_entries: 0,
+        drafted_ahead: false,
+        last_round_trip_s: 0.05,
+        last_server_s: 0.01,
+    };
+    c.on_block(&mut d, &mut s, arrival(0.0, 0));
+    c.on_block(&mut d, &mut s, arrival(0.1, 4));
+    assert!(d.calibration(DraftMethod::Lookup).knows_drafting());
+}
+
+#[test]
+fn a_block_naming_another_method_switches_the_session_and_restarts_its_acceptance() {
+    let c = GammaController::new(policy(8));
+    let mut d = side(0.01, false);
+    let mut s = session(DraftMethod::Model);
+    let mut t = 0.0;
+    run(&c, &mut d, &mut s, &mut t, 30, (4, 0, 0.02));
+    assert!(s.alpha() < 0.3, "{}", s.alpha());
+    let lookup = BlockArrival {
+        now_s: t + 0.1,
+        method: DraftMethod::Lookup,
+        gamma: 4,
+        q_entries: 0,
+        drafted_ahead: false,
+        last_round_trip_s: 0.05,
+        last_server_s: 0.01,
+    };
+    c.on_block(&mut d, &mut s, lookup);
+    assert_eq!(s.method(), DraftMethod::Lookup);
+    assert_eq!(s.alpha(), AcceptancePrior::default().alpha);
+    assert!(
+        !d.calibration(DraftMethod::Lookup).knows_drafting(),
+        "its cycle began under the model: no sample"
+    );
 }

@@ -34,6 +34,7 @@ impl Core {
                 draft_s_per_token: hello.draft_s_per_token,
                 pipelined: hello.pipelined,
                 max_gamma: hello.max_gamma as usize,
+                method: hello.method,
             },
         );
         let (initial_gamma, max_gamma) = (
@@ -47,6 +48,7 @@ impl Core {
                 fingerprint: hello.fingerprint.clone(),
                 model_name: hello.model_name.clone(),
                 side,
+                by_method: Default::default(),
                 granted_gamma: initial_gamma as usize,
                 sessions: HashSet::new(),
                 next_probe_at: now,
@@ -57,7 +59,7 @@ impl Core {
         self.metrics.draft_streams.set(self.streams.len() as i64);
         tracing::info!(
             stream = id, draft_node = %hello.node_id, pipelined = hello.pipelined,
-            "draft node connected"
+            method = %hello.method, "draft node connected"
         );
         Ok((
             id,
@@ -162,7 +164,9 @@ impl Core {
         let Some(link) = self.streams.get_mut(&stream) else {
             return Err((ErrorCode::Internal, "unknown draft stream".into()));
         };
-        link.side.report_draft_cost(f64::from(db.draft_s_per_token));
+        // The block's cost is its own method's (a request may override the node's default).
+        link.side
+            .report_draft_cost(db.method, f64::from(db.draft_s_per_token));
         if self.registry.up_count() == 0 {
             let msg = "no verify node is available; retry later";
             return Err((ErrorCode::Unavailable, msg.into()));
@@ -212,6 +216,7 @@ impl Core {
         };
         let arrival = BlockArrival {
             now_s,
+            method: db.method,
             gamma: db.block.draft_tokens.len(),
             q_entries: db.block.draft_probs.iter().map(|q| q.ids.len()).sum(),
             drafted_ahead: db.drafted_ahead,
@@ -300,7 +305,9 @@ impl Core {
                 synced: false,
                 busy: false,
                 gamma,
-                g: SessionGamma::new(self.acceptance_prior()),
+                // The first block's method; a later block naming another switches the session
+                // (the controller's `on_block`: the latest method wins).
+                g: SessionGamma::new(self.acceptance_prior(), db.method),
                 drafted: 0,
                 accepted: 0,
                 last_server_ns: 0,

@@ -7,7 +7,7 @@ mod draft;
 mod verify;
 mod views;
 
-pub use views::{DraftView, NodesView, SessionView, VerifierView};
+pub use views::{DraftMethodView, DraftView, NodesView, SessionView, VerifierView};
 
 use crate::batching::{BatchPolicy, NodeQueue};
 use crate::metrics::Metrics;
@@ -72,9 +72,11 @@ struct DraftLink {
     node_id: String,
     fingerprint: String,
     model_name: String,
-    /// Link estimates, draft cost, calibration, pipelining and γ cap (per stream, so what is
-    /// learnt carries over between requests).
+    /// Link estimates, per-method draft cost and calibration, pipelining, γ cap and default
+    /// method (per stream, so what is learnt carries over between requests).
     side: DraftSide,
+    /// Rounds of this stream's sessions by drafting method (`DraftMethod::index`).
+    by_method: [MethodStats; 3],
     /// The largest γ granted on this stream so far (Welcome or verdict): a block may not draft
     /// more (a draft node sends only what its role allows).
     granted_gamma: usize,
@@ -83,6 +85,16 @@ struct DraftLink {
     probe_seq: u64,
     /// Outstanding probes: id → (sent at, padding bytes).
     probes: HashMap<u64, (Instant, usize)>,
+}
+
+/// What one draft stream's sessions of one drafting method did, for the admin view.
+#[derive(Debug, Clone, Copy, Default)]
+struct MethodStats {
+    rounds: u64,
+    drafted: u64,
+    accepted: u64,
+    /// Sum of the γ sent back in verdicts.
+    gamma_sum: u64,
 }
 
 /// A session known to the coordinator.
@@ -96,7 +108,7 @@ struct Session {
     /// A block of the session is queued or in flight.
     busy: bool,
     gamma: u32,
-    /// Acceptance, rounds, last block's γ and wire size, for the γ controller.
+    /// Drafting method, acceptance, rounds, last block's γ and wire size, for the γ controller.
     g: SessionGamma,
     drafted: u64,
     accepted: u64,
@@ -146,6 +158,8 @@ pub struct Core {
     inflight: HashMap<u64, Inflight>,
     next_batch: u64,
     fleet_alpha: Ewma,
+    /// The fleet's acceptance by drafting method (`DraftMethod::index`).
+    method_alpha: [Ewma; 3],
     metrics: Metrics,
 }
 
@@ -169,6 +183,7 @@ impl Core {
             inflight: HashMap::new(),
             next_batch: 1,
             fleet_alpha: Ewma::new(30.0),
+            method_alpha: [Ewma::new(30.0); 3],
             metrics,
         }
     }
@@ -479,6 +494,8 @@ impl Core {
 
 #[cfg(test)]
 mod capacity_tests;
+#[cfg(test)]
+mod method_tests;
 #[cfg(test)]
 mod tests;
 

@@ -8,14 +8,14 @@ use edgespec_proto::domain::{
 use edgespec_proto::pb;
 use edgespec_specdec::SamplingParams;
 
-fn core() -> (Core, Instant) {
+pub(super) fn core() -> (Core, Instant) {
     let now = Instant::now();
     let mut s = Settings::for_tests();
     s.policy.batch_window = Duration::from_millis(2);
     (Core::new("c".into(), s, Metrics::new(), now), now)
 }
 
-fn info(id: &str, pool: &str) -> NodeInfo {
+pub(super) fn info(id: &str, pool: &str) -> NodeInfo {
     node_info(id, pool, 8)
 }
 
@@ -42,7 +42,7 @@ pub(super) fn hello(node: &str) -> Hello {
     .unwrap()
 }
 
-fn block(
+pub(super) fn block(
     sid: u64,
     round: u64,
     history: Option<Vec<u32>>,
@@ -78,7 +78,7 @@ fn errors(out: &Out) -> Vec<(StreamId, ErrorCode)> {
         .collect()
 }
 
-fn answer_all(launch: &Launch, accepted: u32) -> BatchReply {
+pub(super) fn answer_all(launch: &Launch, accepted: u32) -> BatchReply {
     BatchReply::from(answer_all_pb(launch, accepted))
 }
 

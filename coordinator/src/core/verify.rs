@@ -251,7 +251,11 @@ impl Core {
         s.gamma = gamma;
         let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
         s.last_server_ns = in_coordinator.max(1);
-        self.metrics.gamma.observe(f64::from(gamma));
+        let method = s.g.method();
+        self.metrics.gamma_sent(method, gamma);
+        if let Some(link) = self.streams.get_mut(&stream) {
+            link.by_method[method.index()].gamma_sum += u64::from(gamma);
+        }
         let verdict = Verdict {
             session_id: draft_id,
             round,
@@ -316,8 +320,8 @@ impl Core {
         );
     }
 
-    /// Counts a verified round: the session's γ controller state, its stats, the metrics and
-    /// the fleet's acceptance.
+    /// Counts a verified round: the session's γ controller state, its stats, its stream's stats
+    /// for its drafting method, the metrics and the fleet's acceptance (also by method).
     fn record_round(&mut self, global: u64, drafted: usize, accepted: usize, now: Instant) {
         let now_s = self.secs(now);
         let Some(s) = self.sessions.get_mut(&global) else {
@@ -326,9 +330,14 @@ impl Core {
         self.gamma.on_verdict(&mut s.g, drafted, accepted, now_s);
         s.drafted += drafted as u64;
         s.accepted += accepted as u64;
-        self.metrics.rounds.inc();
-        self.metrics.drafted_tokens.inc_by(drafted as u64);
-        self.metrics.accepted_tokens.inc_by(accepted as u64);
+        let method = s.g.method();
+        if let Some(link) = self.streams.get_mut(&s.stream) {
+            let m = &mut link.by_method[method.index()];
+            m.rounds += 1;
+            m.drafted += drafted as u64;
+            m.accepted += accepted as u64;
+        }
+        self.metrics.round(method, drafted, accepted);
         if drafted > 0 {
             // Positions the target really tested: the accepted ones plus the first rejection.
             let tested = if accepted < drafted {
@@ -336,11 +345,10 @@ impl Core {
             } else {
                 drafted
             };
-            self.fleet_alpha.observe_weighted(
-                accepted as f64 / tested as f64,
-                tested as f64,
-                now_s,
-            );
+            let rate = accepted as f64 / tested as f64;
+            self.fleet_alpha
+                .observe_weighted(rate, tested as f64, now_s);
+            self.method_alpha[method.index()].observe_weighted(rate, tested as f64, now_s);
         }
     }
 

@@ -1,7 +1,8 @@
 //! Read-only views of the state for the admin API, and the gauges derived from it.
 
-use super::Core;
+use super::{Core, DraftLink, MethodStats, StreamId};
 use crate::registry::{AdminState, Health, Pool};
+use edgespec_specdec::DraftMethod;
 use serde::Serialize;
 
 /// A verify node in `GET /admin/v1/nodes`.
@@ -68,12 +69,41 @@ pub struct DraftView {
     pub rtt_ms: f64,
     /// Link bandwidth estimate.
     pub bandwidth_bytes_per_s: f64,
-    /// Draft cost per token, ms.
+    /// Its default drafting method (`model`, `lookup` or `hybrid`; a request may pick another).
+    pub method: &'static str,
+    /// Draft cost per token of its default method, ms (0 before a report).
     pub draft_ms_per_token: f64,
     /// Whether the node drafts ahead while a block is verified.
     pub pipelined: bool,
     /// Mean α of its sessions.
     pub acceptance: Option<f64>,
+    /// Its sessions by drafting method: the default method and every method it has drafted
+    /// with or reported a cost for, in label order.
+    pub methods: Vec<DraftMethodView>,
+}
+
+/// One drafting method of a draft node in `GET /admin/v1/nodes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DraftMethodView {
+    /// `model`, `lookup` or `hybrid`.
+    pub method: &'static str,
+    /// Open sessions drafting with it.
+    pub sessions: usize,
+    /// Its reported draft cost per token, ms (0 before a report).
+    pub draft_ms_per_token: f64,
+    /// Draft cost per token the γ controller plans with, ms (the report, or the method's
+    /// default before one).
+    pub planned_draft_ms_per_token: f64,
+    /// Verified rounds of its sessions on this stream.
+    pub rounds: u64,
+    /// Draft tokens of those rounds.
+    pub drafted_tokens: u64,
+    /// Accepted tokens of those rounds.
+    pub accepted_tokens: u64,
+    /// accepted / drafted tokens (none before a drafted token).
+    pub acceptance: Option<f64>,
+    /// Mean γ sent back to its sessions (none before a round).
+    pub mean_gamma: Option<f64>,
 }
 
 /// `GET /admin/v1/nodes`.
@@ -100,6 +130,8 @@ pub struct SessionView {
     pub draft_session_id: u64,
     /// Verify node (none while unplaced).
     pub verifier: Option<String>,
+    /// Drafting method (`model`, `lookup` or `hybrid`).
+    pub method: &'static str,
     /// Current γ.
     pub gamma: u32,
     /// Current α estimate.
@@ -149,27 +181,7 @@ impl Core {
         let mut drafts: Vec<DraftView> = self
             .streams
             .iter()
-            .map(|(id, l)| {
-                let alphas: Vec<f64> = l
-                    .sessions
-                    .iter()
-                    .filter_map(|d| self.by_key.get(&(*id, *d)))
-                    .filter_map(|g| self.sessions.get(g))
-                    .map(|s| s.g.alpha())
-                    .collect();
-                DraftView {
-                    stream: *id,
-                    node_id: l.node_id.clone(),
-                    model_name: l.model_name.clone(),
-                    sessions: l.sessions.len(),
-                    rtt_ms: l.side.link().rtt_s() * 1e3,
-                    bandwidth_bytes_per_s: l.side.link().bandwidth_bytes_per_s(),
-                    draft_ms_per_token: l.side.reported_draft_s_per_token() * 1e3,
-                    pipelined: l.side.pipelined(),
-                    acceptance: (!alphas.is_empty())
-                        .then(|| alphas.iter().sum::<f64>() / alphas.len() as f64),
-                }
-            })
+            .map(|(id, l)| self.draft_view(*id, l))
             .collect();
         drafts.sort_by_key(|d| d.stream);
         NodesView {
@@ -181,6 +193,44 @@ impl Core {
                 .to_string(),
             verifiers,
             drafts,
+        }
+    }
+
+    fn draft_view(&self, id: StreamId, l: &DraftLink) -> DraftView {
+        let (methods, alphas): (Vec<DraftMethod>, Vec<f64>) = l
+            .sessions
+            .iter()
+            .filter_map(|d| self.by_key.get(&(id, *d)))
+            .filter_map(|g| self.sessions.get(g))
+            .map(|s| (s.g.method(), s.g.alpha()))
+            .unzip();
+        let side = &l.side;
+        DraftView {
+            stream: id,
+            node_id: l.node_id.clone(),
+            model_name: l.model_name.clone(),
+            sessions: l.sessions.len(),
+            rtt_ms: side.link().rtt_s() * 1e3,
+            bandwidth_bytes_per_s: side.link().bandwidth_bytes_per_s(),
+            method: side.method().label(),
+            draft_ms_per_token: side.reported_draft_s_per_token(side.method()) * 1e3,
+            pipelined: side.pipelined(),
+            acceptance: (!alphas.is_empty())
+                .then(|| alphas.iter().sum::<f64>() / alphas.len() as f64),
+            methods: DraftMethod::ALL
+                .into_iter()
+                .map(|m| {
+                    let open = methods.iter().filter(|x| **x == m).count();
+                    (m, open, l.by_method[m.index()])
+                })
+                .filter(|(m, open, st)| {
+                    *m == side.method()
+                        || *open > 0
+                        || st.rounds > 0
+                        || side.reported_draft_s_per_token(*m) > 0.0
+                })
+                .map(|(m, open, st)| method_view(l, m, open, st))
+                .collect(),
         }
     }
 
@@ -198,6 +248,7 @@ impl Core {
                     .unwrap_or_default(),
                 draft_session_id: s.draft_id,
                 verifier: s.node.clone(),
+                method: s.g.method().label(),
                 gamma: s.gamma,
                 alpha: s.g.alpha(),
                 rounds: s.g.rounds(),
@@ -275,5 +326,24 @@ impl Core {
         if let Some(a) = self.fleet_alpha.get() {
             self.metrics.acceptance_rate.set(a);
         }
+        for m in DraftMethod::ALL {
+            if let Some(a) = self.method_alpha[m.index()].get() {
+                self.metrics.set_method_acceptance(m, a);
+            }
+        }
+    }
+}
+
+fn method_view(l: &DraftLink, m: DraftMethod, sessions: usize, st: MethodStats) -> DraftMethodView {
+    DraftMethodView {
+        method: m.label(),
+        sessions,
+        draft_ms_per_token: l.side.reported_draft_s_per_token(m) * 1e3,
+        planned_draft_ms_per_token: l.side.t_draft_s(m) * 1e3,
+        rounds: st.rounds,
+        drafted_tokens: st.drafted,
+        accepted_tokens: st.accepted,
+        acceptance: (st.drafted > 0).then(|| st.accepted as f64 / st.drafted as f64),
+        mean_gamma: (st.rounds > 0).then(|| st.gamma_sum as f64 / st.rounds as f64),
     }
 }
