@@ -20,6 +20,11 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// Top-k filter (edgespec extension; None = off).
     pub top_k: Option<u32>,
+    /// Drafting method of this request (edgespec extension `draft_method`; None = the draft
+    /// node's `drafting.method`).
+    pub draft_method: Option<edgespec_specdec::DraftMethod>,
+    /// Prompt kind for the draft node's per-kind metrics (edgespec extension `prompt_kind`).
+    pub prompt_kind: Option<String>,
 }
 
 /// The answer and what edgespec reports about producing it.
@@ -78,6 +83,12 @@ pub async fn stream_chat(
     }
     if let Some(k) = req.top_k {
         body["top_k"] = json!(k);
+    }
+    if let Some(m) = req.draft_method {
+        body["draft_method"] = json!(m.label());
+    }
+    if let Some(k) = &req.prompt_kind {
+        body["prompt_kind"] = json!(k);
     }
     let started = Instant::now();
     let resp = client

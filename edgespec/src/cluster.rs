@@ -4,6 +4,7 @@
 //! end-to-end tests and the benchmarks.
 
 use edgespec_runtime::tls::TlsSettings;
+use edgespec_specdec::DraftMethod;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,21 @@ pub struct DraftSpec {
     pub link: Option<LinkProfile>,
     /// Pipelined drafting.
     pub pipelined: bool,
+    /// The node's drafting method (`drafting.method`). A `lookup` node loads no draft model: it
+    /// takes its tokenizer from the target's GGUF (`model.tokenizer`).
+    pub method: DraftMethod,
+    /// `drafting.lookup` (min_ngram, max_ngram) instead of the node's defaults.
+    pub lookup_ngram: Option<(usize, usize)>,
+}
+
+impl DraftSpec {
+    /// A draft node on plain loopback drafting with `method`.
+    pub fn with_method(method: DraftMethod) -> Self {
+        Self {
+            method,
+            ..Self::default()
+        }
+    }
 }
 
 /// Coordinator policy values that differ from its defaults.
@@ -45,7 +61,7 @@ pub struct PolicyOverrides {
 pub struct ClusterOptions {
     /// Target model GGUF for the verify node(s).
     pub target: PathBuf,
-    /// Draft model GGUF for the draft node(s).
+    /// Draft model GGUF for the draft node(s) (not loaded by a `lookup` draft node).
     pub draft: PathBuf,
     /// Number of verify nodes (≥ 1); each loads its own copy of the target model.
     pub verify_nodes: usize,
@@ -235,7 +251,18 @@ impl LocalCluster {
             } else {
                 ([127, 0, 0, 1], 0).into()
             };
-            ds.model.path = opts.draft.clone();
+            if spec.method == DraftMethod::Lookup {
+                // No weights: the tokenizer (and the model facts of the hello) from the target.
+                ds.model.path = PathBuf::new();
+                ds.model.tokenizer = opts.target.clone();
+            } else {
+                ds.model.path = opts.draft.clone();
+            }
+            ds.drafting.method = spec.method;
+            if let Some((lo, hi)) = spec.lookup_ngram {
+                ds.drafting.lookup.min_ngram = lo;
+                ds.drafting.lookup.max_ngram = hi;
+            }
             ds.coordinator.address = format!("http://{dial}");
             ds.drafting.pipeline = spec.pipelined;
             ds.tls = tls(|t| &t.draft);

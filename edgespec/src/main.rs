@@ -17,6 +17,7 @@ use edgespec::cluster::{
 };
 use edgespec::linkemu::{LinkEmulator, LinkProfile};
 use edgespec_model::fetch::{default_cache_dir, ensure_model, KnownModel};
+use edgespec_specdec::DraftMethod;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -55,9 +56,15 @@ struct ModelArgs {
     /// Target model GGUF (default: the cached Qwen2.5-Coder-1.5B, fetched if missing).
     #[arg(long)]
     target: Option<PathBuf>,
-    /// Draft model GGUF (default: the cached Qwen2.5-Coder-0.5B, fetched if missing).
+    /// Draft model GGUF (default: the cached Qwen2.5-Coder-0.5B, fetched if missing; not
+    /// loaded with `--draft lookup`).
     #[arg(long)]
-    draft: Option<PathBuf>,
+    draft_model: Option<PathBuf>,
+    /// How the draft node drafts: `model` (the draft model), `lookup` (prompt lookup, no draft
+    /// model: the continuation of an earlier occurrence of the last tokens in the prompt or
+    /// the answer so far) or `hybrid` (lookup where it matches, else the model).
+    #[arg(long, default_value = "model", value_parser = parse_method)]
+    draft: DraftMethod,
     /// Fix γ (draft tokens per round) instead of letting the controller choose.
     #[arg(long)]
     gamma: Option<u32>,
@@ -66,16 +73,18 @@ struct ModelArgs {
     pipelined: bool,
 }
 
+fn parse_method(s: &str) -> Result<DraftMethod, String> {
+    s.parse()
+}
+
 #[derive(clap::Args, Debug)]
 struct DemoArgs {
     #[command(flatten)]
     models: ModelArgs,
-    /// The prompt (a chat user message).
-    #[arg(
-        long,
-        default_value = "Write a Python function that returns the n-th Fibonacci number iteratively."
-    )]
-    prompt: String,
+    /// The prompt (a chat user message; default: a code question with `--draft model`, a code
+    /// edit quoting its input with `lookup` and `hybrid`).
+    #[arg(long)]
+    prompt: Option<String>,
     /// Completion budget.
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
@@ -139,9 +148,18 @@ struct BenchArgs {
     /// Completion budget per request (default: 128; server: 64).
     #[arg(long)]
     max_tokens: Option<u32>,
-    /// Prompt file, JSONL with id, kind, prompt (default: bench/prompts/dev-prompts.jsonl).
+    /// Prompt file, JSONL with id, kind, prompt (default: the embedded --prompt-set).
     #[arg(long)]
     prompt_file: Option<PathBuf>,
+    /// Embedded prompts: dev (bench/prompts/dev-prompts.jsonl), grounded (input-grounded
+    /// edits, extraction and JSON transforms: bench/prompts/grounded-prompts.jsonl) or mixed
+    /// (grounded first, then dev).
+    #[arg(long, default_value = "dev", value_parser = edgespec::bench::PromptSet::parse)]
+    prompt_set: edgespec::bench::PromptSet,
+    /// single / edge: compare these drafting methods (comma-separated: model,lookup,hybrid),
+    /// each with adaptive γ, against target-only, with ratios per prompt kind.
+    #[arg(long, value_delimiter = ',', value_parser = parse_method)]
+    draft_methods: Option<Vec<DraftMethod>>,
     /// Target model GGUF (default: the cached Qwen2.5-Coder-1.5B).
     #[arg(long)]
     target: Option<PathBuf>,
@@ -186,6 +204,8 @@ impl BenchArgs {
             prompts: self.prompts,
             max_tokens: self.max_tokens,
             prompt_file: self.prompt_file,
+            prompt_set: self.prompt_set,
+            draft_methods: self.draft_methods,
             target: self.target,
             draft: self.draft,
             rtts_ms: self.rtts,
@@ -242,14 +262,16 @@ async fn cluster_options(m: &ModelArgs) -> Result<ClusterOptions> {
         Some(p) => p.clone(),
         None => fetch(KnownModel::Qwen15bTarget, dir.clone()).await?,
     };
-    let draft = match &m.draft {
-        Some(p) => p.clone(),
-        None => fetch(KnownModel::Qwen05bDraft, dir).await?,
+    let draft = match (&m.draft_model, m.draft) {
+        (Some(p), _) => p.clone(),
+        // A lookup draft node loads no draft model: nothing to fetch.
+        (None, DraftMethod::Lookup) => PathBuf::new(),
+        (None, _) => fetch(KnownModel::Qwen05bDraft, dir).await?,
     };
     let mut opts = ClusterOptions::new(target, draft);
     opts.drafts = vec![DraftSpec {
-        link: None,
         pipelined: m.pipelined,
+        ..DraftSpec::with_method(m.draft)
     }];
     opts.policy = PolicyOverrides {
         gamma_bounds: m.gamma.map(|g| (g, g)),
@@ -266,9 +288,34 @@ async fn fetch(m: KnownModel, dir: PathBuf) -> Result<PathBuf> {
         .with_context(|| format!("fetching {}", m.file_name()))
 }
 
+/// The demo's prompt with `--draft model`: the draft model predicts code well.
+const MODEL_DEMO_PROMPT: &str =
+    "Write a Python function that returns the n-th Fibonacci number iteratively.";
+
+/// The demo's prompt with `--draft lookup` / `hybrid`: an edit whose answer repeats its input.
+const LOOKUP_DEMO_PROMPT: &str = "Rename the variable `tmp` to `total` in this Python function. \
+Answer with the whole updated function only.\n\n```python\ndef order_value(items, discount):\n    \
+tmp = 0\n    for item in items:\n        tmp += item.price * item.quantity\n    if discount:\n        \
+tmp = tmp * (1 - discount)\n    return round(tmp, 2)\n```";
+
 async fn demo(a: DemoArgs) -> Result<()> {
     let opts = cluster_options(&a.models).await?;
-    eprintln!("starting coordinator, verify node (target) and draft node on loopback ...");
+    let method = a.models.draft;
+    let prompt = a.prompt.clone().unwrap_or_else(|| {
+        match method {
+            DraftMethod::Model => MODEL_DEMO_PROMPT,
+            DraftMethod::Lookup | DraftMethod::Hybrid => LOOKUP_DEMO_PROMPT,
+        }
+        .to_string()
+    });
+    eprintln!(
+        "starting coordinator, verify node (target) and draft node ({}) on loopback ...",
+        match method {
+            DraftMethod::Model => "draft model",
+            DraftMethod::Lookup => "prompt lookup, no draft model",
+            DraftMethod::Hybrid => "prompt lookup, else the draft model",
+        }
+    );
     let cluster = LocalCluster::start(opts).await?;
     eprintln!(
         "cluster up: draft API {}  coordinator gRPC {}  admin {}",
@@ -276,13 +323,14 @@ async fn demo(a: DemoArgs) -> Result<()> {
         cluster.coordinator_grpc,
         cluster.admin_http
     );
-    println!("\n>>> {}\n", a.prompt);
+    println!("\n>>> {prompt}\n");
     let req = ChatRequest {
-        prompt: a.prompt.clone(),
+        prompt,
         max_tokens: a.max_tokens,
         temperature: 0.0,
         seed: None,
         top_k: None,
+        ..Default::default()
     };
     let client = reqwest::Client::new();
     let result = stream_chat(&client, &cluster.openai_base(), &req, |t| {
@@ -307,6 +355,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         out.elapsed.as_secs_f64(),
         out.first_token.unwrap_or_default().as_secs_f64() * 1e3
     );
+    println!("draft method      : {method}");
     if let Some(s) = &out.stats {
         let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         println!(
@@ -329,7 +378,9 @@ async fn up(a: UpArgs) -> Result<()> {
     let mut opts = cluster_options(&a.models).await?;
     opts.http_listen = a.listen;
     let cluster = LocalCluster::start(opts).await?;
+    let method = a.models.draft;
     println!("edgespec local cluster is up (Ctrl-C stops it)");
+    println!("  draft method     : {method} (per request: \"draft_method\")");
     println!("  OpenAI API       : {}", cluster.openai_base());
     println!("  coordinator gRPC : {}", cluster.coordinator_grpc);
     println!(

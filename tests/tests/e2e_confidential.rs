@@ -149,6 +149,7 @@ async fn logs_of_every_node_and_thread_hold_no_prompt_or_completion() -> Result<
             temperature,
             seed,
             top_k: None,
+            ..Default::default()
         };
         outs.push(stream_chat(&client, &cluster.openai_base(), &req, |_| {}).await?);
     }

@@ -33,6 +33,7 @@ fn request() -> ChatRequest {
         temperature: 0.0,
         seed: None,
         top_k: None,
+        ..Default::default()
     }
 }
 
@@ -173,6 +174,7 @@ async fn cut_draft_link_resumes_the_stream() -> Result<()> {
     opts.drafts = vec![DraftSpec {
         link: Some(LinkProfile::delay(Duration::from_millis(5))),
         pipelined: false,
+        ..Default::default()
     }];
     let cluster = LocalCluster::start(opts).await?;
     let link = cluster.drafts[0].link.clone().context("draft link")?;

@@ -151,6 +151,7 @@ impl Fleet {
             temperature: 0.0,
             seed: None,
             top_k: None,
+            ..Default::default()
         };
         tokio::spawn(async move {
             let started = Instant::now();

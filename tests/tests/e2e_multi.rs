@@ -65,6 +65,7 @@ async fn draft_nodes_over_different_links_share_one_verifier() -> Result<()> {
         .map(|rtt| DraftSpec {
             link: Some(LinkProfile::wan(Duration::from_millis(*rtt), 20)),
             pipelined: *rtt == 50,
+            ..Default::default()
         })
         .collect();
     opts.policy = PolicyOverrides {

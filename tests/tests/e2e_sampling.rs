@@ -4,16 +4,20 @@
 //! pass through the acceptance rule: accepted drafts, a rejection's correction, or the next
 //! round), and a seeded request is reproducible. Tiny synthetic target and draft models (same
 //! vocabulary, different weights, so the draft is a genuinely different q) keep it fast.
+//!
+//! The same holds with a prompt-lookup drafter (issue 17), whose proposals are deterministic
+//! (q is a point mass on the looked-up token): a lookup-only draft node (no draft model) on a
+//! prompt whose end occurred earlier, so its first block carries lookup drafts.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
-use edgespec::cluster::{ClusterOptions, LocalCluster, PolicyOverrides};
+use edgespec::cluster::{ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides};
 use edgespec_model::forward::load_gguf;
 use edgespec_model::{ChatMessage, DeviceKind, SeqRequest, TextTokenizer};
-use edgespec_specdec::{probs_from_logits, SamplingParams};
+use edgespec_specdec::{probs_from_logits, DraftMethod, SamplingParams};
 use edgespec_testkit::tiny::write_tiny_pair;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
@@ -40,11 +44,11 @@ fn params() -> SamplingParams {
     }
 }
 
-/// The exact joint distribution of the first two completion tokens under `model` (two forwards:
-/// the prompt, then the prompt plus each possible first token).
-fn first_two_tokens_distribution(model: &Path) -> Result<HashMap<Pair, f64>> {
+/// The exact joint distribution of the first two completion tokens of `prompt` under `model`
+/// (two forwards: the prompt, then the prompt plus each possible first token).
+fn first_two_tokens_distribution(model: &Path, prompt: &str) -> Result<HashMap<Pair, f64>> {
     let tok = TextTokenizer::from_gguf(model)?;
-    let prompt = tok.encode_chat(&[ChatMessage::new("user", PROMPT)], true)?;
+    let prompt = tok.encode_chat(&[ChatMessage::new("user", prompt)], true)?;
     let eos = tok.eos_token_ids().to_vec();
     let mut lm = load_gguf(model, DeviceKind::Cpu)?;
     let mut next_probs = |session: u64, tokens: Vec<u32>| -> Result<Vec<f32>> {
@@ -114,13 +118,14 @@ fn chi2(p: &HashMap<Pair, f64>, counts: &HashMap<Pair, u64>, n: f64) -> (f64, us
     (stat, kept.len())
 }
 
-fn request(seed: u64, max_tokens: u32) -> ChatRequest {
+fn request(prompt: &str, seed: u64, max_tokens: u32) -> ChatRequest {
     ChatRequest {
-        prompt: PROMPT.to_string(),
+        prompt: prompt.to_string(),
         max_tokens,
         temperature: TEMPERATURE,
         seed: Some(seed),
         top_k: Some(TOP_K),
+        ..Default::default()
     }
 }
 
@@ -128,6 +133,87 @@ fn stat(out: &ChatOutcome, key: &str) -> Result<u64> {
     out.stat(key)
         .map(|v| v as u64)
         .with_context(|| format!("no `{key}` in the response statistics {:?}", out.stats))
+}
+
+/// What `DRAWS` seeded requests of `prompt` produced.
+struct Draws {
+    counts: HashMap<Pair, u64>,
+    drafted: u64,
+    accepted: u64,
+    /// Draws whose drafts were all accepted.
+    full: u64,
+    /// Draws with a rejection.
+    partial: u64,
+}
+
+/// Sends `DRAWS` seeded requests of `prompt` (budget γ + 1) and counts the first two tokens;
+/// every draw must have drafted at least `min_drafted` tokens and sampled a pair the target
+/// can produce.
+async fn draw(base: &str, prompt: &str, p: &HashMap<Pair, f64>, min_drafted: u64) -> Result<Draws> {
+    let client = reqwest::Client::new();
+    let outs: Vec<ChatOutcome> = stream::iter(0..DRAWS)
+        .map(|seed| {
+            let (client, base) = (client.clone(), base.to_string());
+            let req = request(prompt, seed, MAX_TOKENS);
+            async move { stream_chat(&client, &base, &req, |_| {}).await }
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    let mut d = Draws {
+        counts: HashMap::new(),
+        drafted: 0,
+        accepted: 0,
+        full: 0,
+        partial: 0,
+    };
+    for out in &outs {
+        let (dr, a) = (stat(out, "drafted")?, stat(out, "accepted")?);
+        ensure!(
+            dr >= min_drafted,
+            "a draw drafted {dr} tokens (< {min_drafted}): it did not speculate; stats {:?}",
+            out.stats
+        );
+        d.drafted += dr;
+        d.accepted += a;
+        if a == dr {
+            d.full += 1;
+        } else {
+            d.partial += 1;
+        }
+        let ids = &out.token_ids;
+        ensure!(!ids.is_empty(), "a draw returned no token ids");
+        let pair = (ids[0], ids.get(1).copied());
+        ensure!(
+            p.contains_key(&pair),
+            "sampled {pair:?}, which has probability 0 under the target"
+        );
+        *d.counts.entry(pair).or_insert(0) += 1;
+    }
+    eprintln!(
+        "drafted {}, accepted {}, {} draws fully accepted, {} not",
+        d.drafted, d.accepted, d.full, d.partial
+    );
+    Ok(d)
+}
+
+/// Pearson's test of the draws against the target's joint distribution `p` at the 0.1 % level.
+fn assert_follows(p: &HashMap<Pair, f64>, d: &Draws, what: &str) -> Result<()> {
+    let (statistic, cells) = chi2(p, &d.counts, DRAWS as f64);
+    ensure!(cells >= 2, "degenerate target distribution: {p:?}");
+    let critical = chi2_critical_0001(cells - 1);
+    assert!(
+        statistic < critical,
+        "{what}: the first two tokens do not follow the target's joint distribution: chi2 = \
+         {statistic:.1} >= {critical:.1} (df {}), counts {:?}, p {p:?}",
+        cells - 1,
+        d.counts
+    );
+    eprintln!(
+        "{what}: joint chi2 = {statistic:.1} < {critical:.1} (df {})",
+        cells - 1
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +226,7 @@ async fn speculated_samples_follow_the_target_joint_distribution_and_seeds_repro
     // The target's own random weights at 4 bits instead of 8: a q close to p but not equal,
     // so drafts are often accepted and often rejected.
     write_tiny_pair(&target, &draft, 11)?;
-    let p = first_two_tokens_distribution(&target)?;
+    let p = first_two_tokens_distribution(&target, PROMPT)?;
 
     let mut opts = ClusterOptions::new(target, draft);
     // Fixed γ: every round really speculates (and the round structure, hence the seeded
@@ -153,69 +239,26 @@ async fn speculated_samples_follow_the_target_joint_distribution_and_seeds_repro
     let base = cluster.openai_base();
     let client = reqwest::Client::new();
 
-    let outs: Vec<ChatOutcome> = stream::iter(0..DRAWS)
-        .map(|seed| {
-            let (client, base) = (client.clone(), base.clone());
-            async move { stream_chat(&client, &base, &request(seed, MAX_TOKENS), |_| {}).await }
-        })
-        .buffer_unordered(16)
-        .try_collect()
-        .await?;
-
     // Every draw speculated: its first block held γ drafts. Over all draws, drafts were both
     // accepted and rejected.
-    let (mut drafted, mut accepted, mut full, mut partial) = (0, 0, 0, 0);
-    let mut counts: HashMap<Pair, u64> = HashMap::new();
-    for out in &outs {
-        let (d, a) = (stat(out, "drafted")?, stat(out, "accepted")?);
-        ensure!(
-            d >= u64::from(GAMMA),
-            "a draw drafted {d} tokens (< γ = {GAMMA}): it did not speculate; stats {:?}",
-            out.stats
-        );
-        drafted += d;
-        accepted += a;
-        if a == d {
-            full += 1;
-        } else {
-            partial += 1;
-        }
-        let ids = &out.token_ids;
-        ensure!(!ids.is_empty(), "a draw returned no token ids");
-        let pair = (ids[0], ids.get(1).copied());
-        ensure!(
-            p.contains_key(&pair),
-            "sampled {pair:?}, which has probability 0 under the target"
-        );
-        *counts.entry(pair).or_insert(0) += 1;
-    }
-    eprintln!("drafted {drafted}, accepted {accepted}, {full} draws fully accepted, {partial} not");
+    let d = draw(&base, PROMPT, &p, u64::from(GAMMA)).await?;
     assert!(
-        accepted > 0 && accepted < drafted && full > 0 && partial > 0,
-        "speculation must both accept and reject drafts: drafted {drafted}, accepted {accepted}, \
-         {full} draws with every draft accepted, {partial} with a rejection"
+        d.accepted > 0 && d.accepted < d.drafted && d.full > 0 && d.partial > 0,
+        "speculation must both accept and reject drafts: drafted {}, accepted {}, \
+         {} draws with every draft accepted, {} with a rejection",
+        d.drafted,
+        d.accepted,
+        d.full,
+        d.partial
     );
-
-    let (statistic, cells) = chi2(&p, &counts, DRAWS as f64);
-    ensure!(cells >= 2, "degenerate target distribution: {p:?}");
-    let critical = chi2_critical_0001(cells - 1);
-    assert!(
-        statistic < critical,
-        "the first two tokens do not follow the target's joint distribution: chi2 = \
-         {statistic:.1} >= {critical:.1} (df {}), counts {counts:?}, p {p:?}",
-        cells - 1
-    );
-    eprintln!(
-        "joint chi2 = {statistic:.1} < {critical:.1} (df {})",
-        cells - 1
-    );
+    assert_follows(&p, &d, "draft model")?;
 
     // Reproducibility: the same seed twice gives the same tokens; another seed (almost surely)
     // gives different ones somewhere among a few tries.
     let ids = |seed| {
         let (client, base) = (client.clone(), base.clone());
         async move {
-            stream_chat(&client, &base, &request(seed, 24), |_| {})
+            stream_chat(&client, &base, &request(PROMPT, seed, 24), |_| {})
                 .await
                 .map(|o| o.token_ids)
         }
@@ -229,5 +272,85 @@ async fn speculated_samples_follow_the_target_joint_distribution_and_seeds_repro
         differs |= ids(s).await.context("sampling another seed")? != a;
     }
     assert!(differs, "different seeds never changed the completion");
+    cluster.stop().await
+}
+
+/// Candidate continuations for the lookup prompt (single words of the tiny vocabulary's
+/// letters and merges).
+const LOOKUP_CANDIDATES: [&str; 12] = [
+    "a", "e", "i", "o", "s", "t", "the", "he", "in", "on", "at", "def",
+];
+
+/// A prompt whose chat-formatted end (`…assistant` and a newline, the template's last tokens)
+/// also occurs inside the user text, followed by a word: prompt lookup's first block proposes
+/// that word. The word is the candidate to which the target gives the most even odds (closest
+/// to 1/2 after top-k), so point-mass drafts are both accepted and rejected.
+fn lookup_prompt(target: &Path) -> Result<String> {
+    let tok = TextTokenizer::from_gguf(target)?;
+    let mut best: Option<(f64, String)> = None;
+    for c in LOOKUP_CANDIDATES {
+        let prompt = format!("assistant\n{c} and more");
+        let ids = tok.encode_chat(&[ChatMessage::new("user", &prompt)], true)?;
+        let word = tok.encode(c)?;
+        // The template's tail really occurs earlier, followed by the word.
+        let tail = &ids[ids.len() - 2..];
+        let Some(at) = ids[..ids.len() - 1].windows(2).rposition(|w| w == tail) else {
+            continue;
+        };
+        if !ids[at + 2..].starts_with(&word) {
+            continue;
+        }
+        let p = first_two_tokens_distribution(target, &prompt)?;
+        let p_word: f64 = p
+            .iter()
+            .filter(|((t1, _), _)| *t1 == word[0])
+            .map(|(_, v)| v)
+            .sum();
+        let score = (p_word - 0.5).abs();
+        if best.as_ref().is_none_or(|(s, _)| score < *s) {
+            best = Some((score, prompt));
+        }
+    }
+    let (score, prompt) = best.context("no candidate prompt has its end earlier in the text")?;
+    eprintln!(
+        "lookup prompt {prompt:?}: first lookup draft has target probability 0.5 ± {score:.2}"
+    );
+    Ok(prompt)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_drafted_samples_follow_the_target_joint_distribution() -> Result<()> {
+    edgespec_tests::init_logs();
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("target.gguf");
+    let draft = dir.path().join("draft.gguf");
+    write_tiny_pair(&target, &draft, 11)?;
+    let prompt = lookup_prompt(&target)?;
+    let p = first_two_tokens_distribution(&target, &prompt)?;
+
+    // A lookup-only draft node (no draft model; the tokenizer from the target), matching from
+    // a single token up, at a fixed γ.
+    let mut opts = ClusterOptions::new(target, std::path::PathBuf::new());
+    opts.drafts = vec![DraftSpec {
+        lookup_ngram: Some((1, 4)),
+        ..DraftSpec::with_method(DraftMethod::Lookup)
+    }];
+    opts.policy = PolicyOverrides {
+        gamma_bounds: Some((GAMMA, GAMMA)),
+        ..Default::default()
+    };
+    let cluster = LocalCluster::start(opts).await?;
+    // Every draw's first block carried lookup drafts; some were accepted, some rejected.
+    let d = draw(&cluster.openai_base(), &prompt, &p, 1).await?;
+    assert!(
+        d.accepted > 0 && d.accepted < d.drafted && d.full > 0 && d.partial > 0,
+        "lookup speculation must both accept and reject drafts: drafted {}, accepted {}, \
+         {} draws with every draft accepted, {} with a rejection",
+        d.drafted,
+        d.accepted,
+        d.full,
+        d.partial
+    );
+    assert_follows(&p, &d, "prompt lookup")?;
     cluster.stop().await
 }

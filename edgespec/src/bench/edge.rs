@@ -19,6 +19,7 @@ use super::report::{Column, ConfigResult, PlotSpec, Report, RunRecord, SummaryLi
 use super::{host_info, loadavg, medians, record_run, set_tokens_per_s_ratio, unix_s, Ctx};
 use crate::linkemu::{LinkEmulator, LinkProfile};
 use crate::procs::free_addr;
+use edgespec_specdec::DraftMethod;
 use edgespec_testkit::fleet::{AdminApi, FleetWait};
 
 const TOKEN: &str = "bench-admin-token";
@@ -134,7 +135,7 @@ struct Deployment {
 }
 
 impl Deployment {
-    async fn start(ctx: &Ctx, speculation: bool, rtt_ms: u64) -> Result<Self> {
+    async fn start(ctx: &Ctx, speculation: bool, rtt_ms: u64, method: DraftMethod) -> Result<Self> {
         let dir = bin_dir(ctx)?;
         let work = std::env::temp_dir().join(format!("edgespec-bench-edge-{}", std::process::id()));
         std::fs::create_dir_all(&work)?;
@@ -183,6 +184,13 @@ impl Deployment {
         drop(handle);
         // The draft node refuses to start until the verify fleet is known; wait for it first.
         d.wait(admin, 1, 0).await?;
+        // A lookup draft node loads no model: only the target's tokenizer metadata.
+        let model = match method {
+            DraftMethod::Lookup => {
+                format!("tokenizer = {:?}", ctx.models.target.display().to_string())
+            }
+            _ => format!("path = {:?}", ctx.models.draft.display().to_string()),
+        };
         d.procs.push(spawn(
             ctx,
             &dir,
@@ -190,10 +198,9 @@ impl Deployment {
             "edgespec-draft-node",
             0,
             &format!(
-                "[node]\nid = \"draft-edge\"\n[model]\npath = {:?}\n[http]\nlisten = \"{http}\"\n\
+                "[node]\nid = \"draft-edge\"\n[model]\n{model}\n[http]\nlisten = \"{http}\"\n\
                  [coordinator]\naddress = \"http://{link_addr}\"\n[drafting]\npipeline = true\n\
-                 {PLAINTEXT}",
-                ctx.models.draft.display().to_string()
+                 method = \"{method}\"\n{PLAINTEXT}"
             ),
         )?);
         d.wait(admin, 1, 1).await?;
@@ -260,9 +267,10 @@ impl Drop for Deployment {
 
 struct Plan {
     name: String,
-    series: &'static str,
+    series: String,
     speculation: bool,
     rtt_ms: u64,
+    method: DraftMethod,
 }
 
 /// Scenario (d).
@@ -270,23 +278,32 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
     let rtts = ctx.opts.rtts_ms.clone().unwrap_or_else(|| vec![0, 20, 50]);
     let mut plans = vec![Plan {
         name: "target-only (verify core)".into(),
-        series: "target-only",
+        series: "target-only".into(),
         speculation: false,
         rtt_ms: 0,
+        method: DraftMethod::Model,
     }];
+    let methods = ctx.opts.draft_methods.clone();
     for &r in &rtts {
-        plans.push(Plan {
-            name: format!("rtt={r}ms SD adaptive+pipelined"),
-            series: "SD adaptive+pipelined",
-            speculation: true,
-            rtt_ms: r,
-        });
+        for &m in methods.as_deref().unwrap_or(&[DraftMethod::Model]) {
+            let series = match methods {
+                Some(_) => format!("SD adaptive+pipelined {m}"),
+                None => "SD adaptive+pipelined".into(),
+            };
+            plans.push(Plan {
+                name: format!("rtt={r}ms {series}"),
+                series,
+                speculation: true,
+                rtt_ms: r,
+                method: m,
+            });
+        }
     }
     let mut configs: Vec<ConfigResult> = plans
         .iter()
         .map(|p| ConfigResult {
             name: p.name.clone(),
-            series: p.series.into(),
+            series: p.series.clone(),
             x: p.rtt_ms as f64,
             params: json!({
                 "speculation": p.speculation,
@@ -294,6 +311,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
                 "pipelined": p.speculation,
                 "rtt_ms": p.rtt_ms,
                 "link_mbit": LINK_MBIT,
+                "draft_method": p.method.label(),
             }),
             runs: Vec::new(),
             median: BTreeMap::new(),
@@ -307,7 +325,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
             let started = unix_s();
             let load = loadavg();
             let result = async {
-                let dep = Deployment::start(ctx, p.speculation, p.rtt_ms).await?;
+                let dep = Deployment::start(ctx, p.speculation, p.rtt_ms, p.method).await?;
                 let client = http_client()?;
                 let base = dep.base();
                 warmup(&client, &base, &ctx.prompts[0]).await?;
@@ -332,6 +350,9 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
     }
     for c in &mut configs {
         c.median = medians(&c.runs);
+    }
+    if let Some(methods) = &methods {
+        return methods_report(ctx, configs, methods, rtts);
     }
     let base = configs[0].clone();
     let mut summary = Vec::new();
@@ -384,5 +405,49 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Report> {
             format!("The draft node dials the coordinator through the link emulator of the bench process (half the RTT each way, {LINK_MBIT} Mbit/s). The target-only baseline runs with speculation off (γ = 0 through the same path) and no link delay: the best a verify core does alone."),
             "Each configuration starts fresh processes per run (one warm-up request, then the prompts one at a time); every process is killed at the end, also on error.".into(),
         ],
+    })
+}
+
+/// The report of `edge --draft-methods`: SD with each method against target-only on the verify
+/// core, per prompt kind.
+fn methods_report(
+    ctx: &Ctx,
+    mut configs: Vec<ConfigResult>,
+    methods: &[DraftMethod],
+    rtts: Vec<u64>,
+) -> Result<Report> {
+    let kinds = super::methods::kinds(&ctx.prompts);
+    let summary = super::methods::compare(&mut configs, &kinds, "SD");
+    Ok(Report {
+        scenario: "edge".into(),
+        created_unix_s: unix_s(),
+        host: host_info(),
+        params: json!({
+            "runs": ctx.opts.runs,
+            "max_tokens": ctx.max_tokens,
+            "prompts": ctx.prompts.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "prompt_set": ctx.opts.prompt_set,
+            "target": ctx.models.target,
+            "draft": ctx.models.draft,
+            "draft_methods": methods.iter().map(|m| m.label()).collect::<Vec<_>>(),
+            "rtts_ms": rtts,
+            "link_mbit": LINK_MBIT,
+            "pinned": !ctx.opts.no_pin,
+            "bin_dir": bin_dir(ctx)?,
+        }),
+        x_label: "RTT ms".into(),
+        baseline: "target-only on the verify core (speculation off, no link delay), per prompt kind too".into(),
+        configs,
+        summary,
+        columns: super::methods::columns(&kinds),
+        plots: vec![PlotSpec::new(
+            "edge-methods-tokens-per-s.png",
+            "tokens_per_s",
+            "tokens/s",
+            "Edge–cloud emulation by drafting method",
+        )],
+        notes: super::methods::notes(&format!(
+            "Separate processes: draft node pinned to core 0, coordinator and verify node to core 1 (taskset); the draft node dials the coordinator through the link emulator ({LINK_MBIT} Mbit/s, half the RTT each way) and pipelines model drafting. A `lookup` draft node loads no draft model (tokenizer from the target's GGUF)."
+        )),
     })
 }

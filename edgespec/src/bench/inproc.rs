@@ -15,6 +15,7 @@ use super::{
 use crate::client::{stream_chat, ChatOutcome, ChatRequest};
 use crate::cluster::{ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides};
 use crate::linkemu::LinkProfile;
+use edgespec_specdec::DraftMethod;
 
 /// Bandwidth of the emulated link in scenario (b).
 pub(super) const RTT_SCENARIO_MBIT: u64 = 20;
@@ -33,6 +34,8 @@ pub(super) struct Variant {
     pub temperature: f32,
     /// No padded bandwidth probes (scenario `wire`: the link carries only the protocol).
     pub probes_off: bool,
+    /// The draft node's drafting method (a `lookup` node loads no draft model).
+    pub method: DraftMethod,
 }
 
 impl Variant {
@@ -44,6 +47,7 @@ impl Variant {
             pipelined: false,
             temperature: 0.0,
             probes_off: false,
+            method: DraftMethod::Model,
         }
     }
     pub(super) fn fixed(g: u32) -> Self {
@@ -54,6 +58,7 @@ impl Variant {
             pipelined: false,
             temperature: 0.0,
             probes_off: false,
+            method: DraftMethod::Model,
         }
     }
     pub(super) fn adaptive() -> Self {
@@ -64,6 +69,7 @@ impl Variant {
             pipelined: false,
             temperature: 0.0,
             probes_off: false,
+            method: DraftMethod::Model,
         }
     }
     pub(super) fn adaptive_pipelined() -> Self {
@@ -74,6 +80,7 @@ impl Variant {
             pipelined: true,
             temperature: 0.0,
             probes_off: false,
+            method: DraftMethod::Model,
         }
     }
     /// Fixed γ, sampling at temperature 1 (the draft sends its sparse q).
@@ -82,6 +89,14 @@ impl Variant {
             series: format!("sampling γ={g}"),
             temperature: 1.0,
             ..Self::fixed(g)
+        }
+    }
+    /// Adaptive γ, drafting with `method`.
+    pub(super) fn adaptive_method(method: DraftMethod) -> Self {
+        Self {
+            series: format!("adaptive {method}"),
+            method,
+            ..Self::adaptive()
         }
     }
     pub(super) fn without_probes(self) -> Self {
@@ -105,6 +120,7 @@ impl Variant {
             "pipelined": self.pipelined,
             "temperature": self.temperature,
             "bandwidth_probes_off": self.probes_off,
+            "draft_method": self.method.label(),
         })
     }
 }
@@ -125,6 +141,7 @@ pub(super) async fn warmup(client: &reqwest::Client, base: &str, p: &Prompt) -> 
         temperature: 0.0,
         seed: None,
         top_k: None,
+        ..Default::default()
     };
     stream_chat(client, base, &req, |_| {})
         .await
@@ -154,6 +171,8 @@ pub(super) async fn drive_prompts(
             temperature,
             seed: (temperature > 0.0).then_some(1),
             top_k: None,
+            prompt_kind: Some(p.kind.clone()),
+            ..Default::default()
         };
         let out = stream_chat(client, base, &req, |_| {})
             .await
@@ -205,16 +224,27 @@ fn aggregate(outs: &[(&Prompt, ChatOutcome, bool)]) -> (BTreeMap<String, f64>, V
     let mut kinds: Vec<&str> = outs.iter().map(|(p, _, _)| p.kind.as_str()).collect();
     kinds.sort_unstable();
     kinds.dedup();
-    for k in kinds {
-        let of_kind = || outs.iter().filter(move |(p, _, _)| p.kind == k);
+    // Every kind, and with grounded prompts among them, all the others together.
+    let mut groups: Vec<(&str, Vec<&str>)> = kinds.iter().map(|&k| (k, vec![k])).collect();
+    if kinds.contains(&GROUNDED) && kinds.len() > 1 {
+        let rest = kinds.iter().copied().filter(|k| *k != GROUNDED).collect();
+        groups.push((OTHERS, rest));
+    }
+    for (k, members) in &groups {
+        let of_kind = || {
+            outs.iter()
+                .filter(|(p, _, _)| members.contains(&p.kind.as_str()))
+        };
         let d: f64 = of_kind().map(|(_, o, _)| f(o, "drafted")).sum();
         let a: f64 = of_kind().map(|(_, o, _)| f(o, "accepted")).sum();
         let t: f64 = of_kind().map(|(_, o, _)| o.completion_tokens as f64).sum();
         let s: f64 = of_kind().map(|(_, o, _)| o.elapsed.as_secs_f64()).sum();
+        let fw: f64 = of_kind().map(|(_, o, _)| f(o, "target_forwards")).sum();
         if d > 0.0 {
             m.insert(format!("acceptance_{k}"), a / d);
         }
         m.insert(format!("tokens_per_s_{k}"), t / s.max(1e-9));
+        m.insert(format!("forwards_per_token_{k}"), fw / t.max(1.0));
     }
     let detail: Vec<Value> = outs
         .iter()
@@ -248,6 +278,8 @@ async fn measure_cluster(
     opts.drafts = vec![DraftSpec {
         link,
         pipelined: v.pipelined,
+        method: v.method,
+        lookup_ngram: None,
     }];
     opts.policy = v.policy();
     let cluster = LocalCluster::start(opts)
@@ -363,8 +395,16 @@ fn params(ctx: &Ctx) -> Value {
 
 const KINDS: [&str; 4] = ["code", "prose", "math", "structured"];
 
+/// The kind of the input-grounded prompts (`bench/prompts/grounded-prompts.jsonl`).
+pub(super) const GROUNDED: &str = "grounded";
+/// The group of every prompt kind but `grounded` (metrics `*_others`).
+pub(super) const OTHERS: &str = "others";
+
 /// Scenario (a).
 pub(super) async fn single(ctx: &Ctx) -> Result<Report> {
+    if let Some(methods) = &ctx.opts.draft_methods {
+        return single_methods(ctx, methods).await;
+    }
     let variants = [
         Variant::target_only(),
         Variant::fixed(2),
@@ -614,5 +654,53 @@ pub(super) async fn wire(ctx: &Ctx) -> Result<Report> {
             "Greedy blocks carry token ids only; sampling blocks add the sparse q (drafting.top_k = 16 id/probability pairs per draft token). \"full rows\" is what sending the draft's whole probability row (V f32) per draft token would cost; greedy needs no q at all.".into(),
             "Per round includes the first round, whose block carries the whole prompt as history.".into(),
         ],
+    })
+}
+
+/// Scenario (a) by drafting method (`--draft-methods`): target-only and adaptive γ with each
+/// method, one in-process cluster per configuration and run, ratios per prompt kind.
+async fn single_methods(ctx: &Ctx, methods: &[DraftMethod]) -> Result<Report> {
+    let mut plans = vec![Plan {
+        name: "target-only".into(),
+        variant: Variant::target_only(),
+        x: 0.0,
+        link: None,
+    }];
+    for &m in methods {
+        let v = Variant::adaptive_method(m);
+        plans.push(Plan {
+            name: v.series.clone(),
+            variant: v,
+            x: 0.0,
+            link: None,
+        });
+    }
+    let mut configs = measure_all(ctx, &plans).await?;
+    let kinds = super::methods::kinds(&ctx.prompts);
+    let summary = super::methods::compare(&mut configs, &kinds, "adaptive");
+    Ok(Report {
+        scenario: "single".into(),
+        created_unix_s: unix_s(),
+        host: host_info(),
+        params: {
+            let mut p = params(ctx);
+            p["draft_methods"] = json!(methods.iter().map(|m| m.label()).collect::<Vec<_>>());
+            p["prompt_set"] = json!(ctx.opts.prompt_set);
+            p
+        },
+        x_label: String::new(),
+        baseline: "target-only (γ = 0 through the same path), per prompt kind too".into(),
+        configs,
+        summary,
+        columns: super::methods::columns(&kinds),
+        plots: vec![PlotSpec::new(
+            "single-methods-tokens-per-s.png",
+            "tokens_per_s",
+            "tokens/s",
+            "Single stream by drafting method",
+        )],
+        notes: super::methods::notes(
+            "One process, one shared CPU: coordinator, verify node (target) and draft node on loopback. A `lookup` draft node loads no draft model (its tokenizer comes from the target's GGUF); `model` and `hybrid` load the 0.5B draft.",
+        ),
     })
 }

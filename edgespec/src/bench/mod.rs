@@ -23,6 +23,7 @@
 mod edge;
 mod inproc;
 mod load;
+mod methods;
 mod report;
 mod server;
 
@@ -30,6 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use edgespec_specdec::DraftMethod;
 use serde::{Deserialize, Serialize};
 
 pub use edgespec_testkit::stats::median;
@@ -37,6 +39,49 @@ pub use report::{ConfigResult, Report, RunRecord, SummaryLine};
 
 /// The dev prompts, embedded so the harness works from any directory of a clone.
 pub const DEV_PROMPTS: &str = include_str!("../../../bench/prompts/dev-prompts.jsonl");
+
+/// Input-grounded prompts (kind `grounded`, issue 17): edits of a quoted code block, extraction
+/// from a given text, transforms of a given JSON document, answers quoting their context — the
+/// answers repeat their input, so prompt lookup has something to propose. A file of their own,
+/// so the round-robin selection of the dev prompts (and every earlier table) is unchanged.
+pub const GROUNDED_PROMPTS: &str = include_str!("../../../bench/prompts/grounded-prompts.jsonl");
+
+/// Which embedded prompts a scenario uses (`--prompt-set`; `--prompt-file` replaces them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSet {
+    /// `dev-prompts.jsonl` (code, prose, math, structured).
+    #[default]
+    Dev,
+    /// `grounded-prompts.jsonl` only.
+    Grounded,
+    /// Grounded first, then the dev prompts: round-robin over kinds starts with `grounded`, so
+    /// `--prompts 6` is two grounded prompts and one of every dev kind.
+    Mixed,
+}
+
+impl PromptSet {
+    /// Parses `dev`, `grounded` or `mixed`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "dev" => Ok(Self::Dev),
+            "grounded" => Ok(Self::Grounded),
+            "mixed" => Ok(Self::Mixed),
+            other => Err(format!(
+                "unknown prompt set {other:?}: expected dev, grounded or mixed"
+            )),
+        }
+    }
+
+    /// The JSONL text of the set.
+    pub fn text(self) -> String {
+        match self {
+            Self::Dev => DEV_PROMPTS.to_string(),
+            Self::Grounded => GROUNDED_PROMPTS.to_string(),
+            Self::Mixed => format!("{GROUNDED_PROMPTS}\n{DEV_PROMPTS}"),
+        }
+    }
+}
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -100,8 +145,13 @@ pub struct BenchOptions {
     pub prompts: Option<usize>,
     /// Completion budget per request; None = the scenario's default.
     pub max_tokens: Option<u32>,
-    /// Prompt file (JSONL: id, kind, prompt); None = the embedded dev prompts.
+    /// Prompt file (JSONL: id, kind, prompt); None = the embedded `prompt_set`.
     pub prompt_file: Option<PathBuf>,
+    /// Embedded prompts to use when there is no `prompt_file`.
+    pub prompt_set: PromptSet,
+    /// `single` / `edge`: compare drafting methods (each adaptive, against target-only) instead
+    /// of the scenario's usual configurations; None = the usual ones (draft model).
+    pub draft_methods: Option<Vec<DraftMethod>>,
     /// Target GGUF; None = the cached Qwen2.5-Coder-1.5B (fetched if missing).
     pub target: Option<PathBuf>,
     /// Draft GGUF; None = the cached Qwen2.5-Coder-0.5B (fetched if missing).
@@ -125,7 +175,7 @@ pub struct BenchOptions {
 pub struct Prompt {
     /// Stable id.
     pub id: String,
-    /// code / prose / math / structured.
+    /// code / prose / math / structured / grounded.
     pub kind: String,
     /// The user message.
     pub prompt: String,
@@ -238,8 +288,11 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
-        None => DEV_PROMPTS.to_string(),
+        None => opts.prompt_set.text(),
     };
+    if opts.draft_methods.is_some() && !matches!(opts.scenario, Scenario::Single | Scenario::Edge) {
+        bail!("--draft-methods applies to the single and edge scenarios only");
+    }
     let all = parse_prompts(&text)?;
     let n = opts.prompts.unwrap_or(opts.scenario.default_prompts());
     let prompts = select_prompts(&all, n.max(1));
@@ -407,5 +460,40 @@ mod tests {
         let kinds: Vec<&str> = four.iter().map(|p| p.kind.as_str()).collect();
         assert_eq!(kinds, ["code", "prose", "math", "structured"]);
         assert_eq!(select_prompts(&all, 100).len(), all.len());
+    }
+
+    #[test]
+    fn grounded_prompts_quote_their_input_and_mixed_starts_with_them() {
+        let grounded = parse_prompts(GROUNDED_PROMPTS).unwrap();
+        assert!(grounded.len() >= 8, "issue 17 asks for at least 8");
+        let mut ids: Vec<&str> = grounded.iter().map(|p| p.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), grounded.len(), "ids are unique");
+        for p in &grounded {
+            assert_eq!(p.kind, "grounded", "{}", p.id);
+            // Every one is an instruction, a blank line, then the input its answer repeats: a
+            // block of code, a JSON document, a text or log lines of its own.
+            let input = p.prompt.split_once("\n\n").map_or("", |(_, input)| input);
+            assert!(input.len() >= 80, "{} quotes no input", p.id);
+        }
+        // The dev set is untouched; the mixed set picks grounded first, then every dev kind.
+        assert_eq!(PromptSet::Dev.text(), DEV_PROMPTS);
+        let mixed = parse_prompts(&PromptSet::Mixed.text()).unwrap();
+        let six = select_prompts(&mixed, 6);
+        let kinds: Vec<&str> = six.iter().map(|p| p.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "grounded",
+                "code",
+                "prose",
+                "math",
+                "structured",
+                "grounded"
+            ]
+        );
+        assert_eq!(PromptSet::parse("mixed"), Ok(PromptSet::Mixed));
+        assert!(PromptSet::parse("all").is_err());
     }
 }
