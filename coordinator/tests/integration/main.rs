@@ -5,6 +5,7 @@ mod admin;
 mod batching;
 mod failover;
 mod limits;
+mod methods;
 mod placement;
 mod restart;
 mod support;

@@ -113,8 +113,10 @@ pub async fn post(url: &str) -> reqwest::StatusCode {
         .status()
 }
 
-use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage};
-use edgespec_testkit::scripted::{greedy_block, target_next, DraftClient, VOCAB};
+use edgespec_proto::domain::{CoordinatorMessage, DraftBlock, DraftMessage, DraftMethod};
+use edgespec_testkit::scripted::{
+    greedy_block, target_next, DraftClient, DRAFT_S_PER_TOKEN, VOCAB,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A session stepped by hand, one block at a time.
@@ -123,6 +125,8 @@ pub struct Manual {
     pub committed: Vec<u32>,
     pub round: u64,
     pub rx: UnboundedReceiver<CoordinatorMessage>,
+    /// The method its blocks name, and the draft cost they report for it.
+    pub method: (DraftMethod, f32),
 }
 
 impl Manual {
@@ -132,6 +136,7 @@ impl Manual {
             committed: prompt,
             round: 1,
             rx: d.subscribe(sid),
+            method: (DraftMethod::Model, DRAFT_S_PER_TOKEN),
         }
     }
 
@@ -160,6 +165,8 @@ impl Manual {
         }
         let block = DraftBlock {
             client_send_unix_ns: 1_000_000 + self.round,
+            method: self.method.0,
+            draft_s_per_token: self.method.1,
             ..greedy_block(
                 self.sid,
                 self.round,
