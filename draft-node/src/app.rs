@@ -1,4 +1,5 @@
-//! Assembling and running the node: load the draft model, bind the HTTP listener, start
+//! Assembling and running the node: load the draft model (or, for a lookup-only node, only the
+//! tokenizer and the model facts from GGUF metadata), bind the HTTP listener, start
 //! connecting to the coordinator in the background, serve until shutdown.
 //!
 //! The node never waits for the coordinator: it serves (and answers `/readyz` 503 with the
@@ -7,11 +8,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use edgespec_model::forward::load_gguf_with;
-use edgespec_model::{ModelHandle, TextTokenizer};
+use edgespec_model::{ModelHandle, ModelInfo, TextTokenizer};
 use edgespec_runtime::ops::Exposition;
 use edgespec_runtime::tls::CertWatch;
 use tokio::net::TcpListener;
@@ -21,7 +21,7 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeParts};
-use crate::session::{DraftConfig, SessionCtx};
+use crate::session::{DraftConfig, Estimates, SessionCtx};
 use crate::settings::Settings;
 
 /// A built draft node: model loaded, HTTP listener bound, the coordinator link connecting.
@@ -46,19 +46,15 @@ impl App {
         })?;
         // Refuse an address this TLS mode cannot dial now, not after the model load.
         tls.endpoint(&settings.coordinator.address)?;
-        let device = settings.device()?;
-        let path = settings.model.path.clone();
-        let opts = settings.model.load_options();
-        let (tokenizer, model) = tokio::task::spawn_blocking(move || {
-            let tokenizer = TextTokenizer::from_gguf(&path)?;
-            let model = ModelHandle::spawn("draft", move || load_gguf_with(&path, device, &opts))?;
-            Ok::<_, edgespec_model::ModelError>((tokenizer, model))
-        })
-        .await
-        .map_err(|e| Error::LoadModel(e.to_string()))?
-        .map_err(|e| Error::LoadModel(e.to_string()))?;
-        let info = model.info().clone();
-        tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "draft model loaded");
+        let (tokenizer, model, info) = load(&settings).await?;
+        match &model {
+            Some(_) => {
+                tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "draft model loaded")
+            }
+            None => {
+                tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "lookup-only node: no draft model loaded")
+            }
+        }
 
         let metrics = Metrics::with_kinds(
             Exposition::new().with(tls.metrics()),
@@ -66,7 +62,7 @@ impl App {
         );
         // Certificates rotated on disk are used by the next (re)connection to the coordinator.
         let cert_watch = tls.watch();
-        let draft_cost = Arc::new(AtomicU32::new(0));
+        let estimates = Arc::new(Estimates::default());
         let c = &settings.coordinator;
         let link_cfg = LinkConfig {
             address: c.address.clone(),
@@ -77,7 +73,7 @@ impl App {
                 model_name: info.name.clone(),
                 fingerprint: info.fingerprint.clone(),
                 vocab_size: info.vocab_size as u32,
-                draft_s_per_token: Arc::clone(&draft_cost),
+                estimates: Arc::clone(&estimates),
                 pipelined: settings.drafting.pipeline,
                 max_gamma: settings.drafting.max_gamma,
                 method: settings.drafting.method,
@@ -101,7 +97,9 @@ impl App {
         })?;
 
         let d = &settings.drafting;
-        let engine = Engine::spawn(model.clone(), d.max_batch_sessions, metrics.clone());
+        let engine = model
+            .as_ref()
+            .map(|m| Engine::spawn(m.clone(), d.max_batch_sessions, metrics.clone()));
         tracing::info!(node = %node_id, "draft node starting");
         let conn = Connection::start(link_cfg, backoff, metrics.clone());
         let ctx = SessionCtx {
@@ -118,13 +116,14 @@ impl App {
                 retry_max: c.backoff_max,
                 max_resyncs: c.max_resyncs as usize,
                 method: d.method,
+                lookup_ngrams: (d.lookup.min_ngram, d.lookup.max_ngram),
             },
-            draft_cost,
-            recent_gamma: Arc::new(AtomicU32::new(crate::session::NO_GAMMA_YET)),
+            estimates,
         };
         let node = Node::new(NodeParts {
             ctx,
             model,
+            info,
             served_name: settings.model.served_name.clone(),
             limits: settings.limits.clone(),
         });
@@ -161,4 +160,40 @@ impl App {
         tracing::info!("draft node stopped");
         Ok(())
     }
+}
+
+/// The tokenizer, the draft model (unless the node only drafts by lookup) and the model facts.
+/// A lookup-only node reads GGUF metadata only: no weights, no model thread.
+async fn load(
+    settings: &Settings,
+) -> Result<(TextTokenizer, Option<ModelHandle>, ModelInfo), Error> {
+    let device = settings.device()?;
+    let path = settings.model.path.clone();
+    let tokenizer_path = settings.model.tokenizer_path().to_path_buf();
+    let opts = settings.model.load_options();
+    let with_model = settings.drafting.method.uses_model();
+    let fail = |e: &dyn std::fmt::Display| Error::LoadModel(e.to_string());
+    tokio::task::spawn_blocking(move || {
+        let tokenizer = TextTokenizer::from_gguf(&tokenizer_path).map_err(|e| fail(&e))?;
+        if !with_model {
+            let info = crate::gguf::model_facts(&tokenizer_path, tokenizer.vocab_size())
+                .map_err(|e| fail(&e))?;
+            return Ok((tokenizer, None, info));
+        }
+        let model = ModelHandle::spawn("draft", move || load_gguf_with(&path, device, &opts))
+            .map_err(|e| fail(&e))?;
+        let info = model.info().clone();
+        if tokenizer.fingerprint() != info.fingerprint {
+            return Err(Error::LoadModel(format!(
+                "model.tokenizer {} has another tokenizer (fingerprint {}) than the draft model \
+                 (fingerprint {})",
+                tokenizer_path.display(),
+                tokenizer.fingerprint(),
+                info.fingerprint
+            )));
+        }
+        Ok((tokenizer, Some(model), info))
+    })
+    .await
+    .map_err(|e| fail(&e))?
 }

@@ -12,8 +12,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use edgespec_specdec::DraftMethod;
+
 type Labels = Vec<(&'static str, &'static str)>;
 type KindLabel = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn gamma_histogram() -> Histogram {
+    // γ of 0, 1, 2, 4, … 64 (the protocol's ceiling).
+    Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+}
 
 /// The `kind` label of a request that names no prompt kind.
 pub const UNLABELLED: &str = "unlabelled";
@@ -56,6 +64,11 @@ struct Inner {
     drafted_by_kind: Family<KindLabel, Counter>,
     accepted_by_kind: Family<KindLabel, Counter>,
     rounds_by_kind: Family<KindLabel, Counter>,
+    /// By drafting method (`method` label: model, lookup or hybrid).
+    drafted_by_method: Family<Labels, Counter>,
+    accepted_by_method: Family<Labels, Counter>,
+    rounds_by_method: Family<Labels, Counter>,
+    gamma_by_method: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -132,6 +145,39 @@ impl Metrics {
             format!("{p}kind_rounds"),
             "Verdicts applied, by the prompt kind the client named",
             rounds_by_kind.clone(),
+        );
+        let (drafted_by_method, accepted_by_method, rounds_by_method) = (
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        let gamma_by_method: HistogramFamily = Family::new_with_constructor(gamma_histogram);
+        // Every method from the start: the label set is closed, and dashboards see zeros.
+        for m in DraftMethod::ALL {
+            let label = vec![("method", m.label())];
+            drafted_by_method.get_or_create(&label).inc_by(0);
+            accepted_by_method.get_or_create(&label).inc_by(0);
+            rounds_by_method.get_or_create(&label).inc_by(0);
+        }
+        r.register(
+            format!("{p}method_drafted_tokens"),
+            "Draft tokens sent for verification, by drafting method",
+            drafted_by_method.clone(),
+        );
+        r.register(
+            format!("{p}method_accepted_tokens"),
+            "Draft tokens accepted, by drafting method",
+            accepted_by_method.clone(),
+        );
+        r.register(
+            format!("{p}method_rounds"),
+            "Verdicts applied, by drafting method",
+            rounds_by_method.clone(),
+        );
+        r.register(
+            format!("{p}gamma"),
+            "Draft tokens per block (γ as drafted; lookup may draft fewer than granted), by drafting method",
+            gamma_by_method.clone(),
         );
         r.register(
             format!("{p}emitted_tokens"),
@@ -211,6 +257,10 @@ impl Metrics {
                 drafted_by_kind,
                 accepted_by_kind,
                 rounds_by_kind,
+                drafted_by_method,
+                accepted_by_method,
+                rounds_by_method,
+                gamma_by_method,
             }),
         }
     }
@@ -244,8 +294,16 @@ impl Metrics {
             .inc();
     }
 
-    /// One verdict applied to a request of prompt kind `kind` ([`Metrics::kind_label`]).
-    pub fn round(&self, kind: &str, drafted: usize, accepted: usize, round_trip: Duration) {
+    /// One verdict applied to a request of prompt kind `kind` ([`Metrics::kind_label`]) drafted
+    /// by `method`.
+    pub fn round(
+        &self,
+        kind: &str,
+        method: DraftMethod,
+        drafted: usize,
+        accepted: usize,
+        round_trip: Duration,
+    ) {
         self.inner.drafted.inc_by(drafted as u64);
         self.inner.accepted.inc_by(accepted as u64);
         self.inner.rounds.inc();
@@ -258,6 +316,17 @@ impl Metrics {
             .get_or_create(&label)
             .inc_by(accepted as u64);
         i.rounds_by_kind.get_or_create(&label).inc();
+        let label = vec![("method", method.label())];
+        i.drafted_by_method
+            .get_or_create(&label)
+            .inc_by(drafted as u64);
+        i.accepted_by_method
+            .get_or_create(&label)
+            .inc_by(accepted as u64);
+        i.rounds_by_method.get_or_create(&label).inc();
+        i.gamma_by_method
+            .get_or_create(&label)
+            .observe(drafted as f64);
         self.inner.round_trip.observe(round_trip.as_secs_f64());
     }
 

@@ -22,7 +22,9 @@ pub struct Node {
 #[derive(Debug)]
 struct Inner {
     ctx: SessionCtx,
-    model: ModelHandle,
+    /// `None` on a lookup-only node.
+    model: Option<ModelHandle>,
+    info: ModelInfo,
     served_name: String,
     limits: LimitSettings,
     sessions: Arc<Semaphore>,
@@ -40,7 +42,10 @@ pub struct Admission {
 #[derive(Debug)]
 pub(crate) struct NodeParts {
     pub ctx: SessionCtx,
-    pub model: ModelHandle,
+    /// The draft model; `None` on a lookup-only node.
+    pub model: Option<ModelHandle>,
+    /// The model facts (the draft model's, or a lookup node's from GGUF metadata).
+    pub info: ModelInfo,
     pub served_name: String,
     pub limits: LimitSettings,
 }
@@ -52,6 +57,7 @@ impl Node {
             inner: Arc::new(Inner {
                 ctx: p.ctx,
                 model: p.model,
+                info: p.info,
                 served_name: p.served_name,
                 limits: p.limits,
                 sessions,
@@ -65,14 +71,14 @@ impl Node {
         &self.inner.served_name
     }
 
-    /// The draft model's facts.
+    /// The draft model's facts (a lookup-only node's come from its tokenizer's GGUF).
     pub fn model_info(&self) -> &ModelInfo {
-        self.inner.model.info()
+        &self.inner.info
     }
 
     /// Whether this node has a draft model (`model` and `hybrid` drafting need one).
     pub fn has_draft_model(&self) -> bool {
-        true
+        self.inner.model.is_some()
     }
 
     /// The tokenizer.
@@ -110,8 +116,8 @@ impl Node {
         }
     }
 
-    /// `Ok` when the node can serve right now (`/readyz`): the draft model is up and so is the
-    /// coordinator stream. Otherwise what an operator needs to know, e.g. the coordinator's
+    /// `Ok` when the node can serve right now (`/readyz`): the draft model (if the node has one)
+    /// is up and so is the coordinator stream. Otherwise what an operator needs to know, e.g. the coordinator's
     /// address and the last connection error while connecting.
     pub fn ready(&self) -> Result<(), String> {
         self.model_ready().map_err(|e| e.to_string())?;
@@ -123,7 +129,11 @@ impl Node {
     }
 
     fn model_ready(&self) -> Result<(), GenError> {
-        match &*self.inner.model.health().borrow() {
+        // A lookup-only node has no model to wait for: its readiness is the coordinator link.
+        let Some(model) = &self.inner.model else {
+            return Ok(());
+        };
+        match &*model.health().borrow() {
             // `ModelHandle::spawn` returns after the load, possibly before the watch says Ready.
             ModelHealth::Ready | ModelHealth::Loading => Ok(()),
             other => Err(GenError::Unavailable(format!(
@@ -163,6 +173,14 @@ impl Node {
         admission: Admission,
     ) -> Result<mpsc::Receiver<GenEvent>, GenError> {
         self.readiness()?;
+        if let Some(m) = req
+            .method
+            .filter(|m| m.uses_model() && !self.has_draft_model())
+        {
+            return Err(GenError::InvalidRequest(format!(
+                "draft_method \"{m}\" needs a draft model and this node has none"
+            )));
+        }
         let permit = admission.permit;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         if matches!(self.inner.ctx.conn.status(), LinkStatus::Connecting { .. }) {

@@ -2,7 +2,6 @@
 //! converts messages between `pb` and the node's own types. The only module that knows prost
 //! types besides `edgespec_proto` itself.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use super::{Inbound, Welcome};
+use crate::session::Estimates;
 
 /// Outgoing messages buffered per stream.
 const OUTBOUND_CAPACITY: usize = 4096;
@@ -30,8 +30,9 @@ pub(crate) struct Hello {
     pub fingerprint: String,
     /// Draft vocabulary size.
     pub vocab_size: u32,
-    /// Measured draft seconds per token (f32 bits), updated by sessions.
-    pub draft_s_per_token: Arc<AtomicU32>,
+    /// Measured draft seconds per token per method, updated by sessions (the hello reports
+    /// the default method's).
+    pub estimates: Arc<Estimates>,
     /// Whether sessions draft ahead (`drafting.pipeline`).
     pub pipelined: bool,
     /// Largest γ this node drafts (`drafting.max_gamma`).
@@ -99,9 +100,7 @@ impl Link {
             model_name: h.model_name.clone(),
             fingerprint: h.fingerprint.clone(),
             vocab_size: h.vocab_size,
-            draft_s_per_token: f64::from(f32::from_bits(
-                h.draft_s_per_token.load(Ordering::Relaxed),
-            )),
+            draft_s_per_token: f64::from(h.estimates.cost(h.method)),
             pipelined: h.pipelined,
             max_gamma: h.max_gamma,
             method: h.method,

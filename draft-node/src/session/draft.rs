@@ -55,6 +55,19 @@ impl BlockDraft {
         t
     }
 
+    /// Appends a token proposed with certainty (prompt lookup): when sampling its q is the point
+    /// mass on it, which the acceptance rule handles exactly like any other q (accepted with
+    /// probability p(t), else resampled from p without t).
+    pub fn push_certain(&mut self, t: u32, sampling: &SamplingParams) {
+        self.tokens.push(t);
+        if !sampling.is_greedy() {
+            self.q.push(SparseDist {
+                ids: vec![t],
+                probs: vec![1.0],
+            });
+        }
+    }
+
     /// Keeps the first `n` tokens (the RNG is not rewound: a shortened block is sent as is and
     /// the next round draws from a fresh round RNG).
     pub fn truncate(&mut self, n: usize) {
@@ -218,5 +231,27 @@ mod tests {
         // Same seed and length: same tokens.
         let mut again = BlockDraft::new(5, &sp);
         assert_eq!(again.choose(&logits, &sp, 2), t);
+    }
+
+    #[test]
+    fn a_certain_token_has_a_point_mass_q_when_sampling() {
+        let mut g = BlockDraft::new(5, &SamplingParams::GREEDY);
+        g.push_certain(7, &SamplingParams::GREEDY);
+        assert_eq!((g.tokens.as_slice(), g.q.len()), (&[7][..], 0));
+        let sp = SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1,
+        };
+        let mut s = BlockDraft::new(5, &sp);
+        s.push_certain(7, &sp);
+        assert_eq!(
+            s.q,
+            vec![SparseDist {
+                ids: vec![7],
+                probs: vec![1.0]
+            }]
+        );
     }
 }

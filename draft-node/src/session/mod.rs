@@ -3,11 +3,12 @@
 //! drafts the next block while the current one is being verified.
 
 mod draft;
+mod estimates;
+mod extend;
 mod output;
 mod pipeline;
 mod state;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +21,10 @@ use tracing::Instrument;
 use crate::connection::{Connection, SessionEvent, Verdict};
 use crate::engine::Engine;
 use crate::error::GenError;
+use crate::lookup::LookupIndex;
 use crate::metrics::Metrics;
 use draft::{BlockDraft, Drafter};
+pub(crate) use estimates::Estimates;
 pub use output::FinishReason;
 use output::Output;
 use pipeline::{Spec, StepFuture};
@@ -96,27 +99,26 @@ pub(crate) struct DraftConfig {
     pub max_resyncs: usize,
     /// How a request that names no method drafts (`drafting.method`).
     pub method: DraftMethod,
+    /// Prompt lookup's n-gram lengths (`drafting.lookup.min_ngram..=max_ngram`).
+    pub lookup_ngrams: (usize, usize),
 }
 
 /// What every session shares.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionCtx {
-    pub engine: Engine,
+    /// The draft model's batching engine; `None` on a lookup-only node (no draft model).
+    pub engine: Option<Engine>,
     pub conn: Connection,
     pub tokenizer: TextTokenizer,
     pub metrics: Metrics,
     pub cfg: DraftConfig,
-    /// Node-wide draft cost estimate (f32 bits), reported to the coordinator.
-    pub draft_cost: Arc<AtomicU32>,
-    /// The coordinator's most recent γ for a session of this node with room to use it, or
-    /// [`NO_GAMMA_YET`]: a new session starts with it instead of the Welcome's initial γ, so
-    /// once the controller has found that speculation does not pay here (γ = 0) the next
-    /// request does not spend a draft prefill and a full block finding out again.
-    pub recent_gamma: Arc<AtomicU32>,
+    /// Per-method draft cost (reported to the coordinator) and the coordinator's most recent γ
+    /// for a session with room to use it: a new session starts with its method's instead of the
+    /// Welcome's initial γ, so once the controller has found that speculation does not pay
+    /// here (γ = 0) the next request does not spend a draft prefill and a full block finding
+    /// out again.
+    pub estimates: Arc<Estimates>,
 }
-
-/// `recent_gamma` before any verdict.
-pub(crate) const NO_GAMMA_YET: u32 = u32::MAX;
 
 /// Starts a generation; events arrive on the returned channel. Dropping it cancels the
 /// generation (the session is closed at the coordinator).
@@ -127,15 +129,26 @@ pub(crate) fn spawn(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> mpsc::Receiver<GenEvent> {
     let (out, rx) = mpsc::channel(EVENT_CAPACITY);
+    let method = req.method.unwrap_or(ctx.cfg.method);
     let welcome = ctx.conn.welcome();
     let initial_gamma = if !welcome.speculation_enabled {
         0
     } else {
-        match ctx.recent_gamma.load(Ordering::Relaxed) {
-            NO_GAMMA_YET => welcome.initial_gamma,
-            g => g,
-        }
+        ctx.estimates
+            .recent_gamma(method)
+            .unwrap_or(welcome.initial_gamma)
     };
+    // `Node::generate` refuses a model method on a node without a model.
+    let drafter = match (method.uses_model(), &ctx.engine) {
+        (true, Some(engine)) => Some(Drafter::new(id, engine.clone())),
+        _ => None,
+    };
+    let lookup = (method != DraftMethod::Model).then(|| {
+        let (min_n, max_n) = ctx.cfg.lookup_ngrams;
+        let mut ix = LookupIndex::new(min_n, max_n);
+        ix.extend(&req.prompt);
+        ix
+    });
     let output = Output::new(
         ctx.tokenizer.stream_decoder(),
         ctx.tokenizer.eos_token_ids().to_vec(),
@@ -149,13 +162,15 @@ pub(crate) fn spawn(
         sampling: req.sampling,
         initial_gamma,
         max_gamma: ctx.cfg.max_gamma,
-        method: req.method.unwrap_or(ctx.cfg.method),
+        method,
     });
     let (events_tx, events) = mpsc::unbounded_channel();
     let driver = Driver {
         overload_wait: req.overload_wait,
         kind: ctx.metrics.kind_label(req.prompt_kind.as_deref()),
-        drafter: Drafter::new(id, ctx.engine.clone()),
+        method,
+        drafter,
+        lookup,
         ctx,
         id,
         state,
@@ -194,7 +209,12 @@ struct Driver {
     id: u64,
     state: SessionState,
     output: Output,
-    drafter: Drafter,
+    /// How this session drafts.
+    method: DraftMethod,
+    /// The session's view of its draft KV (`model` and `hybrid`).
+    drafter: Option<Drafter>,
+    /// The prompt lookup index over the committed tokens (`lookup` and `hybrid`).
+    lookup: Option<LookupIndex>,
     events: mpsc::UnboundedReceiver<SessionEvent>,
     out: mpsc::Sender<GenEvent>,
     last_round_trip_ns: u64,
@@ -211,7 +231,10 @@ impl Driver {
         self.ctx.conn.open(self.id, events_tx).await;
         let result = self.generate().await;
         self.ctx.conn.close(self.id).await;
-        self.ctx.engine.release(self.id).await;
+        if let Some(d) = &self.drafter {
+            let (engine, session) = d.engine();
+            engine.release(session).await;
+        }
         self.ctx.metrics.active(-1);
         let event = match result {
             Halt::Finish(finish_reason) => GenEvent::Done(Summary {
@@ -258,16 +281,24 @@ impl Driver {
             // γ says nothing about the next request.
             if self.state.remaining() > self.ctx.cfg.max_gamma + 1 {
                 self.ctx
-                    .recent_gamma
-                    .store(verdict.next_gamma, Ordering::Relaxed);
+                    .estimates
+                    .set_recent_gamma(self.method, verdict.next_gamma);
             }
             let new = match self.state.apply(&block, &verdict) {
                 Ok(new) => new,
                 Err(e) => return Halt::Failed(e),
             };
-            self.ctx
-                .metrics
-                .round(&self.kind, gamma, verdict.accepted, sent.elapsed());
+            if let Some(ix) = self.lookup.as_mut() {
+                ix.extend(&new);
+            }
+            let drafted = block.block.draft_tokens.len();
+            self.ctx.metrics.round(
+                &self.kind,
+                self.method,
+                drafted,
+                verdict.accepted,
+                sent.elapsed(),
+            );
             if let Some(h) = self.emit(&new).await {
                 return h;
             }
@@ -308,46 +339,15 @@ impl Driver {
         h
     }
 
-    /// Drafts until `draft` holds `gamma` tokens.
-    async fn extend(&mut self, draft: &mut BlockDraft, gamma: usize) -> Result<(), Halt> {
-        while draft.len() < gamma {
-            if self.out.is_closed() {
-                return Err(Halt::ClientGone);
-            }
-            let started = Instant::now();
-            let (row, fed) = self
-                .drafter
-                .logits(&[self.state.committed(), &draft.tokens])
-                .await?;
-            // t_draft is the cost of one decode step: a catch-up step (prompt prefill, or the
-            // tokens committed during γ = 0 rounds) would inflate it and talk the controller
-            // out of drafting. One or two fed tokens (the bonus after a full acceptance) are
-            // a decode step.
-            if fed <= 2 {
-                self.observe_draft_cost(started.elapsed());
-            }
-            let sampling = *self.state.sampling();
-            draft.choose(&row, &sampling, self.ctx.cfg.top_k);
-        }
-        Ok(())
-    }
-
     fn telemetry(&self, drafted_ahead: bool) -> Telemetry {
         Telemetry {
             drafted_ahead,
             send_unix_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
-            draft_s_per_token: f32::from_bits(self.ctx.draft_cost.load(Ordering::Relaxed)),
+            draft_s_per_token: self.ctx.estimates.cost(self.method),
             last_round_trip_ns: self.last_round_trip_ns,
         }
-    }
-
-    fn observe_draft_cost(&self, took: Duration) {
-        let old = f32::from_bits(self.ctx.draft_cost.load(Ordering::Relaxed));
-        let x = took.as_secs_f32();
-        let new = if old > 0.0 { 0.8 * old + 0.2 * x } else { x };
-        self.ctx.draft_cost.store(new.to_bits(), Ordering::Relaxed);
     }
 
     /// Waits for the verdict of `block`, resending it on resync/refusal, and drafting ahead in

@@ -2,12 +2,16 @@
 //! fully accepted and the target's bonus token is the draft's own top choice. The work is kept
 //! when the verdict agrees and dropped otherwise (the draft KV then simply gets truncated by the
 //! next step), so the output is identical with pipelining on or off.
+//!
+//! Only `model` sessions pipeline: a lookup block costs microseconds (there is nothing to hide
+//! behind the verification), and `hybrid` is kept simple — its blocks mix looked-up and drafted
+//! tokens, and guessing ahead would have to run the lookup against a speculative context too.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use edgespec_proto::domain::DraftBlock;
-use edgespec_specdec::argmax;
+use edgespec_specdec::{argmax, DraftMethod};
 
 use super::draft::{BlockDraft, StepPlan};
 use super::Driver;
@@ -34,6 +38,8 @@ impl Driver {
         let gamma = block.block.draft_tokens.len();
         let eos = self.ctx.tokenizer.eos_token_ids();
         if !self.ctx.cfg.pipeline
+            || self.method != DraftMethod::Model
+            || self.drafter.is_none()
             || gamma == 0
             || block.block.draft_tokens.iter().any(|t| eos.contains(t))
         {
@@ -51,16 +57,17 @@ impl Driver {
 
     /// The next speculative step, if any is left.
     pub(super) fn spec_step(&self, spec: &Spec, block: &DraftBlock) -> Option<StepFuture> {
+        let drafter = self.drafter.as_ref()?;
         let committed = self.state.committed();
         let drafts = &block.block.draft_tokens;
         let plan = match (spec.guess, &spec.draft) {
-            (None, _) => self.drafter.plan(&[committed, drafts]),
+            (None, _) => drafter.plan(&[committed, drafts]),
             (Some(g), Some(d)) if d.len() < spec.want => {
-                self.drafter.plan(&[committed, drafts, &[g], &d.tokens])
+                drafter.plan(&[committed, drafts, &[g], &d.tokens])
             }
             _ => return None,
         };
-        let (engine, session) = self.drafter.engine();
+        let (engine, session) = drafter.engine();
         Some(Box::pin(async move {
             let r = engine.step(session, plan.start, plan.tokens.clone()).await;
             (plan, r)
@@ -77,7 +84,11 @@ impl Driver {
             *spec = None;
             return;
         };
-        self.drafter.applied(&plan);
+        let Some(drafter) = self.drafter.as_mut() else {
+            *spec = None;
+            return;
+        };
+        drafter.applied(&plan);
         let Some(s) = spec.as_mut() else { return };
         let sampling = *self.state.sampling();
         match s.guess {

@@ -19,7 +19,7 @@ use edgespec_proto::domain::{
 };
 use edgespec_proto::pb;
 use edgespec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
-use edgespec_specdec::argmax;
+use edgespec_specdec::{argmax, DraftMethod};
 use edgespec_testkit::harness::{eventually, Running};
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -54,6 +54,9 @@ impl TinyModel {
 pub struct Target {
     model: Mutex<Box<dyn CausalLm>>,
     pub perturb_every: usize,
+    /// Instead of the model: repeat the context with this period (the token `period` positions
+    /// back), a target that continues a repeated list the way a real model would.
+    pub period: Option<usize>,
 }
 
 impl Target {
@@ -61,11 +64,25 @@ impl Target {
         Target {
             model: Mutex::new(load_gguf(path, DeviceKind::Cpu).unwrap()),
             perturb_every,
+            period: None,
+        }
+    }
+
+    /// A target that continues its context with period `period` (see [`Target::period`]).
+    pub fn periodic(path: &Path, period: usize) -> Target {
+        Target {
+            period: Some(period),
+            ..Target::new(path, 0)
         }
     }
 
     /// The target's token after each of the last `rows` prefixes of `seq`.
     pub fn next_tokens(&self, seq: &[u32], rows: usize) -> Vec<u32> {
+        if let Some(p) = self.period {
+            return (seq.len() + 1 - rows..=seq.len())
+                .map(|len| if len >= p { seq[len - p] } else { 0 })
+                .collect();
+        }
         let mut m = self.model.lock().unwrap();
         let out = m
             .forward_batch(&[SeqRequest {
@@ -170,6 +187,15 @@ pub struct Record {
     pub drafted_ahead: usize,
     /// `pipelined` of the last hello.
     pub hello_pipelined: Option<bool>,
+    /// `method` of the last hello (the node's default drafting method).
+    pub hello_method: Option<DraftMethod>,
+    /// `method` of every block, in arrival order.
+    pub block_methods: Vec<DraftMethod>,
+    /// `draft_s_per_token` of every block, in arrival order.
+    pub block_costs: Vec<f32>,
+    /// Draft distributions that are a point mass on their own draft token (lookup under
+    /// sampling).
+    pub point_masses: usize,
 }
 
 struct Shared {
@@ -254,6 +280,7 @@ impl Coordinator for Service {
             let mut r = self.0.record.lock().unwrap();
             r.hellos += 1;
             r.hello_pipelined = Some(hello.pipelined);
+            r.hello_method = Some(hello.method);
             if r.hellos > 1 && r.rejected_streams < script.reject_reconnects {
                 r.rejected_streams += 1;
                 return Err(Status::unavailable("scripted: coordinator restarting"));
@@ -380,6 +407,14 @@ async fn handle_block(
         r.blocks_with_history += usize::from(b.history.is_some());
         r.draft_probs_seen += b.draft_probs.len();
         r.drafted_ahead += usize::from(d.drafted_ahead);
+        r.block_methods.push(d.method);
+        r.block_costs.push(d.draft_s_per_token);
+        r.point_masses += b
+            .draft_probs
+            .iter()
+            .zip(&b.draft_tokens)
+            .filter(|(q, &t)| q.ids == [t] && q.probs == [1.0])
+            .count();
         if script.silent {
             return Reply::Nothing;
         }
