@@ -324,6 +324,7 @@ const VERIFIER_COLUMNS: &Columns = &[
 const DRAFT_COLUMNS: &Columns = &[
     ("NODE", "node_id"),
     ("STREAM", "stream"),
+    ("METHOD", "method"),
     ("SESSIONS", "sessions"),
     ("RTT_MS", "rtt_ms"),
     ("BANDWIDTH_B/S", "bandwidth_bytes_per_s"),
@@ -332,9 +333,21 @@ const DRAFT_COLUMNS: &Columns = &[
     ("PIPELINED", "pipelined"),
 ];
 
+/// One row per (draft stream, drafting method): `drafts[].methods[]`.
+const DRAFT_METHOD_COLUMNS: &Columns = &[
+    ("METHOD", "method"),
+    ("SESSIONS", "sessions"),
+    ("ROUNDS", "rounds"),
+    ("ACCEPTANCE", "acceptance"),
+    ("MEAN_GAMMA", "mean_gamma"),
+    ("DRAFT_MS/TOK", "draft_ms_per_token"),
+    ("PLANNED_MS/TOK", "planned_draft_ms_per_token"),
+];
+
 const SESSION_COLUMNS: &Columns = &[
     ("ID", "id"),
     ("DRAFT", "draft_node"),
+    ("METHOD", "method"),
     ("VERIFIER", "verifier"),
     ("GAMMA", "gamma"),
     ("ALPHA", "alpha"),
@@ -355,14 +368,33 @@ fn objects_table(v: &Value, key: &str, columns: &Columns) -> String {
 
 fn nodes_table(v: &Value) -> String {
     format!(
-        "coordinator {}  fleet {}\n\nverify nodes ({})\n{}\ndraft streams ({})\n{}",
+        "coordinator {}  fleet {}\n\nverify nodes ({})\n{}\ndraft streams ({})\n{}\n\
+         drafting methods\n{}",
         text(&v["coordinator_id"]),
         text(&v["fleet_fingerprint"]),
         items(v, "verifiers").len(),
         objects_table(v, "verifiers", VERIFIER_COLUMNS),
         items(v, "drafts").len(),
         objects_table(v, "drafts", DRAFT_COLUMNS),
+        draft_methods_table(v),
     )
+}
+
+/// Acceptance, mean γ and rounds of each draft stream's sessions by drafting method.
+fn draft_methods_table(v: &Value) -> String {
+    let mut header = vec!["NODE", "STREAM"];
+    header.extend(DRAFT_METHOD_COLUMNS.iter().map(|(h, _)| *h));
+    let rows: Vec<Vec<String>> = items(v, "drafts")
+        .iter()
+        .flat_map(|d| {
+            items(d, "methods").iter().map(move |m| {
+                let mut row = vec![text(&d["node_id"]), text(&d["stream"])];
+                row.extend(DRAFT_METHOD_COLUMNS.iter().map(|(_, k)| text(&m[*k])));
+                row
+            })
+        })
+        .collect();
+    table(&header, &rows)
 }
 
 fn sessions_table(v: &Value) -> String {
@@ -497,5 +529,33 @@ mod tests {
         assert!(cloud.contains("0/1") && cloud.contains("0/4"), "{view}");
         let link = view.lines().find(|l| l.starts_with("edge-1")).unwrap();
         assert!(link.contains("41.50") && link.contains(" 3.0 "), "{view}");
+    }
+
+    #[test]
+    fn nodes_list_each_draft_streams_methods() {
+        let nodes = json!({
+            "coordinator_id": "coord-1",
+            "fleet_fingerprint": "fp",
+            "verifiers": [],
+            "drafts": [{"node_id": "edge-1", "stream": 3, "method": "model", "sessions": 2,
+                "methods": [
+                    {"method": "model", "sessions": 1, "rounds": 10, "acceptance": 0.5,
+                     "mean_gamma": 0.0, "draft_ms_per_token": 80.0,
+                     "planned_draft_ms_per_token": 80.0},
+                    {"method": "lookup", "sessions": 1, "rounds": 7, "acceptance": 0.9,
+                     "mean_gamma": 4.5, "draft_ms_per_token": 0.01,
+                     "planned_draft_ms_per_token": 0.01}
+                ]}]
+        });
+        let view = nodes_table(&nodes);
+        let stream = view.lines().find(|l| l.starts_with("edge-1")).unwrap();
+        assert!(stream.contains("model"), "{view}");
+        let lookup = view
+            .lines()
+            .find(|l| l.starts_with("edge-1") && l.contains("lookup"))
+            .unwrap_or_else(|| panic!("no lookup row: {view}"));
+        let cells: Vec<&str> = lookup.split_whitespace().collect();
+        assert_eq!(&cells[..5], &["edge-1", "3", "lookup", "1", "7"], "{view}");
+        assert!(cells.contains(&"4.50"), "{view}");
     }
 }
