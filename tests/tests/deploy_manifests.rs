@@ -379,7 +379,8 @@ fn exported_metrics() -> String {
     coordinator.set_link("edge-1", 0.05, 1e6);
     let draft = edgespec_draft_node::metrics::Metrics::new();
     draft.request("chat", "ok");
-    draft.round("code", 4, 3, std::time::Duration::from_millis(30));
+    let lookup = edgespec_proto::domain::DraftMethod::Lookup;
+    draft.round("code", lookup, 4, 3, std::time::Duration::from_millis(30));
     let verify = edgespec_verify_node::metrics::Metrics::new();
     verify.session_error("resync_needed");
     let tls = format!(
