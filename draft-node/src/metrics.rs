@@ -175,7 +175,7 @@ impl Metrics {
             rounds_by_method.clone(),
         );
         r.register(
-            format!("{p}gamma"),
+            format!("{p}method_gamma"),
             "Draft tokens per block (γ as drafted; lookup may draft fewer than granted), by drafting method",
             gamma_by_method.clone(),
         );
