@@ -8,6 +8,8 @@
 pub mod error;
 pub mod fetch;
 pub mod forward;
+// Our quantized CPU matmul kernels and worker pool: the crate's only `unsafe` code.
+mod kernels;
 // Synthetic GGUF files (tiny test models, real-shape models for the GPU check): compiled only
 // for the crates that ask for them (`synthetic` feature) and for this crate's own unit tests.
 #[cfg(any(test, feature = "synthetic"))]

@@ -19,12 +19,20 @@
 //! padding costs nothing measurable (the output projection is memory-bound either way). Only where
 //! those return `None` (other CPUs, other dtypes, other shapes) does it fall back to
 //! `QMatMul::forward`.
+//!
+//! All of that is now the fallback: on the CPU, Q4_K, Q6_K and Q8_0 weights go through our own
+//! kernels (`crate::kernels`: one dot function per output element whatever `m`, bit-identical
+//! across instruction sets, one shared worker pool), unless `EDGESPEC_CPU_KERNELS=candle`.
+//! The layers of a group share one activation quantization and one pass over the pool even when
+//! their formats differ (the 1.5B's Q6_K `attn_v` beside its Q4_K `attn_q`/`attn_k`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
+
+use crate::kernels::{self, Isa, Mode, WeightFormat, WeightRef};
 
 /// candle's tiled kernels need the input width to be a multiple of this (a K-quant super-block).
 const TILE_K: usize = 256;
@@ -45,13 +53,20 @@ pub(crate) struct Linear {
     in_dim: usize,
     /// Input width of `weight`: `in_dim`, or more where zero columns were appended (module docs).
     weight_in: usize,
+    /// Our kernel for this weight (CPU, a format we have, not `EDGESPEC_CPU_KERNELS=candle`).
+    ours: Option<(Isa, WeightFormat)>,
 }
 
 impl Linear {
     pub(crate) fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let cpu = weight.device().is_cpu();
         let (_, in_dim) = weight.shape().dims2()?;
-        let weight = if cpu {
+        let ours = if cpu {
+            our_kernel(weight.dtype())
+        } else {
+            None
+        };
+        let weight = if cpu && ours.is_none() {
             pad_q8_0_for_tiles(&weight)?.unwrap_or(weight)
         } else {
             weight
@@ -66,6 +81,7 @@ impl Linear {
             cpu,
             in_dim,
             weight_in,
+            ours,
         })
     }
 
@@ -110,6 +126,16 @@ impl Linear {
     fn cpu_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outs: Vec<Option<Tensor>> = vec![None; layers.len()];
         let mut done = vec![false; layers.len()];
+        let ours: Vec<usize> = (0..layers.len())
+            .filter(|&i| layers[i].ours.is_some())
+            .collect();
+        if !ours.is_empty() {
+            let group: Vec<&Linear> = ours.iter().map(|&i| layers[i]).collect();
+            for (&i, y) in ours.iter().zip(Self::ours_group(&group, x)?) {
+                done[i] = true;
+                outs[i] = Some(y);
+            }
+        }
         for i in 0..layers.len() {
             if done[i] {
                 continue;
@@ -133,6 +159,41 @@ impl Linear {
             }
         }
         Ok(outs.into_iter().flatten().collect())
+    }
+
+    /// Layers with our kernels (one instruction set per process), in one call.
+    fn ours_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let datas = layers
+            .iter()
+            .map(|l| l.weight.data())
+            .collect::<Result<Vec<_>>>()?;
+        let mut isa = Isa::Scalar;
+        let mut refs = Vec::with_capacity(layers.len());
+        for (l, data) in layers.iter().zip(&datas) {
+            let Some((i, format)) = l.ours else {
+                candle_core::bail!("ours_group: a layer without our kernel");
+            };
+            if l.in_dim != k {
+                candle_core::bail!("linear: input width {k}, weight width {}", l.in_dim);
+            }
+            isa = i;
+            refs.push(WeightRef {
+                data: data.as_ref(),
+                n: l.out_dim(),
+                k,
+                format,
+            });
+        }
+        kernels::matmul(isa, &refs, &xs, m)
+            .into_iter()
+            .zip(&refs)
+            .map(|(y, w)| Tensor::from_vec(y, (m, w.n), &Device::Cpu))
+            .collect()
     }
 
     fn cpu_same_dtype(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
@@ -161,6 +222,20 @@ impl Linear {
             Ok(outs)
         }
     }
+}
+
+/// Our kernel for a CPU weight of `dtype`, unless `EDGESPEC_CPU_KERNELS=candle` or we have none.
+fn our_kernel(dtype: GgmlDType) -> Option<(Isa, WeightFormat)> {
+    let Mode::Ours(isa) = kernels::mode() else {
+        return None;
+    };
+    let format = match dtype {
+        GgmlDType::Q4K => WeightFormat::Q4K,
+        GgmlDType::Q6K => WeightFormat::Q6K,
+        GgmlDType::Q8_0 => WeightFormat::Q8_0,
+        _ => return None,
+    };
+    Some((isa, format))
 }
 
 /// A copy of a Q8_0 `[n, k]` CPU weight with zero blocks appended to every row up to the next
@@ -249,7 +324,8 @@ mod tests {
         if let Some(p) = pad_q8_0_for_tiles(&q8_0(16, 96)?)? {
             assert_eq!(p.shape().dims(), &[16, 256]);
             let lin = Linear::new(q8_0(16, 96)?, None)?;
-            assert!(lin.is_padded());
+            // Only the candle route pads; our kernels take any multiple of 32.
+            assert_eq!(lin.is_padded(), lin.ours.is_none());
         }
         Ok(())
     }

@@ -1,0 +1,382 @@
+//! Our CPU quantized matmul: activation quantization, quantized dot products for the weight
+//! formats of the pinned models (Q4_K, Q6_K, Q8_0) and the process-wide worker pool that runs
+//! them. **All of the crate's `unsafe` lives in this module** (SIMD intrinsics in `avx2.rs`, the
+//! lifetime-erased job pointer and the disjoint-item hand-out in `pool.rs`); the rest of the
+//! workspace keeps `unsafe_code = "deny"`.
+//!
+//! # Numerics and batch invariance
+//!
+//! A weight row · activation row product is computed by exactly one call of one dot function,
+//! whatever the number of rows `m` in the matmul and however the pool splits the work, so a
+//! position's output never depends on its neighbours. Inside a dot product the integer part is
+//! exact (no i16 saturation is possible with our activation range of ±127); the f32 part is, per
+//! super-block, one fused multiply-add into each of 8 lanes (lane `j` holds elements `4j..4j+3`
+//! of every 32-element group, the layout of AVX2's `maddubs`/`madd`), plus one fused
+//! multiply-add of the block's min/offset correction, and at the end a fixed 8→1 lane tree. The
+//! scalar reference (`scalar.rs`) performs the same operations in the same order, so every SIMD
+//! path is **bit-identical** to it (the tests check equality, not a tolerance).
+//!
+//! Activations are quantized symmetrically (`d = max|x| / 127`, round half to even), per
+//! 256-element super-block for K-quant weights (Q8_K-like, with 16-element sums for the min
+//! terms) and per 32-element block for Q8_0 weights. The rounding is the scalar code on every
+//! path.
+//!
+//! # Selection
+//!
+//! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best of AVX2 and scalar this CPU
+//! has), `avx2`, `scalar`, or `candle` (leave every matmul to candle, as before these kernels).
+
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod pool;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+
+pub(crate) use pool::{pool, Pool};
+
+/// Elements of a K-quant super-block.
+pub(crate) const QK_K: usize = 256;
+
+/// Elements and bytes of one weight block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockShape {
+    pub elems: usize,
+    pub bytes: usize,
+}
+
+pub(crate) const Q4K: BlockShape = BlockShape {
+    elems: QK_K,
+    bytes: 144,
+};
+pub(crate) const Q6K: BlockShape = BlockShape {
+    elems: QK_K,
+    bytes: 210,
+};
+pub(crate) const Q8_0: BlockShape = BlockShape {
+    elems: 32,
+    bytes: 34,
+};
+
+/// A weight format with our own kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightFormat {
+    Q4K,
+    Q6K,
+    Q8_0,
+}
+
+impl WeightFormat {
+    pub(crate) fn shape(self) -> BlockShape {
+        match self {
+            WeightFormat::Q4K => Q4K,
+            WeightFormat::Q6K => Q6K,
+            WeightFormat::Q8_0 => Q8_0,
+        }
+    }
+
+    fn act(self) -> ActFormat {
+        match self {
+            WeightFormat::Q4K | WeightFormat::Q6K => ActFormat::Q8K,
+            WeightFormat::Q8_0 => ActFormat::Q8_0,
+        }
+    }
+}
+
+/// How activations are quantized for a weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActFormat {
+    /// 256-element blocks with 16-element sums.
+    Q8K,
+    /// 32-element blocks.
+    Q8_0,
+}
+
+impl ActFormat {
+    fn block(self) -> usize {
+        match self {
+            ActFormat::Q8K => QK_K,
+            ActFormat::Q8_0 => 32,
+        }
+    }
+}
+
+/// An instruction set our kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    /// Every instruction set this CPU can run (the scalar one first).
+    pub(crate) fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::detected() {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+}
+
+/// What `EDGESPEC_CPU_KERNELS` selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Our kernels on this instruction set.
+    Ours(Isa),
+    /// candle's quantized matmul (the route before our kernels).
+    Candle,
+}
+
+/// The process's kernel choice (`EDGESPEC_CPU_KERNELS`, read once).
+pub(crate) fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let raw = std::env::var("EDGESPEC_CPU_KERNELS").unwrap_or_default();
+        let best = *Isa::available().last().unwrap_or(&Isa::Scalar);
+        let mode = match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Mode::Ours(best),
+            "scalar" => Mode::Ours(Isa::Scalar),
+            "candle" => Mode::Candle,
+            #[cfg(target_arch = "x86_64")]
+            "avx2" if avx2::detected() => Mode::Ours(Isa::Avx2),
+            other => {
+                tracing::warn!(
+                    value = other,
+                    "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx2, scalar, \
+                     candle); using auto"
+                );
+                Mode::Ours(best)
+            }
+        };
+        tracing::debug!(?mode, "CPU quantized kernels");
+        mode
+    })
+}
+
+/// Exact f16 → f32 (little-endian bytes).
+pub(crate) fn f16_to_f32(b: [u8; 2]) -> f32 {
+    let h = u32::from(u16::from_le_bytes(b));
+    let sign = (h & 0x8000) << 16;
+    let exp = (h >> 10) & 0x1f;
+    let man = h & 0x3ff;
+    let bits = match exp {
+        0 => {
+            // Zero or subnormal: man · 2⁻²⁴, exact in f32.
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        31 => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// The 6-bit scales and mins of a Q4_K super-block's 8 sub-blocks (from its 12 packed bytes).
+pub(crate) fn q4k_scales_mins(p: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..4 {
+        sc[j] = p[j] & 63;
+        mn[j] = p[j + 4] & 63;
+    }
+    for j in 4..8 {
+        sc[j] = (p[j + 4] & 0xf) | ((p[j - 4] >> 6) << 4);
+        mn[j] = (p[j + 4] >> 4) | ((p[j] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+/// Quantized activation rows: `m` rows of `k` values in blocks of `act.block()`.
+#[derive(Debug, Clone)]
+pub(crate) struct Acts {
+    pub k: usize,
+    pub qs: Vec<i8>,
+    /// One scale per block, row after row.
+    pub d: Vec<f32>,
+    /// Sums of 16 consecutive `qs` (Q8K only), row after row.
+    pub bsums: Vec<i16>,
+    pub format: ActFormat,
+}
+
+/// Rounds half to even for |v| ≤ 2²²: adding and subtracting 1.5·2²³ leaves an integer.
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+/// Quantizes `x` (`m` rows of `k`, `k` a multiple of the format's block).
+pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
+    let block = format.block();
+    assert!(k % block == 0 && x.len() % k == 0, "activation shape");
+    let nb = x.len() / block;
+    let mut acts = Acts {
+        k,
+        qs: vec![0; x.len()],
+        d: vec![0.0; nb],
+        bsums: if format == ActFormat::Q8K {
+            vec![0; x.len() / 16]
+        } else {
+            Vec::new()
+        },
+        format,
+    };
+    for ((xb, qb), d) in x
+        .chunks_exact(block)
+        .zip(acts.qs.chunks_exact_mut(block))
+        .zip(acts.d.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if amax > 0.0 && amax.is_finite() {
+            let id = 127.0 / amax;
+            *d = amax / 127.0;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = round_even(v * id).clamp(-127.0, 127.0) as i8;
+            }
+        }
+        // else: all zero (or non-finite: the row is garbage either way; zeros keep it finite
+        // where candle would propagate NaN — the model never produces such rows).
+    }
+    if format == ActFormat::Q8K {
+        for (s, q) in acts.bsums.iter_mut().zip(acts.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| i16::from(v)).sum();
+        }
+    }
+    acts
+}
+
+impl Acts {
+    /// Row `r`: values, block scales, 16-sums.
+    fn row(&self, r: usize) -> (&[i8], &[f32], &[i16]) {
+        let nb = self.k / self.format.block();
+        let bs = if self.bsums.is_empty() {
+            &self.bsums[..]
+        } else {
+            &self.bsums[r * self.k / 16..(r + 1) * self.k / 16]
+        };
+        (
+            &self.qs[r * self.k..(r + 1) * self.k],
+            &self.d[r * nb..(r + 1) * nb],
+            bs,
+        )
+    }
+}
+
+/// One weight row (`k / block` blocks) · activation row `r`.
+pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usize) -> f32 {
+    debug_assert_eq!(acts.format, format.act());
+    let (q, d, bs) = acts.row(r);
+    match isa {
+        Isa::Scalar => match format {
+            WeightFormat::Q4K => scalar::dot_q4k(w, q, d, bs),
+            WeightFormat::Q6K => scalar::dot_q6k(w, q, d, bs),
+            WeightFormat::Q8_0 => scalar::dot_q8_0(w, q, d),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match format {
+            WeightFormat::Q4K => avx2::dot_q4k(w, q, d, bs),
+            WeightFormat::Q6K => avx2::dot_q6k(w, q, d, bs),
+            WeightFormat::Q8_0 => avx2::dot_q8_0(w, q, d),
+        },
+    }
+}
+
+/// A quantized weight `[n, k]` as raw blocks (row-major, `k / block` blocks per row).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightRef<'a> {
+    pub data: &'a [u8],
+    pub n: usize,
+    pub k: usize,
+    pub format: WeightFormat,
+}
+
+impl WeightRef<'_> {
+    fn row_bytes(&self) -> usize {
+        self.k / self.format.shape().elems * self.format.shape().bytes
+    }
+}
+
+/// Weight rows one pool task computes (for all activation rows).
+const ROWS_PER_TASK: usize = 16;
+/// Activation rows kept hot (in L1/L2) while a task walks its weight rows: for up to this many
+/// rows each weight block is read from memory once.
+const ACT_TILE: usize = 16;
+
+/// `y_l = x · W_lᵀ` for every weight `l` (all with the same `k`), `x` being `m` rows of `k`:
+/// activations are quantized once per format, then the pool computes every output row of every
+/// weight. Returns each `y_l` row-major `[m, n_l]`.
+pub(crate) fn matmul(isa: Isa, weights: &[WeightRef<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    matmul_in(pool(), isa, weights, x, m)
+}
+
+/// [`matmul`] on a given pool.
+pub(crate) fn matmul_in(
+    pool: &Pool,
+    isa: Isa,
+    weights: &[WeightRef<'_>],
+    x: &[f32],
+    m: usize,
+) -> Vec<Vec<f32>> {
+    let Some(k) = weights.first().map(|w| w.k) else {
+        return Vec::new();
+    };
+    assert!(weights
+        .iter()
+        .all(|w| w.k == k && w.data.len() == w.n * w.row_bytes()));
+    assert_eq!(x.len(), m * k, "activation shape");
+    let needs = |f: ActFormat| weights.iter().any(|w| w.format.act() == f);
+    let q8k = needs(ActFormat::Q8K).then(|| quantize(x, k, ActFormat::Q8K));
+    let q80 = needs(ActFormat::Q8_0).then(|| quantize(x, k, ActFormat::Q8_0));
+    // Outputs transposed, `[n_l, m]`, so that a task's rows are one contiguous slice.
+    let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; w.n * m]).collect();
+    {
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (l, out) in outs.iter_mut().enumerate() {
+            for (t, chunk) in out.chunks_mut(ROWS_PER_TASK * m).enumerate() {
+                tasks.push((l, t * ROWS_PER_TASK, chunk));
+            }
+        }
+        pool.for_each_mut(&mut tasks, |(l, row0, out)| {
+            let w = &weights[*l];
+            let acts = match w.format.act() {
+                ActFormat::Q8K => q8k.as_ref(),
+                ActFormat::Q8_0 => q80.as_ref(),
+            }
+            .expect("quantized above");
+            let rb = w.row_bytes();
+            let rows = out.len() / m;
+            for r0 in (0..m).step_by(ACT_TILE) {
+                let r1 = (r0 + ACT_TILE).min(m);
+                for i in 0..rows {
+                    let wrow = &w.data[(*row0 + i) * rb..(*row0 + i + 1) * rb];
+                    for r in r0..r1 {
+                        out[i * m + r] = dot(isa, w.format, wrow, acts, r);
+                    }
+                }
+            }
+        });
+    }
+    if m > 1 {
+        for (out, w) in outs.iter_mut().zip(weights) {
+            *out = transpose(out, w.n, m);
+        }
+    }
+    outs
+}
+
+/// `[n, m]` → `[m, n]`.
+fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
+    let mut t = vec![0f32; a.len()];
+    for (i, row) in a.chunks_exact(m).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            t[r * n + i] = v;
+        }
+    }
+    t
+}

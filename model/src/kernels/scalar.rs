@@ -1,0 +1,117 @@
+//! Portable reference kernels. Safe Rust only; every SIMD path must reproduce these results bit
+//! for bit (same integer lanes, same f32 operations in the same order — see `super`'s docs).
+
+use super::{f16_to_f32, q4k_scales_mins, Q4K, Q6K, Q8_0, QK_K};
+
+/// The 8-lane horizontal sum in the order the SIMD paths use: upper half onto lower half, then
+/// lanes 2,3 onto 0,1, then lane 1 onto 0.
+pub(super) fn hsum8(a: [f32; 8]) -> f32 {
+    let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let q = [h[0] + h[2], h[1] + h[3]];
+    q[0] + q[1]
+}
+
+/// `Σ_e (lo or hi nibble)·y` for one 32-element sub-block, accumulated into 8 lanes of 4
+/// consecutive elements, times the sub-block's scale.
+fn lanes_u8(
+    lanes: &mut [i32; 8],
+    q: impl Fn(usize) -> i32,
+    y: &[i8],
+    scale: impl Fn(usize) -> i32,
+) {
+    for (j, lane) in lanes.iter_mut().enumerate() {
+        let p: i32 = (4 * j..4 * j + 4).map(|e| q(e) * i32::from(y[e])).sum();
+        *lane += scale(j) * p;
+    }
+}
+
+/// Q4_K weight row · Q8_K activation row.
+pub(super) fn dot_q4k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut accm = 0f32;
+    for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
+        let d = f16_to_f32([blk[0], blk[1]]) * xd[b];
+        let dmin = f16_to_f32([blk[2], blk[3]]) * xd[b];
+        let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+        let qs = &blk[16..144];
+        let y = &xq[b * QK_K..(b + 1) * QK_K];
+        let mut lanes = [0i32; 8];
+        for c in 0..4 {
+            let q = &qs[32 * c..32 * c + 32];
+            let s0 = i32::from(sc[2 * c]);
+            let s1 = i32::from(sc[2 * c + 1]);
+            lanes_u8(&mut lanes, |e| i32::from(q[e] & 15), &y[64 * c..], |_| s0);
+            lanes_u8(
+                &mut lanes,
+                |e| i32::from(q[e] >> 4),
+                &y[64 * c + 32..],
+                |_| s1,
+            );
+        }
+        let bs = &xbs[b * 16..b * 16 + 16];
+        let mut summ = 0i32;
+        for j in 0..8 {
+            summ += i32::from(mn[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
+        }
+        for j in 0..8 {
+            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
+        }
+        accm = dmin.mul_add(summ as f32, accm);
+    }
+    hsum8(acc) - accm
+}
+
+/// Q6_K weight row · Q8_K activation row.
+pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut accc = 0f32;
+    for (b, blk) in w.chunks_exact(Q6K.bytes).enumerate() {
+        let (ql, rest) = blk.split_at(128);
+        let (qh, rest) = rest.split_at(64);
+        let (scales, dbytes) = rest.split_at(16);
+        let d = f16_to_f32([dbytes[0], dbytes[1]]) * xd[b];
+        let sc = |i: usize| i32::from(scales[i] as i8);
+        let y = &xq[b * QK_K..(b + 1) * QK_K];
+        let mut lanes = [0i32; 8];
+        for n in 0..2 {
+            let (l, h) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+            let quarters: [&dyn Fn(usize) -> i32; 4] = [
+                &|e| i32::from((l[e] & 15) | ((h[e] & 3) << 4)),
+                &|e| i32::from((l[e + 32] & 15) | (((h[e] >> 2) & 3) << 4)),
+                &|e| i32::from((l[e] >> 4) | (((h[e] >> 4) & 3) << 4)),
+                &|e| i32::from((l[e + 32] >> 4) | (((h[e] >> 6) & 3) << 4)),
+            ];
+            for (i, q) in quarters.iter().enumerate() {
+                let s = 8 * n + 2 * i;
+                let yy = &y[128 * n + 32 * i..];
+                lanes_u8(&mut lanes, q, yy, |j| sc(s + j / 4));
+            }
+        }
+        let bs = &xbs[b * 16..b * 16 + 16];
+        let mut corr = 0i32;
+        for (s, &b) in bs.iter().enumerate() {
+            corr += sc(s) * i32::from(b);
+        }
+        corr *= 32;
+        for j in 0..8 {
+            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
+        }
+        accc = d.mul_add(corr as f32, accc);
+    }
+    hsum8(acc) - accc
+}
+
+/// Q8_0 weight row · Q8_0 activation row (32-element blocks, one f32 scale per activation block).
+pub(super) fn dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
+        let d = f16_to_f32([blk[0], blk[1]]) * xd[b];
+        let y = &xq[b * 32..b * 32 + 32];
+        let mut lanes = [0i32; 8];
+        lanes_u8(&mut lanes, |e| i32::from(blk[2 + e] as i8), y, |_| 1);
+        for j in 0..8 {
+            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
+        }
+    }
+    hsum8(acc)
+}
