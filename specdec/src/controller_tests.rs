@@ -1,4 +1,5 @@
 use super::*;
+use crate::estimate::{AcceptancePrior, LinkConfig};
 
 const POOL: PoolContext = PoolContext {
     queue_s: 0.005,
