@@ -145,10 +145,15 @@ fn dots_match_candles_dequantized_product_within_the_activation_rounding() {
         (WeightFormat::Q6K, GgmlDType::Q6K),
         (WeightFormat::Q8_0, GgmlDType::Q8_0),
     ] {
-        let w: Vec<f32> = (0..n * k).map(|_| rng.unit()).collect();
+        // Sub-blocks of different spread and offset, so every scale and min matters.
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| rng.unit() * (0.25 + ((i / 32) % 8) as f32) + ((i / 16) % 5) as f32 * 0.3)
+            .collect();
         let (q, deq) = candle_weight(&w, n, k, dtype);
         let data = q.data().unwrap();
-        let x = random_x(&mut rng, k);
+        // A positive mean (as after SiLU), so that min and offset terms weigh in; no outliers,
+        // so that the bound is tight enough to see a wrong term.
+        let x: Vec<f32> = (0..k).map(|_| rng.unit() + 0.7).collect();
         let acts = quantize(&x, k, format.act());
         let block = format.act().block();
         let rb = data.len() / n;
