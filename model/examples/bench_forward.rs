@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release -j2 -p edgespec-model --example bench_forward -- \
-//!     [--models-dir DIR] [--runs 3] [--decode 32] [--only 1.5b|0.5b]
+//!     [--models-dir DIR] [--runs 3] [--decode 32] [--only 1.5b|0.5b] [--no-candle]
 //! ```
+//! `--no-candle` skips candle-transformers (the peer is then llama.cpp's `llama-bench`, run
+//! separately); `EDGESPEC_CPU_KERNELS` picks our kernels (`auto`, `avx2`, `scalar`, `candle`) and
+//! `taskset -c 1` pins to one core (the pool follows the affinity).
 //! Model files are looked up in `--models-dir`, `$EDGESPEC_MODEL_DIR` or
 //! `$HOME/.cache/edgespec/models`. Prints markdown tables; every number is the median of
 //! `--runs` runs.
@@ -28,6 +31,7 @@ struct Args {
     runs: usize,
     decode: usize,
     only: Option<String>,
+    no_candle: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -41,6 +45,7 @@ fn parse_args() -> Result<Args> {
         runs: 3,
         decode: 32,
         only: None,
+        no_candle: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +55,7 @@ fn parse_args() -> Result<Args> {
             "--runs" => args.runs = value()?.parse()?,
             "--decode" => args.decode = value()?.parse()?,
             "--only" => args.only = Some(value()?),
+            "--no-candle" => args.no_candle = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -120,20 +126,27 @@ struct Pair {
 /// Decode ms/token and 128-token prefill ms of both implementations, runs interleaved so that
 /// background load hits both alike.
 fn compare(m: &mut dyn CausalLm, path: &Path, args: &Args) -> Result<(Pair, Pair)> {
-    let mut file = File::open(path)?;
-    let ct = gguf_file::Content::read(&mut file)?;
-    let mut theirs = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
+    let mut theirs = if args.no_candle {
+        None
+    } else {
+        let mut file = File::open(path)?;
+        let ct = gguf_file::Content::read(&mut file)?;
+        Some(ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?)
+    };
     let long = prompt(128);
     let x = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let mut t: [Vec<f64>; 4] = Default::default();
     for run in 0..args.runs {
         t[0].push(ours_decode_run(m, 1000 + run as u64, args.decode)?);
-        t[1].push(candle_decode_run(&mut theirs, args.decode)?);
         t[2].push(time_ms(|| {
             m.forward_batch(&[req(2000, 0, long.clone(), 1)])?;
             Ok(())
         })?);
         m.release(2000);
+        let Some(theirs) = theirs.as_mut() else {
+            continue;
+        };
+        t[1].push(candle_decode_run(theirs, args.decode)?);
         theirs.clear_kv_cache();
         t[3].push(time_ms(|| {
             theirs.forward(&x, 0)?;
@@ -151,7 +164,7 @@ fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
-const VERIFY_KS: [usize; 7] = [1, 2, 4, 6, 8, 12, 16];
+const VERIFY_KS: [usize; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 
 /// Verifying k new tokens after a 128-token prefix, all-position logits; the k values are
 /// interleaved within each run so that background load hits them alike. Medians per k.
@@ -221,21 +234,25 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
         args.decode
     );
     println!("|---|---:|---:|---:|");
-    for (name, d, p) in [
-        ("edgespec forward", decode.ours, prefill.ours),
-        (
-            "candle-transformers quantized_qwen2",
-            decode.theirs,
-            prefill.theirs,
-        ),
-    ] {
-        println!("| {name} | {d:.1} | {:.1} | {p:.0} |", 1e3 / d);
-    }
     println!(
-        "| ratio ours / candle | {:.3} | | {:.3} |",
-        decode.ours / decode.theirs,
-        prefill.ours / prefill.theirs
+        "| edgespec forward | {:.1} | {:.1} | {:.0} |",
+        decode.ours,
+        1e3 / decode.ours,
+        prefill.ours
     );
+    if !args.no_candle {
+        println!(
+            "| candle-transformers quantized_qwen2 | {:.1} | {:.1} | {:.0} |",
+            decode.theirs,
+            1e3 / decode.theirs,
+            prefill.theirs
+        );
+        println!(
+            "| ratio ours / candle | {:.3} | | {:.3} |",
+            decode.ours / decode.theirs,
+            prefill.ours / prefill.theirs
+        );
+    }
 
     let rows = verify_table(m.as_mut(), args.runs)?;
     let step = rows[0].1;
@@ -255,7 +272,12 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    println!("runs per number: {} (median)", args.runs);
+    println!(
+        "runs per number: {} (median); EDGESPEC_CPU_KERNELS={}; {} CPUs in the affinity",
+        args.runs,
+        std::env::var("EDGESPEC_CPU_KERNELS").unwrap_or_else(|_| "auto".into()),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     for (label, file, key) in [
         ("Qwen2.5-Coder-1.5B Q4_K_M (target)", TARGET, "1.5b"),
         ("Qwen2.5-Coder-0.5B Q8_0 (draft)", DRAFT, "0.5b"),

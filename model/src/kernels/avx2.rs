@@ -1,13 +1,18 @@
 //! AVX2 + FMA + F16C dot products, bit-identical to `scalar.rs` (same integer lanes, same fused
 //! multiply-adds, same final lane tree; see the parent module's docs).
 //!
+//! Each kernel takes one weight row and `R` (1, 2 or 4) activation rows: the weight's blocks are
+//! unpacked once and multiplied into every row, which is what makes a verification block of a
+//! few rows cost little more than one row. Per row the operations are exactly those of `R = 1`,
+//! so the result of a row does not depend on `R`.
+//!
 //! The `#[target_feature]` functions are safe to call only where the features are present; the
-//! public wrappers check [`detected`] once (cached) and assert it.
+//! wrappers check [`detected`] (cached) first.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{q4k_scales_mins, Q4K, Q6K, Q8_0, QK_K};
+use super::{Q4K, Q6K, Q8_0, QK_K};
 
 /// Whether this CPU has AVX2, FMA and F16C (checked once).
 pub(super) fn detected() -> bool {
@@ -18,6 +23,9 @@ pub(super) fn detected() -> bool {
             && is_x86_feature_detected!("f16c")
     })
 }
+
+/// One activation row: values, block scales, 16-sums (empty for Q8_0).
+pub(super) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16]);
 
 /// 32 bytes from the start of `s` (panics if shorter).
 #[inline(always)]
@@ -31,6 +39,13 @@ fn load(s: &[u8]) -> __m256i {
 fn load_i8(s: &[i8]) -> __m256i {
     let s = &s[..32];
     // SAFETY: as in `load`.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[inline(always)]
+fn load_i16(s: &[i16]) -> __m256i {
+    let s = &s[..16];
+    // SAFETY: `s` is 16 readable i16 (32 bytes, sliced above); no alignment requirement.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
 
@@ -49,121 +64,204 @@ fn hsum8(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
-pub(super) fn dot_q4k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
-    assert!(detected());
-    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
-    unsafe { q4k(w, xq, xd, xbs) }
+/// Sum of 8 i32 lanes (exact: the caller keeps it in range).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+    _mm_cvtsi128_si32(s)
 }
 
-pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
-    assert!(detected());
-    // SAFETY: as in `dot_q4k`.
-    unsafe { q6k(w, xq, xd, xbs) }
+/// Computes `out[i] = w · rows[i]` for `rows.len()` of 1, 2 or 4 (other counts go one by one).
+pub(super) fn dot_rows(format: super::WeightFormat, w: &[u8], rows: &[Row<'_>], out: &mut [f32]) {
+    assert!(detected() && rows.len() == out.len());
+    use super::WeightFormat as F;
+    macro_rules! call {
+        ($r:literal) => {{
+            let rows: [Row<'_>; $r] = rows.try_into().expect("row count");
+            // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
+            let y = unsafe {
+                match format {
+                    F::Q4K => q4k::<$r>(w, rows),
+                    F::Q6K => q6k::<$r>(w, rows),
+                    F::Q8_0 => q8_0::<$r>(w, rows),
+                }
+            };
+            out.copy_from_slice(&y);
+        }};
+    }
+    match rows.len() {
+        4 => call!(4),
+        2 => call!(2),
+        1 => call!(1),
+        _ => {
+            for (row, o) in rows.iter().zip(out.iter_mut()) {
+                dot_rows(
+                    format,
+                    w,
+                    std::slice::from_ref(row),
+                    std::slice::from_mut(o),
+                );
+            }
+        }
+    }
 }
 
-pub(super) fn dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-    assert!(detected());
-    // SAFETY: as in `dot_q4k`.
-    unsafe { q8_0(w, xq, xd) }
+/// Scales and mins of a Q4_K block as 8 + 8 bytes (the 6-bit fields unpacked with u32 masks).
+#[inline(always)]
+fn q4k_scales_mins_u64(p: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let sc_lo = a & LOW6;
+    let sc_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mn_lo = b & LOW6;
+    let mn_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    (
+        u64::from(sc_lo) | (u64::from(sc_hi) << 32),
+        u64::from(mn_lo) | (u64::from(mn_hi) << 32),
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
+fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
-    let mut acc = _mm256_setzero_ps();
-    let mut accm = 0f32;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut accm = [0f32; R];
     for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
-        let d = f16(&blk[0..2]) * xd[b];
-        let dmin = f16(&blk[2..4]) * xd[b];
-        let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+        let dw = f16(&blk[0..2]);
+        let dminw = f16(&blk[2..4]);
+        let (sc, mn) = q4k_scales_mins_u64(&blk[4..16]);
+        // 8 scales as i16 in both 128-bit halves; sub-block s is broadcast by a byte shuffle.
+        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        // Each min twice, lined up with the pairs of 16-sums of its 32-element sub-block.
+        let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+        let mn2 = _mm256_set_m128i(
+            _mm_unpackhi_epi16(mn16, mn16),
+            _mm_unpacklo_epi16(mn16, mn16),
+        );
         let qs = &blk[16..144];
-        let y = &xq[b * QK_K..(b + 1) * QK_K];
-        let mut sumi = _mm256_setzero_si256();
+        let mut sumi = [_mm256_setzero_si256(); R];
         for c in 0..4 {
             let q4 = load(&qs[32 * c..]);
             let lo = _mm256_and_si256(q4, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low);
-            let p0 = _mm256_maddubs_epi16(lo, load_i8(&y[64 * c..]));
-            let p1 = _mm256_maddubs_epi16(hi, load_i8(&y[64 * c + 32..]));
-            let p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(i16::from(sc[2 * c])));
-            let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(i16::from(sc[2 * c + 1])));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            let pick =
+                |s: i16| _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(((2 * s + 1) << 8) | (2 * s)));
+            let s0 = pick(2 * c as i16);
+            let s1 = pick(2 * c as i16 + 1);
+            for r in 0..R {
+                let y = &rows[r].0[b * QK_K + 64 * c..];
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load_i8(y)), s0);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load_i8(&y[32..])), s1);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+            }
         }
-        let bs = &xbs[b * 16..b * 16 + 16];
-        let mut summ = 0i32;
-        for j in 0..8 {
-            summ += i32::from(mn[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
+        for r in 0..R {
+            let xd = rows[r].1[b];
+            let summ = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), mn2));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            accm[r] = (dminw * xd).mul_add(summ as f32, accm[r]);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        accm = dmin.mul_add(summ as f32, accm);
     }
-    hsum8(acc) - accm
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum8(acc[r]) - accm[r];
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
+fn q6k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
     let two = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_ps();
-    let mut accc = 0f32;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut accc = [0f32; R];
     for (b, blk) in w.chunks_exact(Q6K.bytes).enumerate() {
         let (ql, rest) = blk.split_at(128);
         let (qh, rest) = rest.split_at(64);
         let (scales, dbytes) = rest.split_at(16);
-        let d = f16(dbytes) * xd[b];
+        let dw = f16(dbytes);
         let sc = |i: usize| i16::from(scales[i] as i8);
-        let y = &xq[b * QK_K..(b + 1) * QK_K];
-        let mut sumi = _mm256_setzero_si256();
+        let mut scv = [_mm256_setzero_si256(); 8];
+        for (i, v) in scv.iter_mut().enumerate() {
+            *v = _mm256_set_m128i(_mm_set1_epi16(sc(2 * i + 1)), _mm_set1_epi16(sc(2 * i)));
+        }
+        let mut sumi = [_mm256_setzero_si256(); R];
         for n in 0..2 {
             let l0 = load(&ql[64 * n..]);
             let l1 = load(&ql[64 * n + 32..]);
             let h = load(&qh[32 * n..]);
-            let hbits = |shift: i32| -> __m256i {
-                let v = match shift {
-                    0 => h,
-                    2 => _mm256_srli_epi16::<2>(h),
-                    4 => _mm256_srli_epi16::<4>(h),
-                    _ => _mm256_srli_epi16::<6>(h),
-                };
-                _mm256_slli_epi16::<4>(_mm256_and_si256(v, two))
-            };
+            let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, two));
             let quarters = [
-                _mm256_or_si256(_mm256_and_si256(l0, low), hbits(0)),
-                _mm256_or_si256(_mm256_and_si256(l1, low), hbits(2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), low), hbits(4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), low), hbits(6)),
+                _mm256_or_si256(_mm256_and_si256(l0, low), hb(h)),
+                _mm256_or_si256(_mm256_and_si256(l1, low), hb(_mm256_srli_epi16::<2>(h))),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), low),
+                    hb(_mm256_srli_epi16::<4>(h)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), low),
+                    hb(_mm256_srli_epi16::<6>(h)),
+                ),
             ];
             for (i, q) in quarters.into_iter().enumerate() {
-                let s = 8 * n + 2 * i;
-                let p = _mm256_maddubs_epi16(q, load_i8(&y[128 * n + 32 * i..]));
-                let scv = _mm256_set_m128i(_mm_set1_epi16(sc(s + 1)), _mm_set1_epi16(sc(s)));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+                let s = scv[4 * n + i];
+                for r in 0..R {
+                    let y = &rows[r].0[b * QK_K + 128 * n + 32 * i..];
+                    let p = _mm256_maddubs_epi16(q, load_i8(y));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, s));
+                }
             }
         }
-        let bs = &xbs[b * 16..b * 16 + 16];
-        let mut corr = 0i32;
-        for (s, &v) in bs.iter().enumerate() {
-            corr += i32::from(sc(s)) * i32::from(v);
+        // Σ_s scale_s · 16-sum_s, for the −32 offset of every quant.
+        let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128_safe(scales));
+        for r in 0..R {
+            let xd = rows[r].1[b];
+            let corr = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), sc_all)) << 5;
+            let d = dw * xd;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            accc[r] = d.mul_add(corr as f32, accc[r]);
         }
-        corr *= 32;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        accc = d.mul_add(corr as f32, accc);
     }
-    hsum8(acc) - accc
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum8(acc[r]) - accc[r];
+    }
+    out
+}
+
+/// 16 bytes from the start of `s` (panics if shorter).
+#[inline(always)]
+fn _mm_loadu_si128_safe(s: &[u8]) -> __m128i {
+    let s = &s[..16];
+    // SAFETY: `s` is 16 readable bytes (sliced above); no alignment requirement.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); R];
     for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
-        let d = f16(&blk[0..2]) * xd[b];
+        let dw = f16(&blk[0..2]);
         let wv = load(&blk[2..]);
-        let yv = load_i8(&xq[32 * b..]);
-        // |w| · (y · sign w) = w · y; |−128| reads as 128 unsigned.
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(yv, wv));
-        let p = _mm256_madd_epi16(p, ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+        let aw = _mm256_sign_epi8(wv, wv);
+        for r in 0..R {
+            let yv = load_i8(&rows[r].0[32 * b..]);
+            // |w| · (y · sign w) = w · y; |−128| reads as 128 unsigned.
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(yv, wv)), ones);
+            let d = dw * rows[r].1[b];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
+        }
     }
-    hsum8(acc)
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum8(acc[r]);
+    }
+    out
 }

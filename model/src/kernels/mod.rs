@@ -269,21 +269,55 @@ impl Acts {
 }
 
 /// One weight row (`k / block` blocks) · activation row `r`.
+#[cfg(test)]
 pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usize) -> f32 {
+    let mut out = [0f32];
+    dot_rows(isa, format, w, acts, r, &mut out);
+    out[0]
+}
+
+/// `out[i] = w · activation row r0 + i`: the weight row is unpacked once for up to 4 rows at a
+/// time; every output is bit-identical to [`dot`] of its row.
+pub(crate) fn dot_rows(
+    isa: Isa,
+    format: WeightFormat,
+    w: &[u8],
+    acts: &Acts,
+    r0: usize,
+    out: &mut [f32],
+) {
     debug_assert_eq!(acts.format, format.act());
-    let (q, d, bs) = acts.row(r);
     match isa {
-        Isa::Scalar => match format {
-            WeightFormat::Q4K => scalar::dot_q4k(w, q, d, bs),
-            WeightFormat::Q6K => scalar::dot_q6k(w, q, d, bs),
-            WeightFormat::Q8_0 => scalar::dot_q8_0(w, q, d),
-        },
+        Isa::Scalar => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (q, d, bs) = acts.row(r0 + i);
+                *o = match format {
+                    WeightFormat::Q4K => scalar::dot_q4k(w, q, d, bs),
+                    WeightFormat::Q6K => scalar::dot_q6k(w, q, d, bs),
+                    WeightFormat::Q8_0 => scalar::dot_q8_0(w, q, d),
+                };
+            }
+        }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => match format {
-            WeightFormat::Q4K => avx2::dot_q4k(w, q, d, bs),
-            WeightFormat::Q6K => avx2::dot_q6k(w, q, d, bs),
-            WeightFormat::Q8_0 => avx2::dot_q8_0(w, q, d),
-        },
+        Isa::Avx2 => {
+            let mut r = r0;
+            let mut rest = out;
+            while !rest.is_empty() {
+                let take = match rest.len() {
+                    1 => 1,
+                    2 | 3 => 2,
+                    _ => 4,
+                };
+                let (now, later) = rest.split_at_mut(take);
+                let mut rows = [acts.row(r); 4];
+                for (i, row) in rows.iter_mut().enumerate().take(take).skip(1) {
+                    *row = acts.row(r + i);
+                }
+                avx2::dot_rows(format, w, &rows[..take], now);
+                r += take;
+                rest = later;
+            }
+        }
     }
 }
 
@@ -355,9 +389,14 @@ pub(crate) fn matmul_in(
                 let r1 = (r0 + ACT_TILE).min(m);
                 for i in 0..rows {
                     let wrow = &w.data[(*row0 + i) * rb..(*row0 + i + 1) * rb];
-                    for r in r0..r1 {
-                        out[i * m + r] = dot(isa, w.format, wrow, acts, r);
-                    }
+                    dot_rows(
+                        isa,
+                        w.format,
+                        wrow,
+                        acts,
+                        r0,
+                        &mut out[i * m + r0..i * m + r1],
+                    );
                 }
             }
         });

@@ -207,8 +207,11 @@ fn matmul_rows_are_invariant_to_batch_size_and_pool_size() {
     let m = 19; // more than one activation tile
     let x = random_x(&mut rng, m * k);
     let pools = [Pool::new(1), Pool::new(2), Pool::new(3)];
+    let reference = matmul_in(&pools[0], Isa::Scalar, &refs, &x, m);
     for isa in Isa::available() {
         let full = matmul_in(&pools[1], isa, &refs, &x, m);
+        // Multi-row SIMD kernels (4, 2 and 1 rows at a time) equal the scalar reference.
+        assert_eq!(full, reference, "{isa:?} against scalar");
         for p in &pools {
             assert_eq!(matmul_in(p, isa, &refs, &x, m), full, "{isa:?} pool {p:?}");
         }
