@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::node::{Node, NodeParts};
 use crate::session::{DraftConfig, Estimates, SessionCtx};
 use crate::settings::Settings;
+use crate::suffix_cache::SuffixCache;
 
 /// A built draft node: model loaded, HTTP listener bound, the coordinator link connecting.
 #[derive(Debug)]
@@ -119,6 +120,13 @@ impl App {
                 lookup_ngrams: (d.lookup.min_ngram, d.lookup.max_ngram),
             },
             estimates,
+            suffix_cache: (d.lookup.cache_tokens > 0).then(|| {
+                Arc::new(SuffixCache::new(
+                    d.lookup.cache_tokens,
+                    d.lookup.min_ngram,
+                    d.lookup.max_ngram,
+                ))
+            }),
         };
         let node = Node::new(NodeParts {
             ctx,

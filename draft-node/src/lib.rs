@@ -19,6 +19,7 @@ pub mod metrics;
 mod node;
 pub mod session;
 pub mod settings;
+mod suffix_cache;
 
 pub use app::App;
 pub use error::{Error, GenError};

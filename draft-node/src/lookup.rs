@@ -93,7 +93,7 @@ impl LookupIndex {
 }
 
 /// FNV-1a over the tokens' bytes, then a final mix (keys of one map are n-grams of one length).
-fn hash(tokens: &[u32]) -> u64 {
+pub(crate) fn hash(tokens: &[u32]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &t in tokens {
         for b in t.to_le_bytes() {

@@ -152,7 +152,14 @@ pub struct LookupSettings {
     pub min_ngram: usize,
     /// Longest suffix tried (first: the longest match wins).
     pub max_ngram: usize,
+    /// Tokens of recent sessions (prompt and output) kept node-wide for lookups that find no
+    /// match in their own session; 0 = off. Shares text across clients: one tenant per node.
+    pub cache_tokens: usize,
 }
+
+/// Largest `drafting.lookup.cache_tokens` (about 100 bytes of memory per token at the default
+/// n-gram lengths).
+pub const MAX_CACHE_TOKENS: usize = 1 << 24;
 
 /// Longest n-gram prompt lookup matches (`drafting.lookup.max_ngram`).
 pub const MAX_NGRAM: usize = 8;
@@ -288,6 +295,12 @@ impl Settings {
                 "must be between drafting.lookup.min_ngram and 8",
             );
         }
+        if lk.cache_tokens > MAX_CACHE_TOKENS {
+            return bad(
+                "drafting.lookup.cache_tokens",
+                "must be at most 16777216 (0 = off)",
+            );
+        }
         let kinds = &self.metrics.prompt_kinds;
         if kinds.len() > 32
             || kinds.iter().any(|k| {
@@ -385,6 +398,10 @@ mod tests {
         let s = Settings::default();
         assert_eq!(s.drafting.method, DraftMethod::Model, "model by default");
         assert!(s.drafting.lookup.min_ngram <= s.drafting.lookup.max_ngram);
+        assert_eq!(
+            s.drafting.lookup.cache_tokens, 0,
+            "no cross-session cache by default"
+        );
         // A lookup node needs a tokenizer, not a draft model.
         std::fs::write(
             &p,
@@ -423,6 +440,10 @@ mod tests {
             (
                 "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\nmax_ngram = 9\n",
                 "drafting.lookup.max_ngram",
+            ),
+            (
+                "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\ncache_tokens = 16777217\n",
+                "drafting.lookup.cache_tokens",
             ),
             (
                 "[model]\npath = \"/m.gguf\"\n[drafting.lookup]\nmin_ngram = 4\nmax_ngram = 3\n",

@@ -326,3 +326,33 @@ async fn an_unknown_draft_method_is_refused_with_400_naming_the_allowed_ones() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suffix_cache_drafts_a_repeated_request_from_the_earlier_answer() {
+    // Distinct tokens: the prompt alone gives lookup nothing to match.
+    let prompt: Vec<u32> = vec![40, 41, 42, 43, 44, 45, 46, 47];
+    for cache_tokens in [0, 4096] {
+        let h = Harness::start(|s, st| {
+            s.gammas = vec![8];
+            st.drafting.lookup.cache_tokens = cache_tokens;
+        })
+        .await;
+        let expected = h.target.greedy(&prompt, 48, h.model.eos);
+        let first = complete_ids(&h, &prompt, 48, json!({"draft_method": "lookup"})).await;
+        let again = complete_ids(&h, &prompt, 48, json!({"draft_method": "lookup"})).await;
+        assert_eq!(token_ids(&first), expected);
+        assert_eq!(token_ids(&again), expected);
+        let (before, after) = (stat(&first, "accepted"), stat(&again, "accepted"));
+        if cache_tokens == 0 {
+            assert!(after < 16, "without the cache: {}", again["edgespec"]);
+        } else {
+            // The first session's tokens draft the second: most of the answer is accepted.
+            assert!(
+                after >= 32 && after > before,
+                "{} then {}",
+                first["edgespec"],
+                again["edgespec"]
+            );
+        }
+    }
+}

@@ -117,7 +117,13 @@ impl Driver {
         let Some(ix) = self.lookup.as_ref() else {
             return Taken::None;
         };
-        let found = ix.propose(&draft.tokens, gamma.saturating_sub(draft.len()));
+        let want = gamma.saturating_sub(draft.len());
+        let mut found = ix.propose(&draft.tokens, want);
+        if found.is_empty() {
+            if let Some(cache) = &self.ctx.suffix_cache {
+                found = cache.propose(&self.context_tail(draft), want);
+            }
+        }
         if found.is_empty() {
             return Taken::None;
         }
@@ -130,6 +136,19 @@ impl Driver {
             }
         }
         Taken::Some
+    }
+}
+
+impl Driver {
+    /// The last `max_ngram` tokens of the context (committed tokens, then the drafts).
+    fn context_tail(&self, draft: &BlockDraft) -> Vec<u32> {
+        let n = self.ctx.cfg.lookup_ngrams.1;
+        let committed = self.state.committed();
+        let from_drafts = draft.tokens.len().min(n);
+        let from_committed = (n - from_drafts).min(committed.len());
+        let mut tail = committed[committed.len() - from_committed..].to_vec();
+        tail.extend_from_slice(&draft.tokens[draft.tokens.len() - from_drafts..]);
+        tail
     }
 }
 

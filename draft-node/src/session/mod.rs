@@ -23,6 +23,7 @@ use crate::engine::Engine;
 use crate::error::GenError;
 use crate::lookup::LookupIndex;
 use crate::metrics::Metrics;
+use crate::suffix_cache::SuffixCache;
 use draft::{BlockDraft, Drafter};
 pub(crate) use estimates::Estimates;
 pub use output::FinishReason;
@@ -118,6 +119,9 @@ pub(crate) struct SessionCtx {
     /// here (γ = 0) the next request does not spend a draft prefill and a full block finding
     /// out again.
     pub estimates: Arc<Estimates>,
+    /// Recent sessions' tokens for lookups without a match of their own
+    /// (`drafting.lookup.cache_tokens`; `None` when 0).
+    pub suffix_cache: Option<Arc<SuffixCache>>,
 }
 
 /// Starts a generation; events arrive on the returned channel. Dropping it cancels the
@@ -230,6 +234,9 @@ impl Driver {
         self.ctx.metrics.active(1);
         self.ctx.conn.open(self.id, events_tx).await;
         let result = self.generate().await;
+        if let Some(cache) = &self.ctx.suffix_cache {
+            cache.insert(self.state.committed());
+        }
         self.ctx.conn.close(self.id).await;
         if let Some(d) = &self.drafter {
             let (engine, session) = d.engine();
