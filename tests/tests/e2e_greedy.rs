@@ -3,9 +3,13 @@
 //! speculating (drafts accepted and rejected) — with every drafting method: the draft model,
 //! prompt lookup (a node without any draft model) and hybrid.
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use edgespec::client::{stream_chat, ChatOutcome, ChatRequest};
-use edgespec::cluster::{ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides};
+use edgespec::cluster::{
+    ClusterOptions, DraftSpec, LocalCluster, PolicyOverrides, LOCAL_ADMIN_TOKEN,
+};
 use edgespec_specdec::DraftMethod;
 use edgespec_testkit::reference::references;
 use edgespec_tests::{qwen_pair, PROMPTS};
@@ -105,6 +109,59 @@ async fn speculative_greedy_equals_target_only_greedy_on_the_real_pair() -> anyh
     Ok(())
 }
 
+/// The coordinator's drafted tokens by method (`edgespec_coordinator_method_drafted_tokens_total`).
+async fn drafted_by_method(cluster: &LocalCluster) -> anyhow::Result<HashMap<String, f64>> {
+    let text = cluster
+        .admin_client()
+        .get(cluster.admin_url("/metrics"))
+        .bearer_auth(LOCAL_ADMIN_TOKEN)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) =
+            line.strip_prefix("edgespec_coordinator_method_drafted_tokens_total{method=\"")
+        else {
+            continue;
+        };
+        if let Some((method, value)) = rest.split_once("\"} ") {
+            out.insert(method.to_string(), value.trim().parse()?);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that since `before` the coordinator saw drafts of `method` and of no other method:
+/// the request field (or the node's default) really chose how the blocks were drafted.
+async fn drafted_only_by(
+    cluster: &LocalCluster,
+    before: &HashMap<String, f64>,
+    method: DraftMethod,
+    what: &str,
+) -> anyhow::Result<()> {
+    let after = drafted_by_method(cluster).await?;
+    for m in DraftMethod::ALL {
+        let label = m.label();
+        let delta =
+            after.get(label).copied().unwrap_or(0.0) - before.get(label).copied().unwrap_or(0.0);
+        if m == method {
+            assert!(
+                delta > 0.0,
+                "{what}: the coordinator saw no {label} drafts ({after:?})"
+            );
+        } else {
+            assert_eq!(
+                delta, 0.0,
+                "{what}: the coordinator saw {label} drafts ({after:?})"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Drafted and accepted tokens over a method's requests.
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
@@ -160,11 +217,14 @@ async fn every_drafting_method_equals_target_only_greedy_on_grounded_prompts() -
     let cluster = LocalCluster::start(opts).await?;
     let mut tallies = Vec::new();
     for (method, what) in [
-        (Some(DraftMethod::Model), "model (per request)"),
         (Some(DraftMethod::Lookup), "lookup (per request)"),
         (None, "hybrid (the node's default)"),
+        (Some(DraftMethod::Model), "model (per request)"),
     ] {
+        let before = drafted_by_method(&cluster).await?;
         let t = grounded_ids_match(&cluster, method, &references, what).await?;
+        let used = method.unwrap_or(DraftMethod::Hybrid);
+        drafted_only_by(&cluster, &before, used, what).await?;
         tallies.push((what, t));
     }
     cluster.stop().await?;
@@ -176,6 +236,7 @@ async fn every_drafting_method_equals_target_only_greedy_on_grounded_prompts() -
     let cluster = LocalCluster::start(opts).await?;
     let what = "lookup node without a draft model";
     let t = grounded_ids_match(&cluster, None, &references, what).await?;
+    drafted_only_by(&cluster, &HashMap::new(), DraftMethod::Lookup, what).await?;
     tallies.push((what, t));
     cluster.stop().await?;
 
