@@ -10,10 +10,13 @@
 //!   a draft and a target in one process never run more threads than the affinity allows.
 //! - Work is handed out in items through an atomic cursor: a worker that was descheduled does
 //!   not hold the others at a barrier, and which worker computes an item never changes a result
-//!   (each item is computed by one thread, start to end).
+//!   (each item is computed by one thread, start to end). A worker that wakes after every item
+//!   was taken does not join at all: the submitter closes the operation once its own loop finds
+//!   the cursor exhausted and waits only for workers that joined before (still computing an
+//!   item), never for one that is asleep or descheduled (a core shared with other processes).
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -23,12 +26,11 @@ const SPIN: Duration = Duration::from_micros(200);
 type Job<'a> = &'a (dyn Fn() + Sync);
 
 struct Shared {
-    /// Bumped once per operation; workers run the job once per new epoch.
-    epoch: AtomicUsize,
+    /// `epoch << 32 | CLOSED? | joined workers`: a new epoch opens an operation; workers join it
+    /// (count +1) only while it is open and leave (count −1) when done.
+    gate: AtomicU64,
     /// Points at the submitter's `Job` while an operation runs.
     job: AtomicPtr<Job<'static>>,
-    /// Workers that have not finished the current operation.
-    remaining: AtomicUsize,
     /// Workers asleep on `wake`.
     sleepers: AtomicUsize,
     wake_mx: Mutex<()>,
@@ -38,6 +40,13 @@ struct Shared {
     done_mx: Mutex<()>,
     done: Condvar,
     panicked: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+const CLOSED: u64 = 1 << 31;
+const JOINED: u64 = CLOSED - 1;
+
+fn epoch(gate: u64) -> u64 {
+    gate >> 32
 }
 
 /// The worker pool (see the module docs).
@@ -88,9 +97,8 @@ impl Pool {
     pub(crate) fn new(threads: usize) -> Pool {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
+            gate: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            remaining: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             wake_mx: Mutex::new(()),
             wake: Condvar::new(),
@@ -137,28 +145,32 @@ impl Pool {
         }
     }
 
-    /// Runs `job` on every thread of the pool (the caller included) and waits for all of them.
+    /// Runs `job` on the calling thread and on every worker that wakes before the caller's own
+    /// call returns; returns when every thread that ran `job` is done. `job` must return only when
+    /// no work is left to take (it does: it loops on the shared cursor).
     fn run(&self, job: Job<'_>) {
         let _one_at_a_time = self.submit.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        let workers = self.threads - 1;
-        // SAFETY: only the lifetime is erased. Workers dereference the pointer between the epoch
-        // bump below and their decrement of `remaining`, and this function does not return (so
-        // `job` and `job_ref` stay alive) until `remaining` is zero.
+        // SAFETY: only the lifetime is erased. A worker dereferences the pointer only after
+        // joining the open operation and until it leaves it; this function closes the operation
+        // and waits for the joined count to reach zero before returning, so `job` and `job_ref`
+        // outlive every use.
         let job_ref: Job<'static> = unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(job) };
         s.job
             .store((&job_ref as *const Job<'static>).cast_mut(), SeqCst);
-        s.remaining.store(workers, SeqCst);
-        s.epoch.fetch_add(1, SeqCst);
+        let next = (epoch(s.gate.load(SeqCst)) + 1) & 0xffff_ffff;
+        s.gate.store(next << 32, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.wake_mx.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(job));
-        if !spin_until(|| s.remaining.load(SeqCst) == 0) {
+        s.gate.fetch_or(CLOSED, SeqCst);
+        let idle = || s.gate.load(SeqCst) & JOINED == 0;
+        if !spin_until(idle) {
             let mut g = s.done_mx.lock().unwrap_or_else(|e| e.into_inner());
             s.waiting.store(true, SeqCst);
-            while s.remaining.load(SeqCst) != 0 {
+            while !idle() {
                 g = s.done.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             s.waiting.store(false, SeqCst);
@@ -177,25 +189,39 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 fn worker(s: &Shared) {
-    let mut seen = 0usize;
+    let mut seen = 0u64;
     loop {
-        if !spin_until(|| s.epoch.load(SeqCst) != seen) {
+        if !spin_until(|| epoch(s.gate.load(SeqCst)) != seen) {
             let mut g = s.wake_mx.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, SeqCst);
-            while s.epoch.load(SeqCst) == seen {
+            while epoch(s.gate.load(SeqCst)) == seen {
                 g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             s.sleepers.fetch_sub(1, SeqCst);
         }
-        seen = s.epoch.load(SeqCst);
+        let mut g = s.gate.load(SeqCst);
+        seen = epoch(g);
+        // Join the operation unless it has closed (or already moved on) meanwhile.
+        let joined = loop {
+            if epoch(g) != seen || g & CLOSED != 0 {
+                break false;
+            }
+            match s.gate.compare_exchange(g, g + 1, SeqCst, SeqCst) {
+                Ok(_) => break true,
+                Err(now) => g = now,
+            }
+        };
+        if !joined {
+            continue;
+        }
         let ptr = s.job.load(SeqCst);
-        // SAFETY: a new epoch is published only with a live job pointer, which stays valid until
-        // this worker decrements `remaining` below (see `Pool::run`).
+        // SAFETY: this worker joined the open operation, whose job pointer stays valid until it
+        // leaves below (see `Pool::run`).
         let job: Job<'static> = unsafe { *ptr };
         if let Err(p) = catch_unwind(AssertUnwindSafe(job)) {
             *s.panicked.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         }
-        if s.remaining.fetch_sub(1, SeqCst) == 1 && s.waiting.load(SeqCst) {
+        if s.gate.fetch_sub(1, SeqCst) & JOINED == 1 && s.waiting.load(SeqCst) {
             let _g = s.done_mx.lock().unwrap_or_else(|e| e.into_inner());
             s.done.notify_all();
         }

@@ -261,4 +261,10 @@ fn pool_visits_every_item_once_and_propagates_panics() {
     let mut items = vec![1u32; 64];
     pool.for_each_mut(&mut items, |v| *v *= 2);
     assert!(items.iter().all(|&v| v == 2));
+    // Many short operations back to back (workers joining late, or not at all), each complete.
+    let mut items = vec![0u32; 3];
+    for round in 1..=20_000u32 {
+        pool.for_each_mut(&mut items, |v| *v += 1);
+        assert!(items.iter().all(|&v| v == round));
+    }
 }
