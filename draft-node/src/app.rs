@@ -48,14 +48,14 @@ impl App {
         // Refuse an address this TLS mode cannot dial now, not after the model load.
         tls.endpoint(&settings.coordinator.address)?;
         let (tokenizer, model, info) = load(&settings).await?;
-        match &model {
-            Some(_) => {
-                tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "draft model loaded")
-            }
-            None => {
-                tracing::info!(model = %info.name, vocab = info.vocab_size, context = info.max_context, "lookup-only node: no draft model loaded")
-            }
-        }
+        let what = match model {
+            Some(_) => "draft model loaded",
+            None => "lookup-only node: tokenizer and model facts read, no draft model loaded",
+        };
+        tracing::info!(
+            model = %info.name, vocab = info.vocab_size, context = info.max_context,
+            method = %settings.drafting.method, "{what}"
+        );
 
         let metrics = Metrics::with_kinds(
             Exposition::new().with(tls.metrics()),

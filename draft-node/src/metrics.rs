@@ -176,7 +176,7 @@ impl Metrics {
         );
         r.register(
             format!("{p}method_gamma"),
-            "Draft tokens per block (γ as drafted; lookup may draft fewer than granted), by drafting method",
+            "Draft tokens per block as sent (lookup may send fewer than granted), by drafting method",
             gamma_by_method.clone(),
         );
         r.register(

@@ -117,8 +117,8 @@ impl Node {
     }
 
     /// `Ok` when the node can serve right now (`/readyz`): the draft model (if the node has one)
-    /// is up and so is the coordinator stream. Otherwise what an operator needs to know, e.g. the coordinator's
-    /// address and the last connection error while connecting.
+    /// is up and so is the coordinator stream. Otherwise what an operator needs to know, e.g.
+    /// the coordinator's address and the last connection error while connecting.
     pub fn ready(&self) -> Result<(), String> {
         self.model_ready().map_err(|e| e.to_string())?;
         let conn = &self.inner.ctx.conn;
