@@ -356,3 +356,29 @@ async fn the_suffix_cache_drafts_a_repeated_request_from_the_earlier_answer() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gamma_of_zero_learnt_for_the_model_does_not_stop_lookup_sessions() {
+    // The coordinator finds that model drafting does not pay here: γ = 0 after every round.
+    let h = Harness::start(|s, _| s.gammas = vec![0]).await;
+    let (_, prompt) = repeated_list(&h);
+    let first = complete_ids(&h, &prompt, 24, json!({"draft_method": "model"})).await;
+    assert!(
+        stat(&first, "drafted") > 0,
+        "the Welcome's γ: {}",
+        first["edgespec"]
+    );
+    let again = complete_ids(&h, &prompt, 24, json!({"draft_method": "model"})).await;
+    assert_eq!(
+        stat(&again, "drafted"),
+        0,
+        "the next model session starts at the γ = 0 learnt: {}",
+        again["edgespec"]
+    );
+    let lookup = complete_ids(&h, &prompt, 24, json!({"draft_method": "lookup"})).await;
+    assert!(
+        stat(&lookup, "drafted") > 0,
+        "a lookup session starts at its own method's γ: {}",
+        lookup["edgespec"]
+    );
+}
