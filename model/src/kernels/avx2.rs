@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{Q4K, Q6K, Q8_0, QK_K};
+use super::{Row, Q4K, Q6K, Q8_0, QK_K};
 
 /// Whether this CPU has AVX2, FMA and F16C (checked once).
 pub(super) fn detected() -> bool {
@@ -23,9 +23,6 @@ pub(super) fn detected() -> bool {
             && is_x86_feature_detected!("f16c")
     })
 }
-
-/// One activation row: values, block scales, 16-sums (empty for Q8_0).
-pub(super) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16]);
 
 /// 32 bytes from the start of `s` (panics if shorter).
 #[inline(always)]
@@ -74,36 +71,57 @@ fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Computes `out[i] = w · rows[i]` for `rows.len()` of 1, 2 or 4 (other counts go one by one).
-pub(super) fn dot_rows(format: super::WeightFormat, w: &[u8], rows: &[Row<'_>], out: &mut [f32]) {
-    assert!(detected() && rows.len() == out.len());
+/// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of `rb`
+/// bytes): activation rows are taken 4, 2 or 1 at a time, each weight block unpacked once per
+/// group.
+pub(super) fn block(
+    format: super::WeightFormat,
+    (w, rb): (&[u8], usize),
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(detected());
+    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
+    unsafe { block_tf(format, (w, rb), rows, out, stride) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_tf(
+    format: super::WeightFormat,
+    (w, rb): (&[u8], usize),
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
     use super::WeightFormat as F;
-    macro_rules! call {
-        ($r:literal) => {{
-            let rows: [Row<'_>; $r] = rows.try_into().expect("row count");
-            // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
-            let y = unsafe {
-                match format {
-                    F::Q4K => q4k::<$r>(w, rows),
-                    F::Q6K => q6k::<$r>(w, rows),
-                    F::Q8_0 => q8_0::<$r>(w, rows),
-                }
+    macro_rules! group {
+        ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
+            let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
+            let y = match format {
+                F::Q4K => q4k::<$r>($wrow, rs),
+                F::Q6K => q6k::<$r>($wrow, rs),
+                F::Q8_0 => q8_0::<$r>($wrow, rs),
             };
-            out.copy_from_slice(&y);
+            $o[$j..$j + $r].copy_from_slice(&y);
         }};
     }
-    match rows.len() {
-        4 => call!(4),
-        2 => call!(2),
-        1 => call!(1),
-        _ => {
-            for (row, o) in rows.iter().zip(out.iter_mut()) {
-                dot_rows(
-                    format,
-                    w,
-                    std::slice::from_ref(row),
-                    std::slice::from_mut(o),
-                );
+    for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
+        let mut j = 0;
+        while j < rows.len() {
+            match rows.len() - j {
+                1 => {
+                    group!(1, wrow, j, o);
+                    j += 1;
+                }
+                2 | 3 => {
+                    group!(2, wrow, j, o);
+                    j += 2;
+                }
+                _ => {
+                    group!(4, wrow, j, o);
+                    j += 4;
+                }
             }
         }
     }
@@ -127,6 +145,7 @@ fn q4k_scales_mins_u64(p: &[u8]) -> (u64, u64) {
     )
 }
 
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
@@ -175,6 +194,7 @@ fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     out
 }
 
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
@@ -243,11 +263,14 @@ fn _mm_loadu_si128_safe(s: &[u8]) -> __m128i {
     unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
 }
 
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
+    // Even and odd blocks on separate accumulators (as `scalar::dot_q8_0`).
+    let mut even = [_mm256_setzero_ps(); R];
+    let mut odd = [_mm256_setzero_ps(); R];
+    let step = |acc: &mut [__m256; R], b: usize, blk: &[u8]| {
         let dw = f16(&blk[0..2]);
         let wv = load(&blk[2..]);
         let aw = _mm256_sign_epi8(wv, wv);
@@ -258,10 +281,21 @@ fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
             let d = dw * rows[r].1[b];
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
         }
+    };
+    let pairs = w.chunks_exact(2 * Q8_0.bytes);
+    let tail = pairs.remainder();
+    let mut b = 0;
+    for pair in pairs {
+        step(&mut even, b, &pair[..Q8_0.bytes]);
+        step(&mut odd, b + 1, &pair[Q8_0.bytes..]);
+        b += 2;
+    }
+    if !tail.is_empty() {
+        step(&mut even, b, tail);
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum8(acc[r]);
+        out[r] = hsum8(_mm256_add_ps(even[r], odd[r]));
     }
     out
 }

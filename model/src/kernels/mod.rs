@@ -253,7 +253,7 @@ pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
 
 impl Acts {
     /// Row `r`: values, block scales, 16-sums.
-    fn row(&self, r: usize) -> (&[i8], &[f32], &[i16]) {
+    fn row(&self, r: usize) -> Row<'_> {
         let nb = self.k / self.format.block();
         let bs = if self.bsums.is_empty() {
             &self.bsums[..]
@@ -268,56 +268,41 @@ impl Acts {
     }
 }
 
+/// One activation row: values, block scales, 16-sums (empty for Q8_0).
+pub(crate) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16]);
+
 /// One weight row (`k / block` blocks) · activation row `r`.
 #[cfg(test)]
 pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usize) -> f32 {
     let mut out = [0f32];
-    dot_rows(isa, format, w, acts, r, &mut out);
+    block(isa, format, (w, w.len()), &[acts.row(r)], &mut out, 1);
     out[0]
 }
 
-/// `out[i] = w · activation row r0 + i`: the weight row is unpacked once for up to 4 rows at a
-/// time; every output is bit-identical to [`dot`] of its row.
-pub(crate) fn dot_rows(
+/// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of `rb`
+/// bytes). Every output is bit-identical to [`dot`] of its two rows, on every [`Isa`].
+fn block(
     isa: Isa,
     format: WeightFormat,
-    w: &[u8],
-    acts: &Acts,
-    r0: usize,
+    w: (&[u8], usize),
+    rows: &[Row<'_>],
     out: &mut [f32],
+    stride: usize,
 ) {
-    debug_assert_eq!(acts.format, format.act());
     match isa {
         Isa::Scalar => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let (q, d, bs) = acts.row(r0 + i);
-                *o = match format {
-                    WeightFormat::Q4K => scalar::dot_q4k(w, q, d, bs),
-                    WeightFormat::Q6K => scalar::dot_q6k(w, q, d, bs),
-                    WeightFormat::Q8_0 => scalar::dot_q8_0(w, q, d),
-                };
+            for (wrow, o) in w.0.chunks_exact(w.1).zip(out.chunks_mut(stride)) {
+                for (&(q, d, bs), o) in rows.iter().zip(o.iter_mut()) {
+                    *o = match format {
+                        WeightFormat::Q4K => scalar::dot_q4k(wrow, q, d, bs),
+                        WeightFormat::Q6K => scalar::dot_q6k(wrow, q, d, bs),
+                        WeightFormat::Q8_0 => scalar::dot_q8_0(wrow, q, d),
+                    };
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            let mut r = r0;
-            let mut rest = out;
-            while !rest.is_empty() {
-                let take = match rest.len() {
-                    1 => 1,
-                    2 | 3 => 2,
-                    _ => 4,
-                };
-                let (now, later) = rest.split_at_mut(take);
-                let mut rows = [acts.row(r); 4];
-                for (i, row) in rows.iter_mut().enumerate().take(take).skip(1) {
-                    *row = acts.row(r + i);
-                }
-                avx2::dot_rows(format, w, &rows[..take], now);
-                r += take;
-                rest = later;
-            }
-        }
+        Isa::Avx2 => avx2::block(format, w, rows, out, stride),
     }
 }
 
@@ -384,20 +369,16 @@ pub(crate) fn matmul_in(
             }
             .expect("quantized above");
             let rb = w.row_bytes();
-            let rows = out.len() / m;
+            let n_rows = out.len() / m;
+            let wchunk = &w.data[*row0 * rb..(*row0 + n_rows) * rb];
             for r0 in (0..m).step_by(ACT_TILE) {
                 let r1 = (r0 + ACT_TILE).min(m);
-                for i in 0..rows {
-                    let wrow = &w.data[(*row0 + i) * rb..(*row0 + i + 1) * rb];
-                    dot_rows(
-                        isa,
-                        w.format,
-                        wrow,
-                        acts,
-                        r0,
-                        &mut out[i * m + r0..i * m + r1],
-                    );
+                let mut tile = [acts.row(r0); ACT_TILE];
+                for (slot, r) in tile.iter_mut().zip(r0..r1) {
+                    *slot = acts.row(r);
                 }
+                let tile = &tile[..r1 - r0];
+                block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
             }
         });
     }

@@ -102,16 +102,23 @@ pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
 }
 
 /// Q8_0 weight row · Q8_0 activation row (32-element blocks, one f32 scale per activation block).
+/// Even and odd blocks accumulate separately (two independent FMA chains in the SIMD code; a
+/// block is short), added lane by lane at the end.
 pub(super) fn dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = [[0f32; 8]; 2];
     for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
         let d = f16_to_f32([blk[0], blk[1]]) * xd[b];
         let y = &xq[b * 32..b * 32 + 32];
         let mut lanes = [0i32; 8];
         lanes_u8(&mut lanes, |e| i32::from(blk[2 + e] as i8), y, |_| 1);
+        let a = &mut acc[b % 2];
         for j in 0..8 {
-            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
+            a[j] = d.mul_add(lanes[j] as f32, a[j]);
         }
     }
-    hsum8(acc)
+    let mut sum = [0f32; 8];
+    for j in 0..8 {
+        sum[j] = acc[0][j] + acc[1][j];
+    }
+    hsum8(sum)
 }
