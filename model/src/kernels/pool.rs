@@ -121,6 +121,11 @@ impl Pool {
         }
     }
 
+    /// Threads that compute (the caller included).
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// Calls `f` on every item, each exactly once, spread over the pool; returns when all are
     /// done. `f` must not submit to the pool itself.
     pub(crate) fn for_each_mut<T: Send>(&self, items: &mut [T], f: impl Fn(&mut T) + Sync) {
