@@ -23,13 +23,16 @@
 //!
 //! # Selection
 //!
-//! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best of AVX2 and scalar this CPU
-//! has), `avx2`, `scalar`, or `candle` (leave every matmul to candle, as before these kernels).
+//! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best this CPU has of AVX-512 VNNI,
+//! AVX2 and scalar), `avx512`, `avx2`, `scalar`, or `candle` (leave every matmul to candle, as
+//! before these kernels). The AVX-512 set only adds a Q8_0 kernel; all are bit-identical.
 
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod pool;
 mod scalar;
 #[cfg(test)]
@@ -111,6 +114,9 @@ pub(crate) enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 plus a 512-bit VNNI kernel for Q8_0 weights.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
@@ -120,6 +126,10 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if avx2::detected() {
             v.push(Isa::Avx2);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::detected() {
+            v.push(Isa::Avx512);
         }
         v
     }
@@ -146,11 +156,13 @@ pub(crate) fn mode() -> Mode {
             "candle" => Mode::Candle,
             #[cfg(target_arch = "x86_64")]
             "avx2" if avx2::detected() => Mode::Ours(Isa::Avx2),
+            #[cfg(target_arch = "x86_64")]
+            "avx512" if avx512::detected() => Mode::Ours(Isa::Avx512),
             other => {
                 tracing::warn!(
                     value = other,
-                    "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx2, scalar, \
-                     candle); using auto"
+                    "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx512, avx2, \
+                     scalar, candle); using auto"
                 );
                 Mode::Ours(best)
             }
@@ -303,6 +315,11 @@ fn block(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::block(format, w, rows, out, stride),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => match format {
+            WeightFormat::Q8_0 => avx512::block_q8_0(w, rows, out, stride),
+            _ => avx2::block(format, w, rows, out, stride),
+        },
     }
 }
 
