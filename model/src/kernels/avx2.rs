@@ -40,7 +40,7 @@ fn load_i8(s: &[i8]) -> __m256i {
 }
 
 #[inline(always)]
-fn load_i16(s: &[i16]) -> __m256i {
+pub(super) fn load_i16(s: &[i16]) -> __m256i {
     let s = &s[..16];
     // SAFETY: `s` is 16 readable i16 (32 bytes, sliced above); no alignment requirement.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
@@ -48,14 +48,14 @@ fn load_i16(s: &[i16]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16(b: &[u8]) -> f32 {
+pub(super) fn f16(b: &[u8]) -> f32 {
     let h = u16::from_le_bytes([b[0], b[1]]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum8(v: __m256) -> f32 {
+pub(super) fn hsum8(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -64,7 +64,7 @@ fn hsum8(v: __m256) -> f32 {
 /// Sum of 8 i32 lanes (exact: the caller keeps it in range).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_i32(v: __m256i) -> i32 {
+pub(super) fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
@@ -129,7 +129,7 @@ fn block_tf(
 
 /// Scales and mins of a Q4_K block as 8 + 8 bytes (the 6-bit fields unpacked with u32 masks).
 #[inline(always)]
-fn q4k_scales_mins_u64(p: &[u8]) -> (u64, u64) {
+pub(super) fn q4k_scales_mins_u64(p: &[u8]) -> (u64, u64) {
     let word = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
     let (a, b, c) = (word(0), word(4), word(8));
     const LOW6: u32 = 0x3f3f_3f3f;

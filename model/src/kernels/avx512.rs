@@ -1,4 +1,4 @@
-//! AVX-512 (F, BW, VNNI) kernel for Q8_0 weights; the K-quant formats use the AVX2 kernels.
+//! AVX-512 (F, BW, VNNI) kernels for Q8_0 and Q4_K weights; Q6_K uses the AVX2 kernel.
 //!
 //! Two Q8_0 blocks per 512-bit register: the low half accumulates the even blocks and the high
 //! half the odd ones, which is exactly the two-chain order of `scalar::dot_q8_0` (and of the
@@ -12,7 +12,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{Row, Q8_0};
+use super::avx2::{f16, hsum8, hsum_i32, load_i16, q4k_scales_mins_u64};
+use super::{Row, Q4K, Q8_0, QK_K};
 
 /// Whether this CPU has AVX-512 F/BW/VNNI on top of AVX2/FMA/F16C (checked once).
 pub(super) fn detected() -> bool {
@@ -39,8 +40,9 @@ fn load32(s: &[u8]) -> __m256i {
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
 
-/// As `avx2::block`, for Q8_0 weights only.
-pub(super) fn block_q8_0(
+/// As `avx2::block`, for Q8_0 (`q4k == false`) or Q4_K weights.
+pub(super) fn block(
+    q4k: bool,
     (w, rb): (&[u8], usize),
     rows: &[Row<'_>],
     out: &mut [f32],
@@ -48,39 +50,39 @@ pub(super) fn block_q8_0(
 ) {
     assert!(detected());
     // SAFETY: the CPU has every feature `block_tf` enables (asserted above).
-    unsafe { block_tf((w, rb), rows, out, stride) }
+    unsafe { block_tf(q4k, (w, rb), rows, out, stride) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn block_tf((w, rb): (&[u8], usize), rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+fn block_tf(
+    q4k_weights: bool,
+    (w, rb): (&[u8], usize),
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
     for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
         let mut j = 0;
         while j < rows.len() {
             if rows.len() - j >= 2 {
                 let rs: [Row<'_>; 2] = rows[j..j + 2].try_into().expect("two rows");
-                o[j..j + 2].copy_from_slice(&q8_0::<2>(wrow, rs));
+                let y = if q4k_weights {
+                    q4k::<2>(wrow, rs)
+                } else {
+                    q8_0::<2>(wrow, rs)
+                };
+                o[j..j + 2].copy_from_slice(&y);
                 j += 2;
             } else {
-                o[j] = q8_0::<1>(wrow, [rows[j]])[0];
+                o[j] = if q4k_weights {
+                    q4k::<1>(wrow, [rows[j]])[0]
+                } else {
+                    q8_0::<1>(wrow, [rows[j]])[0]
+                };
                 j += 1;
             }
         }
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn f16(b: &[u8]) -> f32 {
-    let h = u16::from_le_bytes([b[0], b[1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn hsum8(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
 /// `[a; 8] ++ [b; 8]`.
@@ -144,4 +146,73 @@ fn _mm256_loadu_si256_safe(s: &[i8]) -> __m256i {
     let s = &s[..32];
     // SAFETY: `s` is 32 readable bytes (sliced above); no alignment requirement.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// `[a; 16] ++ [b; 16]` as i16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn halves_i16(a: i16, b: i16) -> __m512i {
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+        _mm256_set1_epi16(b),
+    )
+}
+
+/// Q4_K: each 32-byte chunk of quants becomes one register of its 32 low nibbles (elements
+/// `64c..64c+32`, scale `2c`) and its 32 high nibbles (`64c+32..64c+64`, scale `2c+1`), against
+/// 64 contiguous activations. Folding the two halves' i32 lanes (an exact integer add) gives the
+/// AVX2 kernel's lanes, so the rest is the AVX2 kernel's float code.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
+    let low = _mm256_set1_epi8(15);
+    let pick: [__m512i; 4] = std::array::from_fn(|c| {
+        let (s0, s1) = (2 * c as i16, 2 * c as i16 + 1);
+        halves_i16(
+            ((2 * s0 + 1) << 8) | (2 * s0),
+            ((2 * s1 + 1) << 8) | (2 * s1),
+        )
+    });
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut accm = [0f32; R];
+    for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
+        let dw = f16(&blk[0..2]);
+        let dminw = f16(&blk[2..4]);
+        let (sc, mn) = q4k_scales_mins_u64(&blk[4..16]);
+        let sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+        let mn2 = _mm256_set_m128i(
+            _mm_unpackhi_epi16(mn16, mn16),
+            _mm_unpacklo_epi16(mn16, mn16),
+        );
+        let qs = &blk[16..144];
+        let mut sumi = [_mm512_setzero_si512(); R];
+        for (c, pk) in pick.iter().enumerate() {
+            let q4 = load32(&qs[32 * c..]);
+            let lo = _mm256_and_si256(q4, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low);
+            let qv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let s = _mm512_shuffle_epi8(sc16, *pk);
+            for r in 0..R {
+                let y = load64_i8(&rows[r].0[b * QK_K + 64 * c..]);
+                let p = _mm512_madd_epi16(_mm512_maddubs_epi16(qv, y), s);
+                sumi[r] = _mm512_add_epi32(sumi[r], p);
+            }
+        }
+        for r in 0..R {
+            let folded = _mm256_add_epi32(
+                _mm512_castsi512_si256(sumi[r]),
+                _mm512_extracti64x4_epi64::<1>(sumi[r]),
+            );
+            let xd = rows[r].1[b];
+            let summ = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), mn2));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd), _mm256_cvtepi32_ps(folded), acc[r]);
+            accm[r] = (dminw * xd).mul_add(summ as f32, accm[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum8(acc[r]) - accm[r];
+    }
+    out
 }

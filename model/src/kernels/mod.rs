@@ -25,7 +25,7 @@
 //!
 //! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best this CPU has of AVX-512 VNNI,
 //! AVX2 and scalar), `avx512`, `avx2`, `scalar`, or `candle` (leave every matmul to candle, as
-//! before these kernels). The AVX-512 set only adds a Q8_0 kernel; all are bit-identical.
+//! before these kernels). The AVX-512 set adds Q8_0 and Q4_K kernels; all are bit-identical.
 
 #![allow(unsafe_code)]
 
@@ -114,7 +114,7 @@ pub(crate) enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX2 plus a 512-bit VNNI kernel for Q8_0 weights.
+    /// AVX2 plus 512-bit kernels for Q8_0 and Q4_K weights.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -317,8 +317,9 @@ fn block(
         Isa::Avx2 => avx2::block(format, w, rows, out, stride),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => match format {
-            WeightFormat::Q8_0 => avx512::block_q8_0(w, rows, out, stride),
-            _ => avx2::block(format, w, rows, out, stride),
+            WeightFormat::Q8_0 => avx512::block(false, w, rows, out, stride),
+            WeightFormat::Q4K => avx512::block(true, w, rows, out, stride),
+            WeightFormat::Q6K => avx2::block(format, w, rows, out, stride),
         },
     }
 }
