@@ -66,7 +66,7 @@ impl SeqLogits {
 /// Where forwards run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {
-    /// CPU (default; candle's SIMD quantized kernels).
+    /// CPU (default; our SIMD quantized kernels, `EDGESPEC_CPU_KERNELS`).
     #[default]
     Cpu,
     /// CUDA device by ordinal (needs the `cuda` feature).
@@ -136,7 +136,9 @@ pub trait CausalLm: Send {
     fn kv_bytes(&self) -> usize;
 }
 
-/// Sizes candle's CPU worker pool to the CPUs this process may actually run on.
+/// Sizes candle's CPU worker pool to the CPUs this process may actually run on (our own
+/// kernels' pool, `kernels/pool.rs`, follows the affinity by itself and honours the same
+/// `CANDLE_NUM_THREADS`, or `EDGESPEC_CPU_THREADS`).
 ///
 /// candle sizes its pool from the machine's topology, ignoring the process's CPU affinity, so a
 /// node pinned to one core (`taskset -c 1`, a cgroup cpuset, a Kubernetes CPU set) would run two

@@ -5,9 +5,7 @@
 //! AVX2 kernel), so the result is bit-identical to both. `vpdpbusd` computes each lane's sum of
 //! four products directly (the integers are exact either way).
 //!
-//! These intrinsics are stable since Rust 1.89 (the workspace says 1.85; the AVX2 code needs
-//! 1.87 for safe intrinsic calls in `#[target_feature]` functions too).
-#![allow(clippy::incompatible_msrv)]
+//! These intrinsics are stable since Rust 1.89, this crate's `rust-version`.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
