@@ -166,13 +166,15 @@ impl TinySpec {
         if self.n_layer == 0 || self.n_head == 0 || self.n_kv_head == 0 {
             return bad("layers and heads must be positive".into());
         }
-        if self.hidden % block != 0 || self.ffn % block != 0 {
+        if !self.hidden.is_multiple_of(block) || !self.ffn.is_multiple_of(block) {
             return bad(format!(
                 "hidden {} and ffn {} must be multiples of {block} for {:?}",
                 self.hidden, self.ffn, self.weights
             ));
         }
-        if self.n_head % self.n_kv_head != 0 || (self.hidden / self.n_head) % 2 != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head)
+            || !(self.hidden / self.n_head).is_multiple_of(2)
+        {
             return bad("n_kv_head must divide n_head and the head dim must be even".into());
         }
         Ok(())

@@ -226,7 +226,10 @@ fn round_even(v: f32) -> f32 {
 /// Quantizes `x` (`m` rows of `k`, `k` a multiple of the format's block).
 pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
     let block = format.block();
-    assert!(k % block == 0 && x.len() % k == 0, "activation shape");
+    assert!(
+        k.is_multiple_of(block) && x.len().is_multiple_of(k),
+        "activation shape"
+    );
     let nb = x.len() / block;
     let mut acts = Acts {
         k,
