@@ -59,25 +59,33 @@ fn block_tf(
     out: &mut [f32],
     stride: usize,
 ) {
+    macro_rules! group {
+        ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
+            let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
+            let y = if q4k_weights {
+                q4k::<$r>($wrow, rs)
+            } else {
+                q8_0::<$r>($wrow, rs)
+            };
+            $o[$j..$j + $r].copy_from_slice(&y);
+        }};
+    }
     for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
         let mut j = 0;
         while j < rows.len() {
-            if rows.len() - j >= 2 {
-                let rs: [Row<'_>; 2] = rows[j..j + 2].try_into().expect("two rows");
-                let y = if q4k_weights {
-                    q4k::<2>(wrow, rs)
-                } else {
-                    q8_0::<2>(wrow, rs)
-                };
-                o[j..j + 2].copy_from_slice(&y);
-                j += 2;
-            } else {
-                o[j] = if q4k_weights {
-                    q4k::<1>(wrow, [rows[j]])[0]
-                } else {
-                    q8_0::<1>(wrow, [rows[j]])[0]
-                };
-                j += 1;
+            match rows.len() - j {
+                1 => {
+                    group!(1, wrow, j, o);
+                    j += 1;
+                }
+                2 | 3 => {
+                    group!(2, wrow, j, o);
+                    j += 2;
+                }
+                _ => {
+                    group!(4, wrow, j, o);
+                    j += 4;
+                }
             }
         }
     }
