@@ -26,7 +26,7 @@ pub(super) fn detected() -> bool {
 
 /// 32 bytes from the start of `s` (panics if shorter).
 #[inline(always)]
-fn load(s: &[u8]) -> __m256i {
+pub(super) fn load(s: &[u8]) -> __m256i {
     let s = &s[..32];
     // SAFETY: `s` is 32 readable bytes (sliced above); `loadu` has no alignment requirement.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }

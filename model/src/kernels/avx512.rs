@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::avx2::{f16, hsum8, hsum_i32, load_i16, q4k_scales_mins_u64};
+use super::avx2::{f16, hsum8, hsum_i32, load as load32, load_i16, q4k_scales_mins_u64};
 use super::{Row, Q4K, Q8_0, QK_K};
 
 /// Whether this CPU has AVX-512 F/BW/VNNI on top of AVX2/FMA/F16C (checked once).
@@ -29,13 +29,6 @@ fn load64_i8(s: &[i8]) -> __m512i {
     let s = &s[..64];
     // SAFETY: `s` is 64 readable bytes (sliced above); `loadu` has no alignment requirement.
     unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
-}
-
-#[inline(always)]
-fn load32(s: &[u8]) -> __m256i {
-    let s = &s[..32];
-    // SAFETY: `s` is 32 readable bytes (sliced above); no alignment requirement.
-    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
 
 /// As `avx2::block`, for Q8_0 (`q4k == false`) or Q4_K weights.
