@@ -64,21 +64,11 @@ fn block_tf(
         }};
     }
     for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
-        let mut j = 0;
-        while j < rows.len() {
-            match rows.len() - j {
-                1 => {
-                    group!(1, wrow, j, o);
-                    j += 1;
-                }
-                2 | 3 => {
-                    group!(2, wrow, j, o);
-                    j += 2;
-                }
-                _ => {
-                    group!(4, wrow, j, o);
-                    j += 4;
-                }
+        for (j, r) in super::row_groups(rows.len()) {
+            match r {
+                1 => group!(1, wrow, j, o),
+                2 => group!(2, wrow, j, o),
+                _ => group!(4, wrow, j, o),
             }
         }
     }

@@ -294,6 +294,23 @@ pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usiz
     out[0]
 }
 
+/// How the SIMD kernels walk `n` activation rows: groups of 4, then 2, then 1, each weight block
+/// unpacked once per group. Yields (first row, group size).
+#[cfg(target_arch = "x86_64")]
+fn row_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut j = 0;
+    std::iter::from_fn(move || {
+        let r = match n - j {
+            0 => return None,
+            1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        j += r;
+        Some((j - r, r))
+    })
+}
+
 /// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of `rb`
 /// bytes). Every output is bit-identical to [`dot`] of its two rows, on every [`Isa`].
 fn block(
