@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use edgespec_model::forward::load_gguf_with;
+use edgespec_model::forward::{load_gguf_with, read_model_info};
 use edgespec_model::{ModelHandle, ModelInfo, TextTokenizer};
 use edgespec_runtime::ops::Exposition;
 use edgespec_runtime::tls::CertWatch;
@@ -184,8 +184,8 @@ async fn load(
     tokio::task::spawn_blocking(move || {
         let tokenizer = TextTokenizer::from_gguf(&tokenizer_path).map_err(|e| fail(&e))?;
         if !with_model {
-            let info = crate::gguf::model_facts(&tokenizer_path, tokenizer.vocab_size())
-                .map_err(|e| fail(&e))?;
+            let info =
+                read_model_info(&tokenizer_path, tokenizer.vocab_size()).map_err(|e| fail(&e))?;
             return Ok((tokenizer, None, info));
         }
         let model = ModelHandle::spawn("draft", move || load_gguf_with(&path, device, &opts))

@@ -12,7 +12,6 @@ mod app;
 mod connection;
 mod engine;
 pub mod error;
-mod gguf;
 mod http;
 mod lookup;
 pub mod metrics;

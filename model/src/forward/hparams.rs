@@ -170,6 +170,24 @@ impl Hparams {
     }
 }
 
+/// `general.architecture` (any name: no weights are built from it) and `{arch}.context_length`,
+/// for the facts of a file whose weights are not loaded ([`super::read_model_info`]).
+pub(crate) fn arch_and_context(ct: &Content, path: &str) -> Result<(String, usize), ModelError> {
+    let load_err = |reason: String| ModelError::Load {
+        path: path.to_string(),
+        reason,
+    };
+    let arch = get(ct, "general.architecture", path)?
+        .to_string()
+        .map_err(|e| load_err(e.to_string()))?
+        .clone();
+    let key = format!("{arch}.context_length");
+    let context = as_usize(get(ct, &key, path)?)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| load_err(format!("metadata `{key}` is not a count")))?;
+    Ok((arch, context))
+}
+
 fn get<'a>(ct: &'a Content, key: &str, path: &str) -> Result<&'a Value, ModelError> {
     ct.metadata.get(key).ok_or_else(|| ModelError::Load {
         path: path.to_string(),

@@ -39,7 +39,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
-use crate::{CausalLm, DeviceKind, ModelError};
+use crate::{CausalLm, DeviceKind, ModelError, ModelInfo};
 
 /// Loads a GGUF file (`general.architecture` `qwen2` or `llama`) onto `device`.
 ///
@@ -101,6 +101,45 @@ pub fn read_gguf_content<R: std::io::Read + std::io::Seek>(
         Err(_) => Err(load_err(
             "malformed GGUF header (the reader panicked)".into(),
         )),
+    }
+}
+
+/// The [`ModelInfo`] of the GGUF at `path` from its metadata and tensor shapes alone (no tensor
+/// data is read, no model is built), for a node that announces a model's facts without running it
+/// (a lookup-only draft node). The vocabulary size is counted as the loader counts it, the rows
+/// of `token_embd.weight`, or `tokenizer_vocab` where the file has no embedding (a tokenizer-only
+/// GGUF); `kv_bytes_per_token` is 0.
+pub fn read_model_info(path: &Path, tokenizer_vocab: usize) -> Result<ModelInfo, ModelError> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|e| ModelError::Io {
+        context: format!("opening {shown}"),
+        source: e,
+    })?;
+    let ct = read_gguf_content(&mut std::io::BufReader::new(file), &shown)?;
+    let (arch, max_context) = hparams::arch_and_context(&ct, &shown)?;
+    let vocab_size = ct
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims2().ok())
+        .map_or(tokenizer_vocab, |(rows, _)| rows);
+    Ok(ModelInfo {
+        arch,
+        name: model_name(&ct, path),
+        vocab_size,
+        max_context,
+        fingerprint: tokenizer_fingerprint(&ct),
+        kv_bytes_per_token: 0,
+    })
+}
+
+/// GGUF `general.name`, or the file stem.
+fn model_name(ct: &gguf_file::Content, path: &Path) -> String {
+    match ct.metadata.get("general.name") {
+        Some(Value::String(s)) => s.clone(),
+        _ => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     }
 }
 

@@ -200,16 +200,9 @@ impl GgufModel {
                 hp.vocab
             )));
         }
-        let name = match ct.metadata.get("general.name") {
-            Some(Value::String(s)) => s.clone(),
-            _ => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        };
         let info = ModelInfo {
             arch: hp.arch.name().to_string(),
-            name,
+            name: super::model_name(ct, path),
             vocab_size: hp.vocab,
             max_context: hp.context,
             fingerprint: super::tokenizer_fingerprint(ct),
