@@ -23,6 +23,65 @@ fn gamma_histogram() -> Histogram {
     Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
 }
 
+/// Draft tokens sent, accepted and verdicts applied, broken down by one label.
+struct RoundCounts<L> {
+    drafted: Family<L, Counter>,
+    accepted: Family<L, Counter>,
+    rounds: Family<L, Counter>,
+}
+
+impl<L> RoundCounts<L>
+where
+    L: prometheus_client::encoding::EncodeLabelSet
+        + Clone
+        + std::hash::Hash
+        + Eq
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    /// Registers `{p}{by}_drafted_tokens`, `…_accepted_tokens` and `…_rounds`, each help text
+    /// ending in `what` (", by …").
+    fn register(r: &mut Registry, p: &str, by: &str, what: &str) -> Self {
+        let c = RoundCounts {
+            drafted: Family::default(),
+            accepted: Family::default(),
+            rounds: Family::default(),
+        };
+        r.register(
+            format!("{p}{by}_drafted_tokens"),
+            format!("Draft tokens sent for verification{what}"),
+            c.drafted.clone(),
+        );
+        r.register(
+            format!("{p}{by}_accepted_tokens"),
+            format!("Draft tokens accepted{what}"),
+            c.accepted.clone(),
+        );
+        r.register(
+            format!("{p}{by}_rounds"),
+            format!("Verdicts applied{what}"),
+            c.rounds.clone(),
+        );
+        c
+    }
+
+    /// Creates `label`'s series at zero (for a closed label set that dashboards see from the
+    /// start).
+    fn declare(&self, label: &L) {
+        self.drafted.get_or_create(label).inc_by(0);
+        self.accepted.get_or_create(label).inc_by(0);
+        self.rounds.get_or_create(label).inc_by(0);
+    }
+
+    fn count(&self, label: &L, drafted: usize, accepted: usize) {
+        self.drafted.get_or_create(label).inc_by(drafted as u64);
+        self.accepted.get_or_create(label).inc_by(accepted as u64);
+        self.rounds.get_or_create(label).inc();
+    }
+}
+
 /// The `kind` label of a request that names no prompt kind.
 pub const UNLABELLED: &str = "unlabelled";
 /// The `kind` label of a request that names a kind the node does not list.
@@ -61,13 +120,9 @@ struct Inner {
     draft_batch: Histogram,
     /// The prompt kinds clients may name (`metrics.prompt_kinds`); anything else is "other".
     kinds: Vec<String>,
-    drafted_by_kind: Family<KindLabel, Counter>,
-    accepted_by_kind: Family<KindLabel, Counter>,
-    rounds_by_kind: Family<KindLabel, Counter>,
+    by_kind: RoundCounts<KindLabel>,
     /// By drafting method (`method` label: model, lookup or hybrid).
-    drafted_by_method: Family<Labels, Counter>,
-    accepted_by_method: Family<Labels, Counter>,
-    rounds_by_method: Family<Labels, Counter>,
+    by_method: RoundCounts<Labels>,
     gamma_by_method: HistogramFamily,
 }
 
@@ -126,54 +181,14 @@ impl Metrics {
             "Verdicts applied (one target forward each)",
             rounds.clone(),
         );
-        let (drafted_by_kind, accepted_by_kind, rounds_by_kind) = (
-            Family::<KindLabel, Counter>::default(),
-            Family::<KindLabel, Counter>::default(),
-            Family::<KindLabel, Counter>::default(),
-        );
-        r.register(
-            format!("{p}kind_drafted_tokens"),
-            "Draft tokens sent for verification, by the prompt kind the client named",
-            drafted_by_kind.clone(),
-        );
-        r.register(
-            format!("{p}kind_accepted_tokens"),
-            "Draft tokens accepted, by the prompt kind the client named",
-            accepted_by_kind.clone(),
-        );
-        r.register(
-            format!("{p}kind_rounds"),
-            "Verdicts applied, by the prompt kind the client named",
-            rounds_by_kind.clone(),
-        );
-        let (drafted_by_method, accepted_by_method, rounds_by_method) = (
-            Family::<Labels, Counter>::default(),
-            Family::<Labels, Counter>::default(),
-            Family::<Labels, Counter>::default(),
-        );
-        let gamma_by_method: HistogramFamily = Family::new_with_constructor(gamma_histogram);
+        let by_kind =
+            RoundCounts::register(&mut r, p, "kind", ", by the prompt kind the client named");
+        let by_method = RoundCounts::register(&mut r, p, "method", ", by drafting method");
         // Every method from the start: the label set is closed, and dashboards see zeros.
         for m in DraftMethod::ALL {
-            let label = vec![("method", m.label())];
-            drafted_by_method.get_or_create(&label).inc_by(0);
-            accepted_by_method.get_or_create(&label).inc_by(0);
-            rounds_by_method.get_or_create(&label).inc_by(0);
+            by_method.declare(&vec![("method", m.label())]);
         }
-        r.register(
-            format!("{p}method_drafted_tokens"),
-            "Draft tokens sent for verification, by drafting method",
-            drafted_by_method.clone(),
-        );
-        r.register(
-            format!("{p}method_accepted_tokens"),
-            "Draft tokens accepted, by drafting method",
-            accepted_by_method.clone(),
-        );
-        r.register(
-            format!("{p}method_rounds"),
-            "Verdicts applied, by drafting method",
-            rounds_by_method.clone(),
-        );
+        let gamma_by_method: HistogramFamily = Family::new_with_constructor(gamma_histogram);
         r.register(
             format!("{p}method_gamma"),
             "Draft tokens per block as sent (lookup may send fewer than granted), by drafting method",
@@ -254,12 +269,8 @@ impl Metrics {
                 draft_forward,
                 draft_batch,
                 kinds,
-                drafted_by_kind,
-                accepted_by_kind,
-                rounds_by_kind,
-                drafted_by_method,
-                accepted_by_method,
-                rounds_by_method,
+                by_kind,
+                by_method,
                 gamma_by_method,
             }),
         }
@@ -307,23 +318,11 @@ impl Metrics {
         self.inner.drafted.inc_by(drafted as u64);
         self.inner.accepted.inc_by(accepted as u64);
         self.inner.rounds.inc();
-        let label = vec![("kind", kind.to_string())];
         let i = &self.inner;
-        i.drafted_by_kind
-            .get_or_create(&label)
-            .inc_by(drafted as u64);
-        i.accepted_by_kind
-            .get_or_create(&label)
-            .inc_by(accepted as u64);
-        i.rounds_by_kind.get_or_create(&label).inc();
+        i.by_kind
+            .count(&vec![("kind", kind.to_string())], drafted, accepted);
         let label = vec![("method", method.label())];
-        i.drafted_by_method
-            .get_or_create(&label)
-            .inc_by(drafted as u64);
-        i.accepted_by_method
-            .get_or_create(&label)
-            .inc_by(accepted as u64);
-        i.rounds_by_method.get_or_create(&label).inc();
+        i.by_method.count(&label, drafted, accepted);
         i.gamma_by_method
             .get_or_create(&label)
             .observe(drafted as f64);
