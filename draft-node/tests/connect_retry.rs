@@ -124,6 +124,10 @@ async fn a_node_started_without_a_coordinator_serves_at_once_and_connects_when_i
 async fn a_request_that_arrives_while_the_node_connects_waits_for_the_coordinator() {
     let model = TinyModel::new();
     let target = Arc::new(Target::new(&model.path, 3));
+    // Started (on its own port) before the free address is picked, so that the OS cannot hand
+    // the coordinator that very address: the node must not reach it before `forward` below.
+    let coordinator =
+        ScriptedCoordinator::start(script(Arc::clone(&target), &model.fingerprint)).await;
     // An address nothing listens on yet, taken by `forward` later.
     let addr = free_addr().unwrap();
     let mut st = settings(&model, &format!("http://{addr}"));
@@ -145,8 +149,6 @@ async fn a_request_that_arrives_while_the_node_connects_waits_for_the_coordinato
                 .unwrap()
         })
     };
-    let coordinator =
-        ScriptedCoordinator::start(script(Arc::clone(&target), &model.fingerprint)).await;
     // Only once the node has tried and failed at least once does the coordinator appear.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
