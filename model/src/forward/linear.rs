@@ -45,27 +45,58 @@ const Q8_0_BLOCK: usize = 32;
 /// `y = x · Wᵀ (+ b)` with a quantized `W` of shape `[n_out, n_in]`.
 #[derive(Debug)]
 pub(crate) struct Linear {
-    weight: Arc<QTensor>,
-    matmul: QMatMul,
+    store: Store,
     bias: Option<Tensor>,
     cpu: bool,
     /// Input width of the model (`n_in`).
     in_dim: usize,
-    /// Input width of `weight`: `in_dim`, or more where zero columns were appended (module docs).
+    /// Output width (`n_out`).
+    out_dim: usize,
+    /// Input width of the stored weight: `in_dim`, or more where zero columns were appended
+    /// (module docs).
     weight_in: usize,
     /// Our kernel for this weight (CPU, a format we have, not `EDGESPEC_CPU_KERNELS=candle`).
     ours: Option<(Isa, WeightFormat)>,
 }
 
+/// Where a weight lives.
+#[derive(Debug)]
+enum Store {
+    /// candle's tensor (row-major GGUF blocks on the CPU; any layout on other devices).
+    Candle {
+        weight: Arc<QTensor>,
+        matmul: QMatMul,
+    },
+    /// Repacked into our interleaved layout (`kernels::x16`); candle's copy is dropped.
+    Interleaved(Vec<u8>),
+}
+
 impl Linear {
     pub(crate) fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let cpu = weight.device().is_cpu();
-        let (_, in_dim) = weight.shape().dims2()?;
+        let (out_dim, in_dim) = weight.shape().dims2()?;
         let ours = if cpu {
             our_kernel(weight.dtype())
         } else {
             None
         };
+        if let Some((isa, format)) = ours {
+            if kernels::has_x16(isa, format) && kernels::interleave() {
+                if let Some(packed) =
+                    kernels::x16::pack(format, weight.data()?.as_ref(), out_dim, in_dim)
+                {
+                    return Ok(Self {
+                        store: Store::Interleaved(packed),
+                        bias,
+                        cpu,
+                        in_dim,
+                        out_dim,
+                        weight_in: in_dim,
+                        ours,
+                    });
+                }
+            }
+        }
         let weight = if cpu && ours.is_none() {
             pad_q8_0_for_tiles(&weight)?.unwrap_or(weight)
         } else {
@@ -75,14 +106,24 @@ impl Linear {
         let weight = Arc::new(weight);
         let matmul = QMatMul::from_arc(weight.clone())?;
         Ok(Self {
-            weight,
-            matmul,
+            store: Store::Candle { weight, matmul },
             bias,
             cpu,
             in_dim,
+            out_dim,
             weight_in,
             ours,
         })
+    }
+
+    /// candle's weight and matmul (every layer but an interleaved one).
+    fn candle(&self) -> Result<(&Arc<QTensor>, &QMatMul)> {
+        match &self.store {
+            Store::Candle { weight, matmul } => Ok((weight, matmul)),
+            Store::Interleaved(_) => {
+                candle_core::bail!("linear: an interleaved weight has no candle tensor")
+            }
+        }
     }
 
     /// Whether the weight carries appended zero columns (for tests and logs).
@@ -93,7 +134,13 @@ impl Linear {
 
     /// Output width.
     pub(crate) fn out_dim(&self) -> usize {
-        self.weight.shape().dims()[0]
+        self.out_dim
+    }
+
+    /// Whether the weight is held in the interleaved layout (for tests and logs).
+    #[cfg(test)]
+    pub(crate) fn is_interleaved(&self) -> bool {
+        matches!(self.store, Store::Interleaved(_))
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -108,7 +155,7 @@ impl Linear {
         } else {
             layers
                 .iter()
-                .map(|l| l.matmul.forward(x))
+                .map(|l| l.candle()?.1.forward(x))
                 .collect::<Result<Vec<_>>>()?
         };
         layers
@@ -140,7 +187,7 @@ impl Linear {
             if done[i] {
                 continue;
             }
-            let key = |l: &Linear| (l.weight.dtype(), l.weight_in);
+            let key = |l: &Linear| (l.candle().map(|(w, _)| w.dtype()).ok(), l.weight_in);
             let idx: Vec<usize> = (i..layers.len())
                 .filter(|&j| key(layers[j]) == key(layers[i]))
                 .collect();
@@ -170,7 +217,10 @@ impl Linear {
             .to_vec1::<f32>()?;
         let datas = layers
             .iter()
-            .map(|l| l.weight.data())
+            .map(|l| match &l.store {
+                Store::Interleaved(p) => Ok(Cow::Borrowed(&p[..])),
+                Store::Candle { weight, .. } => weight.data(),
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut isa = Isa::Scalar;
         let mut refs = Vec::with_capacity(layers.len());
@@ -187,6 +237,7 @@ impl Linear {
                 n: l.out_dim(),
                 k,
                 format,
+                packed: matches!(l.store, Store::Interleaved(_)),
             });
         }
         kernels::matmul(isa, &refs, &xs, m)
@@ -200,7 +251,7 @@ impl Linear {
         let m = x.dim(0)?;
         // A single row takes the compact Q6K kernel; two identical rows take the same tiled
         // kernel as a multi-row block. The second row is discarded.
-        let pad = m == 1 && layers[0].weight.dtype() == GgmlDType::Q6K;
+        let pad = m == 1 && layers[0].candle()?.0.dtype() == GgmlDType::Q6K;
         let x2;
         let x = if pad {
             x2 = Tensor::cat(&[x, x], 0)?;
@@ -208,12 +259,15 @@ impl Linear {
         } else {
             x
         };
-        let ws: Vec<&QTensor> = layers.iter().map(|l| l.weight.as_ref()).collect();
+        let ws = layers
+            .iter()
+            .map(|l| Ok(l.candle()?.0.as_ref()))
+            .collect::<Result<Vec<&QTensor>>>()?;
         let outs = match QTensor::gemv_fused_shared_lhs(&ws, x)? {
             Some(outs) => outs,
             None => layers
                 .iter()
-                .map(|l| l.matmul.forward(x))
+                .map(|l| l.candle()?.1.forward(x))
                 .collect::<Result<Vec<_>>>()?,
         };
         if pad {
@@ -305,6 +359,57 @@ mod tests {
             diff <= 0.02 * scale,
             "max |Δ| {diff} against max |y| {scale}"
         );
+        Ok(())
+    }
+
+    /// A Q4_K / Q6_K layer on the 16-row grid is held interleaved (where this CPU has the
+    /// kernels) and computes the same bits as the row-major scalar reference.
+    #[test]
+    fn interleaved_layers_compute_the_row_major_reference() -> Result<()> {
+        let (n, k) = (32, 512);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let vals: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0 + (i / 64 % 5) as f32 * 0.1)
+                .collect();
+            let q = || {
+                QTensor::quantize(
+                    &Tensor::from_vec(vals.clone(), (n, k), &Device::Cpu)?,
+                    dtype,
+                )
+            };
+            let lin = Linear::new(q()?, None)?;
+            let Some((isa, format)) = lin.ours else {
+                return Ok(()); // EDGESPEC_CPU_KERNELS=candle
+            };
+            assert_eq!(
+                lin.is_interleaved(),
+                kernels::has_x16(isa, format) && kernels::interleave(),
+                "{dtype:?}"
+            );
+            let x: Vec<f32> = (0..5 * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
+            let y = lin
+                .forward(&Tensor::from_vec(x.clone(), (5, k), &Device::Cpu)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let plain = q()?;
+            let data = plain.data()?;
+            let want = kernels::matmul(
+                Isa::Scalar,
+                &[WeightRef {
+                    data: &data,
+                    n,
+                    k,
+                    format,
+                    packed: false,
+                }],
+                &x,
+                5,
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want[0]), "{dtype:?}");
+        }
         Ok(())
     }
 

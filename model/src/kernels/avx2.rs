@@ -139,7 +139,7 @@ pub(super) fn q4k_scales_mins_u64(p: &[u8]) -> (u64, u64) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [0f32; R];
     let mut accm = [0f32; R];
     for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
         let dw = f16(&blk[0..2]);
@@ -173,15 +173,11 @@ fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
         for r in 0..R {
             let xd = rows[r].1[b];
             let summ = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), mn2));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = (dw * xd).mul_add(hsum_i32(sumi[r]) as f32, acc[r]);
             accm[r] = (dminw * xd).mul_add(summ as f32, accm[r]);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum8(acc[r]) - accm[r];
-    }
-    out
+    std::array::from_fn(|r| acc[r] - accm[r])
 }
 
 #[inline]
@@ -189,8 +185,7 @@ fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
 fn q6k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let low = _mm256_set1_epi8(15);
     let two = _mm256_set1_epi8(3);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut accc = [0f32; R];
+    let mut acc = [0f32; R];
     for (b, blk) in w.chunks_exact(Q6K.bytes).enumerate() {
         let (ql, rest) = blk.split_at(128);
         let (qh, rest) = rest.split_at(64);
@@ -233,16 +228,10 @@ fn q6k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
         for r in 0..R {
             let xd = rows[r].1[b];
             let corr = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), sc_all)) << 5;
-            let d = dw * xd;
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            accc[r] = d.mul_add(corr as f32, accc[r]);
+            acc[r] = (dw * xd).mul_add((hsum_i32(sumi[r]) - corr) as f32, acc[r]);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum8(acc[r]) - accc[r];
-    }
-    out
+    acc
 }
 
 /// 16 bytes from the start of `s` (panics if shorter).

@@ -162,7 +162,7 @@ fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
             ((2 * s1 + 1) << 8) | (2 * s1),
         )
     });
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [0f32; R];
     let mut accm = [0f32; R];
     for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
         let dw = f16(&blk[0..2]);
@@ -195,13 +195,9 @@ fn q4k<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
             );
             let xd = rows[r].1[b];
             let summ = hsum_i32(_mm256_madd_epi16(load_i16(&rows[r].2[b * 16..]), mn2));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd), _mm256_cvtepi32_ps(folded), acc[r]);
+            acc[r] = (dw * xd).mul_add(hsum_i32(folded) as f32, acc[r]);
             accm[r] = (dminw * xd).mul_add(summ as f32, accm[r]);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum8(acc[r]) - accm[r];
-    }
-    out
+    std::array::from_fn(|r| acc[r] - accm[r])
 }

@@ -37,6 +37,11 @@ mod pool;
 mod scalar;
 #[cfg(test)]
 mod tests;
+pub(crate) mod x16;
+#[cfg(target_arch = "x86_64")]
+mod x16_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x16_avx512;
 
 use std::sync::OnceLock;
 
@@ -344,19 +349,85 @@ fn block(
     }
 }
 
-/// A quantized weight `[n, k]` as raw blocks (row-major, `k / block` blocks per row).
+/// [`block`] for interleaved groups (`nb` super-block records each).
+fn block_x16(
+    isa: Isa,
+    format: WeightFormat,
+    (w, nb): (&[u8], usize),
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    match isa {
+        Isa::Scalar => unreachable!("no scalar kernel for interleaved weights"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x16_avx2::block(format, w, nb, rows, out, stride),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x16_avx512::block(format, w, nb, rows, out, stride),
+    }
+}
+
+/// A quantized weight `[n, k]` as raw blocks: row-major (`k / block` blocks per row), or in the
+/// interleaved layout of [`x16`] when `packed`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WeightRef<'a> {
     pub data: &'a [u8],
     pub n: usize,
     pub k: usize,
     pub format: WeightFormat,
+    pub packed: bool,
 }
 
 impl WeightRef<'_> {
+    /// Bytes per weight row (on average, for the interleaved layout).
     fn row_bytes(&self) -> usize {
+        if self.packed {
+            return self.group_bytes() / x16::ROWS;
+        }
         self.k / self.format.shape().elems * self.format.shape().bytes
     }
+
+    /// Bytes of one interleaved group of 16 rows.
+    fn group_bytes(&self) -> usize {
+        let rec = x16::record_bytes(self.format).expect("an interleaved format");
+        self.k / QK_K * rec
+    }
+
+    fn valid(&self) -> bool {
+        if self.packed {
+            self.n.is_multiple_of(x16::ROWS)
+                && self.k.is_multiple_of(QK_K)
+                && self.data.len() == self.n / x16::ROWS * self.group_bytes()
+        } else {
+            self.data.len() == self.n * self.row_bytes()
+        }
+    }
+}
+
+/// Whether `isa` has kernels for the interleaved layout of `format` (then [`x16::pack`] pays).
+pub(crate) fn has_x16(isa: Isa, format: WeightFormat) -> bool {
+    x16::record_bytes(format).is_some() && !matches!(isa, Isa::Scalar)
+}
+
+/// Whether weights are repacked into the interleaved layout where a kernel exists
+/// (`EDGESPEC_CPU_LAYOUT`: `interleaved`, the default, or `rows` to keep GGUF's row-major blocks;
+/// read once). Both give the same bits; the setting is for comparisons.
+pub(crate) fn interleave() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let raw = std::env::var("EDGESPEC_CPU_LAYOUT").unwrap_or_default();
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "interleaved" => true,
+            "rows" => false,
+            other => {
+                tracing::warn!(
+                    value = other,
+                    "EDGESPEC_CPU_LAYOUT: unknown (interleaved, rows); using interleaved"
+                );
+                true
+            }
+        }
+    })
 }
 
 /// About how many weight bytes one pool task covers (for all activation rows). Large: a thread
@@ -367,16 +438,19 @@ impl WeightRef<'_> {
 const TASK_BYTES: usize = 512 << 10;
 const MIN_TASK_ROWS: usize = 16;
 
-/// Weight rows per task for a layer of `n` rows of `rb` bytes on `threads` threads.
+/// Weight rows per task for a layer of `n` rows of `rb` bytes on `threads` threads (a multiple
+/// of 16, the interleaved group).
 fn rows_per_task(n: usize, rb: usize, threads: usize) -> usize {
     let tasks = (n * rb)
         .div_ceil(TASK_BYTES)
         .next_multiple_of(threads.max(1));
-    n.div_ceil(tasks).max(MIN_TASK_ROWS)
+    n.div_ceil(tasks)
+        .max(MIN_TASK_ROWS)
+        .next_multiple_of(x16::ROWS)
 }
 /// Activation rows kept hot (in L1/L2) while a task walks its weight rows: for up to this many
 /// rows each weight block is read from memory once.
-const ACT_TILE: usize = 16;
+pub(crate) const ACT_TILE: usize = 16;
 
 /// `y_l = x · W_lᵀ` for every weight `l` (all with the same `k`), `x` being `m` rows of `k`:
 /// activations are quantized once per format, then the pool computes every output row of every
@@ -396,9 +470,11 @@ pub(crate) fn matmul_in(
     let Some(k) = weights.first().map(|w| w.k) else {
         return Vec::new();
     };
-    assert!(weights
-        .iter()
-        .all(|w| w.k == k && w.data.len() == w.n * w.row_bytes()));
+    assert!(weights.iter().all(|w| w.k == k && w.valid()));
+    assert!(
+        weights.iter().all(|w| !w.packed || has_x16(isa, w.format)),
+        "interleaved weights need an interleaved kernel"
+    );
     assert_eq!(x.len(), m * k, "activation shape");
     let needs = |f: ActFormat| weights.iter().any(|w| w.format.act() == f);
     let q8k = needs(ActFormat::Q8K).then(|| quantize(x, k, ActFormat::Q8K));
@@ -424,8 +500,17 @@ pub(crate) fn matmul_in(
                 ActFormat::Q8K => &rows_q8k,
                 ActFormat::Q8_0 => &rows_q80,
             };
-            let rb = w.row_bytes();
             let n_rows = out.len() / m;
+            if w.packed {
+                let gb = w.group_bytes();
+                let wchunk = &w.data[*row0 / x16::ROWS * gb..(*row0 + n_rows) / x16::ROWS * gb];
+                for r0 in (0..m).step_by(ACT_TILE) {
+                    let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
+                    block_x16(isa, w.format, (wchunk, k / QK_K), tile, &mut out[r0..], m);
+                }
+                return;
+            }
+            let rb = w.row_bytes();
             let wchunk = &w.data[*row0 * rb..(*row0 + n_rows) * rb];
             for r0 in (0..m).step_by(ACT_TILE) {
                 let tile = &rows[r0..(r0 + ACT_TILE).min(m)];

@@ -25,9 +25,17 @@ fn lanes_u8(
     }
 }
 
-/// Q4_K weight row · Q8_K activation row.
+/// `Σ_e q(e)·y[e]` over `len` elements (exact).
+fn idot(q: impl Fn(usize) -> i32, y: &[i8], len: usize) -> i32 {
+    (0..len).map(|e| q(e) * i32::from(y[e])).sum()
+}
+
+/// Q4_K weight row · Q8_K activation row. Per super-block the integer sum
+/// `Σ_s scale_s·(q·y)_s` and the min term `Σ_s min_s·Σ_{e∈s} y_e` are exact; each takes one fused
+/// multiply-add into its own f32 accumulator (scales `d·x_d` and `dmin·x_d`), and the result is
+/// their difference.
 pub(super) fn dot_q4k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = 0f32;
     let mut accm = 0f32;
     for (b, blk) in w.chunks_exact(Q4K.bytes).enumerate() {
         let d = f16_to_f32([blk[0], blk[1]]) * xd[b];
@@ -35,44 +43,37 @@ pub(super) fn dot_q4k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
         let (sc, mn) = q4k_scales_mins(&blk[4..16]);
         let qs = &blk[16..144];
         let y = &xq[b * QK_K..(b + 1) * QK_K];
-        let mut lanes = [0i32; 8];
+        let mut isum = 0i32;
         for c in 0..4 {
             let q = &qs[32 * c..32 * c + 32];
-            let s0 = i32::from(sc[2 * c]);
-            let s1 = i32::from(sc[2 * c + 1]);
-            lanes_u8(&mut lanes, |e| i32::from(q[e] & 15), &y[64 * c..], |_| s0);
-            lanes_u8(
-                &mut lanes,
-                |e| i32::from(q[e] >> 4),
-                &y[64 * c + 32..],
-                |_| s1,
-            );
+            let lo = idot(|e| i32::from(q[e] & 15), &y[64 * c..], 32);
+            let hi = idot(|e| i32::from(q[e] >> 4), &y[64 * c + 32..], 32);
+            isum += i32::from(sc[2 * c]) * lo + i32::from(sc[2 * c + 1]) * hi;
         }
         let bs = &xbs[b * 16..b * 16 + 16];
         let mut summ = 0i32;
         for j in 0..8 {
             summ += i32::from(mn[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
         }
-        for j in 0..8 {
-            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
-        }
+        acc = d.mul_add(isum as f32, acc);
         accm = dmin.mul_add(summ as f32, accm);
     }
-    hsum8(acc) - accm
+    acc - accm
 }
 
-/// Q6_K weight row · Q8_K activation row.
+/// Q6_K weight row · Q8_K activation row. Per super-block the integer sum
+/// `Σ_s scale_s·(Σ_{e∈s} q_e·y_e − 32·Σ_{e∈s} y_e)` over its 16-element sub-blocks is exact and
+/// takes one fused multiply-add (scale `d·x_d`).
 pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut accc = 0f32;
+    let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(Q6K.bytes).enumerate() {
         let (ql, rest) = blk.split_at(128);
         let (qh, rest) = rest.split_at(64);
         let (scales, dbytes) = rest.split_at(16);
         let d = f16_to_f32([dbytes[0], dbytes[1]]) * xd[b];
-        let sc = |i: usize| i32::from(scales[i] as i8);
         let y = &xq[b * QK_K..(b + 1) * QK_K];
-        let mut lanes = [0i32; 8];
+        let bs = &xbs[b * 16..b * 16 + 16];
+        let mut isum = 0i32;
         for n in 0..2 {
             let (l, h) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
             let quarters: [&dyn Fn(usize) -> i32; 4] = [
@@ -82,23 +83,16 @@ pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
                 &|e| i32::from((l[e + 32] >> 4) | (((h[e] >> 6) & 3) << 4)),
             ];
             for (i, q) in quarters.iter().enumerate() {
-                let s = 8 * n + 2 * i;
-                let yy = &y[128 * n + 32 * i..];
-                lanes_u8(&mut lanes, q, yy, |j| sc(s + j / 4));
+                for half in 0..2 {
+                    let s = 8 * n + 2 * i + half;
+                    let p = idot(|e| q(16 * half + e), &y[16 * s..], 16);
+                    isum += i32::from(scales[s] as i8) * (p - 32 * i32::from(bs[s]));
+                }
             }
         }
-        let bs = &xbs[b * 16..b * 16 + 16];
-        let mut corr = 0i32;
-        for (s, &b) in bs.iter().enumerate() {
-            corr += sc(s) * i32::from(b);
-        }
-        corr *= 32;
-        for j in 0..8 {
-            acc[j] = d.mul_add(lanes[j] as f32, acc[j]);
-        }
-        accc = d.mul_add(corr as f32, accc);
+        acc = d.mul_add(isum as f32, acc);
     }
-    hsum8(acc) - accc
+    acc
 }
 
 /// Q8_0 weight row · Q8_0 activation row (32-element blocks, one f32 scale per activation block).

@@ -202,6 +202,7 @@ fn matmul_rows_are_invariant_to_batch_size_and_pool_size() {
             n: *n,
             k,
             format: *f,
+            packed: false,
         })
         .collect();
     let m = 19; // more than one activation tile
@@ -267,4 +268,54 @@ fn pool_visits_every_item_once_and_propagates_panics() {
         pool.for_each_mut(&mut items, |v| *v += 1);
         assert!(items.iter().all(|&v| v == round));
     }
+}
+
+/// The interleaved layout's kernels equal the row-major scalar reference bit for bit, for every
+/// activation row count (the 4/2/1 row groups and more than one tile) and pool size.
+#[test]
+fn interleaved_kernels_equal_the_row_major_reference() {
+    let mut rng = Rng(0x51ed_270b_2701_3a5d);
+    let k = 3 * QK_K;
+    let n = 48; // three groups of 16
+    for format in [WeightFormat::Q4K, WeightFormat::Q6K] {
+        let nb = k / format.shape().elems;
+        let data: Vec<u8> = (0..n)
+            .flat_map(|_| random_row(&mut rng, format, nb))
+            .collect();
+        let packed = x16::pack(format, &data, n, k).expect("n is a multiple of 16");
+        assert_eq!(
+            x16::pack(format, &data[..16 * nb * format.shape().bytes], 16, k).map(|p| p.len()),
+            Some(packed.len() / 3)
+        );
+        let plain = WeightRef {
+            data: &data,
+            n,
+            k,
+            format,
+            packed: false,
+        };
+        let inter = WeightRef {
+            data: &packed,
+            packed: true,
+            ..plain
+        };
+        for m in [1usize, 2, 3, 5, 7, 17] {
+            let x = random_x(&mut rng, m * k);
+            let want = matmul_in(&Pool::new(1), Isa::Scalar, &[plain], &x, m);
+            for isa in Isa::available().into_iter().filter(|&i| has_x16(i, format)) {
+                for threads in [1, 3] {
+                    let got = matmul_in(&Pool::new(threads), isa, &[inter], &x, m);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got[0]),
+                        bits(&want[0]),
+                        "{format:?} {isa:?} m={m} threads={threads}"
+                    );
+                }
+            }
+        }
+    }
+    // Off the 16-row grid, or Q8_0: no interleaved layout.
+    assert!(x16::pack(WeightFormat::Q4K, &vec![0; 8 * 144], 8, QK_K).is_none());
+    assert!(x16::pack(WeightFormat::Q8_0, &vec![0; 16 * 34], 16, 32).is_none());
 }

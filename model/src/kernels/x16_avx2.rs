@@ -1,0 +1,336 @@
+//! AVX2 kernels on the interleaved layout (`x16.rs`), for CPUs without VNNI: each half of a
+//! 64-byte line (8 weight rows × 4 quants) goes through `maddubs` against four broadcast
+//! activations; the i16 pair sums are added up while they cannot overflow (8 products of at most
+//! 2·15·127 for Q4_K, 2 of at most 2·63·127 for Q6_K), then widened by `madd` with ones. Every
+//! 32-bit lane is one output row. Bit-identical to `scalar.rs` (see `x16.rs`).
+
+// The loops walk several parallel register arrays (per row, per quant vector) by index.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::load as load32;
+use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, ROWS};
+use super::{Row, WeightFormat, QK_K};
+
+/// Rows per 256-bit register.
+const HALF: usize = ROWS / 2;
+
+#[inline(always)]
+fn load16(s: &[u8]) -> __m128i {
+    let s = &s[..16];
+    // SAFETY: `s` is 16 readable bytes (sliced above); no alignment requirement.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+#[inline(always)]
+fn load8(s: &[u8]) -> __m128i {
+    let s = &s[..8];
+    // SAFETY: `s` is 8 readable bytes (sliced above); `loadl_epi64` reads exactly 8.
+    unsafe { _mm_loadl_epi64(s.as_ptr().cast()) }
+}
+
+/// Four activations as one little-endian lane, for a broadcast.
+#[inline(always)]
+fn quad(y: &[i8; QK_K], at: usize) -> i32 {
+    i32::from_le_bytes([
+        y[at] as u8,
+        y[at + 1] as u8,
+        y[at + 2] as u8,
+        y[at + 3] as u8,
+    ])
+}
+
+/// One activation row's share of super-block `b`: its 256 values, scale and 16-sums.
+struct Sb<'a> {
+    y: &'a [i8; QK_K],
+    d: f32,
+    bs: &'a [i16; 16],
+}
+
+impl<'a> Sb<'a> {
+    #[inline(always)]
+    fn of(row: &Row<'a>, b: usize) -> Self {
+        let (q, d, bs) = *row;
+        Sb {
+            y: q[b * QK_K..(b + 1) * QK_K]
+                .try_into()
+                .expect("a super-block"),
+            d: d[b],
+            bs: bs[b * 16..b * 16 + 16].try_into().expect("16 sums"),
+        }
+    }
+}
+
+/// As `x16_avx512::block`.
+pub(super) fn block(
+    format: WeightFormat,
+    w: &[u8],
+    nb: usize,
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(super::avx2::detected());
+    assert!(rows.len() <= super::ACT_TILE);
+    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
+    unsafe { block_tf(format, w, nb, rows, out, stride) }
+}
+
+/// Activation rows per pass over a half record (16 registers, 3 per row).
+const MAX_R: usize = 4;
+
+/// Asks for every cache line of `s` (the next record) ahead of its use.
+#[inline(always)]
+fn prefetch(s: &[u8]) {
+    for off in (0..s.len()).step_by(64) {
+        // SAFETY: a prefetch never faults, and the address is inside `s`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_tf(
+    format: WeightFormat,
+    w: &[u8],
+    nb: usize,
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let rec = match format {
+        WeightFormat::Q4K => Q4K_REC,
+        WeightFormat::Q6K => Q6K_REC,
+        WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
+    };
+    macro_rules! pass {
+        ($r:literal, $rec:expr, $h:expr, $b:expr, $j:expr, $acc:expr) => {{
+            let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
+            let acc: &mut [[__m256; 2]; $r] =
+                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+            match format {
+                WeightFormat::Q4K => q4k_x8::<$r>($rec.try_into().expect("a record"), $h, rs, acc),
+                _ => q6k_x8::<$r>($rec.try_into().expect("a record"), $h, rs, acc),
+            }
+        }};
+    }
+    let zero = _mm256_setzero_ps();
+    for (gi, (g, o)) in w
+        .chunks_exact(nb * rec)
+        .zip(out.chunks_mut(ROWS * stride))
+        .enumerate()
+    {
+        // Per half and activation row: the f32 accumulators of 8 weight rows (scale, min).
+        let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
+        for (b, r) in g.chunks_exact(rec).enumerate() {
+            let next = (gi * nb + b + 1) * rec;
+            if let Some(s) = w.get(next..next + rec) {
+                prefetch(s);
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let mut j = 0;
+                while j < rows.len() {
+                    let n = (rows.len() - j).min(MAX_R);
+                    match n {
+                        1 => pass!(1, r, h, b, j, acc),
+                        2 => pass!(2, r, h, b, j, acc),
+                        3 => pass!(3, r, h, b, j, acc),
+                        _ => pass!(4, r, h, b, j, acc),
+                    }
+                    j += n;
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
+                let y = store(_mm256_sub_ps(*d, *m));
+                for (l, o) in o.chunks_mut(stride).skip(h * HALF).take(HALF).enumerate() {
+                    o[j] = y[l];
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store(v: __m256) -> [f32; 8] {
+    let mut o = [0f32; 8];
+    // SAFETY: `o` is 8 writable f32; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+    o
+}
+
+/// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q4_K group into the accumulators of
+/// `R` activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_x8<const R: usize>(
+    r: &[u8; Q4K_REC],
+    h: usize,
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+) {
+    let low = _mm256_set1_epi8(15);
+    let ones = _mm256_set1_epi16(1);
+    let zero = _mm256_setzero_si256();
+    let mut isum = [zero; R];
+    for c in 0..4 {
+        let mut alo = [zero; R];
+        let mut ahi = [zero; R];
+        for i in 0..8 {
+            let wv = load32(&r[q4k::QS + (c * 8 + i) * 64 + 32 * h..]);
+            let lo = _mm256_and_si256(wv, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), low);
+            let at = 64 * c + 4 * i;
+            for k in 0..R {
+                let y = rows[k].y;
+                let pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(y, at)));
+                let ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(y, at + 32)));
+                alo[k] = _mm256_add_epi16(alo[k], pl);
+                ahi[k] = _mm256_add_epi16(ahi[k], ph);
+            }
+        }
+        let slo = _mm256_cvtepu8_epi32(load8(&r[q4k::SC + 32 * c + 8 * h..]));
+        let shi = _mm256_cvtepu8_epi32(load8(&r[q4k::SC + 32 * c + 16 + 8 * h..]));
+        for k in 0..R {
+            let lo = _mm256_mullo_epi32(_mm256_madd_epi16(alo[k], ones), slo);
+            let hi = _mm256_mullo_epi32(_mm256_madd_epi16(ahi[k], ones), shi);
+            isum[k] = _mm256_add_epi32(isum[k], _mm256_add_epi32(lo, hi));
+        }
+    }
+    let mut msum = [zero; R];
+    for p in 0..4 {
+        let mn = _mm256_cvtepu8_epi16(load16(&r[q4k::MN + 32 * p + 16 * h..]));
+        for k in 0..R {
+            let bs = &rows[k].bs[4 * p..];
+            let lo = i32::from(bs[0]) + i32::from(bs[1]);
+            let hi = i32::from(bs[2]) + i32::from(bs[3]);
+            let pair = (lo & 0xffff) | (hi << 16);
+            let v = _mm256_madd_epi16(mn, _mm256_set1_epi32(pair));
+            msum[k] = _mm256_add_epi32(msum[k], v);
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[q4k::D + 16 * h..]));
+    let dmin = _mm256_cvtph_ps(load16(&r[q4k::DMIN + 16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, m] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+        *m = _mm256_fmadd_ps(_mm256_mul_ps(dmin, xd), _mm256_cvtepi32_ps(msum[k]), *m);
+    }
+}
+
+/// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q6_K group into the accumulators of
+/// `R` activation rows (the second accumulator stays zero).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_x8<const R: usize>(
+    r: &[u8; Q6K_REC],
+    h: usize,
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+) {
+    let m4 = _mm256_set1_epi8(15);
+    let m2 = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let zero = _mm256_setzero_si256();
+    // Quants q = 2·hi + t (t = 0, 1) of quad `i` in half `n`: the low (hi = 0) or high nibbles of
+    // l0 (t = 0) or l1, with bits 2q, 2q + 1 of the high-bit byte on top.
+    let quants = |n: usize, hi: usize, i: usize| -> [__m256i; 2] {
+        let l0 = load32(&r[q6k::unit(n, i) + q6k::L0 + 32 * h..]);
+        let l1 = load32(&r[q6k::unit(n, i) + q6k::L1 + 32 * h..]);
+        let hv = load32(&r[q6k::unit(n, i) + q6k::H + 32 * h..]);
+        let (l0, l1, h0, h1) = if hi == 0 {
+            (l0, l1, hv, _mm256_srli_epi16::<2>(hv))
+        } else {
+            (
+                _mm256_srli_epi16::<4>(l0),
+                _mm256_srli_epi16::<4>(l1),
+                _mm256_srli_epi16::<4>(hv),
+                _mm256_srli_epi16::<6>(hv),
+            )
+        };
+        let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
+        [
+            _mm256_or_si256(_mm256_and_si256(l0, m4), hb(h0)),
+            _mm256_or_si256(_mm256_and_si256(l1, m4), hb(h1)),
+        ]
+    };
+    let mut isum = [zero; R];
+    if R == 1 {
+        // One row: all four quant vectors of two quads at once (each byte loaded once).
+        let y = rows[0].y;
+        for n in 0..2 {
+            for ih in 0..2 {
+                let mut a = [zero; 4];
+                for i in (4 * ih..4 * ih + 4).step_by(2) {
+                    let [q00, q01] = quants(n, 0, i);
+                    let [q02, q03] = quants(n, 1, i);
+                    let [q10, q11] = quants(n, 0, i + 1);
+                    let [q12, q13] = quants(n, 1, i + 1);
+                    let at = 128 * n + 4 * i;
+                    for (q, (w0, w1)) in [(q00, q10), (q01, q11), (q02, q12), (q03, q13)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let y0 = _mm256_set1_epi32(quad(y, at + 32 * q));
+                        let y1 = _mm256_set1_epi32(quad(y, at + 32 * q + 4));
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(w0, y0),
+                            _mm256_maddubs_epi16(w1, y1),
+                        );
+                        a[q] = _mm256_add_epi32(a[q], _mm256_madd_epi16(p, ones));
+                    }
+                }
+                for (q, aq) in a.iter().enumerate() {
+                    let s = 8 * n + 2 * q + ih;
+                    let sc = _mm256_cvtepi8_epi32(load8(&r[q6k::SC + 16 * s + 8 * h..]));
+                    let corr = _mm256_set1_epi32(i32::from(rows[0].bs[s]) << 5);
+                    let v = _mm256_mullo_epi32(_mm256_sub_epi32(*aq, corr), sc);
+                    isum[0] = _mm256_add_epi32(isum[0], v);
+                }
+            }
+        }
+    } else {
+        for n in 0..2 {
+            for ih in 0..2 {
+                for hi in 0..2 {
+                    let mut a = [[zero; 2]; R];
+                    for i in (4 * ih..4 * ih + 4).step_by(2) {
+                        let (q0, q1) = (quants(n, hi, i), quants(n, hi, i + 1));
+                        let at = 128 * n + 64 * hi + 4 * i;
+                        for k in 0..R {
+                            let y = rows[k].y;
+                            for t in 0..2 {
+                                let y0 = _mm256_set1_epi32(quad(y, at + 32 * t));
+                                let y1 = _mm256_set1_epi32(quad(y, at + 32 * t + 4));
+                                // Two products of at most 2·63·127 each: no i16 overflow.
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(q0[t], y0),
+                                    _mm256_maddubs_epi16(q1[t], y1),
+                                );
+                                a[k][t] = _mm256_add_epi32(a[k][t], _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                    for t in 0..2 {
+                        let s = 8 * n + 2 * (2 * hi + t) + ih;
+                        let sc = _mm256_cvtepi8_epi32(load8(&r[q6k::SC + 16 * s + 8 * h..]));
+                        for k in 0..R {
+                            let corr = _mm256_set1_epi32(i32::from(rows[k].bs[s]) << 5);
+                            let v = _mm256_mullo_epi32(_mm256_sub_epi32(a[k][t], corr), sc);
+                            isum[k] = _mm256_add_epi32(isum[k], v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[q6k::D + 16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+    }
+}

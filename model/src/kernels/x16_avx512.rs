@@ -1,0 +1,320 @@
+//! AVX-512 VNNI kernels on the interleaved layout (`x16.rs`): one 512-bit register holds four
+//! quants of each of 16 weight rows, `vpdpbusd` multiplies them by four broadcast activations,
+//! and every 32-bit lane is one output row. Bit-identical to `scalar.rs` (see `x16.rs`).
+
+// The loops walk several parallel register arrays (per row, per quant vector) by index.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::load as load32;
+use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, ROWS};
+use super::{Row, WeightFormat, QK_K};
+
+#[inline(always)]
+fn load64(s: &[u8]) -> __m512i {
+    let s = &s[..64];
+    // SAFETY: `s` is 64 readable bytes (sliced above); `loadu` has no alignment requirement.
+    unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+}
+
+#[inline(always)]
+fn load16(s: &[u8]) -> __m128i {
+    let s = &s[..16];
+    // SAFETY: `s` is 16 readable bytes (sliced above); no alignment requirement.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+/// Four activations as one little-endian lane, for a broadcast.
+#[inline(always)]
+fn quad(y: &[i8; QK_K], at: usize) -> i32 {
+    i32::from_le_bytes([
+        y[at] as u8,
+        y[at + 1] as u8,
+        y[at + 2] as u8,
+        y[at + 3] as u8,
+    ])
+}
+
+/// One activation row's share of super-block `b`: its 256 values, scale and 16-sums.
+struct Sb<'a> {
+    y: &'a [i8; QK_K],
+    d: f32,
+    bs: &'a [i16; 16],
+}
+
+impl<'a> Sb<'a> {
+    #[inline(always)]
+    fn of(row: &Row<'a>, b: usize) -> Self {
+        let (q, d, bs) = *row;
+        Sb {
+            y: q[b * QK_K..(b + 1) * QK_K]
+                .try_into()
+                .expect("a super-block"),
+            d: d[b],
+            bs: bs[b * 16..b * 16 + 16].try_into().expect("16 sums"),
+        }
+    }
+}
+
+/// `out[i * stride + j] = weight row i · rows[j]` for every row of the interleaved groups `w`
+/// (`nb` records each), for at most [`super::ACT_TILE`] activation rows. Each super-block record
+/// is read from memory once and used for every activation row while it is in L1.
+pub(super) fn block(
+    format: WeightFormat,
+    w: &[u8],
+    nb: usize,
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(super::avx512::detected());
+    assert!(rows.len() <= super::ACT_TILE);
+    // SAFETY: the CPU has every feature `block_tf` enables (asserted above).
+    unsafe { block_tf(format, w, nb, rows, out, stride) }
+}
+
+/// Activation rows per pass over a record (32 registers, 3 per row).
+fn max_rows(_format: WeightFormat) -> usize {
+    8
+}
+
+/// Asks for every cache line of `s` (the next record) ahead of its use.
+#[inline(always)]
+fn prefetch(s: &[u8]) {
+    for off in (0..s.len()).step_by(64) {
+        // SAFETY: a prefetch never faults, and the address is inside `s`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn block_tf(
+    format: WeightFormat,
+    w: &[u8],
+    nb: usize,
+    rows: &[Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let rec = match format {
+        WeightFormat::Q4K => Q4K_REC,
+        WeightFormat::Q6K => Q6K_REC,
+        WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
+    };
+    macro_rules! pass {
+        ($r:literal, $rec:expr, $b:expr, $j:expr, $acc:expr) => {{
+            let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
+            let acc: &mut [[__m512; 2]; $r] =
+                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+            match format {
+                WeightFormat::Q4K => q4k_x16::<$r>($rec.try_into().expect("a record"), rs, acc),
+                _ => q6k_x16::<$r>($rec.try_into().expect("a record"), rs, acc),
+            }
+        }};
+    }
+    let zero = _mm512_setzero_ps();
+    let max_r = max_rows(format);
+    for (gi, (g, o)) in w
+        .chunks_exact(nb * rec)
+        .zip(out.chunks_mut(ROWS * stride))
+        .enumerate()
+    {
+        // Per activation row: the f32 accumulators of the 16 weight rows (scale, min).
+        let mut acc = [[zero; 2]; super::ACT_TILE];
+        for (b, r) in g.chunks_exact(rec).enumerate() {
+            let next = (gi * nb + b + 1) * rec;
+            if let Some(s) = w.get(next..next + rec) {
+                prefetch(s);
+            }
+            let mut j = 0;
+            while j < rows.len() {
+                let n = (rows.len() - j).min(max_r);
+                match n {
+                    1 => pass!(1, r, b, j, acc),
+                    2 => pass!(2, r, b, j, acc),
+                    3 => pass!(3, r, b, j, acc),
+                    4 => pass!(4, r, b, j, acc),
+                    5 => pass!(5, r, b, j, acc),
+                    6 => pass!(6, r, b, j, acc),
+                    7 => pass!(7, r, b, j, acc),
+                    _ => pass!(8, r, b, j, acc),
+                }
+                j += n;
+            }
+        }
+        for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
+            let y = store(_mm512_sub_ps(*d, *m));
+            for (l, o) in o.chunks_mut(stride).take(ROWS).enumerate() {
+                o[j] = y[l];
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn store(v: __m512) -> [f32; 16] {
+    let mut o = [0f32; 16];
+    // SAFETY: `o` is 16 writable f32; `storeu` has no alignment requirement.
+    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+    o
+}
+
+/// Super-block `b` (record `r`) of a Q4_K group into the accumulators of `R` activation rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn q4k_x16<const R: usize>(r: &[u8; Q4K_REC], rows: [Sb<'_>; R], acc: &mut [[__m512; 2]; R]) {
+    let low = _mm512_set1_epi8(15);
+    let zero = _mm512_setzero_si512();
+    let mut isum = [zero; R];
+    for c in 0..4 {
+        let mut alo = [zero; R];
+        let mut ahi = [zero; R];
+        for i in 0..8 {
+            let wv = load64(&r[q4k::QS + (c * 8 + i) * 64..]);
+            let lo = _mm512_and_si512(wv, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
+            let at = 64 * c + 4 * i;
+            for k in 0..R {
+                let y = rows[k].y;
+                alo[k] = _mm512_dpbusd_epi32(alo[k], lo, _mm512_set1_epi32(quad(y, at)));
+                ahi[k] = _mm512_dpbusd_epi32(ahi[k], hi, _mm512_set1_epi32(quad(y, at + 32)));
+            }
+        }
+        let slo = _mm512_cvtepu8_epi32(load16(&r[q4k::SC + 32 * c..]));
+        let shi = _mm512_cvtepu8_epi32(load16(&r[q4k::SC + 32 * c + 16..]));
+        for k in 0..R {
+            let s = _mm512_add_epi32(
+                _mm512_mullo_epi32(alo[k], slo),
+                _mm512_mullo_epi32(ahi[k], shi),
+            );
+            isum[k] = _mm512_add_epi32(isum[k], s);
+        }
+    }
+    let mut msum = [zero; R];
+    for p in 0..4 {
+        let mn = _mm512_cvtepu8_epi16(load32(&r[q4k::MN + 32 * p..]));
+        for k in 0..R {
+            let bs = &rows[k].bs[4 * p..];
+            let lo = i32::from(bs[0]) + i32::from(bs[1]);
+            let hi = i32::from(bs[2]) + i32::from(bs[3]);
+            let pair = (lo & 0xffff) | (hi << 16);
+            msum[k] = _mm512_dpwssd_epi32(msum[k], mn, _mm512_set1_epi32(pair));
+        }
+    }
+    let dw = _mm512_cvtph_ps(load32(&r[q4k::D..]));
+    let dmin = _mm512_cvtph_ps(load32(&r[q4k::DMIN..]));
+    for k in 0..R {
+        let xd = _mm512_set1_ps(rows[k].d);
+        let [d, m] = &mut acc[k];
+        *d = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(isum[k]), *d);
+        *m = _mm512_fmadd_ps(_mm512_mul_ps(dmin, xd), _mm512_cvtepi32_ps(msum[k]), *m);
+    }
+}
+
+/// Super-block `b` (record `r`) of a Q6_K group into the accumulators of `R` activation rows
+/// (the second accumulator stays zero).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m512; 2]; R]) {
+    let m4 = _mm512_set1_epi8(15);
+    let m2 = _mm512_set1_epi8(3);
+    let zero = _mm512_setzero_si512();
+    let mut isum = [zero; R];
+    if R <= 4 {
+        // Few rows: all four quant vectors of a quad at once (each byte loaded once).
+        for n in 0..2 {
+            for ih in 0..2 {
+                let mut a = [[zero; 4]; R];
+                for i in 4 * ih..4 * ih + 4 {
+                    let l0 = load64(&r[q6k::unit(n, i) + q6k::L0..]);
+                    let l1 = load64(&r[q6k::unit(n, i) + q6k::L1..]);
+                    let h = load64(&r[q6k::unit(n, i) + q6k::H..]);
+                    let hb = |v: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(v, m2));
+                    let qs = [
+                        _mm512_or_si512(_mm512_and_si512(l0, m4), hb(h)),
+                        _mm512_or_si512(_mm512_and_si512(l1, m4), hb(_mm512_srli_epi16::<2>(h))),
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(l0), m4),
+                            hb(_mm512_srli_epi16::<4>(h)),
+                        ),
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(l1), m4),
+                            hb(_mm512_srli_epi16::<6>(h)),
+                        ),
+                    ];
+                    let at = 128 * n + 4 * i;
+                    for k in 0..R {
+                        for (q, wq) in qs.iter().enumerate() {
+                            let yv = _mm512_set1_epi32(quad(rows[k].y, at + 32 * q));
+                            a[k][q] = _mm512_dpbusd_epi32(a[k][q], *wq, yv);
+                        }
+                    }
+                }
+                for q in 0..4 {
+                    let s = 8 * n + 2 * q + ih;
+                    let sc = _mm512_cvtepi8_epi32(load16(&r[q6k::SC + 16 * s..]));
+                    for k in 0..R {
+                        let corr = _mm512_set1_epi32(i32::from(rows[k].bs[s]) << 5);
+                        let v = _mm512_mullo_epi32(_mm512_sub_epi32(a[k][q], corr), sc);
+                        isum[k] = _mm512_add_epi32(isum[k], v);
+                    }
+                }
+            }
+        }
+    } else {
+        // More rows: two quant vectors at a time (3 registers per row instead of 5).
+        for n in 0..2 {
+            for ih in 0..2 {
+                // Quants q = 2·hi + {0, 1}: the low (hi = 0) or high nibbles of l0 and l1, with bits
+                // 2q, 2q + 1 of the high-bit byte on top.
+                for hi in 0..2 {
+                    let mut a = [[zero; 2]; R];
+                    for i in 4 * ih..4 * ih + 4 {
+                        let l0 = load64(&r[q6k::unit(n, i) + q6k::L0..]);
+                        let l1 = load64(&r[q6k::unit(n, i) + q6k::L1..]);
+                        let h = load64(&r[q6k::unit(n, i) + q6k::H..]);
+                        let (l0, l1, h0, h1) = if hi == 0 {
+                            (l0, l1, h, _mm512_srli_epi16::<2>(h))
+                        } else {
+                            (
+                                _mm512_srli_epi16::<4>(l0),
+                                _mm512_srli_epi16::<4>(l1),
+                                _mm512_srli_epi16::<4>(h),
+                                _mm512_srli_epi16::<6>(h),
+                            )
+                        };
+                        let hb = |v: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(v, m2));
+                        let qs = [
+                            _mm512_or_si512(_mm512_and_si512(l0, m4), hb(h0)),
+                            _mm512_or_si512(_mm512_and_si512(l1, m4), hb(h1)),
+                        ];
+                        let at = 128 * n + 64 * hi + 4 * i;
+                        for k in 0..R {
+                            for (t, wq) in qs.iter().enumerate() {
+                                let yv = _mm512_set1_epi32(quad(rows[k].y, at + 32 * t));
+                                a[k][t] = _mm512_dpbusd_epi32(a[k][t], *wq, yv);
+                            }
+                        }
+                    }
+                    for t in 0..2 {
+                        let s = 8 * n + 2 * (2 * hi + t) + ih;
+                        let sc = _mm512_cvtepi8_epi32(load16(&r[q6k::SC + 16 * s..]));
+                        for k in 0..R {
+                            let corr = _mm512_set1_epi32(i32::from(rows[k].bs[s]) << 5);
+                            let v = _mm512_mullo_epi32(_mm512_sub_epi32(a[k][t], corr), sc);
+                            isum[k] = _mm512_add_epi32(isum[k], v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let dw = _mm512_cvtph_ps(load32(&r[q6k::D..]));
+    for k in 0..R {
+        let xd = _mm512_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(isum[k]), *d);
+    }
+}
