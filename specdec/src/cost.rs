@@ -62,7 +62,9 @@ pub struct VerifyCostModelConfig {
     /// Factor every older observation's weight is multiplied by when a new one arrives
     /// (0.95 ≈ a 20-observation window).
     pub forgetting: f64,
-    /// Batch size (tokens) of the prior's second anchor point; the first is at 1 token.
+    /// Batch size (tokens) of the prior's second anchor point; the first is at 1 token. Kept
+    /// small: a far anchor has so much leverage that, once real batches all have one size (a
+    /// session at γ = 0), the faded prior would still set the slope.
     pub prior_span_tokens: usize,
 }
 
@@ -72,7 +74,7 @@ impl Default for VerifyCostModelConfig {
             prior: VerifyCost::PRIOR,
             prior_weight: 2.0,
             forgetting: 0.95,
-            prior_span_tokens: 64,
+            prior_span_tokens: 8,
         }
     }
 }
@@ -81,10 +83,26 @@ impl Default for VerifyCostModelConfig {
 /// form of recursive least squares with a forgetting factor). The prior enters as two weighted
 /// pseudo-observations on its own line, so it decides the fit until data outweighs it and then
 /// fades like any old observation.
+///
+/// Batches of one size tell the level but not the slope. When the recent observations no longer
+/// spread over sizes (a controller that chose γ = 0 sends one-token batches only), the model keeps
+/// the slope it last learnt from spread observations and fits the level, rather than falling back
+/// to the prior's slope: a stale prior slope (3 ms/token) priced a 5-token block of a 1.5B target
+/// on a CPU at half its measured cost and kept the controller drafting where it did not pay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VerifyCostModel {
     config: VerifyCostModelConfig,
-    // Decayed weighted sums of 1, x, y, x², xy.
+    /// Decayed weighted sums with the prior's pseudo-observations.
+    all: Sums,
+    /// The same over real observations only.
+    obs: Sums,
+    /// The slope of the last fit whose observations spread over batch sizes.
+    learnt_slope: Option<f64>,
+}
+
+/// Decayed weighted sums of 1, x, y, x², xy.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Sums {
     n: f64,
     sx: f64,
     sy: f64,
@@ -92,20 +110,55 @@ pub struct VerifyCostModel {
     sxy: f64,
 }
 
+/// Observations spread over sizes once their weighted variance in tokens reaches this (a spread
+/// of half a token).
+const MIN_SPREAD_VAR: f64 = 0.25;
+
+impl Sums {
+    fn add(&mut self, x: f64, y: f64, w: f64) {
+        self.n += w;
+        self.sx += w * x;
+        self.sy += w * y;
+        self.sxx += w * x * x;
+        self.sxy += w * x * y;
+    }
+
+    fn decay(&mut self, keep: f64) {
+        self.n *= keep;
+        self.sx *= keep;
+        self.sy *= keep;
+        self.sxx *= keep;
+        self.sxy *= keep;
+    }
+
+    /// (mean x, mean y, var x, cov xy); `None` without weight.
+    fn moments(&self) -> Option<(f64, f64, f64, f64)> {
+        if self.n <= 0.0 {
+            return None;
+        }
+        let mean_x = self.sx / self.n;
+        let mean_y = self.sy / self.n;
+        Some((
+            mean_x,
+            mean_y,
+            self.sxx / self.n - mean_x * mean_x,
+            self.sxy / self.n - mean_x * mean_y,
+        ))
+    }
+}
+
 impl VerifyCostModel {
     /// A model that answers `config.prior` until it has observations.
     pub fn new(config: VerifyCostModelConfig) -> Self {
         let mut m = Self {
             config,
-            n: 0.0,
-            sx: 0.0,
-            sy: 0.0,
-            sxx: 0.0,
-            sxy: 0.0,
+            all: Sums::default(),
+            obs: Sums::default(),
+            learnt_slope: None,
         };
         let half = config.prior_weight.max(0.0) / 2.0;
         for x in [1, config.prior_span_tokens.max(2)] {
-            m.add(x as f64, config.prior.seconds(x), half);
+            m.all.add(x as f64, config.prior.seconds(x), half);
         }
         m
     }
@@ -117,23 +170,40 @@ impl VerifyCostModel {
             return;
         }
         let keep = self.config.forgetting.clamp(0.0, 1.0);
-        self.n *= keep;
-        self.sx *= keep;
-        self.sy *= keep;
-        self.sxx *= keep;
-        self.sxy *= keep;
-        self.add(tokens_in_batch as f64, seconds, 1.0);
+        let x = tokens_in_batch as f64;
+        for sums in [&mut self.all, &mut self.obs] {
+            sums.decay(keep);
+            sums.add(x, seconds, 1.0);
+        }
+        if let Some((_, _, var_x, cov_xy)) = self.obs.moments() {
+            if var_x >= MIN_SPREAD_VAR {
+                self.learnt_slope = Some((cov_xy / var_x).max(0.0));
+            }
+        }
     }
 
     /// The current fit; both coefficients are kept non-negative.
     pub fn cost(&self) -> VerifyCost {
-        if self.n <= 0.0 {
+        let Some((mean_x, mean_y, var_x, cov_xy)) = self.all.moments() else {
             return self.config.prior;
+        };
+        if let (Some(slope), Some((ox, oy, ovar, _))) = (self.learnt_slope, self.obs.moments()) {
+            if ovar < MIN_SPREAD_VAR {
+                // Recent batches all of about one size: the learnt slope, the observed level.
+                let base = oy - slope * ox;
+                return if base >= 0.0 {
+                    VerifyCost {
+                        base_s: base,
+                        per_token_s: slope,
+                    }
+                } else {
+                    VerifyCost {
+                        base_s: 0.0,
+                        per_token_s: oy / ox.max(1.0),
+                    }
+                };
+            }
         }
-        let mean_x = self.sx / self.n;
-        let mean_y = self.sy / self.n;
-        let var_x = self.sxx / self.n - mean_x * mean_x;
-        let cov_xy = self.sxy / self.n - mean_x * mean_y;
         // All observations at one batch size cannot separate base from per-token cost: keep the
         // prior's slope and fit the level.
         let slope = if var_x > 1e-9 * mean_x.max(1.0).powi(2) {
@@ -145,7 +215,7 @@ impl VerifyCostModel {
             (mean_y, 0.0)
         } else if mean_y - slope * mean_x < 0.0 {
             // Through the origin: the best non-negative slope with zero base.
-            (0.0, (self.sxy / self.sxx).max(0.0))
+            (0.0, (self.all.sxy / self.all.sxx).max(0.0))
         } else {
             (mean_y - slope * mean_x, slope)
         };
@@ -153,14 +223,6 @@ impl VerifyCostModel {
             base_s,
             per_token_s,
         }
-    }
-
-    fn add(&mut self, x: f64, y: f64, w: f64) {
-        self.n += w;
-        self.sx += w * x;
-        self.sy += w * y;
-        self.sxx += w * x * x;
-        self.sxy += w * x * y;
     }
 }
 
@@ -263,6 +325,37 @@ mod tests {
         let c = m.cost();
         assert!((c.per_token_s - VerifyCost::PRIOR.per_token_s).abs() < 1e-12);
         assert!((c.seconds(8) - 0.1).abs() < 1e-9);
+    }
+
+    /// A 1.5B target on a CPU (24 ms + 6.3 ms per token): after blocks of several sizes, a long
+    /// run of one-token batches (the controller chose γ = 0) keeps the learnt slope and tracks
+    /// the level, instead of drifting back to the prior's 3 ms per token.
+    #[test]
+    fn one_size_after_spread_keeps_the_learnt_slope() {
+        let cpu = VerifyCost {
+            base_s: 0.0177,
+            per_token_s: 0.0063,
+        };
+        let mut m = VerifyCostModel::default();
+        for i in 0..40 {
+            m.observe(1 + i % 6, cpu.seconds(1 + i % 6));
+        }
+        assert!(within(m.cost(), cpu, 0.05), "{:?}", m.cost());
+        // The machine gets 10 % slower while only one-token batches run.
+        for _ in 0..300 {
+            m.observe(1, 1.1 * cpu.seconds(1));
+        }
+        let c = m.cost();
+        // While the old spread fades, the level change at one size leaks into the slope a
+        // little (5.6 instead of 6.3 ms here); the prior would say 3.
+        assert!(
+            (c.per_token_s - cpu.per_token_s).abs() < 0.15 * cpu.per_token_s,
+            "{c:?}"
+        );
+        assert!((c.seconds(1) - 1.1 * cpu.seconds(1)).abs() < 1e-6, "{c:?}");
+        // A 5-token block is priced from the learnt slope, not the prior's.
+        let prior_priced = c.seconds(1) + 4.0 * VerifyCost::PRIOR.per_token_s;
+        assert!(c.seconds(5) > prior_priced + 0.01, "{c:?}");
     }
 
     #[test]
