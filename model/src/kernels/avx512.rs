@@ -47,32 +47,46 @@ pub(super) fn block(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn block_tf(
     q4k_weights: bool,
-    (w, rb): (&[u8], usize),
+    w: (&[u8], usize),
     rows: &[Row<'_>],
     out: &mut [f32],
     stride: usize,
 ) {
-    macro_rules! group {
-        ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
-            let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
-            let y = if q4k_weights {
-                q4k::<$r>($wrow, rs)
-            } else {
-                q8_0::<$r>($wrow, rs)
-            };
-            $o[$j..$j + $r].copy_from_slice(&y);
-        }};
-    }
-    for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
-        for (j, r) in super::row_groups(rows.len()) {
-            match r {
-                1 => group!(1, wrow, j, o),
-                2 => group!(2, wrow, j, o),
-                _ => group!(4, wrow, j, o),
-            }
-        }
+    // One row loop per format, each compiled on its own (see `avx2::block_tf`).
+    if q4k_weights {
+        rows_q4k(w, rows, out, stride)
+    } else {
+        rows_q8_0(w, rows, out, stride)
     }
 }
+
+/// The row loop of one format's kernel (`$k::<R>` for R = 1, 2, 4).
+macro_rules! row_loop {
+    ($name:ident, $k:ident) => {
+        #[inline(never)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        fn $name((w, rb): (&[u8], usize), rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+            macro_rules! group {
+                ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
+                    let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
+                    let y = $k::<$r>($wrow, rs);
+                    $o[$j..$j + $r].copy_from_slice(&y);
+                }};
+            }
+            for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
+                for (j, r) in super::row_groups(rows.len()) {
+                    match r {
+                        1 => group!(1, wrow, j, o),
+                        2 => group!(2, wrow, j, o),
+                        _ => group!(4, wrow, j, o),
+                    }
+                }
+            }
+        }
+    };
+}
+row_loop!(rows_q4k, q4k);
+row_loop!(rows_q8_0, q8_0);
 
 /// `[a; 8] ++ [b; 8]`.
 #[inline]

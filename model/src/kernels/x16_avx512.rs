@@ -75,11 +75,13 @@ pub(super) fn block(
 }
 
 /// Activation rows per pass over a record (32 registers, 3 per row).
-fn max_rows(_format: WeightFormat) -> usize {
-    8
-}
+const MAX_R: usize = 8;
 
-/// Asks for every cache line of `s` (the next record) ahead of its use.
+/// Records ahead of the one in use that [`prefetch`] asks for (one ahead left the one-core AVX2
+/// decode of the 1.5B waiting on memory: 49.5 ms a token, two ahead 45.7, none 65).
+const PREFETCH_AHEAD: usize = 2;
+
+/// Asks for every cache line of `s` (a record [`PREFETCH_AHEAD`] ahead) ahead of its use.
 #[inline(always)]
 fn prefetch(s: &[u8]) {
     for off in (0..s.len()).step_by(64) {
@@ -97,60 +99,71 @@ fn block_tf(
     out: &mut [f32],
     stride: usize,
 ) {
-    let rec = match format {
-        WeightFormat::Q4K => Q4K_REC,
-        WeightFormat::Q6K => Q6K_REC,
+    // One loop per format, each compiled on its own (kernels inlined into one shared loop
+    // compete for registers; see `avx2::block_tf`).
+    match format {
+        WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
+        WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
         WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
-    };
-    macro_rules! pass {
-        ($r:literal, $rec:expr, $b:expr, $j:expr, $acc:expr) => {{
-            let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
-            let acc: &mut [[__m512; 2]; $r] =
-                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-            match format {
-                WeightFormat::Q4K => q4k_x16::<$r>($rec.try_into().expect("a record"), rs, acc),
-                _ => q6k_x16::<$r>($rec.try_into().expect("a record"), rs, acc),
-            }
-        }};
-    }
-    let zero = _mm512_setzero_ps();
-    let max_r = max_rows(format);
-    for (gi, (g, o)) in w
-        .chunks_exact(nb * rec)
-        .zip(out.chunks_mut(ROWS * stride))
-        .enumerate()
-    {
-        // Per activation row: the f32 accumulators of the 16 weight rows (scale, min).
-        let mut acc = [[zero; 2]; super::ACT_TILE];
-        for (b, r) in g.chunks_exact(rec).enumerate() {
-            let next = (gi * nb + b + 1) * rec;
-            if let Some(s) = w.get(next..next + rec) {
-                prefetch(s);
-            }
-            let mut j = 0;
-            while j < rows.len() {
-                let n = (rows.len() - j).min(max_r);
-                match n {
-                    1 => pass!(1, r, b, j, acc),
-                    2 => pass!(2, r, b, j, acc),
-                    3 => pass!(3, r, b, j, acc),
-                    4 => pass!(4, r, b, j, acc),
-                    5 => pass!(5, r, b, j, acc),
-                    6 => pass!(6, r, b, j, acc),
-                    7 => pass!(7, r, b, j, acc),
-                    _ => pass!(8, r, b, j, acc),
-                }
-                j += n;
-            }
-        }
-        for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
-            let y = store(_mm512_sub_ps(*d, *m));
-            for (l, o) in o.chunks_mut(stride).take(ROWS).enumerate() {
-                o[j] = y[l];
-            }
-        }
     }
 }
+
+/// The group loop of one format: records of `$rec` bytes, kernel `$k::<R>` for R = 1..=8.
+macro_rules! group_loop {
+    ($name:ident, $k:ident, $rec:expr) => {
+        #[inline(never)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+            let rec = $rec;
+            macro_rules! pass {
+                ($r:literal, $rb:expr, $b:expr, $j:expr, $acc:expr) => {{
+                    let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
+                    let acc: &mut [[__m512; 2]; $r] =
+                        (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+                    $k::<$r>($rb.try_into().expect("a record"), rs, acc)
+                }};
+            }
+            let zero = _mm512_setzero_ps();
+            for (gi, (g, o)) in w
+                .chunks_exact(nb * rec)
+                .zip(out.chunks_mut(ROWS * stride))
+                .enumerate()
+            {
+                // Per activation row: the f32 accumulators of the 16 weight rows (scale, min).
+                let mut acc = [[zero; 2]; super::ACT_TILE];
+                for (b, r) in g.chunks_exact(rec).enumerate() {
+                    let next = (gi * nb + b + PREFETCH_AHEAD) * rec;
+                    if let Some(s) = w.get(next..next + rec) {
+                        prefetch(s);
+                    }
+                    let mut j = 0;
+                    while j < rows.len() {
+                        let n = (rows.len() - j).min(MAX_R);
+                        match n {
+                            1 => pass!(1, r, b, j, acc),
+                            2 => pass!(2, r, b, j, acc),
+                            3 => pass!(3, r, b, j, acc),
+                            4 => pass!(4, r, b, j, acc),
+                            5 => pass!(5, r, b, j, acc),
+                            6 => pass!(6, r, b, j, acc),
+                            7 => pass!(7, r, b, j, acc),
+                            _ => pass!(8, r, b, j, acc),
+                        }
+                        j += n;
+                    }
+                }
+                for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
+                    let y = store(_mm512_sub_ps(*d, *m));
+                    for (l, o) in o.chunks_mut(stride).take(ROWS).enumerate() {
+                        o[j] = y[l];
+                    }
+                }
+            }
+        }
+    };
+}
+group_loop!(groups_q4k, q4k_x16, Q4K_REC);
+group_loop!(groups_q6k, q6k_x16, Q6K_REC);
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
