@@ -238,6 +238,35 @@ async fn sampled_lookup_tokens_are_proposed_with_a_point_mass_q() {
     );
 }
 
+/// A hybrid session whose verdicts say `next_method = LOOKUP` (its model fallback does not pay)
+/// drafts lookup only: every proposal is a point mass, none is the model's top-K.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_session_told_lookup_drafts_without_its_model() {
+    let h = Harness::start(|s, _| {
+        s.gammas = vec![8];
+        // The first block (before any verdict) drafts nothing, so every block is after one.
+        s.initial_gamma = 0;
+        s.next_method = Some(edgespec_proto::domain::DraftMethod::Lookup);
+    })
+    .await;
+    let (_, prompt) = repeated_list(&h);
+    let v = complete_ids(
+        &h,
+        &prompt,
+        32,
+        json!({"draft_method": "hybrid", "temperature": 0.8, "seed": 5}),
+    )
+    .await;
+    let rec = h.coordinator.record();
+    assert!(rec.invalid.is_empty(), "{rec:?}");
+    assert!(stat(&v, "drafted") > 0, "{}", v["edgespec"]);
+    assert_eq!(rec.draft_probs_seen as u64, stat(&v, "drafted"));
+    assert_eq!(
+        rec.point_masses, rec.draft_probs_seen,
+        "lookup only: every q a point mass: {rec:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_only_node_runs_without_a_draft_model() {
     let h = Harness::start(|_, st| {

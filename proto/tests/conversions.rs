@@ -215,6 +215,7 @@ fn draft_block_round_trips_through_the_stream_message() {
         last_round_trip_ns: 0,
         drafted_ahead: false,
         method: pb::DraftMethod::Hybrid as i32,
+        model_s_per_token: 0.01,
     };
     let msg = pb::DraftMessage {
         kind: Some(pb::draft_message::Kind::Block(block.clone())),
@@ -224,10 +225,17 @@ fn draft_block_round_trips_through_the_stream_message() {
         panic!("not a block")
     };
     assert_eq!(b.block.history.as_deref(), Some(&[5, 6][..]));
+    assert_eq!(b.model_s_per_token, 0.01);
     assert_eq!(pb::DraftMessage::from(d), msg);
-    let mut neg = block;
+    let mut neg = block.clone();
     neg.draft_s_per_token = -1.0;
     assert!(DraftBlock::try_from(neg).is_err());
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        let mut m = block.clone();
+        m.model_s_per_token = bad;
+        let e = DraftBlock::try_from(m).unwrap_err();
+        assert!(e.to_string().contains("model_s_per_token"), "{e}");
+    }
 }
 
 #[test]
@@ -254,4 +262,34 @@ fn unknown_error_code_is_rejected() {
     })
     .unwrap();
     assert_eq!(ok.code, ErrorCode::ResyncNeeded);
+}
+
+#[test]
+fn a_verdicts_next_method_round_trips_and_unspecified_reads_as_none() {
+    let wire = pb::Verdict {
+        session_id: 1,
+        round: 2,
+        accepted: 0,
+        next_token: 7,
+        committed_len: 3,
+        next_gamma: 4,
+        next_method: pb::DraftMethod::Lookup as i32,
+        ..Default::default()
+    };
+    let v = edgespec_proto::domain::Verdict::try_from(wire.clone()).unwrap();
+    assert_eq!(
+        v.next_method,
+        Some(edgespec_proto::domain::DraftMethod::Lookup)
+    );
+    assert_eq!(pb::Verdict::from(v).next_method, wire.next_method);
+    let older = pb::Verdict {
+        next_method: pb::DraftMethod::Unspecified as i32,
+        ..wire
+    };
+    let v = edgespec_proto::domain::Verdict::try_from(older).unwrap();
+    assert_eq!(v.next_method, None);
+    assert_eq!(
+        pb::Verdict::from(v).next_method,
+        pb::DraftMethod::Unspecified as i32
+    );
 }

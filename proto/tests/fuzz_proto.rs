@@ -313,6 +313,8 @@ fn draft_block(m: &RawItem, t: &Telemetry) -> pb::DraftBlock {
         last_round_trip_ns: t.last_round_trip_ns,
         drafted_ahead: t.drafted_ahead,
         method: pb::DraftMethod::Lookup as i32,
+        // The same weird value as draft_s_per_token: both must be finite and >= 0.
+        model_s_per_token: t.draft_s_per_token,
     }
 }
 

@@ -214,17 +214,61 @@ impl GammaController {
         pool: PoolContext,
         remaining: u32,
     ) -> usize {
+        self.plan_next(draft, s, pool, remaining).0
+    }
+
+    /// γ and drafting method for the session's next block. A hybrid session drafts lookup only
+    /// when its model fallback would not pay on its own: planned as a model session with the
+    /// node's measured model cost (and the switch-on margin), γ would be 0. Lookup's proposals
+    /// cost nothing, so a hybrid session then does at least as well as lookup, where letting
+    /// slow model steps fill the gaps between matches (one CPU shared with the target) cost it
+    /// more than the matches gained.
+    pub fn plan_next(
+        &self,
+        draft: &DraftSide,
+        s: &SessionGamma,
+        pool: PoolContext,
+        remaining: u32,
+    ) -> (usize, DraftMethod) {
+        let method = if s.method == DraftMethod::Hybrid && !self.model_pays(draft, s, pool) {
+            DraftMethod::Lookup
+        } else {
+            s.method
+        };
+        (self.plan_as(draft, s, method, pool, remaining), method)
+    }
+
+    /// Whether model drafting would pay for this session (γ > 0 with the model's cost).
+    fn model_pays(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> bool {
+        let mut inputs = self.inputs(draft, s, pool);
+        inputs.t_draft_s = draft.t_draft_s(DraftMethod::Model);
+        inputs.pipelined = false;
+        draft.calibration(DraftMethod::Model).apply(&mut inputs);
+        plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma > 0
+    }
+
+    /// [`Self::plan`] as if the session drafted with `method`.
+    fn plan_as(
+        &self,
+        draft: &DraftSide,
+        s: &SessionGamma,
+        method: DraftMethod,
+        pool: PoolContext,
+        remaining: u32,
+    ) -> usize {
         let max_gamma = self.max_gamma(draft);
         if !self.policy.speculation_enabled || max_gamma == 0 {
             return 0;
         }
         let min_gamma = self.policy.min_gamma.min(max_gamma);
         let mut inputs = self.inputs(draft, s, pool);
-        let calibration = draft.calibration(s.method);
+        inputs.t_draft_s = draft.t_draft_s(method);
+        inputs.pipelined &= method == DraftMethod::Model;
+        let calibration = draft.calibration(method);
         let drafting_measured = calibration.knows_drafting();
         calibration.apply(&mut inputs);
         // The switch-on margin prices the catch-up forward of a draft model; lookup has none.
-        let gain = if s.method.uses_model() {
+        let gain = if method.uses_model() {
             SWITCH_ON_GAIN
         } else {
             1.0

@@ -292,9 +292,44 @@ fn a_slow_draft_model_plans_gamma_zero_where_lookup_with_the_same_acceptance_dra
         DEFAULT_LOOKUP_S_PER_TOKEN,
         "before a lookup report: the lookup default, not the model's cost"
     );
-    // Hybrid before its own report is priced as the model (no match: the model drafts).
+    // Hybrid before its own report is priced as the model (no match: the model drafts)...
     assert_eq!(c.inputs(&d, &hybrid, SHARED_CPU).t_draft_s, 0.1);
-    assert_eq!(c.plan(&d, &hybrid, SHARED_CPU, 0), 0);
+    // ... and since the model's fallback would not pay, it drafts lookup only, planned as lookup.
+    assert_eq!(
+        c.plan_next(&d, &hybrid, SHARED_CPU, 0),
+        (c.plan(&d, &lookup, SHARED_CPU, 0), DraftMethod::Lookup)
+    );
+    // A model that pays keeps the fallback; other methods keep their own.
+    let fast = side(0.001, false);
+    let (g, m) = c.plan_next(&fast, &hybrid, SHARED_CPU, 0);
+    assert!(g > 0 && m == DraftMethod::Hybrid, "{g} {m}");
+    assert_eq!(
+        c.plan_next(&d, &model, SHARED_CPU, 0),
+        (0, DraftMethod::Model)
+    );
+    assert_eq!(
+        c.plan_next(&d, &lookup, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+}
+
+/// The model cost that decides the fallback is the node's model report, not hybrid's blended
+/// one (lookup tokens make a hybrid block look cheap).
+#[test]
+fn the_hybrid_fallback_is_priced_with_the_model_cost_report() {
+    let c = GammaController::new(policy(8));
+    let mut d = side(0.001, false);
+    let hybrid = session(DraftMethod::Hybrid);
+    d.report_draft_cost(DraftMethod::Hybrid, 1e-4);
+    assert_eq!(
+        c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
+        DraftMethod::Hybrid
+    );
+    d.report_draft_cost(DraftMethod::Model, 0.1);
+    assert_eq!(
+        c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
 }
 
 #[test]

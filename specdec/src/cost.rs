@@ -187,9 +187,11 @@ impl VerifyCostModel {
         let Some((mean_x, mean_y, var_x, cov_xy)) = self.all.moments() else {
             return self.config.prior;
         };
-        if let (Some(slope), Some((ox, oy, ovar, _))) = (self.learnt_slope, self.obs.moments()) {
+        if let Some((ox, oy, ovar, _)) = self.obs.moments() {
             if ovar < MIN_SPREAD_VAR {
-                // Recent batches all of about one size: the learnt slope, the observed level.
+                // Recent batches all of about one size tell the level, not the slope: the slope
+                // learnt from spread batches, else the prior's.
+                let slope = self.learnt_slope.unwrap_or(self.config.prior.per_token_s);
                 let base = oy - slope * ox;
                 return if base >= 0.0 {
                     VerifyCost {

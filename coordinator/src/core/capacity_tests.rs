@@ -36,6 +36,7 @@ fn open(sid: u64) -> DraftMessage {
         last_round_trip_ns: 0,
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
+        model_s_per_token: 0.0,
     })
 }
 

@@ -167,6 +167,13 @@ impl Core {
         // The block's cost is its own method's (a request may override the node's default).
         link.side
             .report_draft_cost(db.method, f64::from(db.draft_s_per_token));
+        // The model's own cost, which prices a hybrid session's model fallback.
+        if db.model_s_per_token > 0.0 {
+            link.side.report_draft_cost(
+                edgespec_specdec::DraftMethod::Model,
+                f64::from(db.model_s_per_token),
+            );
+        }
         if self.registry.up_count() == 0 {
             let msg = "no verify node is available; retry later";
             return Err((ErrorCode::Unavailable, msg.into()));

@@ -169,3 +169,69 @@ fn a_session_follows_its_latest_blocks_method_and_the_hello_gives_the_node_defau
         .collect();
     assert_eq!(rounds, vec![("model", 1, 0), ("lookup", 1, 1)]);
 }
+
+/// A hybrid session's verdict says whether its next block may use the model: `LOOKUP` while
+/// the model the block reports (`model_s_per_token`) would not pay on its own, `HYBRID` once it
+/// would; a model session's verdict leaves the field unset.
+#[test]
+fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("edge"), t0).unwrap();
+    let with_model_cost = |mut msg: DraftMessage, cost: f32| {
+        if let DraftMessage::Block(b) = &mut msg {
+            b.model_s_per_token = cost;
+        }
+        msg
+    };
+    let next_methods = |c: &mut Core, blocks: Vec<DraftMessage>, now: Instant| {
+        let mut out = Out::default();
+        for b in blocks {
+            c.draft_message(s, b, now, &mut out);
+        }
+        c.flush(now + Duration::from_millis(2), &mut out);
+        let launch = out.launches.last().expect("a batch").clone();
+        let mut out = Out::default();
+        c.batch_done(
+            launch.batch_id,
+            Ok(answer_all(&launch, 1)),
+            now + Duration::from_millis(5),
+            &mut out,
+        );
+        let mut v: Vec<(u64, Option<DraftMethod>, u32)> = out
+            .messages
+            .iter()
+            .filter_map(|(_, m)| match m {
+                CoordinatorMessage::Verdict(v) => Some((v.session_id, v.next_method, v.next_gamma)),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
+    };
+    let hybrid = with_model_cost(
+        drafted_with(
+            block(1, 1, Some(vec![1, 2]), 2, vec![3, 4]),
+            DraftMethod::Hybrid,
+            0.05,
+        ),
+        0.2,
+    );
+    let model = drafted_with(
+        block(2, 1, Some(vec![1, 2]), 2, vec![3, 4]),
+        DraftMethod::Model,
+        0.2,
+    );
+    let v = next_methods(&mut c, vec![hybrid, model], t0);
+    assert_eq!(v[0].1, Some(DraftMethod::Lookup), "200 ms model: {v:?}");
+    assert!(v[0].2 > 0, "planned as lookup: {v:?}");
+    assert_eq!(v[1].1, None, "a model session: {v:?}");
+    // A fast model (1 ms a token) pays: the fallback is back.
+    let t1 = t0 + Duration::from_millis(50);
+    let hybrid = with_model_cost(
+        drafted_with(block(1, 2, None, 4, vec![5]), DraftMethod::Hybrid, 1e-3),
+        1e-3,
+    );
+    let v = next_methods(&mut c, vec![hybrid], t1);
+    assert_eq!(v[0].1, Some(DraftMethod::Hybrid), "{v:?}");
+}

@@ -65,6 +65,7 @@ pub(super) fn block(
         last_round_trip_ns: 0,
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
+        model_s_per_token: 0.0,
     })
 }
 
@@ -220,7 +221,18 @@ fn speculation_off_forces_gamma_zero_and_load_shortens_gamma() {
         );
         c.flush(t0 + Duration::from_secs(round), &mut out);
         let launch = out.launches.pop().expect("a batch");
-        let mut resp = answer_all(&launch, 3);
+        // A CPU-like verify cost: 20 ms a forward plus 6 ms a token (4 tokens a block).
+        let mut pbr = answer_all_pb(&launch, 3);
+        for r in &mut pbr.results {
+            r.timings = Some(pb::VerifyTimings {
+                forward_ns: 44_000_000,
+                total_ns: 45_000_000,
+                batch_tokens: 4,
+                batch_sessions: 1,
+                queue_ns: 0,
+            });
+        }
+        let mut resp = BatchReply::from(pbr);
         resp.load = Some(Load {
             // Busy with other sessions too (a session's own load does not price its γ).
             busy_fraction: if round > 3 { 0.98 } else { 0.0 },

@@ -10,7 +10,7 @@ use edgespec_proto::domain::{
     Registration, Timings, Verdict, VerifyBatch,
 };
 use edgespec_proto::ProtocolError;
-use edgespec_specdec::PoolContext;
+use edgespec_specdec::{DraftMethod, PoolContext};
 use std::time::Instant;
 
 impl Core {
@@ -243,7 +243,7 @@ impl Core {
         let remaining = item
             .max_new_tokens
             .saturating_sub(outcome.accepted as u32 + 1);
-        let gamma = self.next_gamma(item.global, node, remaining);
+        let (gamma, next_method) = self.next_gamma(item.global, node, remaining);
         if let Some(link) = self.streams.get_mut(&stream) {
             link.granted_gamma = link.granted_gamma.max(gamma as usize);
         }
@@ -267,6 +267,7 @@ impl Core {
             coordinator_ns: in_coordinator.saturating_sub(timings.total_ns),
             verify: timings,
             verifier_id: node.to_string(),
+            next_method: (method == DraftMethod::Hybrid).then_some(next_method),
         };
         out.messages
             .push((stream, CoordinatorMessage::Verdict(verdict)));
@@ -352,13 +353,13 @@ impl Core {
         }
     }
 
-    /// The controller's γ for a session's next block on `node`.
-    fn next_gamma(&self, global: u64, node: &str, remaining: u32) -> u32 {
+    /// The controller's γ and drafting method for a session's next block on `node`.
+    fn next_gamma(&self, global: u64, node: &str, remaining: u32) -> (u32, DraftMethod) {
         let Some(s) = self.sessions.get(&global) else {
-            return 0;
+            return (0, DraftMethod::Model);
         };
         let Some(link) = self.streams.get(&s.stream) else {
-            return 0;
+            return (0, s.g.method());
         };
         let v = self.registry.get(node);
         // The node's busy time that this session itself causes is not load against it: only the
@@ -378,7 +379,8 @@ impl Core {
                 + self.policy.batch_window.as_secs_f64() / 2.0,
             verify: cost.marginal(utilisation),
         };
-        self.gamma.plan(&link.side, &s.g, pool, remaining) as u32
+        let (gamma, method) = self.gamma.plan_next(&link.side, &s.g, pool, remaining);
+        (gamma as u32, method)
     }
 }
 

@@ -150,6 +150,7 @@ mod tests {
             coordinator_ns: 0,
             verify: Default::default(),
             verifier_id: String::new(),
+            next_method: None,
         }
     }
 

@@ -29,6 +29,10 @@ impl Driver {
                 self.extend_lookup(draft, gamma);
                 Ok(())
             }
+            DraftMethod::Hybrid if self.lookup_only => {
+                self.extend_lookup(draft, gamma);
+                Ok(())
+            }
             DraftMethod::Hybrid => self.extend_hybrid(draft, gamma).await,
         }
     }
@@ -94,10 +98,18 @@ impl Driver {
             let Some(drafter) = self.drafter.as_mut() else {
                 break;
             };
+            let step = Instant::now();
             let (row, fed) = drafter
                 .logits(&[self.state.committed(), &draft.tokens])
                 .await?;
             catch_up |= fed > self.ctx.cfg.max_gamma + 2;
+            if fed <= self.ctx.cfg.max_gamma + 2 {
+                // The model's own cost (what prices the fallback), from steps without a long
+                // catch-up.
+                self.ctx
+                    .estimates
+                    .observe_cost(DraftMethod::Model, step.elapsed(), 1);
+            }
             let sampling = *self.state.sampling();
             draft.choose(&row, &sampling, self.ctx.cfg.top_k);
         }

@@ -182,6 +182,7 @@ pub(crate) fn spawn(
         events,
         out,
         last_round_trip_ns: 0,
+        lookup_only: false,
         resyncs: 0,
     };
     let span = tracing::debug_span!("session", session = id);
@@ -227,6 +228,9 @@ struct Driver {
     overload_wait: Duration,
     /// The `kind` label of this request's metrics.
     kind: String,
+    /// A hybrid session's next block is lookup only: the coordinator found that its model
+    /// fallback does not pay (`Verdict::next_method`).
+    lookup_only: bool,
 }
 
 impl Driver {
@@ -284,6 +288,8 @@ impl Driver {
             };
             with_history = false;
             self.last_round_trip_ns = sent.elapsed().as_nanos() as u64;
+            self.lookup_only = self.method == DraftMethod::Hybrid
+                && verdict.next_method == Some(DraftMethod::Lookup);
             // Near the end of a request the coordinator shortens γ to the tokens left; such a
             // γ says nothing about the next request.
             if self.state.remaining() > self.ctx.cfg.max_gamma + 1 {
@@ -354,6 +360,11 @@ impl Driver {
                 .map_or(0, |d| d.as_nanos() as u64),
             draft_s_per_token: self.ctx.estimates.cost(self.method),
             last_round_trip_ns: self.last_round_trip_ns,
+            model_s_per_token: if self.drafter.is_some() {
+                self.ctx.estimates.cost(DraftMethod::Model)
+            } else {
+                0.0
+            },
         }
     }
 

@@ -56,6 +56,8 @@ pub(crate) struct Telemetry {
     pub last_round_trip_ns: u64,
     /// This block was drafted ahead (pipelining) and kept.
     pub drafted_ahead: bool,
+    /// The draft model's own seconds per token (0 without a model).
+    pub model_s_per_token: f32,
 }
 
 /// One session's rounds.
@@ -166,6 +168,7 @@ impl SessionState {
             last_round_trip_ns: t.last_round_trip_ns,
             drafted_ahead: t.drafted_ahead,
             method: self.method,
+            model_s_per_token: t.model_s_per_token,
         }
     }
 
@@ -234,6 +237,7 @@ mod tests {
             coordinator_ns: 0,
             verify: Default::default(),
             verifier_id: String::new(),
+            next_method: None,
         }
     }
 

@@ -166,6 +166,8 @@ pub struct Script {
     pub block_delay: Duration,
     /// Greedy target; with sampling, every draft is accepted and the bonus is the target's.
     pub target: Arc<Target>,
+    /// `Verdict::next_method` of every verdict.
+    pub next_method: Option<edgespec_proto::domain::DraftMethod>,
 }
 
 /// What the scripted coordinator saw.
@@ -488,6 +490,7 @@ async fn handle_block(
             coordinator_ns: 0,
             verify: Default::default(),
             verifier_id: "scripted".into(),
+            next_method: script.next_method,
         },
     ))
 }
@@ -507,6 +510,7 @@ pub fn script(target: Arc<Target>, fingerprint: &str) -> Script {
         silent: false,
         block_delay: Duration::ZERO,
         target,
+        next_method: None,
     }
 }
 

@@ -154,17 +154,24 @@ pub struct DraftBlock {
     pub drafted_ahead: bool,
     /// How the session drafts; `draft_s_per_token` is this method's cost.
     pub method: DraftMethod,
+    /// The node's draft model alone, seconds per token (0 if it has none or has not measured).
+    pub model_s_per_token: f32,
 }
 
 impl TryFrom<pb::DraftBlock> for DraftBlock {
     type Error = ProtocolError;
     fn try_from(m: pb::DraftBlock) -> Result<Self, ProtocolError> {
-        if !m.draft_s_per_token.is_finite() || m.draft_s_per_token < 0.0 {
-            return Err(ProtocolError::Range {
-                field: "draft_s_per_token",
-                value: m.draft_s_per_token.to_string(),
-                allowed: "a finite number >= 0",
-            });
+        for (field, v) in [
+            ("draft_s_per_token", m.draft_s_per_token),
+            ("model_s_per_token", m.model_s_per_token),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ProtocolError::Range {
+                    field,
+                    value: v.to_string(),
+                    allowed: "a finite number >= 0",
+                });
+            }
         }
         Ok(Self {
             block: Block::try_from(RawBlock {
@@ -182,6 +189,7 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
             last_round_trip_ns: m.last_round_trip_ns,
             drafted_ahead: m.drafted_ahead,
             method: super::stream::method_from_wire(m.method),
+            model_s_per_token: m.model_s_per_token,
         })
     }
 }
@@ -204,6 +212,7 @@ impl From<&DraftBlock> for pb::DraftBlock {
             last_round_trip_ns: d.last_round_trip_ns,
             drafted_ahead: d.drafted_ahead,
             method: super::stream::method_to_wire(d.method),
+            model_s_per_token: d.model_s_per_token,
         }
     }
 }

@@ -146,6 +146,10 @@ pub struct Verdict {
     pub verify: Timings,
     /// Verify node that produced it.
     pub verifier_id: String,
+    /// For a hybrid session, how to draft the next block: [`DraftMethod::Lookup`] (no model
+    /// fallback) or [`DraftMethod::Hybrid`]; `None` for every other method (and from older
+    /// coordinators): draft with the session's method.
+    pub next_method: Option<DraftMethod>,
 }
 
 impl Verdict {
@@ -187,6 +191,8 @@ impl TryFrom<pb::Verdict> for Verdict {
             coordinator_ns: v.coordinator_ns,
             verify: v.verify.map(Timings::from).unwrap_or_default(),
             verifier_id: v.verifier_id,
+            next_method: (v.next_method != pb::DraftMethod::Unspecified as i32)
+                .then(|| method_from_wire(v.next_method)),
         })
     }
 }
@@ -204,6 +210,9 @@ impl From<Verdict> for pb::Verdict {
             coordinator_ns: v.coordinator_ns,
             verify: Some(v.verify.into()),
             verifier_id: v.verifier_id,
+            next_method: v
+                .next_method
+                .map_or(pb::DraftMethod::Unspecified as i32, method_to_wire),
         }
     }
 }

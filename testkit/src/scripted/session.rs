@@ -153,6 +153,7 @@ pub fn greedy_block(
         last_round_trip_ns: 0,
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
+        model_s_per_token: 0.0,
     }
 }
 
