@@ -362,12 +362,12 @@ mod tests {
         Ok(())
     }
 
-    /// A Q4_K / Q6_K layer on the 16-row grid is held interleaved (where this CPU has the
+    /// A Q4_K / Q6_K / Q8_0 layer on the 16-row grid is held interleaved (where this CPU has the
     /// kernels) and computes the same bits as the row-major scalar reference.
     #[test]
     fn interleaved_layers_compute_the_row_major_reference() -> Result<()> {
         let (n, k) = (32, 512);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
             let vals: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0 + (i / 64 % 5) as f32 * 0.1)
                 .collect();

@@ -53,14 +53,6 @@ pub(super) fn f16(b: &[u8]) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn hsum8(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-}
-
 /// Sum of 8 i32 lanes (exact: the caller keeps it in range).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -262,10 +254,8 @@ fn _mm_loadu_si128_safe(s: &[u8]) -> __m128i {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let ones = _mm256_set1_epi16(1);
-    // Even and odd blocks on separate accumulators (as `scalar::dot_q8_0`).
-    let mut even = [_mm256_setzero_ps(); R];
-    let mut odd = [_mm256_setzero_ps(); R];
-    let step = |acc: &mut [__m256; R], b: usize, blk: &[u8]| {
+    let mut acc = [0f32; R];
+    for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
         let dw = f16(&blk[0..2]);
         let wv = load(&blk[2..]);
         let aw = _mm256_sign_epi8(wv, wv);
@@ -273,24 +263,8 @@ fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
             let yv = load_i8(&rows[r].0[32 * b..]);
             // |w| · (y · sign w) = w · y; |−128| reads as 128 unsigned.
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(yv, wv)), ones);
-            let d = dw * rows[r].1[b];
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
+            acc[r] = (dw * rows[r].1[b]).mul_add(hsum_i32(p) as f32, acc[r]);
         }
-    };
-    let pairs = w.chunks_exact(2 * Q8_0.bytes);
-    let tail = pairs.remainder();
-    let mut b = 0;
-    for pair in pairs {
-        step(&mut even, b, &pair[..Q8_0.bytes]);
-        step(&mut odd, b + 1, &pair[Q8_0.bytes..]);
-        b += 2;
     }
-    if !tail.is_empty() {
-        step(&mut even, b, tail);
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum8(_mm256_add_ps(even[r], odd[r]));
-    }
-    out
+    acc
 }

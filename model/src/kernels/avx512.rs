@@ -1,16 +1,16 @@
 //! AVX-512 (F, BW, VNNI) kernels for Q8_0 and Q4_K weights; Q6_K uses the AVX2 kernel.
 //!
-//! Two Q8_0 blocks per 512-bit register: the low half accumulates the even blocks and the high
-//! half the odd ones, which is exactly the two-chain order of `scalar::dot_q8_0` (and of the
-//! AVX2 kernel), so the result is bit-identical to both. `vpdpbusd` computes each lane's sum of
-//! four products directly (the integers are exact either way).
+//! Two Q8_0 blocks per 512-bit register (block b in the low half, b + 1 in the high half), each
+//! half's exact integer sum then taking its fused multiply-add in block order, as
+//! `scalar::dot_q8_0` does. `vpdpbusd` computes each lane's sum of four products directly (the
+//! integers are exact either way).
 //!
 //! These intrinsics are stable since Rust 1.89, this crate's `rust-version`.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::avx2::{f16, hsum8, hsum_i32, load as load32, load_i16, q4k_scales_mins_u64};
+use super::avx2::{f16, hsum_i32, load as load32, load_i16, q4k_scales_mins_u64};
 use super::{Row, Q4K, Q8_0, QK_K};
 
 /// Whether this CPU has AVX-512 F/BW/VNNI on top of AVX2/FMA/F16C (checked once).
@@ -88,22 +88,11 @@ macro_rules! row_loop {
 row_loop!(rows_q4k, q4k);
 row_loop!(rows_q8_0, q8_0);
 
-/// `[a; 8] ++ [b; 8]`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn halves(a: f32, b: f32) -> __m512 {
-    let lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(a)));
-    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-        lo,
-        _mm256_castps_pd(_mm256_set1_ps(b)),
-    ))
-}
-
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
     let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [0f32; R];
     let pairs = w.chunks_exact(2 * Q8_0.bytes);
     let tail = pairs.remainder();
     let mut b = 0;
@@ -118,30 +107,27 @@ fn q8_0<const R: usize>(w: &[u8], rows: [Row<'_>; R]) -> [f32; R] {
             // y · sign w (w = 0 contributes 0 through |w|); |−128| reads as 128 unsigned.
             let sy = _mm512_mask_sub_epi8(y, neg, zero, y);
             let p = _mm512_dpbusd_epi32(zero, aw, sy);
-            let d = halves(d0 * rows[r].1[b], d1 * rows[r].1[b + 1]);
-            acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[r]);
+            // Lanes 0..8: block b; lanes 8..16: block b + 1.
+            let lo = hsum_i32(_mm512_castsi512_si256(p));
+            let hi = hsum_i32(_mm512_extracti64x4_epi64::<1>(p));
+            acc[r] = (d0 * rows[r].1[b]).mul_add(lo as f32, acc[r]);
+            acc[r] = (d1 * rows[r].1[b + 1]).mul_add(hi as f32, acc[r]);
         }
         b += 2;
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let mut even = _mm512_castps512_ps256(acc[r]);
-        let odd = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-        if !tail.is_empty() {
-            // The last block has an even index: it closes the even chain.
-            let dw = f16(&tail[0..2]);
-            let wv = load32(&tail[2..]);
+    if !tail.is_empty() {
+        let dw = f16(&tail[0..2]);
+        let wv = load32(&tail[2..]);
+        for r in 0..R {
             let yv = _mm256_loadu_si256_safe(&rows[r].0[32 * b..]);
             let p = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(yv, wv)),
                 _mm256_set1_epi16(1),
             );
-            let d = dw * rows[r].1[b];
-            even = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), even);
+            acc[r] = (dw * rows[r].1[b]).mul_add(hsum_i32(p) as f32, acc[r]);
         }
-        out[r] = hsum8(_mm256_add_ps(even, odd));
     }
-    out
+    acc
 }
 
 #[inline(always)]

@@ -394,13 +394,13 @@ impl WeightRef<'_> {
     /// Bytes of one interleaved group of 16 rows.
     fn group_bytes(&self) -> usize {
         let rec = x16::record_bytes(self.format).expect("an interleaved format");
-        self.k / QK_K * rec
+        self.k / self.format.shape().elems * rec
     }
 
     fn valid(&self) -> bool {
         if self.packed {
             self.n.is_multiple_of(x16::ROWS)
-                && self.k.is_multiple_of(QK_K)
+                && self.k.is_multiple_of(self.format.shape().elems)
                 && self.data.len() == self.n / x16::ROWS * self.group_bytes()
         } else {
             self.data.len() == self.n * self.row_bytes()
@@ -510,7 +510,8 @@ pub(crate) fn matmul_in(
                 let wchunk = &w.data[*row0 / x16::ROWS * gb..(*row0 + n_rows) / x16::ROWS * gb];
                 for r0 in (0..m).step_by(ACT_TILE) {
                     let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
-                    block_x16(isa, w.format, (wchunk, k / QK_K), tile, &mut out[r0..], m);
+                    let nb = k / w.format.shape().elems;
+                    block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
                 }
                 return;
             }

@@ -3,28 +3,6 @@
 
 use super::{f16_to_f32, q4k_scales_mins, Q4K, Q6K, Q8_0, QK_K};
 
-/// The 8-lane horizontal sum in the order the SIMD paths use: upper half onto lower half, then
-/// lanes 2,3 onto 0,1, then lane 1 onto 0.
-pub(super) fn hsum8(a: [f32; 8]) -> f32 {
-    let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-    let q = [h[0] + h[2], h[1] + h[3]];
-    q[0] + q[1]
-}
-
-/// `Σ_e (lo or hi nibble)·y` for one 32-element sub-block, accumulated into 8 lanes of 4
-/// consecutive elements, times the sub-block's scale.
-fn lanes_u8(
-    lanes: &mut [i32; 8],
-    q: impl Fn(usize) -> i32,
-    y: &[i8],
-    scale: impl Fn(usize) -> i32,
-) {
-    for (j, lane) in lanes.iter_mut().enumerate() {
-        let p: i32 = (4 * j..4 * j + 4).map(|e| q(e) * i32::from(y[e])).sum();
-        *lane += scale(j) * p;
-    }
-}
-
 /// `Σ_e q(e)·y[e]` over `len` elements (exact).
 fn idot(q: impl Fn(usize) -> i32, y: &[i8], len: usize) -> i32 {
     (0..len).map(|e| q(e) * i32::from(y[e])).sum()
@@ -95,24 +73,14 @@ pub(super) fn dot_q6k(w: &[u8], xq: &[i8], xd: &[f32], xbs: &[i16]) -> f32 {
     acc
 }
 
-/// Q8_0 weight row · Q8_0 activation row (32-element blocks, one f32 scale per activation block).
-/// Even and odd blocks accumulate separately (two independent FMA chains in the SIMD code; a
-/// block is short), added lane by lane at the end.
+/// Q8_0 weight row · Q8_0 activation row (32-element blocks, one f32 scale per activation block):
+/// per block the exact integer sum takes one fused multiply-add (scale `d·x_d`).
 pub(super) fn dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-    let mut acc = [[0f32; 8]; 2];
+    let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(Q8_0.bytes).enumerate() {
         let d = f16_to_f32([blk[0], blk[1]]) * xd[b];
-        let y = &xq[b * 32..b * 32 + 32];
-        let mut lanes = [0i32; 8];
-        lanes_u8(&mut lanes, |e| i32::from(blk[2 + e] as i8), y, |_| 1);
-        let a = &mut acc[b % 2];
-        for j in 0..8 {
-            a[j] = d.mul_add(lanes[j] as f32, a[j]);
-        }
+        let isum = idot(|e| i32::from(blk[2 + e] as i8), &xq[b * 32..], 32);
+        acc = d.mul_add(isum as f32, acc);
     }
-    let mut sum = [0f32; 8];
-    for j in 0..8 {
-        sum[j] = acc[0][j] + acc[1][j];
-    }
-    hsum8(sum)
+    acc
 }

@@ -277,7 +277,7 @@ fn interleaved_kernels_equal_the_row_major_reference() {
     let mut rng = Rng(0x51ed_270b_2701_3a5d);
     let k = 3 * QK_K;
     let n = 48; // three groups of 16
-    for format in [WeightFormat::Q4K, WeightFormat::Q6K] {
+    for format in FORMATS {
         let nb = k / format.shape().elems;
         let data: Vec<u8> = (0..n)
             .flat_map(|_| random_row(&mut rng, format, nb))
@@ -315,7 +315,33 @@ fn interleaved_kernels_equal_the_row_major_reference() {
             }
         }
     }
-    // Off the 16-row grid, or Q8_0: no interleaved layout.
+    // Off the 16-row grid: no interleaved layout.
     assert!(x16::pack(WeightFormat::Q4K, &vec![0; 8 * 144], 8, QK_K).is_none());
-    assert!(x16::pack(WeightFormat::Q8_0, &vec![0; 16 * 34], 16, 32).is_none());
+    assert!(x16::pack(WeightFormat::Q8_0, &vec![0; 8 * 34], 8, 32).is_none());
+    // Q8_0 rows of 28 blocks (the 0.5B's width, 896) interleave too.
+    let data: Vec<u8> = (0..16)
+        .flat_map(|_| random_row(&mut rng, WeightFormat::Q8_0, 28))
+        .collect();
+    let packed = x16::pack(WeightFormat::Q8_0, &data, 16, 896).expect("16 rows");
+    let x = random_x(&mut rng, 3 * 896);
+    let plain = WeightRef {
+        data: &data,
+        n: 16,
+        k: 896,
+        format: WeightFormat::Q8_0,
+        packed: false,
+    };
+    let want = matmul_in(&Pool::new(1), Isa::Scalar, &[plain], &x, 3);
+    for isa in Isa::available()
+        .into_iter()
+        .filter(|&i| has_x16(i, WeightFormat::Q8_0))
+    {
+        let inter = WeightRef {
+            data: &packed,
+            packed: true,
+            ..plain
+        };
+        let got = matmul_in(&Pool::new(2), isa, &[inter], &x, 3);
+        assert_eq!(got, want, "Q8_0 k=896 {isa:?}");
+    }
 }

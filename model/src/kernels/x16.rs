@@ -20,6 +20,10 @@
 //! - `320..2368`: quants, `[chunk c: 4][quad i: 8][row: 16][4 bytes]` = bytes `32c + 4i ..+4`
 //!   of each row's `qs` (low nibbles: elements `64c + 4i..+4`, high: `64c + 32 + 4i..+4`).
 //!
+//! Q8_0 record (one 32-element block), 544 bytes (16 × 34, the original size):
+//! - `0..32`: `d` of rows 0..15 (f16);
+//! - `32..544`: quants, `[quad i: 8][row: 16][4 bytes]` = bytes `4i ..+4` of each row's block.
+//!
 //! Q6_K record, 3360 bytes (16 × 210, the original size):
 //! - `0..32`: `d` of rows 0..15 (f16);
 //! - `32..288`: `scale[s][row]`, s = 0..15 (i8);
@@ -28,7 +32,7 @@
 //!   then `qh` bytes `32n + 4i ..+4` (a first layout with all `ql` before all `qh` made the
 //!   one-row kernels wait on memory: the prefetchers follow one stream better than three).
 
-use super::{q4k_scales_mins, WeightFormat, Q4K, Q6K};
+use super::{q4k_scales_mins, WeightFormat, Q4K, Q6K, Q8_0};
 
 /// Weight rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
@@ -36,6 +40,10 @@ pub(crate) const ROWS: usize = 16;
 pub(crate) const Q4K_REC: usize = 2368;
 /// Bytes of one Q6_K super-block record of a group.
 pub(crate) const Q6K_REC: usize = 3360;
+/// Bytes of one Q8_0 block record of a group.
+pub(crate) const Q80_REC: usize = 544;
+/// Offset of the quants in a Q8_0 record.
+pub(crate) const Q80_QS: usize = 32;
 
 /// Offsets inside a Q4_K record.
 pub(crate) mod q4k {
@@ -64,12 +72,12 @@ pub(crate) fn record_bytes(format: WeightFormat) -> Option<usize> {
     match format {
         WeightFormat::Q4K => Some(Q4K_REC),
         WeightFormat::Q6K => Some(Q6K_REC),
-        WeightFormat::Q8_0 => None,
+        WeightFormat::Q8_0 => Some(Q80_REC),
     }
 }
 
-/// Repacks a row-major weight `[n, k]` into the interleaved layout; `None` where the format has
-/// none or `n` is not a multiple of 16.
+/// Repacks a row-major weight `[n, k]` into the interleaved layout; `None` where `n` is not a
+/// multiple of 16.
 pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
     let rec = record_bytes(format)?;
     let shape = format.shape();
@@ -89,7 +97,7 @@ pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Opt
             match format {
                 WeightFormat::Q4K => pack_q4k(r, block),
                 WeightFormat::Q6K => pack_q6k(r, block),
-                WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
+                WeightFormat::Q8_0 => pack_q8_0(r, block),
             }
         }
     }
@@ -138,6 +146,18 @@ fn pack_q6k<'a>(r: &mut [u8], block: impl Fn(usize) -> &'a [u8]) {
                 r[u + q6k::L1..][..4].copy_from_slice(&ql[64 * n + 32 + 4 * i..][..4]);
                 r[u + q6k::H..][..4].copy_from_slice(&qh[32 * n + 4 * i..][..4]);
             }
+        }
+    }
+}
+
+fn pack_q8_0<'a>(r: &mut [u8], block: impl Fn(usize) -> &'a [u8]) {
+    for row in 0..ROWS {
+        let blk = block(row);
+        debug_assert_eq!(blk.len(), Q8_0.bytes);
+        r[2 * row..][..2].copy_from_slice(&blk[0..2]);
+        for i in 0..8 {
+            let at = Q80_QS + (i * ROWS + row) * 4;
+            r[at..at + 4].copy_from_slice(&blk[2 + 4 * i..][..4]);
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
-use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, ROWS};
+use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
 use super::{Row, WeightFormat, QK_K};
 
 /// Rows per 256-bit register.
@@ -32,7 +32,7 @@ fn load8(s: &[u8]) -> __m128i {
 
 /// Four activations as one little-endian lane, for a broadcast.
 #[inline(always)]
-fn quad(y: &[i8; QK_K], at: usize) -> i32 {
+fn quad<const N: usize>(y: &[i8; N], at: usize) -> i32 {
     i32::from_le_bytes([
         y[at] as u8,
         y[at + 1] as u8,
@@ -46,6 +46,23 @@ struct Sb<'a> {
     y: &'a [i8; QK_K],
     d: f32,
     bs: &'a [i16; 16],
+}
+
+/// One activation row's share of Q8_0 block `b`: its 32 values and scale.
+struct B32<'a> {
+    y: &'a [i8; 32],
+    d: f32,
+}
+
+impl<'a> B32<'a> {
+    #[inline(always)]
+    fn of(row: &Row<'a>, b: usize) -> Self {
+        let (q, d, _) = *row;
+        B32 {
+            y: q[b * 32..(b + 1) * 32].try_into().expect("a block"),
+            d: d[b],
+        }
+    }
 }
 
 impl<'a> Sb<'a> {
@@ -80,11 +97,19 @@ pub(super) fn block(
 /// Activation rows per pass over a half record (16 registers, 3 per row).
 const MAX_R: usize = 4;
 
-/// Records ahead of the one in use that [`prefetch`] asks for (one ahead left the one-core AVX2
-/// decode of the 1.5B waiting on memory: 49.5 ms a token, two ahead 45.7, none 65).
-const PREFETCH_AHEAD: usize = 2;
+/// Records ahead of the one in use that [`prefetch`] asks for: about 4 KiB ahead, at least two
+/// records (one K-quant record ahead left the one-core AVX2 decode of the 1.5B waiting on
+/// memory: 49.5 ms a token, two ahead 45.7, none 65).
+const fn prefetch_ahead(rec: usize) -> usize {
+    let n = 4096 / rec;
+    if n < 2 {
+        2
+    } else {
+        n
+    }
+}
 
-/// Asks for every cache line of `s` (a record [`PREFETCH_AHEAD`] ahead) ahead of its use.
+/// Asks for every cache line of `s` (a record [`prefetch_ahead`] ahead) ahead of its use.
 #[inline(always)]
 fn prefetch(s: &[u8]) {
     for off in (0..s.len()).step_by(64) {
@@ -106,20 +131,20 @@ fn block_tf(
     match format {
         WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
         WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
-        WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
+        WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
     }
 }
 
 /// The group loop of one format: records of `$rec` bytes, kernel `$k::<R>` for R = 1..=4.
 macro_rules! group_loop {
-    ($name:ident, $k:ident, $rec:expr) => {
+    ($name:ident, $k:ident, $rec:expr, $sb:ident) => {
         #[inline(never)]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
                 ($r:literal, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr) => {{
-                    let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
+                    let rs: [$sb<'_>; $r] = std::array::from_fn(|k| $sb::of(&rows[$j + k], $b));
                     let acc: &mut [[__m256; 2]; $r] =
                         (&mut $acc[$j..$j + $r]).try_into().expect("row count");
                     $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc)
@@ -134,7 +159,7 @@ macro_rules! group_loop {
                 // Per half and activation row: the f32 accumulators of 8 weight rows.
                 let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
-                    let next = (gi * nb + b + PREFETCH_AHEAD) * rec;
+                    let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
                     if let Some(s) = w.get(next..next + rec) {
                         prefetch(s);
                     }
@@ -164,8 +189,9 @@ macro_rules! group_loop {
         }
     };
 }
-group_loop!(groups_q4k, q4k_x8, Q4K_REC);
-group_loop!(groups_q6k, q6k_x8, Q6K_REC);
+group_loop!(groups_q4k, q4k_x8, Q4K_REC, Sb);
+group_loop!(groups_q6k, q6k_x8, Q6K_REC, Sb);
+group_loop!(groups_q8_0, q80_x8, Q80_REC, B32);
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -343,6 +369,37 @@ fn q6k_x8<const R: usize>(
         }
     }
     let dw = _mm256_cvtph_ps(load16(&r[q6k::D + 16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+    }
+}
+
+/// Rows `8h..8h + 8` of Q8_0 block `b` (record `r`) of a group into the accumulators of `R`
+/// activation rows (the second accumulator stays zero): `maddubs` of `|w|` against
+/// `y · sign w` (at most 2·128·127 per pair: no i16 overflow), widened by `madd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q80_x8<const R: usize>(
+    r: &[u8; Q80_REC],
+    h: usize,
+    rows: [B32<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let zero = _mm256_setzero_si256();
+    let mut isum = [zero; R];
+    for i in 0..8 {
+        let w = load32(&r[Q80_QS + 64 * i + 32 * h..]);
+        let aw = _mm256_sign_epi8(w, w);
+        for k in 0..R {
+            let y = _mm256_set1_epi32(quad(rows[k].y, 4 * i));
+            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w));
+            isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(p, ones));
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[16 * h..]));
     for k in 0..R {
         let xd = _mm256_set1_ps(rows[k].d);
         let [d, _] = &mut acc[k];

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
-use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, ROWS};
+use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
 use super::{Row, WeightFormat, QK_K};
 
 #[inline(always)]
@@ -27,7 +27,7 @@ fn load16(s: &[u8]) -> __m128i {
 
 /// Four activations as one little-endian lane, for a broadcast.
 #[inline(always)]
-fn quad(y: &[i8; QK_K], at: usize) -> i32 {
+fn quad<const N: usize>(y: &[i8; N], at: usize) -> i32 {
     i32::from_le_bytes([
         y[at] as u8,
         y[at + 1] as u8,
@@ -41,6 +41,23 @@ struct Sb<'a> {
     y: &'a [i8; QK_K],
     d: f32,
     bs: &'a [i16; 16],
+}
+
+/// One activation row's share of Q8_0 block `b`: its 32 values and scale.
+struct B32<'a> {
+    y: &'a [i8; 32],
+    d: f32,
+}
+
+impl<'a> B32<'a> {
+    #[inline(always)]
+    fn of(row: &Row<'a>, b: usize) -> Self {
+        let (q, d, _) = *row;
+        B32 {
+            y: q[b * 32..(b + 1) * 32].try_into().expect("a block"),
+            d: d[b],
+        }
+    }
 }
 
 impl<'a> Sb<'a> {
@@ -77,11 +94,19 @@ pub(super) fn block(
 /// Activation rows per pass over a record (32 registers, 3 per row).
 const MAX_R: usize = 8;
 
-/// Records ahead of the one in use that [`prefetch`] asks for (one ahead left the one-core AVX2
-/// decode of the 1.5B waiting on memory: 49.5 ms a token, two ahead 45.7, none 65).
-const PREFETCH_AHEAD: usize = 2;
+/// Records ahead of the one in use that [`prefetch`] asks for: about 4 KiB ahead, at least two
+/// records (one K-quant record ahead left the one-core AVX2 decode of the 1.5B waiting on
+/// memory: 49.5 ms a token, two ahead 45.7, none 65).
+const fn prefetch_ahead(rec: usize) -> usize {
+    let n = 4096 / rec;
+    if n < 2 {
+        2
+    } else {
+        n
+    }
+}
 
-/// Asks for every cache line of `s` (a record [`PREFETCH_AHEAD`] ahead) ahead of its use.
+/// Asks for every cache line of `s` (a record [`prefetch_ahead`] ahead) ahead of its use.
 #[inline(always)]
 fn prefetch(s: &[u8]) {
     for off in (0..s.len()).step_by(64) {
@@ -104,20 +129,20 @@ fn block_tf(
     match format {
         WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
         WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
-        WeightFormat::Q8_0 => unreachable!("no interleaved Q8_0 layout"),
+        WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
     }
 }
 
 /// The group loop of one format: records of `$rec` bytes, kernel `$k::<R>` for R = 1..=8.
 macro_rules! group_loop {
-    ($name:ident, $k:ident, $rec:expr) => {
+    ($name:ident, $k:ident, $rec:expr, $sb:ident) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
                 ($r:literal, $rb:expr, $b:expr, $j:expr, $acc:expr) => {{
-                    let rs: [Sb<'_>; $r] = std::array::from_fn(|k| Sb::of(&rows[$j + k], $b));
+                    let rs: [$sb<'_>; $r] = std::array::from_fn(|k| $sb::of(&rows[$j + k], $b));
                     let acc: &mut [[__m512; 2]; $r] =
                         (&mut $acc[$j..$j + $r]).try_into().expect("row count");
                     $k::<$r>($rb.try_into().expect("a record"), rs, acc)
@@ -132,7 +157,7 @@ macro_rules! group_loop {
                 // Per activation row: the f32 accumulators of the 16 weight rows (scale, min).
                 let mut acc = [[zero; 2]; super::ACT_TILE];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
-                    let next = (gi * nb + b + PREFETCH_AHEAD) * rec;
+                    let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
                     if let Some(s) = w.get(next..next + rec) {
                         prefetch(s);
                     }
@@ -162,8 +187,9 @@ macro_rules! group_loop {
         }
     };
 }
-group_loop!(groups_q4k, q4k_x16, Q4K_REC);
-group_loop!(groups_q6k, q6k_x16, Q6K_REC);
+group_loop!(groups_q4k, q4k_x16, Q4K_REC, Sb);
+group_loop!(groups_q6k, q6k_x16, Q6K_REC, Sb);
+group_loop!(groups_q8_0, q80_x16, Q80_REC, B32);
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -325,6 +351,32 @@ fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m
         }
     }
     let dw = _mm512_cvtph_ps(load32(&r[q6k::D..]));
+    for k in 0..R {
+        let xd = _mm512_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(isum[k]), *d);
+    }
+}
+
+/// Q8_0 block `b` (record `r`) of a group into the accumulators of `R` activation rows (the
+/// second accumulator stays zero): `|w|` against `y · sign w`, as the row-major kernels do.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn q80_x16<const R: usize>(r: &[u8; Q80_REC], rows: [B32<'_>; R], acc: &mut [[__m512; 2]; R]) {
+    let zero = _mm512_setzero_si512();
+    let mut isum = [zero; R];
+    for i in 0..8 {
+        let w = load64(&r[Q80_QS + 64 * i..]);
+        let aw = _mm512_abs_epi8(w);
+        let neg = _mm512_movepi8_mask(w);
+        for k in 0..R {
+            let y = _mm512_set1_epi32(quad(rows[k].y, 4 * i));
+            // |−128| reads as 128 unsigned.
+            let sy = _mm512_mask_sub_epi8(y, neg, zero, y);
+            isum[k] = _mm512_dpbusd_epi32(isum[k], aw, sy);
+        }
+    }
+    let dw = _mm512_cvtph_ps(load32(&r[..]));
     for k in 0..R {
         let xd = _mm512_set1_ps(rows[k].d);
         let [d, _] = &mut acc[k];
