@@ -1,6 +1,7 @@
 //! Our CPU quantized matmul: activation quantization, quantized dot products for the weight
 //! formats of the pinned models (Q4_K, Q6_K, Q8_0) and the process-wide worker pool that runs
-//! them. **All of the crate's `unsafe` lives in this module** (SIMD intrinsics in `avx2.rs`, the
+//! them. **All of the crate's `unsafe` lives in this module** (SIMD intrinsics in `avx2.rs`,
+//! `avx512.rs` and the interleaved `x16_*.rs` kernels, the
 //! lifetime-erased job pointer and the disjoint-item hand-out in `pool.rs`); the rest of the
 //! workspace keeps `unsafe_code = "deny"`.
 //!
@@ -9,15 +10,13 @@
 //! A weight row · activation row product is computed by exactly one call of one dot function,
 //! whatever the number of rows `m` in the matmul and however the pool splits the work, so a
 //! position's output never depends on its neighbours. Inside a dot product the integer part is
-//! exact (no i16 saturation is possible with our activation range of ±127). For Q4_K and Q6_K the
-//! f32 part is, per super-block, one fused multiply-add of the block's exact integer total into
-//! the row's accumulator (plus one of the min term for Q4_K), so any lane layout — element lanes
-//! in the row-major kernels, one lane per weight row in the interleaved ones (`x16.rs`) — gives
-//! the same bits. For Q8_0 it is one fused multiply-add per block into each of 8 lanes (lane `j`
-//! holds elements `4j..4j+3`, the layout of AVX2's `maddubs`/`madd`) on two chains (even and odd
-//! blocks) and a fixed 8→1 lane tree at the end. The scalar reference (`scalar.rs`) performs the
-//! same operations in the same order, so every SIMD path is **bit-identical** to it (the tests
-//! check equality, not a tolerance).
+//! exact (no i16 saturation is possible with our activation range of ±127). The f32 part is, per
+//! super-block (Q4_K, Q6_K) or block (Q8_0), one fused multiply-add of the block's exact integer
+//! total into the row's accumulator (plus one of the min term for Q4_K), so any lane layout —
+//! element lanes in the row-major kernels, one lane per weight row in the interleaved ones
+//! (`x16.rs`) — gives the same bits. The scalar reference (`scalar.rs`) performs the same
+//! operations in the same order, so every SIMD path is **bit-identical** to it (the tests check
+//! equality, not a tolerance).
 //!
 //! Activations are quantized symmetrically (`d = max|x| / 127`, round half to even), per
 //! 256-element super-block for K-quant weights (Q8_K-like, with 16-element sums for the min
@@ -29,7 +28,7 @@
 //! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best this CPU has of AVX-512 VNNI,
 //! AVX2 and scalar), `avx512`, `avx2`, `scalar`, or `candle` (leave every matmul to candle, as
 //! before these kernels). The AVX-512 set adds Q8_0 and Q4_K kernels; all are bit-identical.
-//! `EDGESPEC_CPU_LAYOUT=rows` keeps Q4_K/Q6_K weights row-major instead of interleaved.
+//! `EDGESPEC_CPU_LAYOUT=rows` keeps weights row-major instead of interleaved.
 
 #![allow(unsafe_code)]
 
