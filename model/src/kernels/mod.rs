@@ -45,6 +45,8 @@ pub(crate) mod x16;
 mod x16_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x16_avx512;
+#[cfg(target_arch = "x86_64")]
+mod x16_common;
 
 use std::sync::OnceLock;
 

@@ -9,69 +9,14 @@ use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
-use super::{Row, WeightFormat, QK_K};
+use super::x16_common::{load16, prefetch, prefetch_ahead, quad, Sb, B32};
+use super::{Row, WeightFormat};
 
 #[inline(always)]
 fn load64(s: &[u8]) -> __m512i {
     let s = &s[..64];
     // SAFETY: `s` is 64 readable bytes (sliced above); `loadu` has no alignment requirement.
     unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
-}
-
-#[inline(always)]
-fn load16(s: &[u8]) -> __m128i {
-    let s = &s[..16];
-    // SAFETY: `s` is 16 readable bytes (sliced above); no alignment requirement.
-    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
-}
-
-/// Four activations as one little-endian lane, for a broadcast.
-#[inline(always)]
-fn quad<const N: usize>(y: &[i8; N], at: usize) -> i32 {
-    i32::from_le_bytes([
-        y[at] as u8,
-        y[at + 1] as u8,
-        y[at + 2] as u8,
-        y[at + 3] as u8,
-    ])
-}
-
-/// One activation row's share of super-block `b`: its 256 values, scale and 16-sums.
-struct Sb<'a> {
-    y: &'a [i8; QK_K],
-    d: f32,
-    bs: &'a [i16; 16],
-}
-
-/// One activation row's share of Q8_0 block `b`: its 32 values and scale.
-struct B32<'a> {
-    y: &'a [i8; 32],
-    d: f32,
-}
-
-impl<'a> B32<'a> {
-    #[inline(always)]
-    fn of(row: &Row<'a>, b: usize) -> Self {
-        let (q, d, _) = *row;
-        B32 {
-            y: q[b * 32..(b + 1) * 32].try_into().expect("a block"),
-            d: d[b],
-        }
-    }
-}
-
-impl<'a> Sb<'a> {
-    #[inline(always)]
-    fn of(row: &Row<'a>, b: usize) -> Self {
-        let (q, d, bs) = *row;
-        Sb {
-            y: q[b * QK_K..(b + 1) * QK_K]
-                .try_into()
-                .expect("a super-block"),
-            d: d[b],
-            bs: bs[b * 16..b * 16 + 16].try_into().expect("16 sums"),
-        }
-    }
 }
 
 /// `out[i * stride + j] = weight row i · rows[j]` for every row of the interleaved groups `w`
@@ -93,27 +38,6 @@ pub(super) fn block(
 
 /// Activation rows per pass over a record (32 registers, 3 per row).
 const MAX_R: usize = 8;
-
-/// Records ahead of the one in use that [`prefetch`] asks for: about 4 KiB ahead, at least two
-/// records (one K-quant record ahead left the one-core AVX2 decode of the 1.5B waiting on
-/// memory: 49.5 ms a token, two ahead 45.7, none 65).
-const fn prefetch_ahead(rec: usize) -> usize {
-    let n = 4096 / rec;
-    if n < 2 {
-        2
-    } else {
-        n
-    }
-}
-
-/// Asks for every cache line of `s` (a record [`prefetch_ahead`] ahead) ahead of its use.
-#[inline(always)]
-fn prefetch(s: &[u8]) {
-    for off in (0..s.len()).step_by(64) {
-        // SAFETY: a prefetch never faults, and the address is inside `s`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
-    }
-}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn block_tf(
