@@ -80,21 +80,18 @@ impl Linear {
         } else {
             None
         };
-        if let Some((isa, format)) = ours {
-            if kernels::has_x16(isa, format) && kernels::interleave() {
-                if let Some(packed) =
-                    kernels::x16::pack(format, weight.data()?.as_ref(), out_dim, in_dim)
-                {
-                    return Ok(Self {
-                        store: Store::Interleaved(packed),
-                        bias,
-                        cpu,
-                        in_dim,
-                        out_dim,
-                        weight_in: in_dim,
-                        ours,
-                    });
-                }
+        let interleave = ours.filter(|&(isa, _)| kernels::has_x16(isa) && kernels::interleave());
+        if let Some((_, format)) = interleave {
+            if let Some(packed) = kernels::x16::pack(format, &weight.data()?, out_dim, in_dim) {
+                return Ok(Self {
+                    store: Store::Interleaved(packed),
+                    bias,
+                    cpu,
+                    in_dim,
+                    out_dim,
+                    weight_in: in_dim,
+                    ours,
+                });
             }
         }
         let weight = if cpu && ours.is_none() {
@@ -383,7 +380,7 @@ mod tests {
             };
             assert_eq!(
                 lin.is_interleaved(),
-                kernels::has_x16(isa, format) && kernels::interleave(),
+                kernels::has_x16(isa) && kernels::interleave(),
                 "{dtype:?}"
             );
             let x: Vec<f32> = (0..5 * k)

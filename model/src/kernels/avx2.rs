@@ -96,34 +96,9 @@ fn block_tf(
     }
 }
 
-/// The row loop of one format's kernel (`$k::<R>` for R = 1, 2, 4).
-macro_rules! row_loop {
-    ($name:ident, $k:ident) => {
-        #[inline(never)]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn $name((w, rb): (&[u8], usize), rows: &[Row<'_>], out: &mut [f32], stride: usize) {
-            macro_rules! group {
-                ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
-                    let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
-                    let y = $k::<$r>($wrow, rs);
-                    $o[$j..$j + $r].copy_from_slice(&y);
-                }};
-            }
-            for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
-                for (j, r) in super::row_groups(rows.len()) {
-                    match r {
-                        1 => group!(1, wrow, j, o),
-                        2 => group!(2, wrow, j, o),
-                        _ => group!(4, wrow, j, o),
-                    }
-                }
-            }
-        }
-    };
-}
-row_loop!(rows_q4k, q4k);
-row_loop!(rows_q6k, q6k);
-row_loop!(rows_q8_0, q8_0);
+row_loop!(rows_q4k, q4k, "avx2,fma,f16c");
+row_loop!(rows_q6k, q6k, "avx2,fma,f16c");
+row_loop!(rows_q8_0, q8_0, "avx2,fma,f16c");
 
 /// Scales and mins of a Q4_K block as 8 + 8 bytes (the 6-bit fields unpacked with u32 masks).
 #[inline(always)]

@@ -32,6 +32,35 @@
 
 #![allow(unsafe_code)]
 
+/// The row loop of one format's row-major kernel `$k::<R>` (R = 1, 2, 4), compiled on its own
+/// with the target features `$feat` (see `avx2::block_tf`); used by `avx2.rs` and `avx512.rs`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_loop {
+    ($name:ident, $k:ident, $feat:tt) => {
+        #[inline(never)]
+        #[target_feature(enable = $feat)]
+        fn $name((w, rb): (&[u8], usize), rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+            macro_rules! group {
+                ($r:literal, $wrow:expr, $j:expr, $o:expr) => {{
+                    let rs: [Row<'_>; $r] = rows[$j..$j + $r].try_into().expect("row count");
+                    let y = $k::<$r>($wrow, rs);
+                    $o[$j..$j + $r].copy_from_slice(&y);
+                }};
+            }
+            for (wrow, o) in w.chunks_exact(rb).zip(out.chunks_mut(stride)) {
+                for (j, r) in super::row_groups(rows.len()) {
+                    match r {
+                        1 => group!(1, wrow, j, o),
+                        2 => group!(2, wrow, j, o),
+                        _ => group!(4, wrow, j, o),
+                    }
+                }
+            }
+        }
+    };
+}
+
+mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -50,6 +79,7 @@ mod x16_common;
 
 use std::sync::OnceLock;
 
+pub(crate) use acts::{quantize, ActFormat, Acts, Row};
 pub(crate) use pool::{pool, Pool};
 
 /// Elements of a K-quant super-block.
@@ -96,24 +126,6 @@ impl WeightFormat {
         match self {
             WeightFormat::Q4K | WeightFormat::Q6K => ActFormat::Q8K,
             WeightFormat::Q8_0 => ActFormat::Q8_0,
-        }
-    }
-}
-
-/// How activations are quantized for a weight format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ActFormat {
-    /// 256-element blocks with 16-element sums.
-    Q8K,
-    /// 32-element blocks.
-    Q8_0,
-}
-
-impl ActFormat {
-    fn block(self) -> usize {
-        match self {
-            ActFormat::Q8K => QK_K,
-            ActFormat::Q8_0 => 32,
         }
     }
 }
@@ -215,87 +227,6 @@ pub(crate) fn q4k_scales_mins(p: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-/// Quantized activation rows: `m` rows of `k` values in blocks of `act.block()`.
-#[derive(Debug, Clone)]
-pub(crate) struct Acts {
-    pub k: usize,
-    pub qs: Vec<i8>,
-    /// One scale per block, row after row.
-    pub d: Vec<f32>,
-    /// Sums of 16 consecutive `qs` (Q8K only), row after row.
-    pub bsums: Vec<i16>,
-    pub format: ActFormat,
-}
-
-/// Rounds half to even for |v| ≤ 2²²: adding and subtracting 1.5·2²³ leaves an integer.
-fn round_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
-}
-
-/// Quantizes `x` (`m` rows of `k`, `k` a multiple of the format's block).
-pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
-    let block = format.block();
-    assert!(
-        k.is_multiple_of(block) && x.len().is_multiple_of(k),
-        "activation shape"
-    );
-    let nb = x.len() / block;
-    let mut acts = Acts {
-        k,
-        qs: vec![0; x.len()],
-        d: vec![0.0; nb],
-        bsums: if format == ActFormat::Q8K {
-            vec![0; x.len() / 16]
-        } else {
-            Vec::new()
-        },
-        format,
-    };
-    for ((xb, qb), d) in x
-        .chunks_exact(block)
-        .zip(acts.qs.chunks_exact_mut(block))
-        .zip(acts.d.iter_mut())
-    {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if amax > 0.0 && amax.is_finite() {
-            let id = 127.0 / amax;
-            *d = amax / 127.0;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = round_even(v * id).clamp(-127.0, 127.0) as i8;
-            }
-        }
-        // else: all zero (or non-finite: the row is garbage either way; zeros keep it finite
-        // where candle would propagate NaN — the model never produces such rows).
-    }
-    if format == ActFormat::Q8K {
-        for (s, q) in acts.bsums.iter_mut().zip(acts.qs.chunks_exact(16)) {
-            *s = q.iter().map(|&v| i16::from(v)).sum();
-        }
-    }
-    acts
-}
-
-impl Acts {
-    /// Row `r`: values, block scales, 16-sums.
-    fn row(&self, r: usize) -> Row<'_> {
-        let nb = self.k / self.format.block();
-        let bs = if self.bsums.is_empty() {
-            &self.bsums[..]
-        } else {
-            &self.bsums[r * self.k / 16..(r + 1) * self.k / 16]
-        };
-        (
-            &self.qs[r * self.k..(r + 1) * self.k],
-            &self.d[r * nb..(r + 1) * nb],
-            bs,
-        )
-    }
-}
-
-/// One activation row: values, block scales, 16-sums (empty for Q8_0).
-pub(crate) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16]);
-
 /// One weight row (`k / block` blocks) · activation row `r`.
 #[cfg(test)]
 pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usize) -> f32 {
@@ -384,7 +315,8 @@ pub(crate) struct WeightRef<'a> {
 }
 
 impl WeightRef<'_> {
-    /// Bytes per weight row (on average, for the interleaved layout).
+    /// Bytes per weight row (for the interleaved layout a sixteenth of a group, exactly: every
+    /// record is 16 rows' blocks).
     fn row_bytes(&self) -> usize {
         if self.packed {
             return self.group_bytes() / x16::ROWS;
@@ -394,8 +326,7 @@ impl WeightRef<'_> {
 
     /// Bytes of one interleaved group of 16 rows.
     fn group_bytes(&self) -> usize {
-        let rec = x16::record_bytes(self.format).expect("an interleaved format");
-        self.k / self.format.shape().elems * rec
+        self.k / self.format.shape().elems * x16::record_bytes(self.format)
     }
 
     fn valid(&self) -> bool {
@@ -409,9 +340,9 @@ impl WeightRef<'_> {
     }
 }
 
-/// Whether `isa` has kernels for the interleaved layout of `format` (then [`x16::pack`] pays).
-pub(crate) fn has_x16(isa: Isa, format: WeightFormat) -> bool {
-    x16::record_bytes(format).is_some() && !matches!(isa, Isa::Scalar)
+/// Whether `isa` has kernels for the interleaved layout (every SIMD set has, for every format).
+pub(crate) fn has_x16(isa: Isa) -> bool {
+    !matches!(isa, Isa::Scalar)
 }
 
 /// Whether weights are repacked into the interleaved layout where a kernel exists
@@ -477,7 +408,7 @@ pub(crate) fn matmul_in(
     };
     assert!(weights.iter().all(|w| w.k == k && w.valid()));
     assert!(
-        weights.iter().all(|w| !w.packed || has_x16(isa, w.format)),
+        weights.iter().all(|w| !w.packed) || has_x16(isa),
         "interleaved weights need an interleaved kernel"
     );
     assert_eq!(x.len(), m * k, "activation shape");
@@ -506,21 +437,18 @@ pub(crate) fn matmul_in(
                 ActFormat::Q8_0 => &rows_q80,
             };
             let n_rows = out.len() / m;
-            if w.packed {
-                let gb = w.group_bytes();
-                let wchunk = &w.data[*row0 / x16::ROWS * gb..(*row0 + n_rows) / x16::ROWS * gb];
-                for r0 in (0..m).step_by(ACT_TILE) {
-                    let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
-                    let nb = k / w.format.shape().elems;
-                    block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
-                }
-                return;
-            }
+            // A task's rows are one byte range in either layout (an interleaved group of 16 rows
+            // is 16 rows' bytes, and tasks are whole groups).
             let rb = w.row_bytes();
             let wchunk = &w.data[*row0 * rb..(*row0 + n_rows) * rb];
             for r0 in (0..m).step_by(ACT_TILE) {
                 let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
-                block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
+                if w.packed {
+                    let nb = k / w.format.shape().elems;
+                    block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
+                } else {
+                    block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
+                }
             }
         });
     }

@@ -302,7 +302,7 @@ fn interleaved_kernels_equal_the_row_major_reference() {
         for m in [1usize, 2, 3, 5, 7, 17] {
             let x = random_x(&mut rng, m * k);
             let want = matmul_in(&Pool::new(1), Isa::Scalar, &[plain], &x, m);
-            for isa in Isa::available().into_iter().filter(|&i| has_x16(i, format)) {
+            for isa in Isa::available().into_iter().filter(|&i| has_x16(i)) {
                 for threads in [1, 3] {
                     let got = matmul_in(&Pool::new(threads), isa, &[inter], &x, m);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -332,10 +332,7 @@ fn interleaved_kernels_equal_the_row_major_reference() {
         packed: false,
     };
     let want = matmul_in(&Pool::new(1), Isa::Scalar, &[plain], &x, 3);
-    for isa in Isa::available()
-        .into_iter()
-        .filter(|&i| has_x16(i, WeightFormat::Q8_0))
-    {
+    for isa in Isa::available().into_iter().filter(|&i| has_x16(i)) {
         let inter = WeightRef {
             data: &packed,
             packed: true,

@@ -67,19 +67,19 @@ pub(crate) mod q6k {
     pub const H: usize = 128;
 }
 
-/// Bytes of one super-block record of a group, for the formats with an interleaved layout.
-pub(crate) fn record_bytes(format: WeightFormat) -> Option<usize> {
+/// Bytes of one (super-)block record of a group.
+pub(crate) fn record_bytes(format: WeightFormat) -> usize {
     match format {
-        WeightFormat::Q4K => Some(Q4K_REC),
-        WeightFormat::Q6K => Some(Q6K_REC),
-        WeightFormat::Q8_0 => Some(Q80_REC),
+        WeightFormat::Q4K => Q4K_REC,
+        WeightFormat::Q6K => Q6K_REC,
+        WeightFormat::Q8_0 => Q80_REC,
     }
 }
 
 /// Repacks a row-major weight `[n, k]` into the interleaved layout; `None` where `n` is not a
 /// multiple of 16.
 pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
-    let rec = record_bytes(format)?;
+    let rec = record_bytes(format);
     let shape = format.shape();
     if n == 0 || !n.is_multiple_of(ROWS) || !k.is_multiple_of(shape.elems) {
         return None;
