@@ -240,8 +240,8 @@ impl GammaController {
 
     /// Whether model drafting would pay for this session (γ > 0 with the model's cost).
     fn model_pays(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> bool {
-        let mut inputs = self.inputs(draft, s, pool);
-        inputs.t_draft_s = draft.t_draft_s(DraftMethod::Model);
+        let mut inputs = self.inputs_as(draft, s, DraftMethod::Model, pool);
+        // A hybrid session does not draft ahead, whatever the node does for model sessions.
         inputs.pipelined = false;
         draft.calibration(DraftMethod::Model).apply(&mut inputs);
         plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma > 0
@@ -261,9 +261,7 @@ impl GammaController {
             return 0;
         }
         let min_gamma = self.policy.min_gamma.min(max_gamma);
-        let mut inputs = self.inputs(draft, s, pool);
-        inputs.t_draft_s = draft.t_draft_s(method);
-        inputs.pipelined &= method == DraftMethod::Model;
+        let mut inputs = self.inputs_as(draft, s, method, pool);
         let calibration = draft.calibration(method);
         let drafting_measured = calibration.knows_drafting();
         calibration.apply(&mut inputs);
@@ -298,11 +296,22 @@ impl GammaController {
     /// node drafts ahead only with its model (lookup and hybrid draft after the verdict; lookup
     /// costs too little to gain from overlapping).
     pub fn inputs(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> GammaInputs {
+        self.inputs_as(draft, s, s.method, pool)
+    }
+
+    /// [`Self::inputs`] as if the session drafted with `method`.
+    fn inputs_as(
+        &self,
+        draft: &DraftSide,
+        s: &SessionGamma,
+        method: DraftMethod,
+        pool: PoolContext,
+    ) -> GammaInputs {
         let max_gamma = self.max_gamma(draft);
         let pipelined = self.policy.assume_pipelined || draft.pipelined;
         GammaInputs {
             alpha: s.alpha(),
-            t_draft_s: draft.t_draft_s(s.method),
+            t_draft_s: draft.t_draft_s(method),
             rtt_s: draft.link.rtt_s(),
             bandwidth_bytes_per_s: draft.link.bandwidth_bytes_per_s(),
             bytes_per_token: s.bytes_per_token,
@@ -310,7 +319,7 @@ impl GammaController {
             verify: pool.verify,
             min_gamma: self.policy.min_gamma.min(max_gamma),
             max_gamma,
-            pipelined: pipelined && s.method == DraftMethod::Model,
+            pipelined: pipelined && method == DraftMethod::Model,
         }
     }
 }

@@ -192,39 +192,34 @@ impl VerifyCostModel {
                 // Recent batches all of about one size tell the level, not the slope: the slope
                 // learnt from spread batches, else the prior's.
                 let slope = self.learnt_slope.unwrap_or(self.config.prior.per_token_s);
-                let base = oy - slope * ox;
-                return if base >= 0.0 {
-                    VerifyCost {
-                        base_s: base,
-                        per_token_s: slope,
-                    }
-                } else {
-                    VerifyCost {
-                        base_s: 0.0,
-                        per_token_s: oy / ox.max(1.0),
-                    }
-                };
+                return non_negative_line(slope, (ox, oy), oy / ox.max(1.0));
             }
         }
-        // All observations at one batch size cannot separate base from per-token cost: keep the
-        // prior's slope and fit the level.
-        let slope = if var_x > 1e-9 * mean_x.max(1.0).powi(2) {
+        // Observations spread over sizes, or none yet (the prior's two anchors): least squares.
+        let slope = if var_x > 0.0 {
             cov_xy / var_x
         } else {
             self.config.prior.per_token_s
         };
-        let (base_s, per_token_s) = if slope < 0.0 {
-            (mean_y, 0.0)
-        } else if mean_y - slope * mean_x < 0.0 {
-            // Through the origin: the best non-negative slope with zero base.
-            (0.0, (self.all.sxy / self.all.sxx).max(0.0))
-        } else {
-            (mean_y - slope * mean_x, slope)
-        };
-        VerifyCost {
-            base_s,
-            per_token_s,
-        }
+        let through_origin = (self.all.sxy / self.all.sxx).max(0.0);
+        non_negative_line(slope, (mean_x, mean_y), through_origin)
+    }
+}
+
+/// The line of `slope` through `(x, y)` with both coefficients kept non-negative: a negative
+/// slope becomes the flat line at `y`, and a line that would start below zero is replaced by the
+/// one through the origin of slope `origin_slope`.
+fn non_negative_line(slope: f64, (x, y): (f64, f64), origin_slope: f64) -> VerifyCost {
+    let (base_s, per_token_s) = if slope < 0.0 {
+        (y, 0.0)
+    } else if y - slope * x < 0.0 {
+        (0.0, origin_slope)
+    } else {
+        (y - slope * x, slope)
+    };
+    VerifyCost {
+        base_s,
+        per_token_s,
     }
 }
 

@@ -243,7 +243,7 @@ impl Core {
         let remaining = item
             .max_new_tokens
             .saturating_sub(outcome.accepted as u32 + 1);
-        let (gamma, next_method) = self.next_gamma(item.global, node, remaining);
+        let (gamma, next_method) = self.next_plan(item.global, node, remaining);
         if let Some(link) = self.streams.get_mut(&stream) {
             link.granted_gamma = link.granted_gamma.max(gamma as usize);
         }
@@ -354,7 +354,7 @@ impl Core {
     }
 
     /// The controller's γ and drafting method for a session's next block on `node`.
-    fn next_gamma(&self, global: u64, node: &str, remaining: u32) -> (u32, DraftMethod) {
+    fn next_plan(&self, global: u64, node: &str, remaining: u32) -> (u32, DraftMethod) {
         let Some(s) = self.sessions.get(&global) else {
             return (0, DraftMethod::Model);
         };

@@ -102,8 +102,9 @@ impl Driver {
             let (row, fed) = drafter
                 .logits(&[self.state.committed(), &draft.tokens])
                 .await?;
-            catch_up |= fed > self.ctx.cfg.max_gamma + 2;
-            if fed <= self.ctx.cfg.max_gamma + 2 {
+            let long = fed > self.ctx.cfg.max_gamma + 2;
+            catch_up |= long;
+            if !long {
                 // The model's own cost (what prices the fallback), from steps without a long
                 // catch-up.
                 self.ctx
