@@ -236,6 +236,15 @@ async fn sampled_lookup_tokens_are_proposed_with_a_point_mass_q() {
         points > 0 && points < q,
         "hybrid mixes lookup and model tokens: {points} of {q}"
     );
+    // The blocks say which tokens the model drafted: at least those whose q is not a point
+    // mass, and no more than the tokens that are not lookup's; lookup-only blocks mark none.
+    assert_eq!(rec.model_marked, 0, "lookup blocks mark no model token");
+    let marked = rec2.model_marked;
+    assert_eq!(rec2.unmarked_model_tokens, 0, "{rec2:?}");
+    assert!(
+        marked >= q - points && marked > 0,
+        "{marked} marked, {points} of {q}"
+    );
 }
 
 /// A hybrid session whose verdicts say `next_method = LOOKUP` (its model fallback does not pay)
@@ -265,6 +274,7 @@ async fn a_hybrid_session_told_lookup_drafts_without_its_model() {
         rec.point_masses, rec.draft_probs_seen,
         "lookup only: every q a point mass: {rec:?}"
     );
+    assert_eq!(rec.model_marked, 0, "no model token: {rec:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

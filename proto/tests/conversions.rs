@@ -216,6 +216,7 @@ fn draft_block_round_trips_through_the_stream_message() {
         drafted_ahead: false,
         method: pb::DraftMethod::Hybrid as i32,
         model_s_per_token: 0.01,
+        model_token_mask: 0,
     };
     let msg = pb::DraftMessage {
         kind: Some(pb::draft_message::Kind::Block(block.clone())),
@@ -236,6 +237,25 @@ fn draft_block_round_trips_through_the_stream_message() {
         let e = DraftBlock::try_from(m).unwrap_err();
         assert!(e.to_string().contains("model_s_per_token"), "{e}");
     }
+    // The model-token mask: kept on a hybrid block, bits only below the draft tokens, and only
+    // on hybrid blocks.
+    let mut mixed = block.clone();
+    mixed.draft_tokens = vec![7, 8, 9];
+    mixed.model_token_mask = 0b101;
+    assert_eq!(
+        DraftBlock::try_from(mixed.clone())
+            .unwrap()
+            .model_token_mask,
+        0b101
+    );
+    let mut beyond = mixed.clone();
+    beyond.model_token_mask = 0b1000;
+    let e = DraftBlock::try_from(beyond).unwrap_err();
+    assert!(e.to_string().contains("model_token_mask"), "{e}");
+    let mut not_hybrid = mixed;
+    not_hybrid.method = pb::DraftMethod::Model as i32;
+    let e = DraftBlock::try_from(not_hybrid).unwrap_err();
+    assert!(e.to_string().contains("hybrid"), "{e}");
 }
 
 #[test]

@@ -312,9 +312,14 @@ fn draft_block(m: &RawItem, t: &Telemetry) -> pb::DraftBlock {
         draft_s_per_token: t.draft_s_per_token,
         last_round_trip_ns: t.last_round_trip_ns,
         drafted_ahead: t.drafted_ahead,
-        method: pb::DraftMethod::Lookup as i32,
+        method: if t.hybrid {
+            pb::DraftMethod::Hybrid
+        } else {
+            pb::DraftMethod::Lookup
+        } as i32,
         // The same weird value as draft_s_per_token: both must be finite and >= 0.
         model_s_per_token: t.draft_s_per_token,
+        model_token_mask: t.model_token_mask,
     }
 }
 
@@ -325,18 +330,30 @@ struct Telemetry {
     draft_s_per_token: f32,
     last_round_trip_ns: u64,
     drafted_ahead: bool,
+    hybrid: bool,
+    model_token_mask: u64,
 }
 
 fn telemetry() -> BoxedStrategy<Telemetry> {
-    (any_u32(), any_u64(), weird_f32(), any_u64(), any::<bool>())
+    // Masks: none, the low bits (within most blocks), or any word (often beyond the tokens).
+    let mask = prop_oneof![Just(0u64), 0u64..16, any_u64()];
+    (
+        (any_u32(), any_u64(), weird_f32(), any_u64(), any::<bool>()),
+        (any::<bool>(), mask),
+    )
         .prop_map(
-            |(max_new_tokens, client_send_unix_ns, draft_s_per_token, last_round_trip_ns, a)| {
+            |(
+                (max_new_tokens, client_send_unix_ns, draft_s_per_token, last_round_trip_ns, a),
+                (hybrid, model_token_mask),
+            )| {
                 Telemetry {
                     max_new_tokens,
                     client_send_unix_ns,
                     draft_s_per_token,
                     last_round_trip_ns,
                     drafted_ahead: a,
+                    hybrid,
+                    model_token_mask,
                 }
             },
         )
@@ -494,7 +511,12 @@ fn check_block(c: &Counters, m: &RawItem) -> Result<(), TestCaseError> {
 
 fn check_draft(c: &Counters, m: &RawItem, t: &Telemetry) -> Result<(), TestCaseError> {
     let pbm = draft_block(m, t);
-    let expected = item_ok(m) && t.draft_s_per_token.is_finite() && t.draft_s_per_token >= 0.0;
+    // A model-token mask only on a hybrid block, and only over its draft tokens.
+    let n = m.draft_tokens.len();
+    let mask_ok =
+        t.model_token_mask == 0 || (t.hybrid && (n >= 64 || t.model_token_mask < (1u64 << n)));
+    let expected =
+        item_ok(m) && t.draft_s_per_token.is_finite() && t.draft_s_per_token >= 0.0 && mask_ok;
     let msg = pb::DraftMessage {
         kind: Some(pb::draft_message::Kind::Block(pbm.clone())),
     };

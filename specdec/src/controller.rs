@@ -165,6 +165,7 @@ impl GammaController {
         if switched {
             s.method = b.method;
             s.acceptance = AcceptanceEstimator::new(s.prior);
+            s.model_acceptance = AcceptanceEstimator::new(s.prior);
         }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
@@ -200,8 +201,32 @@ impl GammaController {
 
     /// A verdict for a block of `drafted` tokens accepted `accepted` of them. An impossible
     /// verdict (more accepted than drafted) changes no estimate but still counts the round.
-    pub fn on_verdict(&self, s: &mut SessionGamma, drafted: usize, accepted: usize, now_s: f64) {
-        let _ = s.acceptance.observe(drafted, accepted, now_s);
+    ///
+    /// `model_mask` marks a hybrid block's model-drafted tokens (bit i: token i; 0 for other
+    /// methods): the positions among them that the target tested (accepted ones and the first
+    /// rejection) also feed the session's estimate of the draft model's own acceptance, which
+    /// decides whether its model steps pay ([`Self::plan_next`]). Lookup's accepted tokens would
+    /// otherwise keep that α high where the model's own proposals mostly fail.
+    pub fn on_verdict(
+        &self,
+        s: &mut SessionGamma,
+        drafted: usize,
+        accepted: usize,
+        model_mask: u64,
+        now_s: f64,
+    ) {
+        if s.acceptance.observe(drafted, accepted, now_s).is_ok() && model_mask != 0 {
+            let tested = if accepted < drafted {
+                accepted + 1
+            } else {
+                drafted
+            };
+            let below = |n: usize| 1u64.checked_shl(n as u32).map_or(u64::MAX, |b| b - 1);
+            let model_tested = (model_mask & below(tested)).count_ones() as usize;
+            let model_accepted = (model_mask & below(accepted)).count_ones() as usize;
+            s.model_acceptance
+                .observe_tested(model_tested, model_accepted, now_s);
+        }
         s.rounds += 1;
     }
 
@@ -219,10 +244,13 @@ impl GammaController {
 
     /// γ and drafting method for the session's next block. A hybrid session drafts lookup only
     /// when its model fallback would not pay on its own: planned as a model session with the
-    /// node's measured model cost (and the switch-on margin), γ would be 0. Lookup's proposals
-    /// cost nothing, so a hybrid session then does at least as well as lookup, where letting
-    /// slow model steps fill the gaps between matches (one CPU shared with the target) cost it
-    /// more than the matches gained.
+    /// node's measured model cost, the switch-on margin and the acceptance of the session's
+    /// *model-drafted* tokens, γ would be 0. Lookup's proposals cost nothing, so a hybrid session
+    /// then does at least as well as lookup, where letting slow model steps fill the gaps between
+    /// matches (one CPU shared with the target) cost it more than the matches gained. While the
+    /// model is off its acceptance is not observed, so, as for a session at γ = 0, a block at
+    /// round [`PROBE_FIRST`] and every power of two after it lets the model draft again, unless
+    /// the model would not pay even at [`PROBE_OPTIMISTIC_ALPHA`].
     pub fn plan_next(
         &self,
         draft: &DraftSide,
@@ -230,17 +258,36 @@ impl GammaController {
         pool: PoolContext,
         remaining: u32,
     ) -> (usize, DraftMethod) {
-        let method = if s.method == DraftMethod::Hybrid && !self.model_pays(draft, s, pool) {
-            DraftMethod::Lookup
+        let method = if s.method == DraftMethod::Hybrid
+            && !self.model_pays(draft, s, pool, s.model_alpha())
+        {
+            let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
+            let could_pay = || {
+                let optimistic = s.model_alpha().max(PROBE_OPTIMISTIC_ALPHA);
+                self.model_pays(draft, s, pool, optimistic)
+            };
+            if probe && could_pay() {
+                DraftMethod::Hybrid
+            } else {
+                DraftMethod::Lookup
+            }
         } else {
             s.method
         };
         (self.plan_as(draft, s, method, pool, remaining), method)
     }
 
-    /// Whether model drafting would pay for this session (γ > 0 with the model's cost).
-    fn model_pays(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> bool {
+    /// Whether model drafting would pay for this session (γ > 0 with the model's cost) if its
+    /// model's proposals were accepted with probability `alpha`.
+    fn model_pays(
+        &self,
+        draft: &DraftSide,
+        s: &SessionGamma,
+        pool: PoolContext,
+        alpha: f64,
+    ) -> bool {
         let mut inputs = self.inputs_as(draft, s, DraftMethod::Model, pool);
+        inputs.alpha = alpha;
         // A hybrid session does not draft ahead, whatever the node does for model sessions.
         inputs.pipelined = false;
         draft.calibration(DraftMethod::Model).apply(&mut inputs);

@@ -135,6 +135,8 @@ pub struct SessionGamma {
     pub(super) method: DraftMethod,
     pub(super) prior: AcceptancePrior,
     pub(super) acceptance: AcceptanceEstimator,
+    /// Hybrid sessions: acceptance of the model-drafted tokens alone.
+    pub(super) model_acceptance: AcceptanceEstimator,
     pub(super) rounds: u64,
     pub(super) last_block_gamma: usize,
     pub(super) last_block_at_s: Option<f64>,
@@ -155,6 +157,7 @@ impl SessionGamma {
             method,
             prior,
             acceptance: AcceptanceEstimator::new(prior),
+            model_acceptance: AcceptanceEstimator::new(prior),
             rounds: 0,
             last_block_gamma: 0,
             last_block_at_s: None,
@@ -170,6 +173,16 @@ impl SessionGamma {
     /// Current acceptance estimate.
     pub fn alpha(&self) -> f64 {
         self.acceptance.alpha()
+    }
+
+    /// Acceptance of the draft model's own tokens: for a hybrid session, estimated from its
+    /// model-drafted tokens only (the prior until it has some); for the other methods, the
+    /// session's α.
+    pub fn model_alpha(&self) -> f64 {
+        match self.method {
+            DraftMethod::Hybrid => self.model_acceptance.alpha(),
+            _ => self.alpha(),
+        }
     }
 
     /// Verified rounds so far.

@@ -51,7 +51,7 @@ fn run(
                 last_server_s: server,
             },
         );
-        c.on_verdict(s, gamma, accepted, *t + rtt + server);
+        c.on_verdict(s, gamma, accepted, 0, *t + rtt + server);
     }
 }
 
@@ -169,7 +169,7 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
                 last_server_s: 0.01,
             },
         );
-        c.on_verdict(&mut s2, gamma, 0, t2);
+        c.on_verdict(&mut s2, gamma, 0, 0, t2);
     }
     assert!(costly.calibration(DraftMethod::Model).knows_drafting());
     assert_eq!(s2.rounds(), 32);
@@ -328,6 +328,66 @@ fn the_hybrid_fallback_is_priced_with_the_model_cost_report() {
     d.report_draft_cost(DraftMethod::Model, 0.1);
     assert_eq!(
         c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+}
+
+/// Whether a hybrid session's model pays is decided on the acceptance of the tokens its model
+/// drafted: lookup's accepted tokens must not vouch for model steps that keep failing.
+#[test]
+fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
+    let c = GammaController::new(policy(8));
+    let d = side(0.03, false);
+    // Blocks [lookup, lookup, model, lookup]: both lookup tokens accepted, the model's rejected.
+    let rounds = |mask: u64| {
+        let mut s = session(DraftMethod::Hybrid);
+        for r in 0..12 {
+            c.on_verdict(&mut s, 4, 2, mask, f64::from(r) * 0.1);
+        }
+        s
+    };
+    let told = rounds(0b0100);
+    assert!(
+        told.alpha() > 0.6,
+        "the block's α stays high: {}",
+        told.alpha()
+    );
+    assert!(told.model_alpha() < 0.3, "{}", told.model_alpha());
+    assert_eq!(c.plan_next(&d, &told, SHARED_CPU, 0).1, DraftMethod::Lookup);
+    // Without the sources the model looks as good as the blocks, and keeps drafting.
+    let blind = rounds(0);
+    assert_eq!(blind.model_alpha(), blind.prior.alpha);
+    assert_eq!(
+        c.plan_next(&d, &blind, SHARED_CPU, 0).1,
+        DraftMethod::Hybrid
+    );
+    // The model's α is not observed while it is off: round 16 (a power of two) probes it.
+    let mut probed = told;
+    for r in 12..16 {
+        c.on_verdict(&mut probed, 2, 2, 0, f64::from(r) * 0.1);
+    }
+    assert_eq!(probed.rounds(), 16);
+    assert_eq!(
+        c.plan_next(&d, &probed, SHARED_CPU, 0).1,
+        DraftMethod::Hybrid
+    );
+    c.on_verdict(&mut probed, 2, 2, 0, 1.7);
+    assert_eq!(
+        c.plan_next(&d, &probed, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+    // A model too slow to pay even at the optimistic α is not probed.
+    let slow = side(1.0, false);
+    assert_eq!(
+        c.plan_next(&slow, &told, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+    let mut at16 = told;
+    for r in 12..16 {
+        c.on_verdict(&mut at16, 2, 2, 0, f64::from(r) * 0.1);
+    }
+    assert_eq!(
+        c.plan_next(&slow, &at16, SHARED_CPU, 0).1,
         DraftMethod::Lookup
     );
 }

@@ -141,11 +141,18 @@ impl AcceptanceEstimator {
         } else {
             drafted
         };
+        self.observe_tested(tested, accepted, now_s);
+        Ok(())
+    }
+
+    /// Records `tested` positions of which `accepted` were accepted (positions picked out of
+    /// rounds by the caller, e.g. one drafting source's tokens). Nothing tested: no change.
+    pub fn observe_tested(&mut self, tested: usize, accepted: usize, now_s: f64) {
         if tested > 0 {
+            let accepted = accepted.min(tested);
             self.rate
                 .observe_weighted(accepted as f64 / tested as f64, tested as f64, now_s);
         }
-        Ok(())
     }
 
     /// Current α in [0, 1].

@@ -37,6 +37,7 @@ fn open(sid: u64) -> DraftMessage {
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
         model_s_per_token: 0.0,
+        model_token_mask: 0,
     })
 }
 

@@ -279,6 +279,7 @@ impl Core {
                 received: now,
                 max_new_tokens: db.max_new_tokens,
                 client_send_unix_ns: db.client_send_unix_ns,
+                model_token_mask: db.model_token_mask,
                 replaced: false,
             },
             tokens,

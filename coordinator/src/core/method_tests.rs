@@ -4,7 +4,7 @@
 use super::tests::{answer_all, block, core, hello, info};
 use super::*;
 use edgespec_proto::domain::{DraftMessage, Hello};
-use edgespec_specdec::DraftMethod;
+use edgespec_specdec::{AcceptancePrior, DraftMethod};
 
 /// `msg` (a block) drafted with `method`, whose cost the draft node reports as `s_per_token`.
 fn drafted_with(mut msg: DraftMessage, method: DraftMethod, s_per_token: f32) -> DraftMessage {
@@ -234,4 +234,42 @@ fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
     );
     let v = next_methods(&mut c, vec![hybrid], t1);
     assert_eq!(v[0].1, Some(DraftMethod::Hybrid), "{v:?}");
+}
+
+/// A hybrid block's `model_token_mask` reaches the session's controller state: tokens drafted by
+/// the model and rejected lower the model's own α (shown as `model_alpha`), while the block's α
+/// stays high on lookup's accepted tokens; a block without the mask leaves the model's α alone.
+#[test]
+fn a_hybrid_blocks_model_tokens_are_judged_apart_from_lookups() {
+    let (mut c, t0) = core();
+    c.register(&info("a", "onprem"), t0).unwrap();
+    let (s, _) = c.hello(&hello("edge"), t0).unwrap();
+    let hybrid = |sid: u64, round: u64, len: usize, mask: u64| {
+        let history = (round == 1).then(|| vec![1; len]);
+        let mut msg = drafted_with(
+            block(sid, round, history, len, vec![3, 4, 5]),
+            DraftMethod::Hybrid,
+            1e-3,
+        );
+        if let DraftMessage::Block(b) = &mut msg {
+            b.model_token_mask = mask;
+        }
+        msg
+    };
+    let mut len = [2usize, 2];
+    for round in 1..=12u64 {
+        let now = t0 + Duration::from_millis(50 * round);
+        // Session 1 says its middle token is the model's; session 2 sends no mask.
+        let blocks = vec![hybrid(1, round, len[0], 0b010), hybrid(2, round, len[1], 0)];
+        // The first (lookup) token is accepted, the second rejected.
+        one_round(&mut c, s, blocks, 1, now);
+        len = len.map(|l| l + 2);
+    }
+    let view = c.sessions_view();
+    let (told, blind) = (&view[0], &view[1]);
+    assert_eq!((told.method, told.rounds), ("hybrid", 12));
+    let prior = AcceptancePrior::default().alpha;
+    assert!(told.model_alpha.unwrap() < 0.3, "{told:?}");
+    assert_eq!(blind.model_alpha, Some(prior), "{blind:?}");
+    assert!(told.alpha > told.model_alpha.unwrap() + 0.15, "{told:?}");
 }

@@ -125,6 +125,8 @@ struct Item {
     received: Instant,
     max_new_tokens: u32,
     client_send_unix_ns: u64,
+    /// Which draft tokens a hybrid block's model drafted (`DraftBlock::model_token_mask`).
+    model_token_mask: u64,
     /// A node refused the session (OVERLOADED) and it was placed again: a second refusal goes
     /// to the draft node, so two full nodes cannot pass an open back and forth.
     replaced: bool,

@@ -66,6 +66,7 @@ pub(super) fn block(
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
         model_s_per_token: 0.0,
+        model_token_mask: 0,
     })
 }
 

@@ -239,7 +239,12 @@ impl Core {
             }
         };
         let drafted = item.block.draft_tokens.len();
-        self.record_round(item.global, drafted, outcome.accepted, now);
+        self.record_round(
+            item.global,
+            (drafted, item.model_token_mask),
+            outcome.accepted,
+            now,
+        );
         let remaining = item
             .max_new_tokens
             .saturating_sub(outcome.accepted as u32 + 1);
@@ -321,14 +326,22 @@ impl Core {
         );
     }
 
-    /// Counts a verified round: the session's γ controller state, its stats, its stream's stats
-    /// for its drafting method, the metrics and the fleet's acceptance (also by method).
-    fn record_round(&mut self, global: u64, drafted: usize, accepted: usize, now: Instant) {
+    /// Counts a verified round of `drafted` tokens (and which of them a hybrid block's model
+    /// drafted): the session's γ controller state, its stats, its stream's stats for its drafting
+    /// method, the metrics and the fleet's acceptance (also by method).
+    fn record_round(
+        &mut self,
+        global: u64,
+        (drafted, model_mask): (usize, u64),
+        accepted: usize,
+        now: Instant,
+    ) {
         let now_s = self.secs(now);
         let Some(s) = self.sessions.get_mut(&global) else {
             return;
         };
-        self.gamma.on_verdict(&mut s.g, drafted, accepted, now_s);
+        self.gamma
+            .on_verdict(&mut s.g, drafted, accepted, model_mask, now_s);
         s.drafted += drafted as u64;
         s.accepted += accepted as u64;
         let method = s.g.method();

@@ -136,6 +136,10 @@ pub struct SessionView {
     pub gamma: u32,
     /// Current α estimate.
     pub alpha: f64,
+    /// Hybrid sessions: the α of the tokens their draft model drafted (lookup's excluded),
+    /// which decides whether the model fills in where lookup finds no match; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_alpha: Option<f64>,
     /// Verified rounds.
     pub rounds: u64,
     /// Drafted tokens.
@@ -251,6 +255,7 @@ impl Core {
                 method: s.g.method().label(),
                 gamma: s.gamma,
                 alpha: s.g.alpha(),
+                model_alpha: (s.g.method() == DraftMethod::Hybrid).then(|| s.g.model_alpha()),
                 rounds: s.g.rounds(),
                 drafted_tokens: s.drafted,
                 accepted_tokens: s.accepted,

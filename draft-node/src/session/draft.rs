@@ -25,6 +25,9 @@ pub(crate) struct BlockDraft {
     pub tokens: Vec<u32>,
     /// One q per token when sampling.
     pub q: Vec<SparseDist>,
+    /// Bit i set when token i came from the draft model ([`Self::choose`]), clear for a
+    /// lookup token ([`Self::push_certain`]); a block holds at most `MAX_GAMMA` = 64 tokens.
+    pub model_mask: u64,
     rng: ChaCha8Rng,
 }
 
@@ -35,6 +38,7 @@ impl BlockDraft {
             base_len,
             tokens: Vec::new(),
             q: Vec::new(),
+            model_mask: 0,
             // A pure function of (seed, committed length), so a seeded request drafts the same
             // tokens whatever happened before (resyncs, pipelining on or off).
             rng: round_rng(sampling.seed, base_len, RngSide::Draft),
@@ -43,6 +47,9 @@ impl BlockDraft {
 
     /// Picks the next draft token from the logits after the current last token.
     pub fn choose(&mut self, logits: &[f32], sampling: &SamplingParams, top_k: usize) -> u32 {
+        if let Some(bit) = 1u64.checked_shl(self.tokens.len() as u32) {
+            self.model_mask |= bit;
+        }
         if sampling.is_greedy() {
             let t = argmax(logits);
             self.tokens.push(t);
@@ -73,6 +80,9 @@ impl BlockDraft {
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
         self.q.truncate(n);
+        if let Some(keep) = 1u64.checked_shl(n as u32) {
+            self.model_mask &= keep - 1;
+        }
     }
 
     /// Number of draft tokens.
@@ -231,6 +241,24 @@ mod tests {
         // Same seed and length: same tokens.
         let mut again = BlockDraft::new(5, &sp);
         assert_eq!(again.choose(&logits, &sp, 2), t);
+    }
+
+    #[test]
+    fn the_model_mask_marks_model_tokens_and_follows_truncation() {
+        let g = SamplingParams::GREEDY;
+        let mut d = BlockDraft::new(5, &g);
+        d.push_certain(7, &g);
+        d.choose(&[0.0, 1.0], &g, 1);
+        d.push_certain(8, &g);
+        d.choose(&[1.0, 0.0], &g, 1);
+        assert_eq!(
+            (d.tokens.as_slice(), d.model_mask),
+            (&[7, 1, 8, 0][..], 0b1010)
+        );
+        d.truncate(3);
+        assert_eq!(d.model_mask, 0b0010);
+        d.truncate(0);
+        assert_eq!(d.model_mask, 0);
     }
 
     #[test]

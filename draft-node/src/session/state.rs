@@ -169,6 +169,12 @@ impl SessionState {
             drafted_ahead: t.drafted_ahead,
             method: self.method,
             model_s_per_token: t.model_s_per_token,
+            // Only hybrid blocks mix sources; for the others the method says it all.
+            model_token_mask: if self.method == DraftMethod::Hybrid {
+                draft.model_mask
+            } else {
+                0
+            },
         }
     }
 

@@ -198,6 +198,11 @@ pub struct Record {
     /// Draft distributions that are a point mass on their own draft token (lookup under
     /// sampling).
     pub point_masses: usize,
+    /// Draft tokens marked as the model's in blocks' `model_token_mask`.
+    pub model_marked: usize,
+    /// Tokens marked as lookup's (mask bit clear) in a hybrid block whose q is not a point mass:
+    /// a lookup token is always proposed with certainty, so any is a wrong mask.
+    pub unmarked_model_tokens: usize,
 }
 
 struct Shared {
@@ -417,6 +422,18 @@ async fn handle_block(
             .zip(&b.draft_tokens)
             .filter(|(q, &t)| q.ids == [t] && q.probs == [1.0])
             .count();
+        r.model_marked += d.model_token_mask.count_ones() as usize;
+        if d.method == DraftMethod::Hybrid {
+            r.unmarked_model_tokens += b
+                .draft_probs
+                .iter()
+                .zip(&b.draft_tokens)
+                .enumerate()
+                .filter(|&(i, (q, &t))| {
+                    d.model_token_mask >> i & 1 == 0 && !(q.ids == [t] && q.probs == [1.0])
+                })
+                .count();
+        }
         if script.silent {
             return Reply::Nothing;
         }

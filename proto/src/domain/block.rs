@@ -156,6 +156,8 @@ pub struct DraftBlock {
     pub method: DraftMethod,
     /// The node's draft model alone, seconds per token (0 if it has none or has not measured).
     pub model_s_per_token: f32,
+    /// Hybrid blocks: bit i set when draft token i came from the draft model (0 otherwise).
+    pub model_token_mask: u64,
 }
 
 impl TryFrom<pb::DraftBlock> for DraftBlock {
@@ -173,6 +175,23 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
                 });
             }
         }
+        let n = m.draft_tokens.len();
+        let beyond = if n >= 64 { 0 } else { m.model_token_mask >> n };
+        if beyond != 0 {
+            return Err(ProtocolError::Range {
+                field: "model_token_mask",
+                value: format!("{:#x} with {n} draft tokens", m.model_token_mask),
+                allowed: "bits only below the number of draft tokens",
+            });
+        }
+        let method = super::stream::method_from_wire(m.method);
+        if m.model_token_mask != 0 && method != DraftMethod::Hybrid {
+            return Err(ProtocolError::Range {
+                field: "model_token_mask",
+                value: format!("{:#x} on a {method} block", m.model_token_mask),
+                allowed: "0 unless the block's method is hybrid",
+            });
+        }
         Ok(Self {
             block: Block::try_from(RawBlock {
                 session_id: m.session_id,
@@ -188,8 +207,9 @@ impl TryFrom<pb::DraftBlock> for DraftBlock {
             draft_s_per_token: m.draft_s_per_token,
             last_round_trip_ns: m.last_round_trip_ns,
             drafted_ahead: m.drafted_ahead,
-            method: super::stream::method_from_wire(m.method),
+            method,
             model_s_per_token: m.model_s_per_token,
+            model_token_mask: m.model_token_mask,
         })
     }
 }
@@ -213,6 +233,7 @@ impl From<&DraftBlock> for pb::DraftBlock {
             drafted_ahead: d.drafted_ahead,
             method: super::stream::method_to_wire(d.method),
             model_s_per_token: d.model_s_per_token,
+            model_token_mask: d.model_token_mask,
         }
     }
 }

@@ -154,6 +154,7 @@ pub fn greedy_block(
         drafted_ahead: false,
         method: edgespec_proto::domain::DraftMethod::Model,
         model_s_per_token: 0.0,
+        model_token_mask: 0,
     }
 }
 
