@@ -1,7 +1,7 @@
 //! Our CPU quantized matmul: activation quantization, quantized dot products for the weight
 //! formats of the pinned models (Q4_K, Q6_K, Q8_0) and the process-wide worker pool that runs
 //! them. **All of the crate's `unsafe` lives in this module** (SIMD intrinsics in `avx2.rs`,
-//! `avx512.rs` and the interleaved `x16_*.rs` kernels, the
+//! `avx512.rs`, the interleaved `x16_*.rs` kernels and `neon.rs`, the
 //! lifetime-erased job pointer and the disjoint-item hand-out in `pool.rs`); the rest of the
 //! workspace keeps `unsafe_code = "deny"`.
 //!
@@ -26,15 +26,17 @@
 //! # Selection
 //!
 //! `EDGESPEC_CPU_KERNELS` (read once): `auto` (default: the best this CPU has of AVX-512 VNNI,
-//! AVX2 and scalar), `avx512`, `avx2`, `scalar`, or `candle` (leave every matmul to candle, as
-//! before these kernels). The AVX-512 set adds Q8_0 and Q4_K kernels; all are bit-identical.
-//! `EDGESPEC_CPU_LAYOUT=rows` keeps weights row-major instead of interleaved.
+//! AVX2 and scalar on x86-64, NEON on AArch64), `avx512`, `avx2`, `neon`, `scalar`, or `candle`
+//! (leave every matmul to candle, as before these kernels). The AVX-512 set adds Q8_0 and Q4_K
+//! kernels; all are bit-identical. `EDGESPEC_CPU_LAYOUT=rows` keeps weights row-major instead of
+//! interleaved (NEON has row-major kernels only, so its weights always are).
 
 #![allow(unsafe_code)]
 
 /// The row loop of one format's row-major kernel `$k::<R>` (R = 1, 2, 4), compiled on its own
-/// with the target features `$feat` (see `avx2::block_tf`); used by `avx2.rs` and `avx512.rs`.
-#[cfg(target_arch = "x86_64")]
+/// with the target features `$feat` (see `avx2::block_tf`); used by `avx2.rs`, `avx512.rs` and
+/// `neon.rs`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! row_loop {
     ($name:ident, $k:ident, $feat:tt) => {
         #[inline(never)]
@@ -65,6 +67,8 @@ mod acts;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod pool;
 mod scalar;
 #[cfg(test)]
@@ -139,6 +143,9 @@ pub(crate) enum Isa {
     /// AVX2 plus 512-bit kernels for Q8_0 and Q4_K weights.
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AArch64 Advanced SIMD (base NEON, no dotprod), row-major kernels only.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 impl Isa {
@@ -152,6 +159,10 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if avx512::detected() {
             v.push(Isa::Avx512);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if neon::detected() {
+            v.push(Isa::Neon);
         }
         v
     }
@@ -180,11 +191,13 @@ pub(crate) fn mode() -> Mode {
             "avx2" if avx2::detected() => Mode::Ours(Isa::Avx2),
             #[cfg(target_arch = "x86_64")]
             "avx512" if avx512::detected() => Mode::Ours(Isa::Avx512),
+            #[cfg(target_arch = "aarch64")]
+            "neon" if neon::detected() => Mode::Ours(Isa::Neon),
             other => {
                 tracing::warn!(
                     value = other,
                     "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx512, avx2, \
-                     scalar, candle); using auto"
+                     neon, scalar, candle); using auto"
                 );
                 Mode::Ours(best)
             }
@@ -237,7 +250,7 @@ pub(crate) fn dot(isa: Isa, format: WeightFormat, w: &[u8], acts: &Acts, r: usiz
 
 /// How the SIMD kernels walk `n` activation rows: groups of 4, then 2, then 1, each weight block
 /// unpacked once per group. Yields (first row, group size).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn row_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
     let mut j = 0;
     std::iter::from_fn(move || {
@@ -282,10 +295,14 @@ fn block(
             WeightFormat::Q4K => avx512::block(true, w, rows, out, stride),
             WeightFormat::Q6K => avx2::block(format, w, rows, out, stride),
         },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::block(format, w, rows, out, stride),
     }
 }
 
 /// [`block`] for interleaved groups (`nb` super-block records each).
+// Only the x86 sets have interleaved kernels; elsewhere every arm is unreachable.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn block_x16(
     isa: Isa,
     format: WeightFormat,
@@ -296,6 +313,8 @@ fn block_x16(
 ) {
     match isa {
         Isa::Scalar => unreachable!("no scalar kernel for interleaved weights"),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unreachable!("no NEON kernel for interleaved weights"),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x16_avx2::block(format, w, nb, rows, out, stride),
         #[cfg(target_arch = "x86_64")]
@@ -340,9 +359,16 @@ impl WeightRef<'_> {
     }
 }
 
-/// Whether `isa` has kernels for the interleaved layout (every SIMD set has, for every format).
+/// Whether `isa` has kernels for the interleaved layout (the x86 SIMD sets have, for every
+/// format; scalar and NEON keep weights row-major).
 pub(crate) fn has_x16(isa: Isa) -> bool {
-    !matches!(isa, Isa::Scalar)
+    match isa {
+        Isa::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => true,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => false,
+    }
 }
 
 /// Whether weights are repacked into the interleaved layout where a kernel exists

@@ -119,6 +119,15 @@ fn simd_dots_equal_the_scalar_reference_bit_for_bit() {
     }
 }
 
+/// On AArch64 NEON is always among the instruction sets the tests above walk (so they compare
+/// its kernels with the scalar reference), and it keeps weights row-major.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_is_available_and_row_major() {
+    assert!(Isa::available().contains(&Isa::Neon));
+    assert!(!has_x16(Isa::Neon));
+}
+
 /// candle's quantization of `w` (`[n, k]`) and its dequantized f32 copy.
 fn candle_weight(w: &[f32], n: usize, k: usize, dtype: GgmlDType) -> (QTensor, Vec<f32>) {
     let t = Tensor::from_vec(w.to_vec(), (n, k), &Device::Cpu).unwrap();
