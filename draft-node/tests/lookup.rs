@@ -277,6 +277,40 @@ async fn a_hybrid_session_told_lookup_drafts_without_its_model() {
     assert_eq!(rec.model_marked, 0, "no model token: {rec:?}");
 }
 
+/// A hybrid session told `next_method = MODEL` (lookup's proposals fail more often than the
+/// model's) drafts with its model alone, even where lookup has a match: every token is marked
+/// as the model's, and none is a point mass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_session_told_model_drafts_without_lookup() {
+    let h = Harness::start(|s, _| {
+        s.gammas = vec![8];
+        s.initial_gamma = 0;
+        s.next_method = Some(edgespec_proto::domain::DraftMethod::Model);
+    })
+    .await;
+    let (_, prompt) = repeated_list(&h);
+    let v = complete_ids(
+        &h,
+        &prompt,
+        32,
+        json!({"draft_method": "hybrid", "temperature": 0.8, "seed": 5}),
+    )
+    .await;
+    let rec = h.coordinator.record();
+    assert!(rec.invalid.is_empty(), "{rec:?}");
+    let drafted = stat(&v, "drafted") as usize;
+    assert!(drafted > 0, "{}", v["edgespec"]);
+    assert!(
+        rec.block_methods.iter().all(|&m| m == DraftMethod::Hybrid),
+        "{rec:?}"
+    );
+    assert_eq!(
+        rec.model_marked, drafted,
+        "every token the model's: {rec:?}"
+    );
+    assert!(rec.point_masses < drafted, "{rec:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_only_node_runs_without_a_draft_model() {
     let h = Harness::start(|_, st| {

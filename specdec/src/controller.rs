@@ -166,6 +166,7 @@ impl GammaController {
             s.method = b.method;
             s.acceptance = AcceptanceEstimator::new(s.prior);
             s.model_acceptance = AcceptanceEstimator::new(s.prior);
+            s.lookup_acceptance = AcceptanceEstimator::new(s.prior);
         }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
@@ -202,11 +203,12 @@ impl GammaController {
     /// A verdict for a block of `drafted` tokens accepted `accepted` of them. An impossible
     /// verdict (more accepted than drafted) changes no estimate but still counts the round.
     ///
-    /// `model_mask` marks a hybrid block's model-drafted tokens (bit i: token i; 0 for other
-    /// methods): the positions among them that the target tested (accepted ones and the first
-    /// rejection) also feed the session's estimate of the draft model's own acceptance, which
-    /// decides whether its model steps pay ([`Self::plan_next`]). Lookup's accepted tokens would
-    /// otherwise keep that α high where the model's own proposals mostly fail.
+    /// `model_mask` marks a hybrid block's model-drafted tokens (bit i: token i; ignored for
+    /// other methods). For a hybrid session, the positions the target tested (the accepted ones
+    /// and the first rejection) also feed one acceptance estimate per source: the model's marked
+    /// tokens and lookup's unmarked ones. Those decide how its next block is drafted
+    /// ([`Self::plan_next`]): a block's α mixes the two, and lookup's accepted tokens kept it high
+    /// while the model's own proposals failed (or the other way round).
     pub fn on_verdict(
         &self,
         s: &mut SessionGamma,
@@ -215,7 +217,8 @@ impl GammaController {
         model_mask: u64,
         now_s: f64,
     ) {
-        if s.acceptance.observe(drafted, accepted, now_s).is_ok() && model_mask != 0 {
+        let valid = s.acceptance.observe(drafted, accepted, now_s).is_ok();
+        if valid && s.method == DraftMethod::Hybrid {
             let tested = if accepted < drafted {
                 accepted + 1
             } else {
@@ -226,6 +229,11 @@ impl GammaController {
             let model_accepted = (model_mask & below(accepted)).count_ones() as usize;
             s.model_acceptance
                 .observe_tested(model_tested, model_accepted, now_s);
+            s.lookup_acceptance.observe_tested(
+                tested - model_tested,
+                accepted - model_accepted,
+                now_s,
+            );
         }
         s.rounds += 1;
     }
@@ -242,15 +250,23 @@ impl GammaController {
         self.plan_next(draft, s, pool, remaining).0
     }
 
-    /// γ and drafting method for the session's next block. A hybrid session drafts lookup only
-    /// when its model fallback would not pay on its own: planned as a model session with the
-    /// node's measured model cost, the switch-on margin and the acceptance of the session's
-    /// *model-drafted* tokens, γ would be 0. Lookup's proposals cost nothing, so a hybrid session
-    /// then does at least as well as lookup, where letting slow model steps fill the gaps between
-    /// matches (one CPU shared with the target) cost it more than the matches gained. While the
-    /// model is off its acceptance is not observed, so, as for a session at γ = 0, a block at
-    /// round [`PROBE_FIRST`] and every power of two after it lets the model draft again, unless
-    /// the model would not pay even at [`PROBE_OPTIMISTIC_ALPHA`].
+    /// γ and drafting method for the session's next block. Every method but hybrid drafts with
+    /// itself. A hybrid session's next block is drafted by the source that is expected to commit
+    /// tokens fastest, judged on each source's own acceptance and cost (each planned alone, not
+    /// pipelined; the model with the switch-on margin):
+    ///
+    /// - `Lookup` when the model's steps would not pay (γ would be 0 with the model): lookup's
+    ///   proposals cost nothing, so the session does at least as well as lookup alone, where
+    ///   letting slow model steps fill the gaps between matches (one CPU shared with the target)
+    ///   cost more than they gained;
+    /// - `Hybrid` (lookup where it matches, the model elsewhere) when the model pays and lookup's
+    ///   proposals are accepted at least as often as the model's;
+    /// - otherwise whichever of `Model` and `Lookup` alone is expected to be faster: lookup
+    ///   proposals that fail more often than the model's would only cut its runs short.
+    ///
+    /// A source left unused is not observed, so, as for a session at γ = 0, round [`PROBE_FIRST`]
+    /// and every power of two after it drafts a mixed block again, unless the model would not
+    /// pay even at [`PROBE_OPTIMISTIC_ALPHA`].
     pub fn plan_next(
         &self,
         draft: &DraftSide,
@@ -258,40 +274,53 @@ impl GammaController {
         pool: PoolContext,
         remaining: u32,
     ) -> (usize, DraftMethod) {
-        let method = if s.method == DraftMethod::Hybrid
-            && !self.model_pays(draft, s, pool, s.model_alpha())
-        {
-            let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
-            let could_pay = || {
-                let optimistic = s.model_alpha().max(PROBE_OPTIMISTIC_ALPHA);
-                self.model_pays(draft, s, pool, optimistic)
-            };
-            if probe && could_pay() {
-                DraftMethod::Hybrid
-            } else {
-                DraftMethod::Lookup
-            }
-        } else {
-            s.method
+        let method = match s.method {
+            DraftMethod::Hybrid => self.hybrid_source(draft, s, pool),
+            m => m,
         };
         (self.plan_as(draft, s, method, pool, remaining), method)
     }
 
-    /// Whether model drafting would pay for this session (γ > 0 with the model's cost) if its
-    /// model's proposals were accepted with probability `alpha`.
-    fn model_pays(
-        &self,
-        draft: &DraftSide,
-        s: &SessionGamma,
-        pool: PoolContext,
-        alpha: f64,
-    ) -> bool {
-        let mut inputs = self.inputs_as(draft, s, DraftMethod::Model, pool);
-        inputs.alpha = alpha;
-        // A hybrid session does not draft ahead, whatever the node does for model sessions.
-        inputs.pipelined = false;
-        draft.calibration(DraftMethod::Model).apply(&mut inputs);
-        plan_from(&inputs, s.last_block_gamma, SWITCH_ON_GAIN).gamma > 0
+    /// How a hybrid session drafts its next block (see [`Self::plan_next`]).
+    fn hybrid_source(&self, draft: &DraftSide, s: &SessionGamma, pool: PoolContext) -> DraftMethod {
+        let alone = |method: DraftMethod, alpha: f64| {
+            let mut inputs = self.inputs_as(draft, s, method, pool);
+            inputs.alpha = alpha;
+            // A hybrid session does not draft ahead, whatever the node does for model sessions.
+            inputs.pipelined = false;
+            draft.calibration(method).apply(&mut inputs);
+            let gain = if method.uses_model() {
+                SWITCH_ON_GAIN
+            } else {
+                1.0
+            };
+            plan_from(&inputs, s.last_block_gamma, gain)
+        };
+        let (alpha_model, alpha_lookup) = (s.model_alpha(), s.lookup_alpha());
+        let model = alone(DraftMethod::Model, alpha_model);
+        if model.gamma == 0 {
+            let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
+            let could_pay = || {
+                let optimistic = alpha_model.max(PROBE_OPTIMISTIC_ALPHA);
+                alone(DraftMethod::Model, optimistic).gamma > 0
+            };
+            return if probe && could_pay() {
+                DraftMethod::Hybrid
+            } else {
+                DraftMethod::Lookup
+            };
+        }
+        if alpha_lookup >= alpha_model {
+            return DraftMethod::Hybrid;
+        }
+        let lookup = alone(DraftMethod::Lookup, alpha_lookup);
+        if s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two() {
+            DraftMethod::Hybrid
+        } else if model.tokens_per_s_expected > lookup.tokens_per_s_expected {
+            DraftMethod::Model
+        } else {
+            DraftMethod::Lookup
+        }
     }
 
     /// [`Self::plan`] as if the session drafted with `method`.
@@ -357,7 +386,7 @@ impl GammaController {
         let max_gamma = self.max_gamma(draft);
         let pipelined = self.policy.assume_pipelined || draft.pipelined;
         GammaInputs {
-            alpha: s.alpha(),
+            alpha: s.alpha_for(method),
             t_draft_s: draft.t_draft_s(method),
             rtt_s: draft.link.rtt_s(),
             bandwidth_bytes_per_s: draft.link.bandwidth_bytes_per_s(),

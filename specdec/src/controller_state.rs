@@ -135,8 +135,10 @@ pub struct SessionGamma {
     pub(super) method: DraftMethod,
     pub(super) prior: AcceptancePrior,
     pub(super) acceptance: AcceptanceEstimator,
-    /// Hybrid sessions: acceptance of the model-drafted tokens alone.
+    /// Hybrid sessions: acceptance of the model-drafted tokens alone...
     pub(super) model_acceptance: AcceptanceEstimator,
+    /// ... and of the looked-up ones.
+    pub(super) lookup_acceptance: AcceptanceEstimator,
     pub(super) rounds: u64,
     pub(super) last_block_gamma: usize,
     pub(super) last_block_at_s: Option<f64>,
@@ -158,6 +160,7 @@ impl SessionGamma {
             prior,
             acceptance: AcceptanceEstimator::new(prior),
             model_acceptance: AcceptanceEstimator::new(prior),
+            lookup_acceptance: AcceptanceEstimator::new(prior),
             rounds: 0,
             last_block_gamma: 0,
             last_block_at_s: None,
@@ -179,8 +182,21 @@ impl SessionGamma {
     /// model-drafted tokens only (the prior until it has some); for the other methods, the
     /// session's α.
     pub fn model_alpha(&self) -> f64 {
-        match self.method {
-            DraftMethod::Hybrid => self.model_acceptance.alpha(),
+        self.alpha_for(DraftMethod::Model)
+    }
+
+    /// Acceptance of looked-up tokens, as [`Self::model_alpha`] for the model's.
+    pub fn lookup_alpha(&self) -> f64 {
+        self.alpha_for(DraftMethod::Lookup)
+    }
+
+    /// The acceptance to plan a block drafted by `source` with: a hybrid session's estimate for
+    /// that source (model or lookup tokens alone; a mixed block: the session's α), any other
+    /// session's α.
+    pub fn alpha_for(&self, source: DraftMethod) -> f64 {
+        match (self.method, source) {
+            (DraftMethod::Hybrid, DraftMethod::Model) => self.model_acceptance.alpha(),
+            (DraftMethod::Hybrid, DraftMethod::Lookup) => self.lookup_acceptance.alpha(),
             _ => self.alpha(),
         }
     }

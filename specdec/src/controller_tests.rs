@@ -392,6 +392,44 @@ fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
     );
 }
 
+/// Where lookup's proposals fail and the model's are accepted, a hybrid session drafts with its
+/// model alone: looked-up tokens in front of the model's would only cut its runs short.
+#[test]
+fn a_hybrid_session_whose_lookup_tokens_fail_drafts_with_its_model_alone() {
+    let c = GammaController::new(policy(8));
+    let d = side(0.001, false);
+    let mut s = session(DraftMethod::Hybrid);
+    // Blocks [model, model, lookup, lookup]: both model tokens accepted, the first lookup one
+    // rejected.
+    for r in 0..12 {
+        c.on_verdict(&mut s, 4, 2, 0b0011, f64::from(r) * 0.1);
+    }
+    assert!(s.model_alpha() > 0.85 && s.lookup_alpha() < 0.3, "{s:?}");
+    let (g, m) = c.plan_next(&d, &s, SHARED_CPU, 0);
+    assert_eq!(m, DraftMethod::Model);
+    assert_eq!(
+        g,
+        c.plan_as(&d, &s, DraftMethod::Model, SHARED_CPU, 0),
+        "planned with α_model"
+    );
+    assert!(g >= 4, "α_model is high: {g}");
+    // The same rounds read the other way round (lookup accepted, model rejected): lookup alone.
+    let mut other = session(DraftMethod::Hybrid);
+    for r in 0..12 {
+        c.on_verdict(&mut other, 4, 2, 0b1100, f64::from(r) * 0.1);
+    }
+    assert_eq!(
+        c.plan_next(&side(0.03, false), &other, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+    // Both good, lookup at least as good: mixed blocks.
+    let mut both = session(DraftMethod::Hybrid);
+    for r in 0..12 {
+        c.on_verdict(&mut both, 4, 4, 0b0101, f64::from(r) * 0.1);
+    }
+    assert_eq!(c.plan_next(&d, &both, SHARED_CPU, 0).1, DraftMethod::Hybrid);
+}
+
 #[test]
 fn a_lookup_cost_report_and_lookup_rounds_leave_the_model_cost_and_calibration_alone() {
     let c = GammaController::new(policy(8));

@@ -140,6 +140,9 @@ pub struct SessionView {
     /// which decides whether the model fills in where lookup finds no match; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_alpha: Option<f64>,
+    /// Hybrid sessions: the α of their looked-up tokens; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup_alpha: Option<f64>,
     /// Verified rounds.
     pub rounds: u64,
     /// Drafted tokens.
@@ -256,6 +259,7 @@ impl Core {
                 gamma: s.gamma,
                 alpha: s.g.alpha(),
                 model_alpha: (s.g.method() == DraftMethod::Hybrid).then(|| s.g.model_alpha()),
+                lookup_alpha: (s.g.method() == DraftMethod::Hybrid).then(|| s.g.lookup_alpha()),
                 rounds: s.g.rounds(),
                 drafted_tokens: s.drafted,
                 accepted_tokens: s.accepted,

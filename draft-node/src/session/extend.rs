@@ -5,7 +5,10 @@
 //!   or empty (an empty block is a plain target step).
 //! - `hybrid`: per position, the lookup continuation when there is one, else one model step,
 //!   until γ. The draft KV catches up on the looked-up tokens with the next model step
-//!   (`Drafter` keeps the longest common prefix and feeds the rest).
+//!   (`Drafter` keeps the longest common prefix and feeds the rest). The coordinator may tell a
+//!   hybrid session to draft its next block by one source alone (`Verdict::next_method`): lookup
+//!   where the model's steps do not pay, the model where lookup's proposals are accepted less
+//!   often than the model's (they would only cut the model's runs short).
 //!
 //! A looked-up continuation stops after an end-of-text token: nothing after it can be committed.
 
@@ -29,11 +32,16 @@ impl Driver {
                 self.extend_lookup(draft, gamma);
                 Ok(())
             }
-            DraftMethod::Hybrid if self.lookup_only => {
-                self.extend_lookup(draft, gamma);
-                Ok(())
-            }
-            DraftMethod::Hybrid => self.extend_hybrid(draft, gamma).await,
+            DraftMethod::Hybrid => match self.hybrid_source {
+                DraftMethod::Lookup => {
+                    self.extend_lookup(draft, gamma);
+                    Ok(())
+                }
+                DraftMethod::Model if self.drafter.is_some() => {
+                    self.extend_model(draft, gamma).await
+                }
+                _ => self.extend_hybrid(draft, gamma).await,
+            },
         }
     }
 

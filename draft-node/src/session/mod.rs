@@ -182,7 +182,7 @@ pub(crate) fn spawn(
         events,
         out,
         last_round_trip_ns: 0,
-        lookup_only: false,
+        hybrid_source: DraftMethod::Hybrid,
         resyncs: 0,
     };
     let span = tracing::debug_span!("session", session = id);
@@ -228,9 +228,11 @@ struct Driver {
     overload_wait: Duration,
     /// The `kind` label of this request's metrics.
     kind: String,
-    /// A hybrid session's next block is lookup only: the coordinator found that its model
-    /// fallback does not pay (`Verdict::next_method`).
-    lookup_only: bool,
+    /// How a hybrid session drafts its next block (`Verdict::next_method`): `Hybrid` (lookup
+    /// where it matches, the model elsewhere), `Lookup` (the model's steps do not pay) or
+    /// `Model` (lookup's proposals are accepted less often than the model's, and the model
+    /// pays). Unused for the other methods.
+    hybrid_source: DraftMethod,
 }
 
 impl Driver {
@@ -288,8 +290,7 @@ impl Driver {
             };
             with_history = false;
             self.last_round_trip_ns = sent.elapsed().as_nanos() as u64;
-            self.lookup_only = self.method == DraftMethod::Hybrid
-                && verdict.next_method == Some(DraftMethod::Lookup);
+            self.hybrid_source = verdict.next_method.unwrap_or(DraftMethod::Hybrid);
             // Near the end of a request the coordinator shortens γ to the tokens left; such a
             // γ says nothing about the next request.
             if self.state.remaining() > self.ctx.cfg.max_gamma + 1 {
