@@ -337,7 +337,7 @@ fn the_hybrid_fallback_is_priced_with_the_model_cost_report() {
 #[test]
 fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
     let c = GammaController::new(policy(8));
-    let d = side(0.03, false);
+    let d = side(0.01, false);
     // Blocks [lookup, lookup, model, lookup]: both lookup tokens accepted, the model's rejected.
     let rounds = |mask: u64| {
         let mut s = session(DraftMethod::Hybrid);
@@ -361,34 +361,38 @@ fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
         c.plan_next(&d, &blind, SHARED_CPU, 0).1,
         DraftMethod::Hybrid
     );
-    // The model's α is not observed while it is off: round 16 (a power of two) probes it.
-    let mut probed = told;
+    // Once off, the model stays off: no probe at round 16 (its catch-up would cost too much).
+    let mut later = told;
     for r in 12..16 {
-        c.on_verdict(&mut probed, 2, 2, 0, f64::from(r) * 0.1);
+        c.on_verdict(&mut later, 2, 2, 0, f64::from(r) * 0.1);
     }
-    assert_eq!(probed.rounds(), 16);
+    assert_eq!(later.rounds(), 16);
     assert_eq!(
-        c.plan_next(&d, &probed, SHARED_CPU, 0).1,
-        DraftMethod::Hybrid
-    );
-    c.on_verdict(&mut probed, 2, 2, 0, 1.7);
-    assert_eq!(
-        c.plan_next(&d, &probed, SHARED_CPU, 0).1,
+        c.plan_next(&d, &later, SHARED_CPU, 0).1,
         DraftMethod::Lookup
     );
-    // A model too slow to pay even at the optimistic α is not probed.
-    let slow = side(1.0, false);
+}
+
+/// A model that would just pay for a model session (γ > 0 past the switch-on margin) is not
+/// worth a hybrid session's gaps: lookup costs nothing, and the model's catch-up over looked-up
+/// tokens is not priced, so it must beat plain decoding by `HYBRID_MODEL_GAIN`.
+#[test]
+fn a_hybrid_session_leaves_a_marginal_model_off() {
+    let c = GammaController::new(policy(8));
+    let d = side(0.03, false);
+    let (model, hybrid) = (session(DraftMethod::Model), session(DraftMethod::Hybrid));
+    assert!(
+        c.plan(&d, &model, SHARED_CPU, 0) > 0,
+        "a model session drafts"
+    );
     assert_eq!(
-        c.plan_next(&slow, &told, SHARED_CPU, 0).1,
+        c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
         DraftMethod::Lookup
     );
-    let mut at16 = told;
-    for r in 12..16 {
-        c.on_verdict(&mut at16, 2, 2, 0, f64::from(r) * 0.1);
-    }
     assert_eq!(
-        c.plan_next(&slow, &at16, SHARED_CPU, 0).1,
-        DraftMethod::Lookup
+        c.plan_next(&side(0.01, false), &hybrid, SHARED_CPU, 0).1,
+        DraftMethod::Hybrid,
+        "a model well ahead of plain decoding fills the gaps"
     );
 }
 

@@ -257,6 +257,19 @@ impl Core {
         let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
         s.last_server_ns = in_coordinator.max(1);
         let method = s.g.method();
+        if method == DraftMethod::Hybrid {
+            tracing::debug!(
+                session = item.global,
+                accepted = outcome.accepted,
+                drafted,
+                gamma,
+                next = %next_method,
+                alpha = s.g.alpha(),
+                model_alpha = s.g.model_alpha(),
+                lookup_alpha = s.g.lookup_alpha(),
+                "hybrid plan"
+            );
+        }
         self.metrics.gamma_sent(method, gamma);
         if let Some(link) = self.streams.get_mut(&stream) {
             link.by_method[method.index()].gamma_sum += u64::from(gamma);

@@ -182,7 +182,9 @@ pub(crate) fn spawn(
         events,
         out,
         last_round_trip_ns: 0,
-        hybrid_source: DraftMethod::Hybrid,
+        // Lookup until the coordinator's first verdict says the model pays: a model step would
+        // first feed the draft model the whole prompt.
+        hybrid_source: DraftMethod::Lookup,
         resyncs: 0,
     };
     let span = tracing::debug_span!("session", session = id);
