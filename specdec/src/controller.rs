@@ -175,6 +175,7 @@ impl GammaController {
             s.acceptance = AcceptanceEstimator::new(s.prior);
             s.model_acceptance = AcceptanceEstimator::new(s.prior);
             s.lookup_acceptance = AcceptanceEstimator::new(s.prior);
+            s.lookup_yield = SessionGamma::new(s.prior, b.method).lookup_yield;
         }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
@@ -208,8 +209,9 @@ impl GammaController {
         }
     }
 
-    /// A verdict for a block of `drafted` tokens accepted `accepted` of them. An impossible
-    /// verdict (more accepted than drafted) changes no estimate but still counts the round.
+    /// A verdict for a block of `drafted` tokens (of the `granted` γ; 0: unknown) accepted
+    /// `accepted` of them. An impossible verdict (more accepted than drafted) changes no estimate
+    /// but still counts the round.
     ///
     /// `model_mask` marks a hybrid block's model-drafted tokens (bit i: token i; ignored for
     /// other methods). For a hybrid session, the positions the target tested (the accepted ones
@@ -220,6 +222,7 @@ impl GammaController {
     pub fn on_verdict(
         &self,
         s: &mut SessionGamma,
+        granted: usize,
         drafted: usize,
         accepted: usize,
         model_mask: u64,
@@ -242,6 +245,11 @@ impl GammaController {
                 accepted - model_accepted,
                 now_s,
             );
+            // How much of the γ granted lookup filled, in blocks lookup drafted alone.
+            if model_mask == 0 && granted > 0 {
+                let filled = (drafted as f64 / granted as f64).min(1.0);
+                s.lookup_yield.observe(filled, now_s);
+            }
         }
         s.rounds += 1;
     }
@@ -259,26 +267,27 @@ impl GammaController {
     }
 
     /// γ and drafting method for the session's next block. Every method but hybrid drafts with
-    /// itself. A hybrid session's next block is drafted by the source that is expected to commit
-    /// tokens fastest, judged on each source's own acceptance and cost (each planned alone, not
-    /// pipelined):
+    /// itself. A hybrid session's next block is drafted by the source expected to commit tokens
+    /// fastest, judged on each source's own acceptance and cost, each planned alone and not
+    /// pipelined:
     ///
-    /// - `Lookup` when the model's steps would not pay (planned alone, the model is not expected
-    ///   to beat plain decoding by [`HYBRID_MODEL_GAIN`]): lookup's
-    ///   proposals cost nothing, so the session does at least as well as lookup alone, where
-    ///   letting slow model steps fill the gaps between matches (one CPU shared with the target)
-    ///   cost more than they gained;
-    /// - `Hybrid` (lookup where it matches, the model elsewhere) when the model pays and lookup's
-    ///   proposals are accepted at least as often as the model's;
-    /// - otherwise whichever of `Model` and `Lookup` alone is expected to be faster: lookup
-    ///   proposals that fail more often than the model's would only cut its runs short.
+    /// - `Lookup` unless the model alone is expected to beat plain decoding by
+    ///   [`HYBRID_MODEL_GAIN`] and to beat lookup alone (lookup's plan scaled by the share of the
+    ///   γ its blocks have filled, [`SessionGamma::lookup_yield`]): lookup's proposals cost
+    ///   nothing, so the session then does at least as well as lookup, where letting model steps
+    ///   fill the gaps between matches cost more than they gained (one CPU shared with the
+    ///   target; or a draft host whose model steps the target waits for, as hybrid does not
+    ///   draft ahead);
+    /// - else `Hybrid` (lookup where it matches, the model elsewhere) when lookup's proposals
+    ///   are accepted at least as often as the model's, and `Model` when they are not: looked-up
+    ///   tokens that fail more often would only cut the model's runs short.
     ///
     /// While the model drafts, lookup's α is re-measured by a mixed block at round
-    /// [`PROBE_FIRST`] and every power of two after it (lookup costs nothing). Once the model is
-    /// off it stays off for the session (the request): a probe would first feed the draft model
-    /// everything committed since its last step, and on one shared CPU those catch-up forwards
-    /// cost hybrid more than lookup alone gained (1.28× against 1.46× on grounded prompts); the
-    /// next request starts again from the prior.
+    /// [`PROBE_FIRST`] and every power of two after it. Once the model is off it stays off for
+    /// the session (the request): a probe would first feed the draft model everything committed
+    /// since its last step, and on one shared CPU those catch-up forwards cost hybrid more than
+    /// lookup alone gained (1.28× against 1.46× on grounded prompts); the next request starts
+    /// again from the prior.
     pub fn plan_next(
         &self,
         draft: &DraftSide,
@@ -312,16 +321,20 @@ impl GammaController {
         if !model_pays(alpha_model) {
             return DraftMethod::Lookup;
         }
+        // Lookup alone, planned as if it filled every γ, scaled to the share of the γ it has
+        // filled (the rest of its blocks are plain decoding).
+        let (model, zero) = alone(DraftMethod::Model, alpha_model);
+        let lookup = alone(DraftMethod::Lookup, alpha_lookup).0;
+        let y = s.lookup_yield();
+        let lookup_rate = y * lookup.tokens_per_s_expected + (1.0 - y) * zero;
+        if model.tokens_per_s_expected <= lookup_rate {
+            return DraftMethod::Lookup;
+        }
         let probe = s.rounds >= PROBE_FIRST && s.rounds.is_power_of_two();
         if alpha_lookup >= alpha_model || probe {
-            return DraftMethod::Hybrid;
-        }
-        let model = alone(DraftMethod::Model, alpha_model).0;
-        let lookup = alone(DraftMethod::Lookup, alpha_lookup).0;
-        if model.tokens_per_s_expected > lookup.tokens_per_s_expected {
-            DraftMethod::Model
+            DraftMethod::Hybrid
         } else {
-            DraftMethod::Lookup
+            DraftMethod::Model
         }
     }
 

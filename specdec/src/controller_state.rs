@@ -3,7 +3,7 @@
 //! rules that read and update them are in [`super::GammaController`].
 
 use crate::calibration::RoundCalibration;
-use crate::estimate::{AcceptanceEstimator, AcceptancePrior, LinkConfig, LinkEstimator};
+use crate::estimate::{AcceptanceEstimator, AcceptancePrior, Ewma, LinkConfig, LinkEstimator};
 use crate::gamma::MAX_GAMMA;
 use crate::types::DraftMethod;
 
@@ -139,6 +139,8 @@ pub struct SessionGamma {
     pub(super) model_acceptance: AcceptanceEstimator,
     /// ... and of the looked-up ones.
     pub(super) lookup_acceptance: AcceptanceEstimator,
+    /// Hybrid sessions: the share of the granted γ lookup filled in blocks it drafted alone.
+    pub(super) lookup_yield: Ewma,
     pub(super) rounds: u64,
     pub(super) last_block_gamma: usize,
     pub(super) last_block_at_s: Option<f64>,
@@ -161,6 +163,8 @@ impl SessionGamma {
             acceptance: AcceptanceEstimator::new(prior),
             model_acceptance: AcceptanceEstimator::new(prior),
             lookup_acceptance: AcceptanceEstimator::new(prior),
+            // Optimistic until measured: a hybrid session's first blocks are lookup's.
+            lookup_yield: Ewma::with_prior(prior.half_life_s, 1.0, 2.0),
             rounds: 0,
             last_block_gamma: 0,
             last_block_at_s: None,
@@ -183,6 +187,12 @@ impl SessionGamma {
     /// session's α.
     pub fn model_alpha(&self) -> f64 {
         self.alpha_for(DraftMethod::Model)
+    }
+
+    /// The share of the granted γ that lookup filled in a hybrid session's lookup-only blocks
+    /// (1 before any).
+    pub fn lookup_yield(&self) -> f64 {
+        self.lookup_yield.get().unwrap_or(1.0).clamp(0.0, 1.0)
     }
 
     /// Acceptance of looked-up tokens, as [`Self::model_alpha`] for the model's.

@@ -51,7 +51,7 @@ fn run(
                 last_server_s: server,
             },
         );
-        c.on_verdict(s, gamma, accepted, 0, *t + rtt + server);
+        c.on_verdict(s, gamma, gamma, accepted, 0, *t + rtt + server);
     }
 }
 
@@ -169,7 +169,7 @@ fn a_session_at_gamma_zero_is_probed_at_powers_of_two_only_while_drafting_could_
                 last_server_s: 0.01,
             },
         );
-        c.on_verdict(&mut s2, gamma, 0, 0, t2);
+        c.on_verdict(&mut s2, gamma, gamma, 0, 0, t2);
     }
     assert!(costly.calibration(DraftMethod::Model).knows_drafting());
     assert_eq!(s2.rounds(), 32);
@@ -271,6 +271,14 @@ fn session(method: DraftMethod) -> SessionGamma {
     SessionGamma::new(AcceptancePrior::default(), method)
 }
 
+/// A hybrid session whose lookup found a match for a quarter of the γ granted in `rounds`
+/// lookup-only blocks, accepted or rejected.
+fn sparse_lookup(c: &GammaController, s: &mut SessionGamma, rounds: u32, accepted: bool) {
+    for r in 0..rounds {
+        c.on_verdict(s, 4, 1, usize::from(accepted), 0, f64::from(r) * 0.1);
+    }
+}
+
 #[test]
 fn a_slow_draft_model_plans_gamma_zero_where_lookup_with_the_same_acceptance_drafts() {
     let c = GammaController::new(policy(8));
@@ -299,9 +307,17 @@ fn a_slow_draft_model_plans_gamma_zero_where_lookup_with_the_same_acceptance_dra
         c.plan_next(&d, &hybrid, SHARED_CPU, 0),
         (c.plan(&d, &lookup, SHARED_CPU, 0), DraftMethod::Lookup)
     );
-    // A model that pays keeps the fallback; other methods keep their own.
+    // Even a fast model is not expected to beat lookup alone while lookup fills every γ...
     let fast = side(0.001, false);
-    let (g, m) = c.plan_next(&fast, &hybrid, SHARED_CPU, 0);
+    assert_eq!(
+        c.plan_next(&fast, &hybrid, SHARED_CPU, 0).1,
+        DraftMethod::Lookup
+    );
+    // ... but where lookup finds few matches, the model fills the gaps; other methods keep
+    // their own.
+    let mut sparse = hybrid;
+    sparse_lookup(&c, &mut sparse, 8, true);
+    let (g, m) = c.plan_next(&fast, &sparse, SHARED_CPU, 0);
     assert!(g > 0 && m == DraftMethod::Hybrid, "{g} {m}");
     assert_eq!(
         c.plan_next(&d, &model, SHARED_CPU, 0),
@@ -319,7 +335,8 @@ fn a_slow_draft_model_plans_gamma_zero_where_lookup_with_the_same_acceptance_dra
 fn the_hybrid_fallback_is_priced_with_the_model_cost_report() {
     let c = GammaController::new(policy(8));
     let mut d = side(0.001, false);
-    let hybrid = session(DraftMethod::Hybrid);
+    let mut hybrid = session(DraftMethod::Hybrid);
+    sparse_lookup(&c, &mut hybrid, 8, true);
     d.report_draft_cost(DraftMethod::Hybrid, 1e-4);
     assert_eq!(
         c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
@@ -341,8 +358,9 @@ fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
     // Blocks [lookup, lookup, model, lookup]: both lookup tokens accepted, the model's rejected.
     let rounds = |mask: u64| {
         let mut s = session(DraftMethod::Hybrid);
+        sparse_lookup(&c, &mut s, 4, true);
         for r in 0..12 {
-            c.on_verdict(&mut s, 4, 2, mask, f64::from(r) * 0.1);
+            c.on_verdict(&mut s, 4, 4, 2, mask, f64::from(r) * 0.1);
         }
         s
     };
@@ -354,19 +372,15 @@ fn the_hybrid_fallback_is_judged_on_its_model_tokens_acceptance() {
     );
     assert!(told.model_alpha() < 0.3, "{}", told.model_alpha());
     assert_eq!(c.plan_next(&d, &told, SHARED_CPU, 0).1, DraftMethod::Lookup);
-    // Without the sources the model looks as good as the blocks, and keeps drafting.
+    // Without the sources every token counts as lookup's: the model's α stays the prior.
     let blind = rounds(0);
     assert_eq!(blind.model_alpha(), blind.prior.alpha);
-    assert_eq!(
-        c.plan_next(&d, &blind, SHARED_CPU, 0).1,
-        DraftMethod::Hybrid
-    );
     // Once off, the model stays off: no probe at round 16 (its catch-up would cost too much).
     let mut later = told;
-    for r in 12..16 {
-        c.on_verdict(&mut later, 2, 2, 0, f64::from(r) * 0.1);
+    for r in 16..32 {
+        c.on_verdict(&mut later, 2, 2, 2, 0, f64::from(r) * 0.1);
     }
-    assert_eq!(later.rounds(), 16);
+    assert_eq!(later.rounds(), 32);
     assert_eq!(
         c.plan_next(&d, &later, SHARED_CPU, 0).1,
         DraftMethod::Lookup
@@ -389,10 +403,17 @@ fn a_hybrid_session_leaves_a_marginal_model_off() {
         c.plan_next(&d, &hybrid, SHARED_CPU, 0).1,
         DraftMethod::Lookup
     );
+    let mut sparse = hybrid;
+    sparse_lookup(&c, &mut sparse, 8, false);
     assert_eq!(
-        c.plan_next(&side(0.01, false), &hybrid, SHARED_CPU, 0).1,
-        DraftMethod::Hybrid,
-        "a model well ahead of plain decoding fills the gaps"
+        c.plan_next(&d, &sparse, SHARED_CPU, 0).1,
+        DraftMethod::Lookup,
+        "not even where lookup's few proposals fail"
+    );
+    assert_eq!(
+        c.plan_next(&side(0.01, false), &sparse, SHARED_CPU, 0).1,
+        DraftMethod::Model,
+        "a model well ahead of plain decoding drafts"
     );
 }
 
@@ -406,7 +427,7 @@ fn a_hybrid_session_whose_lookup_tokens_fail_drafts_with_its_model_alone() {
     // Blocks [model, model, lookup, lookup]: both model tokens accepted, the first lookup one
     // rejected.
     for r in 0..12 {
-        c.on_verdict(&mut s, 4, 2, 0b0011, f64::from(r) * 0.1);
+        c.on_verdict(&mut s, 4, 4, 2, 0b0011, f64::from(r) * 0.1);
     }
     assert!(s.model_alpha() > 0.85 && s.lookup_alpha() < 0.3, "{s:?}");
     let (g, m) = c.plan_next(&d, &s, SHARED_CPU, 0);
@@ -420,7 +441,7 @@ fn a_hybrid_session_whose_lookup_tokens_fail_drafts_with_its_model_alone() {
     // The same rounds read the other way round (lookup accepted, model rejected): lookup alone.
     let mut other = session(DraftMethod::Hybrid);
     for r in 0..12 {
-        c.on_verdict(&mut other, 4, 2, 0b1100, f64::from(r) * 0.1);
+        c.on_verdict(&mut other, 4, 4, 2, 0b1100, f64::from(r) * 0.1);
     }
     assert_eq!(
         c.plan_next(&side(0.03, false), &other, SHARED_CPU, 0).1,
@@ -428,8 +449,9 @@ fn a_hybrid_session_whose_lookup_tokens_fail_drafts_with_its_model_alone() {
     );
     // Both good, lookup at least as good: mixed blocks.
     let mut both = session(DraftMethod::Hybrid);
+    sparse_lookup(&c, &mut both, 8, true);
     for r in 0..12 {
-        c.on_verdict(&mut both, 4, 4, 0b0101, f64::from(r) * 0.1);
+        c.on_verdict(&mut both, 4, 4, 4, 0b0101, f64::from(r) * 0.1);
     }
     assert_eq!(c.plan_next(&d, &both, SHARED_CPU, 0).1, DraftMethod::Hybrid);
 }

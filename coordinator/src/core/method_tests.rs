@@ -170,9 +170,9 @@ fn a_session_follows_its_latest_blocks_method_and_the_hello_gives_the_node_defau
     assert_eq!(rounds, vec![("model", 1, 0), ("lookup", 1, 1)]);
 }
 
-/// A hybrid session's verdict says whether its next block may use the model: `LOOKUP` while
-/// the model the block reports (`model_s_per_token`) would not pay on its own, `HYBRID` once it
-/// would; a model session's verdict leaves the field unset.
+/// A hybrid session's verdict says how its next block is drafted: `LOOKUP` while the model the
+/// block reports (`model_s_per_token`) would not pay on its own, `HYBRID` once it would and
+/// lookup fills little of the γ; a model session's verdict leaves the field unset.
 #[test]
 fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
     let (mut c, t0) = core();
@@ -226,13 +226,19 @@ fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
     assert_eq!(v[0].1, Some(DraftMethod::Lookup), "200 ms model: {v:?}");
     assert!(v[0].2 > 0, "planned as lookup: {v:?}");
     assert_eq!(v[1].1, None, "a model session: {v:?}");
-    // A fast model (1 ms a token) pays: the fallback is back.
-    let t1 = t0 + Duration::from_millis(50);
-    let hybrid = with_model_cost(
-        drafted_with(block(1, 2, None, 4, vec![5]), DraftMethod::Hybrid, 1e-3),
-        1e-3,
-    );
-    let v = next_methods(&mut c, vec![hybrid], t1);
+    // A fast model (1 ms a token) pays, and once lookup has shown that it fills little of the
+    // γ granted (one token of several; accepted), the model fills the gaps.
+    let mut len = 4;
+    let mut v = Vec::new();
+    for round in 2..=9 {
+        let now = t0 + Duration::from_millis(50 * round);
+        let hybrid = with_model_cost(
+            drafted_with(block(1, round, None, len, vec![5]), DraftMethod::Hybrid, 1e-3),
+            1e-3,
+        );
+        v = next_methods(&mut c, vec![hybrid], now);
+        len += 1;
+    }
     assert_eq!(v[0].1, Some(DraftMethod::Hybrid), "{v:?}");
 }
 

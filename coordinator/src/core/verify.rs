@@ -353,8 +353,10 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&global) else {
             return;
         };
+        // `s.gamma` is still the γ granted for this block (the next one is planned after).
+        let granted = s.gamma as usize;
         self.gamma
-            .on_verdict(&mut s.g, drafted, accepted, model_mask, now_s);
+            .on_verdict(&mut s.g, granted, drafted, accepted, model_mask, now_s);
         s.drafted += drafted as u64;
         s.accepted += accepted as u64;
         let method = s.g.method();
