@@ -175,7 +175,9 @@ impl GammaController {
             s.acceptance = AcceptanceEstimator::new(s.prior);
             s.model_acceptance = AcceptanceEstimator::new(s.prior);
             s.lookup_acceptance = AcceptanceEstimator::new(s.prior);
-            s.lookup_yield = SessionGamma::new(s.prior, b.method).lookup_yield;
+            let fresh = SessionGamma::new(s.prior, b.method);
+            s.lookup_yield = fresh.lookup_yield;
+            s.next_source = fresh.next_source;
         }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
@@ -195,12 +197,18 @@ impl GammaController {
         // nothing about drafting. Nor does the first γ > 0 block after γ = 0 rounds of a method
         // with a model: its draft side includes the catch-up forward over every token committed
         // meanwhile, a one-off cost of switching drafting on, not a per-token cost of drafting.
-        let caught_up = previous_gamma > 0 || !s.method.uses_model();
+        //
+        // A hybrid session's block calibrates the source it was drafted with (what the previous
+        // verdict told the node), and its first block with the model after lookup-only ones
+        // includes the model's catch-up like a switch-on.
+        let source = s.source();
+        let source_switched = std::mem::replace(&mut s.block_source, source) != source;
+        let caught_up = (previous_gamma > 0 && !source_switched) || !source.uses_model();
         let steady = !switched && (b.gamma == 0 || (caught_up && !b.drafted_ahead));
         if let (Some(prev), true) = (previous_at, steady) {
             let cycle = (b.now_s - prev).max(0.0);
-            let t_draft = draft.t_draft_s(s.method);
-            draft.methods[s.method.index()].calibration.observe(
+            let t_draft = draft.t_draft_s(source);
+            draft.methods[source.index()].calibration.observe(
                 b.gamma,
                 cycle - rt,
                 t_draft,
@@ -246,7 +254,7 @@ impl GammaController {
                 now_s,
             );
             // How much of the γ granted lookup filled, in blocks lookup drafted alone.
-            if model_mask == 0 && granted > 0 {
+            if s.block_source == DraftMethod::Lookup && granted > 0 {
                 let filled = (drafted as f64 / granted as f64).min(1.0);
                 s.lookup_yield.observe(filled, now_s);
             }

@@ -141,6 +141,10 @@ pub struct SessionGamma {
     pub(super) lookup_acceptance: AcceptanceEstimator,
     /// Hybrid sessions: the share of the granted γ lookup filled in blocks it drafted alone.
     pub(super) lookup_yield: Ewma,
+    /// Hybrid sessions: how the next block is drafted (the last verdict's `next_method`; lookup
+    /// before the first), and how the last block that arrived was.
+    pub(super) next_source: DraftMethod,
+    pub(super) block_source: DraftMethod,
     pub(super) rounds: u64,
     pub(super) last_block_gamma: usize,
     pub(super) last_block_at_s: Option<f64>,
@@ -165,6 +169,8 @@ impl SessionGamma {
             lookup_acceptance: AcceptanceEstimator::new(prior),
             // Optimistic until measured: a hybrid session's first blocks are lookup's.
             lookup_yield: Ewma::with_prior(prior.half_life_s, 1.0, 2.0),
+            next_source: DraftMethod::Lookup,
+            block_source: DraftMethod::Lookup,
             rounds: 0,
             last_block_gamma: 0,
             last_block_at_s: None,
@@ -187,6 +193,21 @@ impl SessionGamma {
     /// session's α.
     pub fn model_alpha(&self) -> f64 {
         self.alpha_for(DraftMethod::Model)
+    }
+
+    /// How the session's next block is drafted: for a hybrid session the source last given by
+    /// [`Self::set_next_source`] (lookup before any), else its method.
+    pub fn source(&self) -> DraftMethod {
+        match self.method {
+            DraftMethod::Hybrid => self.next_source,
+            m => m,
+        }
+    }
+
+    /// Records how a hybrid session was told to draft its next block (the verdict's
+    /// `next_method`, from [`super::GammaController::plan_next`]).
+    pub fn set_next_source(&mut self, source: DraftMethod) {
+        self.next_source = source;
     }
 
     /// The share of the granted γ that lookup filled in a hybrid session's lookup-only blocks

@@ -560,3 +560,45 @@ fn a_block_naming_another_method_switches_the_session_and_restarts_its_acceptanc
         "its cycle began under the model: no sample"
     );
 }
+
+/// A hybrid session's rounds calibrate the source each block was drafted with (the verdict's
+/// `next_method`): model-only blocks teach what the model's rounds cost, and the first of them
+/// after lookup-only blocks (the model's catch-up over the whole context) teaches nothing.
+#[test]
+fn a_hybrid_sessions_rounds_calibrate_the_source_they_were_drafted_with() {
+    let c = GammaController::new(policy(8));
+    let mut d = side(0.01, false);
+    let mut s = session(DraftMethod::Hybrid);
+    let mut t = 0.0;
+    let mut block = |d: &mut DraftSide, s: &mut SessionGamma, t: &mut f64| {
+        *t += 0.2;
+        c.on_block(
+            d,
+            s,
+            BlockArrival {
+                now_s: *t,
+                method: DraftMethod::Hybrid,
+                gamma: 3,
+                q_entries: 0,
+                drafted_ahead: false,
+                last_round_trip_s: 0.1,
+                last_server_s: 0.05,
+            },
+        );
+        c.on_verdict(s, 3, 3, 3, 0, *t + 0.1);
+    };
+    for _ in 0..3 {
+        block(&mut d, &mut s, &mut t);
+    }
+    assert!(d.calibration(DraftMethod::Lookup).knows_drafting());
+    assert!(!d.calibration(DraftMethod::Model).knows_drafting());
+    s.set_next_source(DraftMethod::Model);
+    block(&mut d, &mut s, &mut t);
+    assert!(
+        !d.calibration(DraftMethod::Model).knows_drafting(),
+        "the switch's catch-up is not a sample"
+    );
+    block(&mut d, &mut s, &mut t);
+    assert!(d.calibration(DraftMethod::Model).knows_drafting());
+    assert!(!d.calibration(DraftMethod::Hybrid).knows_drafting());
+}

@@ -233,7 +233,11 @@ fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
     for round in 2..=9 {
         let now = t0 + Duration::from_millis(50 * round);
         let hybrid = with_model_cost(
-            drafted_with(block(1, round, None, len, vec![5]), DraftMethod::Hybrid, 1e-3),
+            drafted_with(
+                block(1, round, None, len, vec![5]),
+                DraftMethod::Hybrid,
+                1e-3,
+            ),
             1e-3,
         );
         v = next_methods(&mut c, vec![hybrid], now);

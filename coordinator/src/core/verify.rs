@@ -254,6 +254,7 @@ impl Core {
         }
         let s = self.sessions.get_mut(&item.global).expect("session exists");
         s.gamma = gamma;
+        s.g.set_next_source(next_method);
         let in_coordinator = now.saturating_duration_since(item.received).as_nanos() as u64;
         s.last_server_ns = in_coordinator.max(1);
         let method = s.g.method();
