@@ -570,7 +570,7 @@ fn a_hybrid_sessions_rounds_calibrate_the_source_they_were_drafted_with() {
     let mut d = side(0.01, false);
     let mut s = session(DraftMethod::Hybrid);
     let mut t = 0.0;
-    let mut block = |d: &mut DraftSide, s: &mut SessionGamma, t: &mut f64| {
+    let block = |d: &mut DraftSide, s: &mut SessionGamma, t: &mut f64| {
         *t += 0.2;
         c.on_block(
             d,
