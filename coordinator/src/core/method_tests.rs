@@ -228,10 +228,11 @@ fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
     assert_eq!(v[1].1, None, "a model session: {v:?}");
     // A fast model (1 ms a token) pays, and once lookup has shown that it fills little of the
     // γ granted (one token of several; accepted), the model fills the gaps.
-    let mut len = 4;
     let mut v = Vec::new();
-    for round in 2..=9 {
+    for round in 2..=9u64 {
         let now = t0 + Duration::from_millis(50 * round);
+        // Committed length 4 before round 2, one more after each round.
+        let len = round as usize + 2;
         let hybrid = with_model_cost(
             drafted_with(
                 block(1, round, None, len, vec![5]),
@@ -241,7 +242,6 @@ fn a_hybrid_sessions_verdict_names_lookup_while_its_model_does_not_pay() {
             1e-3,
         );
         v = next_methods(&mut c, vec![hybrid], now);
-        len += 1;
     }
     assert_eq!(v[0].1, Some(DraftMethod::Hybrid), "{v:?}");
 }
