@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use edgespec_specdec::DraftMethod;
 use serde_json::{json, Value};
-use support::{Harness, Target};
+use support::{Harness, Record, Target};
 
 /// A prompt that repeats itself: lookup finds the second half in the first.
 const REPEATED: &str =
@@ -247,45 +247,14 @@ async fn sampled_lookup_tokens_are_proposed_with_a_point_mass_q() {
     );
 }
 
-/// A hybrid session whose verdicts say `next_method = LOOKUP` (its model fallback does not pay)
-/// drafts lookup only: every proposal is a point mass, none is the model's top-K.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hybrid_session_told_lookup_drafts_without_its_model() {
-    let h = Harness::start(|s, _| {
-        s.gammas = vec![8];
-        // The first block (before any verdict) drafts nothing, so every block is after one.
-        s.initial_gamma = 0;
-        s.next_method = Some(edgespec_proto::domain::DraftMethod::Lookup);
-    })
-    .await;
-    let (_, prompt) = repeated_list(&h);
-    let v = complete_ids(
-        &h,
-        &prompt,
-        32,
-        json!({"draft_method": "hybrid", "temperature": 0.8, "seed": 5}),
-    )
-    .await;
-    let rec = h.coordinator.record();
-    assert!(rec.invalid.is_empty(), "{rec:?}");
-    assert!(stat(&v, "drafted") > 0, "{}", v["edgespec"]);
-    assert_eq!(rec.draft_probs_seen as u64, stat(&v, "drafted"));
-    assert_eq!(
-        rec.point_masses, rec.draft_probs_seen,
-        "lookup only: every q a point mass: {rec:?}"
-    );
-    assert_eq!(rec.model_marked, 0, "no model token: {rec:?}");
-}
-
-/// A hybrid session told `next_method = MODEL` (lookup's proposals fail more often than the
-/// model's) drafts with its model alone, even where lookup has a match: every token is marked
-/// as the model's, and none is a point mass.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hybrid_session_told_model_drafts_without_lookup() {
+/// A sampled hybrid request on the repeated-list prompt against a coordinator whose verdicts all
+/// say `next_method = told` (the first block, before any verdict, drafts nothing): the drafted
+/// token count and what the coordinator saw.
+async fn hybrid_told(told: edgespec_proto::domain::DraftMethod) -> (usize, Record) {
     let h = Harness::start(|s, _| {
         s.gammas = vec![8];
         s.initial_gamma = 0;
-        s.next_method = Some(edgespec_proto::domain::DraftMethod::Model);
+        s.next_method = Some(told);
     })
     .await;
     let (_, prompt) = repeated_list(&h);
@@ -300,10 +269,32 @@ async fn a_hybrid_session_told_model_drafts_without_lookup() {
     assert!(rec.invalid.is_empty(), "{rec:?}");
     let drafted = stat(&v, "drafted") as usize;
     assert!(drafted > 0, "{}", v["edgespec"]);
+    assert_eq!(rec.draft_probs_seen, drafted, "one q per draft token");
     assert!(
         rec.block_methods.iter().all(|&m| m == DraftMethod::Hybrid),
         "{rec:?}"
     );
+    (drafted, rec)
+}
+
+/// A hybrid session whose verdicts say `next_method = LOOKUP` (its model fallback does not pay)
+/// drafts lookup only: every proposal is a point mass, none is the model's top-K.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_session_told_lookup_drafts_without_its_model() {
+    let (drafted, rec) = hybrid_told(edgespec_proto::domain::DraftMethod::Lookup).await;
+    assert_eq!(
+        rec.point_masses, drafted,
+        "lookup only: every q a point mass: {rec:?}"
+    );
+    assert_eq!(rec.model_marked, 0, "no model token: {rec:?}");
+}
+
+/// A hybrid session told `next_method = MODEL` (lookup's proposals fail more often than the
+/// model's) drafts with its model alone, even where lookup has a match: every token is marked
+/// as the model's, and none is lookup's point mass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_session_told_model_drafts_without_lookup() {
+    let (drafted, rec) = hybrid_told(edgespec_proto::domain::DraftMethod::Model).await;
     assert_eq!(
         rec.model_marked, drafted,
         "every token the model's: {rec:?}"

@@ -63,42 +63,7 @@ pub(super) fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of `rb`
-/// bytes): activation rows are taken 4, 2 or 1 at a time, each weight block unpacked once per
-/// group.
-pub(super) fn block(
-    format: super::WeightFormat,
-    (w, rb): (&[u8], usize),
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    assert!(detected());
-    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
-    unsafe { block_tf(format, (w, rb), rows, out, stride) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_tf(
-    format: super::WeightFormat,
-    w: (&[u8], usize),
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    use super::WeightFormat as F;
-    // One row loop per format, each compiled on its own: with the three kernels inlined into
-    // one loop the Q8_0 kernel lost its registers (0.5B decode on one core 22.6 → 37 ms).
-    match format {
-        F::Q4K => rows_q4k(w, rows, out, stride),
-        F::Q6K => rows_q6k(w, rows, out, stride),
-        F::Q8_0 => rows_q8_0(w, rows, out, stride),
-    }
-}
-
-row_loop!(rows_q4k, q4k, "avx2,fma,f16c");
-row_loop!(rows_q6k, q6k, "avx2,fma,f16c");
-row_loop!(rows_q8_0, q8_0, "avx2,fma,f16c");
+row_major_block!("avx2,fma,f16c");
 
 /// Scales and mins of a Q4_K block as 8 + 8 bytes (the 6-bit fields unpacked with u32 masks).
 #[inline(always)]

@@ -52,7 +52,7 @@ fn block_tf(
     out: &mut [f32],
     stride: usize,
 ) {
-    // One row loop per format, each compiled on its own (see `avx2::block_tf`).
+    // One row loop per format, each compiled on its own (see `row_major_block!` in `mod.rs`).
     if q4k_weights {
         rows_q4k(w, rows, out, stride)
     } else {

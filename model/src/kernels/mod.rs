@@ -34,7 +34,7 @@
 #![allow(unsafe_code)]
 
 /// The row loop of one format's row-major kernel `$k::<R>` (R = 1, 2, 4), compiled on its own
-/// with the target features `$feat` (see `avx2::block_tf`); used by `avx2.rs`, `avx512.rs` and
+/// with the target features `$feat` (see `row_major_block!`); used by `avx2.rs`, `avx512.rs` and
 /// `neon.rs`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! row_loop {
@@ -59,6 +59,51 @@ macro_rules! row_loop {
                 }
             }
         }
+    };
+}
+
+/// A row-major instruction set's `block` (see [`block`]): asserts `detected()` once, then runs
+/// one [`row_loop!`] per format over the module's kernels `q4k`, `q6k` and `q8_0`, all compiled
+/// with the target features `$feat`. One loop per format, each compiled on its own: with the
+/// three kernels inlined into one loop, AVX2's Q8_0 kernel lost its registers (0.5B decode on
+/// one core 22.6 → 37 ms). Used by `avx2.rs` and `neon.rs`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! row_major_block {
+    ($feat:tt) => {
+        /// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of
+        /// `rb` bytes): activation rows are taken 4, 2 or 1 at a time, each weight block
+        /// unpacked once per group.
+        pub(super) fn block(
+            format: super::WeightFormat,
+            (w, rb): (&[u8], usize),
+            rows: &[Row<'_>],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            assert!(detected());
+            // SAFETY: the CPU has every feature of `$feat` (`detected`, asserted above).
+            unsafe { block_tf(format, (w, rb), rows, out, stride) }
+        }
+
+        #[target_feature(enable = $feat)]
+        fn block_tf(
+            format: super::WeightFormat,
+            w: (&[u8], usize),
+            rows: &[Row<'_>],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            use super::WeightFormat as F;
+            match format {
+                F::Q4K => rows_q4k(w, rows, out, stride),
+                F::Q6K => rows_q6k(w, rows, out, stride),
+                F::Q8_0 => rows_q8_0(w, rows, out, stride),
+            }
+        }
+
+        row_loop!(rows_q4k, q4k, $feat);
+        row_loop!(rows_q6k, q6k, $feat);
+        row_loop!(rows_q8_0, q8_0, $feat);
     };
 }
 

@@ -70,41 +70,7 @@ fn s8(v: uint8x16_t) -> int8x16_t {
     vreinterpretq_s8_u8(v)
 }
 
-/// `out[i * stride + j] = weight row i · rows[j]` for every weight row of `w` (rows of `rb`
-/// bytes): activation rows are taken 4, 2 or 1 at a time, each weight block unpacked once per
-/// group.
-pub(super) fn block(
-    format: super::WeightFormat,
-    (w, rb): (&[u8], usize),
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    assert!(detected());
-    // SAFETY: the CPU has NEON (asserted above).
-    unsafe { block_tf(format, (w, rb), rows, out, stride) }
-}
-
-#[target_feature(enable = "neon")]
-fn block_tf(
-    format: super::WeightFormat,
-    w: (&[u8], usize),
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    use super::WeightFormat as F;
-    // One row loop per format, each compiled on its own (see `avx2::block_tf`).
-    match format {
-        F::Q4K => rows_q4k(w, rows, out, stride),
-        F::Q6K => rows_q6k(w, rows, out, stride),
-        F::Q8_0 => rows_q8_0(w, rows, out, stride),
-    }
-}
-
-row_loop!(rows_q4k, q4k, "neon");
-row_loop!(rows_q6k, q6k, "neon");
-row_loop!(rows_q8_0, q8_0, "neon");
+row_major_block!("neon");
 
 #[inline]
 #[target_feature(enable = "neon")]

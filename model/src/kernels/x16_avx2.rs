@@ -52,7 +52,7 @@ fn block_tf(
     out: &mut [f32],
     stride: usize,
 ) {
-    // One loop per format, each compiled on its own (see `avx2::block_tf`).
+    // One loop per format, each compiled on its own (see `row_major_block!` in `mod.rs`).
     match format {
         WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
         WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),

@@ -49,7 +49,7 @@ fn block_tf(
     stride: usize,
 ) {
     // One loop per format, each compiled on its own (kernels inlined into one shared loop
-    // compete for registers; see `avx2::block_tf`).
+    // compete for registers; see `row_major_block!` in `mod.rs`).
     match format {
         WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
         WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
