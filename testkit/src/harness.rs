@@ -85,8 +85,27 @@ impl<T> Drop for Running<T> {
 
 /// A free loopback address (bound, read, released: whoever needs a fixed address binds it
 /// right after, e.g. a child process or a server that must come back on the same address).
+///
+/// Never the same port twice in one process: once released, the kernel may hand a port out
+/// again at the next bind to port 0, so two calls in a row (a coordinator's gRPC and admin
+/// addresses), or two tests running in parallel threads, could get the same address and one
+/// server would fail to bind — the flakes of `connect_retry`, `chaos_soak` and
+/// `e2e_long_prompt`. Another process can still take the port before it is bound again; that
+/// window is short.
 pub fn free_addr() -> std::io::Result<std::net::SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..64 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no loopback port that this process has not handed out already in 64 tries",
+    ))
 }
 
 /// Bounded polling (not a sleep as synchronisation): checks `cond` every 10 ms and panics,
@@ -116,4 +135,19 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     anyhow::bail!("timed out waiting for: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    /// Released ports come back from the kernel (on Linux about 130 repeats in 2 000 binds to
+    /// port 0); `free_addr` never repeats one.
+    #[test]
+    fn free_addr_never_hands_out_a_port_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let a = super::free_addr().unwrap();
+            assert!(a.ip().is_loopback());
+            assert!(seen.insert(a.port()), "{a} handed out twice");
+        }
+    }
 }
