@@ -247,7 +247,9 @@ async fn start_fleet(target: &Path, draft: &Path) -> Result<Fleet> {
     let mut draft_http = Vec::new();
     let mut links = Vec::new();
     for (i, grpc) in core.grpcs.iter().enumerate() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // Not port 0: the kernel could hand this listener a port that `free_addr` gave a
+        // node process which has not bound it yet.
+        let listener = tokio::net::TcpListener::bind(free_addr()?).await?;
         let dial = listener.local_addr()?;
         let (_task, link) = LinkEmulator::spawn(
             listener,

@@ -75,7 +75,9 @@ async fn small_fleet(
     )?;
     let (dial, control) = match link {
         Some(stop) => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            // Not port 0: the kernel could hand this listener a port that `free_addr` gave a
+            // node process which has not bound it yet.
+            let listener = tokio::net::TcpListener::bind(free_addr()?).await?;
             let dial = listener.local_addr()?;
             let (_task, control) = LinkEmulator::spawn(
                 listener,

@@ -173,7 +173,9 @@ impl Deployment {
         )?);
         d.procs = procs;
         // The link: the draft node dials it, it forwards to the coordinator.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // Not port 0: the kernel could hand this listener a port that `free_addr` gave a
+        // node process which has not bound it yet.
+        let listener = tokio::net::TcpListener::bind(free_addr()?).await?;
         let link_addr = listener.local_addr()?;
         let (handle, _control) = LinkEmulator::spawn(
             listener,
