@@ -27,7 +27,6 @@
 //! session, from the same prior for every method (see [`SessionGamma::new`]).
 
 use crate::cost::VerifyCost;
-use crate::estimate::AcceptanceEstimator;
 use crate::gamma::{plan, plan_from, tokens_per_s, GammaInputs, MAX_GAMMA};
 use crate::types::DraftMethod;
 
@@ -171,13 +170,15 @@ impl GammaController {
     pub fn on_block(&self, draft: &mut DraftSide, s: &mut SessionGamma, b: BlockArrival) {
         let switched = b.method != s.method;
         if switched {
-            s.method = b.method;
-            s.acceptance = AcceptanceEstimator::new(s.prior);
-            s.model_acceptance = AcceptanceEstimator::new(s.prior);
-            s.lookup_acceptance = AcceptanceEstimator::new(s.prior);
-            let fresh = SessionGamma::new(s.prior, b.method);
-            s.lookup_yield = fresh.lookup_yield;
-            s.next_source = fresh.next_source;
+            // Every per-method estimate restarts; the round count and last block stay.
+            *s = SessionGamma {
+                rounds: s.rounds,
+                last_block_gamma: s.last_block_gamma,
+                last_block_at_s: s.last_block_at_s,
+                bytes_per_token: s.bytes_per_token,
+                block_source: s.block_source,
+                ..SessionGamma::new(s.prior, b.method)
+            };
         }
         let previous_at = s.last_block_at_s.replace(b.now_s);
         let previous_gamma = std::mem::replace(&mut s.last_block_gamma, b.gamma);
