@@ -3,14 +3,15 @@
 //! The CPU kernel works on one (query row, head) at a time with a fixed summation order, so a
 //! position's output is the same bit pattern whether it is computed alone or inside a block or a
 //! batch (candle's f32 `matmul` picks different kernels for different shapes). Units are spread
-//! over candle's CPU worker pool. Other devices use candle tensor ops per session.
-
-use std::cell::RefCell;
-use std::sync::Mutex;
+//! over our kernels' worker pool (`kernels::pool`), the one the matmuls use: candle's pool would
+//! keep a second set of threads spinning on the cores our matmuls run on. Other devices use
+//! candle tensor ops per session.
 
 use candle_core::{DType, Device, Result, Tensor};
+use std::cell::RefCell;
 
 use super::kv::{LayerKv, StagedKv};
+use crate::kernels::vecf32::{axpy, dot};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -118,35 +119,30 @@ fn cpu_attention(
     }
 
     let scale = 1.0 / (hd as f32).sqrt();
-    let units: Vec<Mutex<&mut [f32]>> = out.chunks_mut(hd).map(Mutex::new).collect();
-    let n_units = units.len();
-    let work = |range: std::ops::Range<usize>| {
+    let mut units: Vec<(usize, &mut [f32])> = out.chunks_mut(hd).enumerate().collect();
+    let work = |(unit, dst): &mut (usize, &mut [f32])| {
         SCRATCH.with(|scratch| {
-            let mut scores = scratch.borrow_mut();
-            for unit in range {
-                let (row, head) = (unit / shape.n_head, unit % shape.n_head);
-                let (si, pos) = row_info[row];
-                let (keys, values) = &kvs[si];
-                let kv_off = (head / shape.group()) * hd;
-                let qh = &q[row * q_dim + head * hd..row * q_dim + (head + 1) * hd];
-                let query = Query {
-                    q: qh,
-                    pos,
-                    kv_off,
-                    scale,
-                };
-                let mut dst = units[unit].lock().unwrap_or_else(|e| e.into_inner());
-                attend_one(&query, (keys, values), &mut scores, &mut dst);
-            }
+            let (row, head) = (*unit / shape.n_head, *unit % shape.n_head);
+            let (si, pos) = row_info[row];
+            let (keys, values) = &kvs[si];
+            let kv_off = (head / shape.group()) * hd;
+            let qh = &q[row * q_dim + head * hd..row * q_dim + (head + 1) * hd];
+            let query = Query {
+                q: qh,
+                pos,
+                kv_off,
+                scale,
+            };
+            attend_one(&query, (keys, values), &mut scratch.borrow_mut(), dst);
         })
     };
     // Waking the worker pool costs more than it saves on small work (a decode step over a short
     // context); which thread computes a unit never changes its result.
     let macs: usize = row_info.iter().map(|&(_, pos)| (pos + 1) * q_dim).sum();
     if macs < PARALLEL_MIN_MACS {
-        work(0..n_units);
+        units.iter_mut().for_each(work);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(n_units, work);
+        crate::kernels::pool().for_each_mut(&mut units, work);
     }
     drop(units);
     Tensor::from_vec(out, (rows, q_dim), &Device::Cpu)
@@ -198,30 +194,8 @@ fn attend_one(
     let inv = 1.0 / sum;
     dst.fill(0.0);
     for (j, &w) in scores.iter().enumerate() {
-        let w = w * inv;
-        for (d, x) in dst.iter_mut().zip(values.at(j, kv_off, hd)) {
-            *d += w * x;
-        }
+        axpy(dst, w * inv, values.at(j, kv_off, hd));
     }
-}
-
-/// Dot product with eight independent partial sums (vectorises; order fixed by the length).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Device-agnostic attention with candle ops, one session at a time.

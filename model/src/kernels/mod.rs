@@ -1,8 +1,8 @@
 //! Our CPU quantized matmul: activation quantization, quantized dot products for the weight
 //! formats of the pinned models (Q4_K, Q6_K, Q8_0) and the process-wide worker pool that runs
 //! them. **All of the crate's `unsafe` lives in this module** (SIMD intrinsics in `avx2.rs`,
-//! `avx512.rs`, the interleaved `x16_*.rs` kernels and `neon.rs`, the
-//! lifetime-erased job pointer and the disjoint-item hand-out in `pool.rs`); the rest of the
+//! `avx512.rs`, the interleaved `x16_*.rs` kernels, `neon.rs` and attention's f32 loops in
+//! `vecf32.rs`, the lifetime-erased job pointer and the disjoint-item hand-out in `pool.rs`); the rest of the
 //! workspace keeps `unsafe_code = "deny"`.
 //!
 //! # Numerics and batch invariance
@@ -118,6 +118,7 @@ mod pool;
 mod scalar;
 #[cfg(test)]
 mod tests;
+pub(crate) mod vecf32;
 pub(crate) mod x16;
 #[cfg(target_arch = "x86_64")]
 mod x16_avx2;
