@@ -68,13 +68,13 @@ macro_rules! group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
-                ($r:literal, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr) => {{
-                    let rs: [$sb<'_>; $r] = std::array::from_fn(|k| $sb::of(&rows[$j + k], $b));
-                    let acc: &mut [[__m256; 2]; $r] =
-                        (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-                    $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc)
-                }};
-            }
+                        ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr) => {{
+                            let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
+                            let acc: &mut [[__m256; 2]; $r] =
+                                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+                            $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc)
+                        }};
+                    }
             let zero = _mm256_setzero_ps();
             for (gi, (g, o)) in w
                 .chunks_exact(nb * rec)

@@ -65,13 +65,13 @@ macro_rules! group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
-                ($r:literal, $rb:expr, $b:expr, $j:expr, $acc:expr) => {{
-                    let rs: [$sb<'_>; $r] = std::array::from_fn(|k| $sb::of(&rows[$j + k], $b));
-                    let acc: &mut [[__m512; 2]; $r] =
-                        (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-                    $k::<$r>($rb.try_into().expect("a record"), rs, acc)
-                }};
-            }
+                        ($r:tt, $rb:expr, $b:expr, $j:expr, $acc:expr) => {{
+                            let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
+                            let acc: &mut [[__m512; 2]; $r] =
+                                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+                            $k::<$r>($rb.try_into().expect("a record"), rs, acc)
+                        }};
+                    }
             let zero = _mm512_setzero_ps();
             for (gi, (g, o)) in w
                 .chunks_exact(nb * rec)
