@@ -271,6 +271,7 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    edgespec_model::configure_cpu_threads();
     let args = parse_args()?;
     println!(
         "runs per number: {} (median); EDGESPEC_CPU_KERNELS={}; {} CPUs in the affinity",
