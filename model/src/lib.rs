@@ -156,7 +156,10 @@ pub trait CausalLm: Send {
 /// settings are left alone.
 pub fn configure_cpu_threads() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT.to_string());
+        std::env::set_var(
+            "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+            CANDLE_SPIN_LIMIT.to_string(),
+        );
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_some()
         || std::env::var_os("RAYON_NUM_THREADS").is_some()

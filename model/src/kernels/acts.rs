@@ -1,7 +1,7 @@
 //! Activation quantization: the int8 rows every kernel multiplies, made once per layer group by
 //! the same scalar code whatever the instruction set.
 
-use super::QK_K;
+use super::{Pool, QK_K};
 
 /// How activations are quantized for a weight format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,18 +39,24 @@ fn round_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// Quantizes `x` (`m` rows of `k`, `k` a multiple of the format's block).
+/// Quantizes `x` (`m` rows of `k`, `k` a multiple of the format's block) on the calling thread.
+#[cfg(test)]
 pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
+    quantize_in(None, x, k, format)
+}
+
+/// [`quantize`], its rows spread over `pool` where there are several (each row is quantized
+/// alone, by the same code, so the split never changes a bit).
+pub(crate) fn quantize_in(pool: Option<&Pool>, x: &[f32], k: usize, format: ActFormat) -> Acts {
     let block = format.block();
     assert!(
-        k.is_multiple_of(block) && x.len().is_multiple_of(k),
+        k > 0 && k.is_multiple_of(block) && x.len().is_multiple_of(k),
         "activation shape"
     );
-    let nb = x.len() / block;
     let mut acts = Acts {
         k,
         qs: vec![0; x.len()],
-        d: vec![0.0; nb],
+        d: vec![0.0; x.len() / block],
         bsums: if format == ActFormat::Q8K {
             vec![0; x.len() / 16]
         } else {
@@ -58,10 +64,41 @@ pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
         },
         format,
     };
+    // 16-element sums (Q8K only): per row, or an empty slice.
+    let sums_per_row = if format == ActFormat::Q8K { k / 16 } else { 0 };
+    let mut sums: Vec<&mut [i16]> = if sums_per_row > 0 {
+        acts.bsums.chunks_exact_mut(sums_per_row).collect()
+    } else {
+        Vec::new()
+    };
+    sums.resize_with(x.len() / k, Default::default);
+    let mut rows: Vec<_> = x
+        .chunks_exact(k)
+        .zip(acts.qs.chunks_exact_mut(k))
+        .zip(acts.d.chunks_exact_mut(k / block))
+        .zip(sums)
+        .map(|(((x, q), d), s)| (x, q, d, s))
+        .collect();
+    let work = |(x, q, d, s): &mut (&[f32], &mut [i8], &mut [f32], &mut [i16])| {
+        quantize_row(x, block, q, d);
+        for (s, q) in s.iter_mut().zip(q.chunks_exact(16)) {
+            *s = q.iter().map(|&v| i16::from(v)).sum();
+        }
+    };
+    match pool {
+        Some(pool) if rows.len() > 1 => pool.for_each_mut(&mut rows, work),
+        _ => rows.iter_mut().for_each(work),
+    }
+    drop(rows);
+    acts
+}
+
+/// One row's blocks: scale `d = max|x| / 127`, values rounded half to even.
+fn quantize_row(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), d) in x
         .chunks_exact(block)
-        .zip(acts.qs.chunks_exact_mut(block))
-        .zip(acts.d.iter_mut())
+        .zip(qs.chunks_exact_mut(block))
+        .zip(d.iter_mut())
     {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         if amax > 0.0 && amax.is_finite() {
@@ -74,12 +111,6 @@ pub(crate) fn quantize(x: &[f32], k: usize, format: ActFormat) -> Acts {
         // else: all zero (or non-finite: the row is garbage either way; zeros keep it finite
         // where candle would propagate NaN — the model never produces such rows).
     }
-    if format == ActFormat::Q8K {
-        for (s, q) in acts.bsums.iter_mut().zip(acts.qs.chunks_exact(16)) {
-            *s = q.iter().map(|&v| i16::from(v)).sum();
-        }
-    }
-    acts
 }
 
 impl Acts {
