@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
-use super::x16_common::{load16, prefetch, prefetch_ahead, quad, Sb, B32};
+use super::x16_common::{load16, prefetch_ahead, prefetch_part, quad, Sb, B32};
 use super::{Row, WeightFormat};
 
 /// 8 bytes from the start of `s` (panics if shorter).
@@ -85,10 +85,9 @@ macro_rules! group_loop {
                 let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
                     let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
-                    if let Some(s) = w.get(next..next + rec) {
-                        prefetch(s);
-                    }
+                    let ahead = w.get(next..next + rec);
                     for (h, acc) in acc.iter_mut().enumerate() {
+                        prefetch_part(ahead, h, 2);
                         let mut j = 0;
                         while j < rows.len() {
                             let n = (rows.len() - j).min(MAX_R);

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
-use super::x16_common::{load16, prefetch, prefetch_ahead, quad, Sb, B32};
+use super::x16_common::{load16, prefetch_ahead, prefetch_part, quad, Sb, B32};
 use super::{Row, WeightFormat};
 
 #[inline(always)]
@@ -65,11 +65,12 @@ macro_rules! group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
-                        ($r:tt, $rb:expr, $b:expr, $j:expr, $acc:expr) => {{
+                        ($r:tt, $rb:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
                             let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
                             let acc: &mut [[__m512; 2]; $r] =
                                 (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-                            $k::<$r>($rb.try_into().expect("a record"), rs, acc)
+                            let ahead = if $j == 0 { $ahead } else { None };
+                            $k::<$r>($rb.try_into().expect("a record"), rs, acc, ahead)
                         }};
                     }
             let zero = _mm512_setzero_ps();
@@ -81,22 +82,21 @@ macro_rules! group_loop {
                 // Per activation row: the f32 accumulators of the 16 weight rows (scale, min).
                 let mut acc = [[zero; 2]; super::ACT_TILE];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
+                    // The record ahead, prefetched by the first pass's kernel, a part per step.
                     let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
-                    if let Some(s) = w.get(next..next + rec) {
-                        prefetch(s);
-                    }
+                    let ahead = w.get(next..next + rec);
                     let mut j = 0;
                     while j < rows.len() {
                         let n = (rows.len() - j).min(MAX_R);
                         match n {
-                            1 => pass!(1, r, b, j, acc),
-                            2 => pass!(2, r, b, j, acc),
-                            3 => pass!(3, r, b, j, acc),
-                            4 => pass!(4, r, b, j, acc),
-                            5 => pass!(5, r, b, j, acc),
-                            6 => pass!(6, r, b, j, acc),
-                            7 => pass!(7, r, b, j, acc),
-                            _ => pass!(8, r, b, j, acc),
+                            1 => pass!(1, r, b, j, acc, ahead),
+                            2 => pass!(2, r, b, j, acc, ahead),
+                            3 => pass!(3, r, b, j, acc, ahead),
+                            4 => pass!(4, r, b, j, acc, ahead),
+                            5 => pass!(5, r, b, j, acc, ahead),
+                            6 => pass!(6, r, b, j, acc, ahead),
+                            7 => pass!(7, r, b, j, acc, ahead),
+                            _ => pass!(8, r, b, j, acc, ahead),
                         }
                         j += n;
                     }
@@ -127,11 +127,17 @@ fn store(v: __m512) -> [f32; 16] {
 /// Super-block `b` (record `r`) of a Q4_K group into the accumulators of `R` activation rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn q4k_x16<const R: usize>(r: &[u8; Q4K_REC], rows: [Sb<'_>; R], acc: &mut [[__m512; 2]; R]) {
+fn q4k_x16<const R: usize>(
+    r: &[u8; Q4K_REC],
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m512; 2]; R],
+    ahead: Option<&[u8]>,
+) {
     let low = _mm512_set1_epi8(15);
     let zero = _mm512_setzero_si512();
     let mut isum = [zero; R];
     for c in 0..4 {
+        prefetch_part(ahead, c, 4);
         let mut alo = [zero; R];
         let mut ahi = [zero; R];
         for i in 0..8 {
@@ -180,7 +186,12 @@ fn q4k_x16<const R: usize>(r: &[u8; Q4K_REC], rows: [Sb<'_>; R], acc: &mut [[__m
 /// (the second accumulator stays zero).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m512; 2]; R]) {
+fn q6k_x16<const R: usize>(
+    r: &[u8; Q6K_REC],
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m512; 2]; R],
+    ahead: Option<&[u8]>,
+) {
     let m4 = _mm512_set1_epi8(15);
     let m2 = _mm512_set1_epi8(3);
     let zero = _mm512_setzero_si512();
@@ -189,6 +200,7 @@ fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m
         // Few rows: all four quant vectors of a quad at once (each byte loaded once).
         for n in 0..2 {
             for ih in 0..2 {
+                prefetch_part(ahead, 2 * n + ih, 4);
                 let mut a = [[zero; 4]; R];
                 for i in 4 * ih..4 * ih + 4 {
                     let l0 = load64(&r[q6k::unit(n, i) + q6k::L0..]);
@@ -230,6 +242,7 @@ fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m
         // More rows: two quant vectors at a time (3 registers per row instead of 5).
         for n in 0..2 {
             for ih in 0..2 {
+                prefetch_part(ahead, 2 * n + ih, 4);
                 // Quants q = 2·hi + {0, 1}: the low (hi = 0) or high nibbles of l0 and l1, with bits
                 // 2q, 2q + 1 of the high-bit byte on top.
                 for hi in 0..2 {
@@ -286,7 +299,13 @@ fn q6k_x16<const R: usize>(r: &[u8; Q6K_REC], rows: [Sb<'_>; R], acc: &mut [[__m
 /// second accumulator stays zero): `|w|` against `y · sign w`, as the row-major kernels do.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn q80_x16<const R: usize>(r: &[u8; Q80_REC], rows: [B32<'_>; R], acc: &mut [[__m512; 2]; R]) {
+fn q80_x16<const R: usize>(
+    r: &[u8; Q80_REC],
+    rows: [B32<'_>; R],
+    acc: &mut [[__m512; 2]; R],
+    ahead: Option<&[u8]>,
+) {
+    prefetch_part(ahead, 0, 1);
     let zero = _mm512_setzero_si512();
     let mut isum = [zero; R];
     for i in 0..8 {
