@@ -68,11 +68,12 @@ macro_rules! group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
-                        ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr) => {{
+                        ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
                             let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
                             let acc: &mut [[__m256; 2]; $r] =
                                 (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-                            $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc)
+                            let ahead = if $j == 0 { $ahead } else { None };
+                    $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc, ahead)
                         }};
                     }
             let zero = _mm256_setzero_ps();
@@ -87,15 +88,14 @@ macro_rules! group_loop {
                     let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
                     let ahead = w.get(next..next + rec);
                     for (h, acc) in acc.iter_mut().enumerate() {
-                        prefetch_part(ahead, h, 2);
                         let mut j = 0;
                         while j < rows.len() {
                             let n = (rows.len() - j).min(MAX_R);
                             match n {
-                                1 => pass!(1, r, h, b, j, acc),
-                                2 => pass!(2, r, h, b, j, acc),
-                                3 => pass!(3, r, h, b, j, acc),
-                                _ => pass!(4, r, h, b, j, acc),
+                                1 => pass!(1, r, h, b, j, acc, ahead),
+                                2 => pass!(2, r, h, b, j, acc, ahead),
+                                3 => pass!(3, r, h, b, j, acc, ahead),
+                                _ => pass!(4, r, h, b, j, acc, ahead),
                             }
                             j += n;
                         }
@@ -135,12 +135,14 @@ fn q4k_x8<const R: usize>(
     h: usize,
     rows: [Sb<'_>; R],
     acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
 ) {
     let low = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
     let zero = _mm256_setzero_si256();
     let mut isum = [zero; R];
     for c in 0..4 {
+        prefetch_part(ahead, 4 * h + c, 8);
         let mut alo = [zero; R];
         let mut ahi = [zero; R];
         for i in 0..8 {
@@ -195,6 +197,7 @@ fn q6k_x8<const R: usize>(
     h: usize,
     rows: [Sb<'_>; R],
     acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
 ) {
     let m4 = _mm256_set1_epi8(15);
     let m2 = _mm256_set1_epi8(3);
@@ -228,6 +231,7 @@ fn q6k_x8<const R: usize>(
         let y = rows[0].y;
         for n in 0..2 {
             for ih in 0..2 {
+                prefetch_part(ahead, 4 * h + 2 * n + ih, 8);
                 let mut a = [zero; 4];
                 for i in (4 * ih..4 * ih + 4).step_by(2) {
                     let [q00, q01] = quants(n, 0, i);
@@ -260,6 +264,7 @@ fn q6k_x8<const R: usize>(
     } else {
         for n in 0..2 {
             for ih in 0..2 {
+                prefetch_part(ahead, 4 * h + 2 * n + ih, 8);
                 for hi in 0..2 {
                     let mut a = [[zero; 2]; R];
                     for i in (4 * ih..4 * ih + 4).step_by(2) {
@@ -310,7 +315,9 @@ fn q80_x8<const R: usize>(
     h: usize,
     rows: [B32<'_>; R],
     acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
 ) {
+    prefetch_part(ahead, h, 2);
     let ones = _mm256_set1_epi16(1);
     let zero = _mm256_setzero_si256();
     let mut isum = [zero; R];
