@@ -97,7 +97,9 @@ mod tests {
 
     /// `n` values in (−1, 1), different for each `seed`.
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (i as f32 * 0.731 + seed as f32).sin()).collect()
+        (0..n)
+            .map(|i| (i as f32 * 0.731 + seed as f32).sin())
+            .collect()
     }
 
     /// Both builds give the same bits, for lengths with and without a tail.
