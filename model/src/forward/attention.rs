@@ -7,8 +7,9 @@
 //! keep a second set of threads spinning on the cores our matmuls run on. Other devices use
 //! candle tensor ops per session.
 
-use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
+
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
 use crate::kernels::vecf32::{axpy, dot};

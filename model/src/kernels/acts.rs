@@ -64,14 +64,11 @@ pub(crate) fn quantize_in(pool: Option<&Pool>, x: &[f32], k: usize, format: ActF
         },
         format,
     };
-    // 16-element sums (Q8K only): per row, or an empty slice.
-    let sums_per_row = if format == ActFormat::Q8K { k / 16 } else { 0 };
-    let mut sums: Vec<&mut [i16]> = if sums_per_row > 0 {
-        acts.bsums.chunks_exact_mut(sums_per_row).collect()
-    } else {
-        Vec::new()
-    };
-    sums.resize_with(x.len() / k, Default::default);
+    // Each row's 16-element sums (Q8K), or an empty slice (Q8_0 keeps none).
+    let sums = acts
+        .bsums
+        .chunks_exact_mut(k / 16)
+        .chain(std::iter::repeat_with(<&mut [i16]>::default));
     let mut rows: Vec<_> = x
         .chunks_exact(k)
         .zip(acts.qs.chunks_exact_mut(k))

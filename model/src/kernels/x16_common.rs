@@ -90,7 +90,7 @@ pub(super) fn prefetch_part(s: Option<&[u8]>, part: usize, parts: usize) {
 
 /// Asks for every cache line of `s` (a record [`prefetch_ahead`] ahead) ahead of its use.
 #[inline(always)]
-pub(super) fn prefetch(s: &[u8]) {
+fn prefetch(s: &[u8]) {
     for off in (0..s.len()).step_by(64) {
         // SAFETY: a prefetch never faults, and the address is inside `s`.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
