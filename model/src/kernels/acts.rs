@@ -30,6 +30,9 @@ pub(crate) struct Acts {
     pub d: Vec<f32>,
     /// Sums of 16 consecutive `qs` (Q8K only), row after row.
     pub bsums: Vec<i16>,
+    /// Sums of 32 consecutive `qs` (Q8K only), row after row: Q4_K's min terms pair 16-sums,
+    /// and the interleaved kernels take each pair of these as one broadcast lane.
+    pub bsums32: Vec<i16>,
     pub format: ActFormat,
 }
 
@@ -62,13 +65,19 @@ pub(crate) fn quantize_in(pool: Option<&Pool>, x: &[f32], k: usize, format: ActF
         } else {
             Vec::new()
         },
+        bsums32: if format == ActFormat::Q8K {
+            vec![0; x.len() / 32]
+        } else {
+            Vec::new()
+        },
         format,
     };
-    // Each row's 16-element sums (Q8K), or an empty slice (Q8_0 keeps none).
+    // Each row's 16- and 32-element sums (Q8K), or empty slices (Q8_0 keeps none).
     let sums = acts
         .bsums
         .chunks_exact_mut(k / 16)
-        .chain(std::iter::repeat_with(<&mut [i16]>::default));
+        .zip(acts.bsums32.chunks_exact_mut(k / 32))
+        .chain(std::iter::repeat_with(<(&mut [i16], &mut [i16])>::default));
     let mut rows: Vec<_> = x
         .chunks_exact(k)
         .zip(acts.qs.chunks_exact_mut(k))
@@ -76,10 +85,20 @@ pub(crate) fn quantize_in(pool: Option<&Pool>, x: &[f32], k: usize, format: ActF
         .zip(sums)
         .map(|(((x, q), d), s)| (x, q, d, s))
         .collect();
-    let work = |(x, q, d, s): &mut (&[f32], &mut [i8], &mut [f32], &mut [i16])| {
+    type Work<'a> = (
+        &'a [f32],
+        &'a mut [i8],
+        &'a mut [f32],
+        (&'a mut [i16], &'a mut [i16]),
+    );
+    let work = |(x, q, d, (s16, s32)): &mut Work<'_>| {
         quantize_row(x, block, q, d);
-        for (s, q) in s.iter_mut().zip(q.chunks_exact(16)) {
+        for (s, q) in s16.iter_mut().zip(q.chunks_exact(16)) {
             *s = q.iter().map(|&v| i16::from(v)).sum();
+        }
+        // At most 32 · 127 in magnitude: no overflow.
+        for (s, p) in s32.iter_mut().zip(s16.chunks_exact(2)) {
+            *s = p[0] + p[1];
         }
     };
     match pool {
@@ -111,21 +130,26 @@ fn quantize_row(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
 }
 
 impl Acts {
-    /// Row `r`: values, block scales, 16-sums.
+    /// Row `r`: values, block scales, 16-sums, 32-sums.
     pub(super) fn row(&self, r: usize) -> Row<'_> {
         let nb = self.k / self.format.block();
-        let bs = if self.bsums.is_empty() {
-            &self.bsums[..]
-        } else {
-            &self.bsums[r * self.k / 16..(r + 1) * self.k / 16]
-        };
         (
             &self.qs[r * self.k..(r + 1) * self.k],
             &self.d[r * nb..(r + 1) * nb],
-            bs,
+            sums_of_row(&self.bsums, self.k / 16, r),
+            sums_of_row(&self.bsums32, self.k / 32, r),
         )
     }
 }
 
-/// One activation row: values, block scales, 16-sums (empty for Q8_0).
-pub(crate) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16]);
+/// Row `r`'s `n` sums in `v` (empty when `v` is: Q8_0 keeps none).
+fn sums_of_row(v: &[i16], n: usize, r: usize) -> &[i16] {
+    if v.is_empty() {
+        v
+    } else {
+        &v[r * n..(r + 1) * n]
+    }
+}
+
+/// One activation row: values, block scales, 16-sums and 32-sums (both empty for Q8_0).
+pub(crate) type Row<'a> = (&'a [i8], &'a [f32], &'a [i16], &'a [i16]);

@@ -257,7 +257,7 @@ fn block(
     match isa {
         Isa::Scalar => {
             for (wrow, o) in w.0.chunks_exact(w.1).zip(out.chunks_mut(stride)) {
-                for (&(q, d, bs), o) in rows.iter().zip(o.iter_mut()) {
+                for (&(q, d, bs, _), o) in rows.iter().zip(o.iter_mut()) {
                     *o = match format {
                         WeightFormat::Q4K => scalar::dot_q4k(wrow, q, d, bs),
                         WeightFormat::Q6K => scalar::dot_q6k(wrow, q, d, bs),

@@ -308,7 +308,7 @@ fn interleaved_kernels_equal_the_row_major_reference() {
             packed: true,
             ..plain
         };
-        for m in [1usize, 2, 3, 5, 7, 17] {
+        for m in [1usize, 2, 3, 5, 6, 7, 12, 17] {
             let x = random_x(&mut rng, m * k);
             let want = matmul_in(&Pool::new(1), Isa::Scalar, &[plain], &x, m);
             for isa in Isa::available().into_iter().filter(|&i| has_x16(i)) {
