@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{axpy, dot};
+use crate::kernels::vecf32::{dot, dot4, weighted_sum};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -184,22 +184,25 @@ fn attend_one(
     } = *query;
     let hd = qh.len();
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for j in 0..=pos {
-        let s = dot(qh, keys.at(j, kv_off, hd)) * scale;
-        max = max.max(s);
-        scores.push(s);
+    // Four keys at a time (each dot product with the bits of `dot` alone), then the rest.
+    let key = |j: usize| keys.at(j, kv_off, hd);
+    let quads = (pos + 1) / 4 * 4;
+    for j in (0..quads).step_by(4) {
+        let s = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        scores.extend(s.map(|s| s * scale));
     }
+    scores.extend((quads..=pos).map(|j| dot(qh, key(j)) * scale));
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut sum = 0f32;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
         sum += *s;
     }
     let inv = 1.0 / sum;
-    dst.fill(0.0);
-    for (j, &w) in scores.iter().enumerate() {
-        axpy(dst, w * inv, values.at(j, kv_off, hd));
+    for s in scores.iter_mut() {
+        *s *= inv;
     }
+    weighted_sum(dst, scores, |j| values.at(j, kv_off, hd));
 }
 
 /// Device-agnostic attention with candle ops, one session at a time.

@@ -1,7 +1,8 @@
-//! f32 vector helpers for attention: a dot product with eight partial sums and `dst += w · x`,
-//! portable and with AVX2 intrinsics (x86-64, chosen at run time). Both perform the same
-//! roundings in the same order (a multiply, then an add, never fused; the eight partial sums are
-//! the eight lanes), so they give the same bits.
+//! f32 vector helpers for attention: a dot product with eight partial sums (also four at once)
+//! and a weighted sum of rows (`dst += w · x` term by term), portable and with AVX2 intrinsics
+//! (x86-64, chosen at run time). Both perform the same roundings in the same order (a multiply,
+//! then an add, never fused; the eight partial sums are the eight lanes), so they give the same
+//! bits.
 
 /// `a · b` with eight independent partial sums, combined in a fixed tree (the order depends on
 /// the length only).
@@ -14,14 +15,35 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_any(a, b)
 }
 
-/// `dst[i] += w * x[i]` (a multiply, then an add).
-pub(crate) fn axpy(dst: &mut [f32], w: f32, x: &[f32]) {
+/// `[dot(a, b[0]), …, dot(a, b[3])]`, bit for bit: four dot products at once, so that their
+/// dependent adds overlap (one dot product of 128 is a chain of 16 vector adds).
+pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::detected() && b.iter().all(|b| b.len() == a.len()) {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { dot4_avx2(a, b) };
+    }
+    b.map(|b| dot(a, b))
+}
+
+/// `dst = Σ_j w[j] · x(j)` for j = 0, 1, … in order, from zero, each term a multiply and then an
+/// add (`dst[i] += w[j] * x(j)[i]`), with `dst` held in registers 64 values at a time (term by
+/// term, it was loaded and stored once per term: attention's weighted sum of values). Every
+/// `x(j)` must be at least `dst.len()` long.
+pub(crate) fn weighted_sum<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::avx2::detected() {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { axpy_avx2(dst, w, x) };
+        return unsafe { weighted_sum_avx2(dst, w, x) };
     }
-    axpy_any(dst, w, x)
+    weighted_sum_any(dst, w, x)
+}
+
+fn weighted_sum_any<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
+    dst.fill(0.0);
+    for (j, &w) in w.iter().enumerate() {
+        axpy_any(dst, w, x(j));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -41,6 +63,65 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: `lanes` is 8 writable f32.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
     combine(&lanes, tail)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let m = a.len() / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in (0..m).step_by(8) {
+        let load = |v: &[f32]| {
+            let v = &v[c..c + 8];
+            // SAFETY: `v` is 8 readable f32 (sliced above); `loadu` needs no alignment.
+            unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        };
+        let x = load(a);
+        for (acc, b) in acc.iter_mut().zip(b) {
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, load(b)));
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, acc), b) in out.iter_mut().zip(acc).zip(b) {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 8 writable f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        *o = combine(&lanes, tail_dot(&a[m..], &b[m..]));
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn weighted_sum_avx2<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
+    use std::arch::x86_64::*;
+    const BLOCK: usize = 64;
+    let n = dst.len();
+    let full = n / BLOCK * BLOCK;
+    for b0 in (0..full).step_by(BLOCK) {
+        let mut acc = [_mm256_setzero_ps(); BLOCK / 8];
+        for (j, &wj) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wj);
+            let xs = &x(j)[b0..b0 + BLOCK];
+            for (c, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: `xs` is 64 readable f32 (sliced above), `8c + 8 <= 64`; no alignment.
+                let v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * c)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wv, v));
+            }
+        }
+        let d = &mut dst[b0..b0 + BLOCK];
+        for (c, acc) in acc.iter().enumerate() {
+            // SAFETY: `d` is 64 writable f32 (sliced above), `8c + 8 <= 64`; no alignment.
+            unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * c), *acc) };
+        }
+    }
+    // The rest (head sizes that are not a multiple of 64) term by term.
+    let rest = &mut dst[full..];
+    rest.fill(0.0);
+    for (j, &wj) in w.iter().enumerate() {
+        axpy_avx2(rest, wj, &x(j)[full..n]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -102,19 +183,36 @@ mod tests {
             .collect()
     }
 
-    /// Both builds give the same bits, for lengths with and without a tail.
+    /// Both builds of `dot` give the same bits, for lengths with and without a tail.
     #[test]
     fn every_build_gives_the_same_bits() {
         for n in [1usize, 7, 8, 64, 100, 128] {
             let (a, b) = (values(n, 1), values(n, 2));
             let want = dot_any(&a, &b);
             assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "dot n={n}");
-            let mut d1 = values(n, 3);
-            let mut d2 = d1.clone();
-            axpy_any(&mut d1, 0.37, &a);
-            axpy(&mut d2, 0.37, &a);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&d2), bits(&d1), "axpy n={n}");
+        }
+    }
+
+    /// `dot4` and `weighted_sum` give the bits of `dot` and of the portable term-by-term sum,
+    /// whatever the length (a multiple of 64, of 8, or neither) and the number of terms.
+    #[test]
+    fn the_batched_forms_give_the_same_bits() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for n in [1usize, 7, 8, 64, 100, 128, 136] {
+            let a = values(n, 1);
+            let b: Vec<Vec<f32>> = (0..4).map(|i| values(n, 10 + i)).collect();
+            let got = dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
+            let want: Vec<f32> = b.iter().map(|b| dot_any(&a, b)).collect();
+            assert_eq!(bits(&got), bits(&want), "dot4 n={n}");
+            for terms in [1usize, 5, 33] {
+                let xs: Vec<Vec<f32>> = (0..terms).map(|j| values(n, 100 + j as u32)).collect();
+                let w = values(terms, 7);
+                let mut got = values(n, 3);
+                weighted_sum(&mut got, &w, |j| &xs[j]);
+                let mut want = values(n, 4);
+                weighted_sum_any(&mut want, &w, |j| &xs[j]);
+                assert_eq!(bits(&got), bits(&want), "weighted_sum n={n} terms={terms}");
+            }
         }
     }
 }
