@@ -84,7 +84,7 @@ macro_rules! group_loop {
                 // Per half and activation row: the f32 accumulators of 8 weight rows.
                 let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
-                    let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
+                    let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
                     let ahead = w.get(next..next + rec);
                     for (h, acc) in acc.iter_mut().enumerate() {
                         let mut j = 0;

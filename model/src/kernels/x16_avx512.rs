@@ -83,7 +83,7 @@ macro_rules! group_loop {
                 let mut acc = [[zero; 2]; super::ACT_TILE];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
                     // The record ahead, prefetched by the first pass's kernel, a part per step.
-                    let next = (gi * nb + b + prefetch_ahead(rec)) * rec;
+                    let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
                     let ahead = w.get(next..next + rec);
                     let mut j = 0;
                     while j < rows.len() {
