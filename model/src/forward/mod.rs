@@ -27,6 +27,7 @@
 //! match only to rounding).
 
 mod attention;
+mod elementwise;
 mod hparams;
 mod kv;
 mod linear;

@@ -10,6 +10,7 @@ use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::attention::{attention, HeadShape, SessionRows};
+use super::elementwise::silu_mul;
 use super::hparams::Hparams;
 use super::kv::{SessionKv, StagedKv};
 use super::linear::Linear;
@@ -367,7 +368,7 @@ impl GgufModel {
             x = (x + b.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
             let gu = Linear::forward_group(&[&b.gate, &b.up], &h)?;
-            let act = (gu[0].silu()? * &gu[1])?;
+            let act = silu_mul(&gu[0], &gu[1])?;
             x = (x + b.down.forward(&act)?)?;
             staged.push(new);
         }

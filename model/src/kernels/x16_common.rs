@@ -84,7 +84,11 @@ impl<'a> B32<'a> {
 /// better (31.7) and 16 rows went slower (71 → 74 ms). For one row, one record ahead left the
 /// one-core AVX2 decode of the 1.5B waiting on memory (49.5 ms a token, two ahead 45.7, none 65).
 pub(super) const fn prefetch_ahead(rec: usize, rows: usize) -> usize {
-    let bytes = if rows >= 2 && rows <= 8 { 16 << 10 } else { 4 << 10 };
+    let bytes = if rows >= 2 && rows <= 8 {
+        16 << 10
+    } else {
+        4 << 10
+    };
     let n = bytes / rec;
     if n < 2 {
         2
