@@ -1,5 +1,5 @@
-//! Activation quantization: the int8 rows every kernel multiplies, made once per layer group by
-//! the same scalar code whatever the instruction set.
+//! Activation quantization: the int8 rows every kernel multiplies, made once per layer group, with
+//! the same bits whatever the instruction set.
 
 use super::{Pool, QK_K};
 
@@ -109,8 +109,19 @@ pub(crate) fn quantize_in(pool: Option<&Pool>, x: &[f32], k: usize, format: ActF
     acts
 }
 
-/// One row's blocks: scale `d = max|x| / 127`, values rounded half to even.
-fn quantize_row(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
+/// One row's blocks: scale `d = max|x| / 127`, values rounded half to even. With AVX2 eight
+/// values at a time, with the same bits (the same IEEE operations per value; the maximum does not
+/// depend on the order): on the calling thread this was 2 % of a verification block of 5.
+pub(super) fn quantize_row(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::detected() && block.is_multiple_of(8) {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { quantize_row_avx2(x, block, qs, d) };
+    }
+    quantize_row_any(x, block, qs, d)
+}
+
+pub(super) fn quantize_row_any(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), d) in x
         .chunks_exact(block)
         .zip(qs.chunks_exact_mut(block))
@@ -126,6 +137,54 @@ fn quantize_row(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
         }
         // else: all zero (or non-finite: the row is garbage either way; zeros keep it finite
         // where candle would propagate NaN — the model never produces such rows).
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_row_avx2(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let load = |c: &[f32]| {
+        let c = &c[..8];
+        // SAFETY: `c` is 8 readable f32 (sliced above); `loadu` needs no alignment.
+        unsafe { _mm256_loadu_ps(c.as_ptr()) }
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    for ((xb, qb), d) in x
+        .chunks_exact(block)
+        .zip(qs.chunks_exact_mut(block))
+        .zip(d.iter_mut())
+    {
+        // `max` returns its second operand when either is NaN: NaNs are skipped, as by `f32::max`.
+        let mut m = _mm256_setzero_ps();
+        for c in xb.chunks_exact(8) {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, load(c)), m);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 8 writable f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        if !(amax > 0.0 && amax.is_finite()) {
+            continue;
+        }
+        let id = 127.0 / amax;
+        *d = amax / 127.0;
+        let (idv, magic) = (_mm256_set1_ps(id), _mm256_set1_ps(12_582_912.0));
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for (c, q) in xb.chunks_exact(8).zip(qb.chunks_exact_mut(8)) {
+            let v = load(c);
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, idv), magic), magic);
+            let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            // A NaN value converts to 0, as `as i8` does.
+            let r = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v), r);
+            let i = _mm256_cvtps_epi32(r);
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
+            let b = _mm_packs_epi16(w, w);
+            let mut out = [0i8; 16];
+            // SAFETY: `out` is 16 writable bytes; `storeu` needs no alignment.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), b) };
+            q.copy_from_slice(&out[..8]);
+        }
     }
 }
 

@@ -94,6 +94,32 @@ fn quantize_rounds_half_to_even_and_sums_blocks() {
     assert!(z.qs.iter().all(|&q| q == 0));
 }
 
+/// The AVX2 quantization gives the portable one's bits, on rows with zeros, ties, outliers,
+/// NaNs and infinities (a block with an infinity is all zeros; a NaN value quantizes to 0).
+#[test]
+fn quantization_is_the_same_on_every_path() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for block in [32usize, 256] {
+        let mut x = random_x(&mut rng, 8 * block);
+        x[3] = f32::NAN;
+        x[block + 5] = f32::INFINITY;
+        x[2 * block + 7] = -0.0;
+        x[3 * block..4 * block].fill(0.0);
+        x[4 * block + 1] = 127.0;
+        x[4 * block + 2] = 2.5;
+        x[4 * block + 3] = -3.5;
+        x[5 * block] = 1e30;
+        let nb = x.len() / block;
+        let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; nb]);
+        let (mut q2, mut d2) = (vec![0i8; x.len()], vec![0f32; nb]);
+        acts::quantize_row_any(&x, block, &mut q1, &mut d1);
+        acts::quantize_row(&x, block, &mut q2, &mut d2);
+        assert_eq!(q2, q1, "values, block {block}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&d2), bits(&d1), "scales, block {block}");
+    }
+}
+
 /// Every SIMD path equals the scalar reference bit for bit on random blocks and activations.
 #[test]
 fn simd_dots_equal_the_scalar_reference_bit_for_bit() {
