@@ -108,3 +108,127 @@ macro_rules! row_major_block {
         row_loop!(rows_q8_0, q8_0, $feat);
     };
 }
+
+/// The 256-bit interleaved kernels' `block` (see `x16_avx512::block`), their group loops and
+/// `store`, compiled with the target features `$feat`: used by `x16_avx2.rs` (`maddubs`) and
+/// `x16_vnni.rs` (AVX-VNNI `vpdpbusd`), whose kernels `q4k_x8`, `q6k_x8` and `q80_x8` each take
+/// one 8-row half of a record. The module provides `detected()`, `HALF` and those kernels.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x8_block {
+    ($feat:tt) => {
+        /// As `x16_avx512::block`.
+        pub(super) fn block(
+            format: WeightFormat,
+            w: &[u8],
+            nb: usize,
+            rows: &[Row<'_>],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            assert!(detected());
+            assert!(rows.len() <= super::ACT_TILE);
+            // SAFETY: the CPU has every feature of `$feat` (`detected`, asserted above).
+            unsafe { block_tf(format, w, nb, rows, out, stride) }
+        }
+
+        #[target_feature(enable = $feat)]
+        fn block_tf(
+            format: WeightFormat,
+            w: &[u8],
+            nb: usize,
+            rows: &[Row<'_>],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            // One loop per format, each compiled on its own (see `row_major_block!`).
+            match format {
+                WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
+                WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
+                WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
+            }
+        }
+
+        x8_group_loop!($feat, groups_q4k, q4k_x8, Q4K_REC, Sb, [1, 2, 3], 4, false);
+        x8_group_loop!($feat, groups_q6k, q6k_x8, Q6K_REC, Sb, [1, 2, 3], 4, true);
+        x8_group_loop!(
+            $feat,
+            groups_q8_0,
+            q80_x8,
+            Q80_REC,
+            B32,
+            [1, 2, 3],
+            4,
+            false
+        );
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn store(v: __m256) -> [f32; 8] {
+            let mut o = [0f32; 8];
+            // SAFETY: `o` is 8 writable f32; `storeu` has no alignment requirement.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        }
+    };
+}
+
+/// `x8_block!`'s group loop of one format, compiled with `$feat`: records of `$rec` bytes,
+/// kernel `$k::<R>` for R = `$arm`… and `$max`, the most activation rows per pass over a half
+/// record, in even passes with `$even` (as in `x16_avx512.rs`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! x8_group_loop {
+    ($feat:tt, $name:ident, $k:ident, $rec:expr, $sb:ident, [$($arm:tt),*], $max:tt, $even:expr) => {
+        #[inline(never)]
+        #[target_feature(enable = $feat)]
+        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+            let rec = $rec;
+            macro_rules! pass {
+                ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
+                    let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
+                    let acc: &mut [[__m256; 2]; $r] =
+                        (&mut $acc[$j..$j + $r]).try_into().expect("row count");
+                    let ahead = if $j == 0 { $ahead } else { None };
+                    $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc, ahead)
+                }};
+            }
+            let zero = _mm256_setzero_ps();
+            for (gi, (g, o)) in w
+                .chunks_exact(nb * rec)
+                .zip(out.chunks_mut(ROWS * stride))
+                .enumerate()
+            {
+                // Per half and activation row: the f32 accumulators of 8 weight rows.
+                let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
+                for (b, r) in g.chunks_exact(rec).enumerate() {
+                    let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
+                    let ahead = w.get(next..next + rec);
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let mut j = 0;
+                        while j < rows.len() {
+                            let left = rows.len() - j;
+                            let n = if $even {
+                                left.div_ceil(left.div_ceil($max))
+                            } else {
+                                left.min($max)
+                            };
+                            match n {
+                                $($arm => pass!($arm, r, h, b, j, acc, ahead),)*
+                                _ => pass!($max, r, h, b, j, acc, ahead),
+                            }
+                            j += n;
+                        }
+                    }
+                }
+                for (h, acc) in acc.iter().enumerate() {
+                    for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
+                        let y = store(_mm256_sub_ps(*d, *m));
+                        let half = o.chunks_mut(stride).skip(h * HALF).take(HALF);
+                        for (l, o) in half.enumerate() {
+                            o[j] = y[l];
+                        }
+                    }
+                }
+            }
+        }
+    };
+}

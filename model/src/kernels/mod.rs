@@ -57,6 +57,8 @@ mod x16_avx2;
 mod x16_avx512;
 #[cfg(target_arch = "x86_64")]
 mod x16_common;
+#[cfg(target_arch = "x86_64")]
+mod x16_vnni;
 
 use std::sync::OnceLock;
 
@@ -119,6 +121,10 @@ pub(crate) enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 plus AVX-VNNI (256-bit `vpdpbusd`) for the interleaved kernels; row-major weights
+    /// take AVX2's.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
     /// AVX2 plus 512-bit kernels for Q8_0 and Q4_K weights.
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -134,6 +140,10 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if avx2::detected() {
             v.push(Isa::Avx2);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x16_vnni::detected() {
+            v.push(Isa::AvxVnni);
         }
         #[cfg(target_arch = "x86_64")]
         if avx512::detected() {
@@ -169,14 +179,16 @@ pub(crate) fn mode() -> Mode {
             #[cfg(target_arch = "x86_64")]
             "avx2" if avx2::detected() => Mode::Ours(Isa::Avx2),
             #[cfg(target_arch = "x86_64")]
+            "avxvnni" if x16_vnni::detected() => Mode::Ours(Isa::AvxVnni),
+            #[cfg(target_arch = "x86_64")]
             "avx512" if avx512::detected() => Mode::Ours(Isa::Avx512),
             #[cfg(target_arch = "aarch64")]
             "neon" if neon::detected() => Mode::Ours(Isa::Neon),
             other => {
                 tracing::warn!(
                     value = other,
-                    "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx512, avx2, \
-                     neon, scalar, candle); using auto"
+                    "EDGESPEC_CPU_KERNELS: unknown or unsupported here (auto, avx512, avxvnni, \
+                     avx2, neon, scalar, candle); using auto"
                 );
                 Mode::Ours(best)
             }
@@ -267,7 +279,7 @@ fn block(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::block(format, w, rows, out, stride),
+        Isa::Avx2 | Isa::AvxVnni => avx2::block(format, w, rows, out, stride),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => match format {
             WeightFormat::Q8_0 => avx512::block(false, w, rows, out, stride),
@@ -296,6 +308,8 @@ fn block_x16(
         Isa::Neon => unreachable!("no NEON kernel for interleaved weights"),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x16_avx2::block(format, w, nb, rows, out, stride),
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => x16_vnni::block(format, w, nb, rows, out, stride),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => x16_avx512::block(format, w, nb, rows, out, stride),
     }
@@ -344,7 +358,7 @@ pub(crate) fn has_x16(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => true,
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => true,
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => false,
     }

@@ -11,124 +11,20 @@ use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
-use super::x16_common::{lane16, load16, prefetch_ahead, prefetch_part, quad, Sb, B32};
+use super::x16_common::{
+    lane16, load16, load8, prefetch_ahead, prefetch_part, quad, Sb, B32, HALF,
+};
 use super::{Row, WeightFormat};
 
-/// 8 bytes from the start of `s` (panics if shorter).
-#[inline(always)]
-fn load8(s: &[u8]) -> __m128i {
-    let s = &s[..8];
-    // SAFETY: `s` is 8 readable bytes (sliced above); `loadl_epi64` reads exactly 8.
-    unsafe { _mm_loadl_epi64(s.as_ptr().cast()) }
+/// Whether the CPU has what these kernels need (AVX2, FMA, F16C).
+fn detected() -> bool {
+    super::avx2::detected()
 }
 
-/// Rows per 256-bit register.
-const HALF: usize = ROWS / 2;
-
-/// As `x16_avx512::block`.
-pub(super) fn block(
-    format: WeightFormat,
-    w: &[u8],
-    nb: usize,
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    assert!(super::avx2::detected());
-    assert!(rows.len() <= super::ACT_TILE);
-    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
-    unsafe { block_tf(format, w, nb, rows, out, stride) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_tf(
-    format: WeightFormat,
-    w: &[u8],
-    nb: usize,
-    rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    // One loop per format, each compiled on its own (see `row_major_block!` in `mod.rs`).
-    match format {
-        WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
-        WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
-        WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
-    }
-}
-
-/// The group loop of one format: records of `$rec` bytes, kernel `$k::<R>` for R = `$arm`… and
-/// `$max`, the most activation rows per pass over a half record, in even passes with `$even`
-/// (as in `x16_avx512.rs`).
-macro_rules! group_loop {
-    ($name:ident, $k:ident, $rec:expr, $sb:ident, [$($arm:tt),*], $max:tt, $even:expr) => {
-        #[inline(never)]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
-            let rec = $rec;
-            macro_rules! pass {
-                        ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
-                            let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
-                            let acc: &mut [[__m256; 2]; $r] =
-                                (&mut $acc[$j..$j + $r]).try_into().expect("row count");
-                            let ahead = if $j == 0 { $ahead } else { None };
-                    $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc, ahead)
-                        }};
-                    }
-            let zero = _mm256_setzero_ps();
-            for (gi, (g, o)) in w
-                .chunks_exact(nb * rec)
-                .zip(out.chunks_mut(ROWS * stride))
-                .enumerate()
-            {
-                // Per half and activation row: the f32 accumulators of 8 weight rows.
-                let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
-                for (b, r) in g.chunks_exact(rec).enumerate() {
-                    let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
-                    let ahead = w.get(next..next + rec);
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        let mut j = 0;
-                        while j < rows.len() {
-                            let left = rows.len() - j;
-                            let n = if $even {
-                                left.div_ceil(left.div_ceil($max))
-                            } else {
-                                left.min($max)
-                            };
-                            match n {
-                                $($arm => pass!($arm, r, h, b, j, acc, ahead),)*
-                                _ => pass!($max, r, h, b, j, acc, ahead),
-                            }
-                            j += n;
-                        }
-                    }
-                }
-                for (h, acc) in acc.iter().enumerate() {
-                    for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
-                        let y = store(_mm256_sub_ps(*d, *m));
-                        for (l, o) in o.chunks_mut(stride).skip(h * HALF).take(HALF).enumerate() {
-                            o[j] = y[l];
-                        }
-                    }
-                }
-            }
-        }
-    };
-}
-// At most 4 rows a pass (16 registers, 3 per row). Q6_K in even passes: 5 rows as 3 + 2 took
-// 296 ns a record, 4 + 1 319 ns; Q8_0's 4 + 1 is the faster (34 against 38 ns), Q4_K's the same.
-group_loop!(groups_q4k, q4k_x8, Q4K_REC, Sb, [1, 2, 3], 4, false);
-group_loop!(groups_q6k, q6k_x8, Q6K_REC, Sb, [1, 2, 3], 4, true);
-group_loop!(groups_q8_0, q80_x8, Q80_REC, B32, [1, 2, 3], 4, false);
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn store(v: __m256) -> [f32; 8] {
-    let mut o = [0f32; 8];
-    // SAFETY: `o` is 8 writable f32; `storeu` has no alignment requirement.
-    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-    o
-}
+// `block`, the group loops (at most 4 rows a pass, 16 registers, 3 per row; Q6_K in even passes:
+// 5 rows as 3 + 2 took 296 ns a record, 4 + 1 319 ns; Q8_0's 4 + 1 is the faster, 34 against
+// 38 ns; Q4_K's the same) and `store`.
+x8_block!("avx2,fma,f16c");
 
 /// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q4_K group into the accumulators of
 /// `R` activation rows.

@@ -13,6 +13,17 @@ pub(super) fn load16(s: &[u8]) -> __m128i {
     unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
 }
 
+/// 8 bytes from the start of `s` (panics if shorter).
+#[inline(always)]
+pub(super) fn load8(s: &[u8]) -> __m128i {
+    let s = &s[..8];
+    // SAFETY: `s` is 8 readable bytes (sliced above); `loadl_epi64` reads exactly 8.
+    unsafe { _mm_loadl_epi64(s.as_ptr().cast()) }
+}
+
+/// Weight rows per 256-bit register (the 256-bit kernels take a record in two halves).
+pub(super) const HALF: usize = super::x16::ROWS / 2;
+
 /// Four activations as one little-endian lane, for a broadcast: one 32-bit load, which the
 /// broadcast takes as its memory operand (built byte by byte, as `i32::from_le_bytes` of four
 /// indexed bytes compiled in the AVX2 kernels, every broadcast cost four loads, three shifts,

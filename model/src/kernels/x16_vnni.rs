@@ -1,0 +1,201 @@
+//! AVX-VNNI kernels on the interleaved layout (`x16.rs`), for CPUs with 256-bit `vpdpbusd` but
+//! no AVX-512 (Intel's client cores from Alder Lake on, AMD's from Zen 4 on): the AVX2 kernels'
+//! structure (each half of a 64-byte line is 8 weight rows × 4 quants, one 32-bit lane per row),
+//! with one `vpdpbusd` per four quants, row and activation row where AVX2 needs `maddubs`, an
+//! add of i16 sums and, every few quads, `madd` with ones. Bit-identical to `scalar.rs` (see
+//! `x16.rs`).
+
+// The loops walk several parallel register arrays (per row, per quant vector) by index.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::avx2::load as load32;
+use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
+use super::x16_common::{
+    lane16, load16, load8, prefetch_ahead, prefetch_part, quad, Sb, B32, HALF,
+};
+use super::{Row, WeightFormat};
+
+/// Whether this CPU has AVX2, FMA, F16C and AVX-VNNI (checked once).
+pub(super) fn detected() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| super::avx2::detected() && is_x86_feature_detected!("avxvnni"))
+}
+
+// `block`, the group loops (at most 4 rows a pass, as on AVX2) and `store`.
+x8_block!("avx2,fma,f16c,avxvnni");
+
+/// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q4_K group into the accumulators of
+/// `R` activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn q4k_x8<const R: usize>(
+    r: &[u8; Q4K_REC],
+    h: usize,
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
+) {
+    let low = _mm256_set1_epi8(15);
+    let zero = _mm256_setzero_si256();
+    let mut isum = [zero; R];
+    for c in 0..4 {
+        prefetch_part(ahead, 4 * h + c, 8);
+        let mut alo = [zero; R];
+        let mut ahi = [zero; R];
+        for i in 0..8 {
+            let wv = load32(&r[q4k::QS + (c * 8 + i) * 64 + 32 * h..]);
+            let lo = _mm256_and_si256(wv, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), low);
+            let at = 64 * c + 4 * i;
+            for k in 0..R {
+                let y = rows[k].y;
+                alo[k] = _mm256_dpbusd_avx_epi32(alo[k], lo, _mm256_set1_epi32(quad(y, at)));
+                ahi[k] = _mm256_dpbusd_avx_epi32(ahi[k], hi, _mm256_set1_epi32(quad(y, at + 32)));
+            }
+        }
+        let slo = _mm256_cvtepu8_epi32(load8(&r[q4k::SC + 32 * c + 8 * h..]));
+        let shi = _mm256_cvtepu8_epi32(load8(&r[q4k::SC + 32 * c + 16 + 8 * h..]));
+        for k in 0..R {
+            let lo = _mm256_mullo_epi32(alo[k], slo);
+            let hi = _mm256_mullo_epi32(ahi[k], shi);
+            isum[k] = _mm256_add_epi32(isum[k], _mm256_add_epi32(lo, hi));
+        }
+    }
+    let mut msum = [zero; R];
+    for p in 0..4 {
+        let mn = _mm256_cvtepu8_epi16(load16(&r[q4k::MN + 32 * p + 16 * h..]));
+        for k in 0..R {
+            // The 32-sums of sub-blocks 2p and 2p + 1 against their mins.
+            let bs = &rows[k].bs32[2 * p..];
+            let v = _mm256_madd_epi16(mn, _mm256_set1_epi32(lane16(bs[0], bs[1])));
+            msum[k] = _mm256_add_epi32(msum[k], v);
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[q4k::D + 16 * h..]));
+    let dmin = _mm256_cvtph_ps(load16(&r[q4k::DMIN + 16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, m] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+        *m = _mm256_fmadd_ps(_mm256_mul_ps(dmin, xd), _mm256_cvtepi32_ps(msum[k]), *m);
+    }
+}
+
+/// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q6_K group into the accumulators of
+/// `R` activation rows (the second accumulator stays zero).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn q6k_x8<const R: usize>(
+    r: &[u8; Q6K_REC],
+    h: usize,
+    rows: [Sb<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
+) {
+    let m4 = _mm256_set1_epi8(15);
+    let m2 = _mm256_set1_epi8(3);
+    let zero = _mm256_setzero_si256();
+    // The quants' offset of −32 first, as in `x16_avx512.rs`: one `madd` per pair of scales.
+    let mut isum = [zero; R];
+    for t in 0..8 {
+        let (e, o) = (
+            load8(&r[q6k::SC + 32 * t + 8 * h..]),
+            load8(&r[q6k::SC + 32 * t + 16 + 8 * h..]),
+        );
+        // Lane l: (scale 2t, scale 2t + 1) of row 8h + l.
+        let sp = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(e, o));
+        for k in 0..R {
+            let bs = rows[k].bs;
+            let ys = _mm256_set1_epi32(lane16(bs[2 * t], bs[2 * t + 1]));
+            isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(sp, ys));
+        }
+    }
+    for k in 0..R {
+        isum[k] = _mm256_sub_epi32(zero, _mm256_slli_epi32::<5>(isum[k]));
+    }
+    for n in 0..2 {
+        for ih in 0..2 {
+            prefetch_part(ahead, 4 * h + 2 * n + ih, 8);
+            // Quants q = 2·hi + t (t = 0, 1) of quad `i`: the low (hi = 0) or high nibbles of l0
+            // (t = 0) or l1, with bits 2q, 2q + 1 of the high-bit byte on top.
+            for hi in 0..2 {
+                let mut a = [[zero; 2]; R];
+                for i in 4 * ih..4 * ih + 4 {
+                    let l0 = load32(&r[q6k::unit(n, i) + q6k::L0 + 32 * h..]);
+                    let l1 = load32(&r[q6k::unit(n, i) + q6k::L1 + 32 * h..]);
+                    let hv = load32(&r[q6k::unit(n, i) + q6k::H + 32 * h..]);
+                    let (l0, l1, h0, h1) = if hi == 0 {
+                        (l0, l1, hv, _mm256_srli_epi16::<2>(hv))
+                    } else {
+                        (
+                            _mm256_srli_epi16::<4>(l0),
+                            _mm256_srli_epi16::<4>(l1),
+                            _mm256_srli_epi16::<4>(hv),
+                            _mm256_srli_epi16::<6>(hv),
+                        )
+                    };
+                    let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
+                    let qs = [
+                        _mm256_or_si256(_mm256_and_si256(l0, m4), hb(h0)),
+                        _mm256_or_si256(_mm256_and_si256(l1, m4), hb(h1)),
+                    ];
+                    let at = 128 * n + 64 * hi + 4 * i;
+                    for k in 0..R {
+                        for (t, wq) in qs.iter().enumerate() {
+                            let yv = _mm256_set1_epi32(quad(rows[k].y, at + 32 * t));
+                            a[k][t] = _mm256_dpbusd_avx_epi32(a[k][t], *wq, yv);
+                        }
+                    }
+                }
+                for t in 0..2 {
+                    let s = 8 * n + 2 * (2 * hi + t) + ih;
+                    let sc = _mm256_cvtepi8_epi32(load8(&r[q6k::SC + 16 * s + 8 * h..]));
+                    for k in 0..R {
+                        let v = _mm256_mullo_epi32(a[k][t], sc);
+                        isum[k] = _mm256_add_epi32(isum[k], v);
+                    }
+                }
+            }
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[q6k::D + 16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+    }
+}
+
+/// Rows `8h..8h + 8` of Q8_0 block `b` (record `r`) of a group into the accumulators of `R`
+/// activation rows (the second accumulator stays zero): `|w|` against `y · sign w`, as the
+/// row-major kernels do (`|−128|` reads as 128 unsigned).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn q80_x8<const R: usize>(
+    r: &[u8; Q80_REC],
+    h: usize,
+    rows: [B32<'_>; R],
+    acc: &mut [[__m256; 2]; R],
+    ahead: Option<&[u8]>,
+) {
+    prefetch_part(ahead, h, 2);
+    let zero = _mm256_setzero_si256();
+    let mut isum = [zero; R];
+    for i in 0..8 {
+        let w = load32(&r[Q80_QS + 64 * i + 32 * h..]);
+        let aw = _mm256_sign_epi8(w, w);
+        for k in 0..R {
+            let y = _mm256_set1_epi32(quad(rows[k].y, 4 * i));
+            isum[k] = _mm256_dpbusd_avx_epi32(isum[k], aw, _mm256_sign_epi8(y, w));
+        }
+    }
+    let dw = _mm256_cvtph_ps(load16(&r[16 * h..]));
+    for k in 0..R {
+        let xd = _mm256_set1_ps(rows[k].d);
+        let [d, _] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
+    }
+}
