@@ -1,6 +1,6 @@
 //! AVX-VNNI kernels on the interleaved layout (`x16.rs`), for CPUs with 256-bit `vpdpbusd` but
-//! no AVX-512 (Intel's client cores from Alder Lake on, AMD's from Zen 4 on): the AVX2 kernels'
-//! structure (each half of a 64-byte line is 8 weight rows × 4 quants, one 32-bit lane per row),
+//! no AVX-512 (Intel's client cores from Alder Lake on; where AVX-512 VNNI is there too, `auto`
+//! takes that): the AVX2 kernels' structure (each half of a 64-byte line is 8 weight rows × 4 quants, one 32-bit lane per row),
 //! with one `vpdpbusd` per four quants, row and activation row where AVX2 needs `maddubs`, an
 //! add of i16 sums and, every few quads, `madd` with ones. Bit-identical to `scalar.rs` (see
 //! `x16.rs`).
