@@ -130,3 +130,110 @@ fn prefetch(s: &[u8]) {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
     }
 }
+
+// The 256-bit kernels' shared steps (`x16_avx2.rs`, `x16_vnni.rs`), on half `h` (rows
+// `8h..8h + 8`) of a record. Compiled for AVX2, FMA and F16C, a subset of both callers' features,
+// so that each inlines into its caller.
+
+/// Q4_K's min term of `R` activation rows: `Σ_j min_j · bsum32_j` per weight row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q4k_mins_x8<const R: usize>(
+    r: &[u8; super::x16::Q4K_REC],
+    h: usize,
+    rows: &[Sb<'_>; R],
+) -> [__m256i; R] {
+    use super::x16::q4k;
+    let mut msum = [_mm256_setzero_si256(); R];
+    for p in 0..4 {
+        let mn = _mm256_cvtepu8_epi16(load16(&r[q4k::MN + 32 * p + 16 * h..]));
+        for (m, row) in msum.iter_mut().zip(rows) {
+            // The 32-sums of sub-blocks 2p and 2p + 1 against their mins.
+            let ys = _mm256_set1_epi32(lane16(row.bs32[2 * p], row.bs32[2 * p + 1]));
+            *m = _mm256_add_epi32(*m, _mm256_madd_epi16(mn, ys));
+        }
+    }
+    msum
+}
+
+/// Q6_K's offset of `R` activation rows, the start of their integer sums:
+/// `−32 · Σ_s scale_s · bsum_s` per weight row, one `madd` per pair of scales (as in
+/// `x16_avx512.rs`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6k_offset_x8<const R: usize>(
+    r: &[u8; super::x16::Q6K_REC],
+    h: usize,
+    rows: &[Sb<'_>; R],
+) -> [__m256i; R] {
+    use super::x16::q6k;
+    let mut isum = [_mm256_setzero_si256(); R];
+    for t in 0..8 {
+        let (e, o) = (
+            load8(&r[q6k::SC + 32 * t + 8 * h..]),
+            load8(&r[q6k::SC + 32 * t + 16 + 8 * h..]),
+        );
+        // Lane l: (scale 2t, scale 2t + 1) of row 8h + l.
+        let sp = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(e, o));
+        for (s, row) in isum.iter_mut().zip(rows) {
+            let ys = _mm256_set1_epi32(lane16(row.bs[2 * t], row.bs[2 * t + 1]));
+            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(sp, ys));
+        }
+    }
+    isum.map(|s| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(s)))
+}
+
+/// Q6_K quants `q = 2·hi + t` (t = 0, 1) of quad `i` in half `n`, as unsigned bytes: the low
+/// (hi = 0) or high nibbles of l0 (t = 0) or l1, with bits 2q, 2q + 1 of the high-bit byte on
+/// top.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6k_quants_x8(
+    r: &[u8; super::x16::Q6K_REC],
+    h: usize,
+    (n, hi, i): (usize, usize, usize),
+) -> [__m256i; 2] {
+    use super::avx2::load;
+    use super::x16::q6k;
+    let (m4, m2) = (_mm256_set1_epi8(15), _mm256_set1_epi8(3));
+    let l0 = load(&r[q6k::unit(n, i) + q6k::L0 + 32 * h..]);
+    let l1 = load(&r[q6k::unit(n, i) + q6k::L1 + 32 * h..]);
+    let hv = load(&r[q6k::unit(n, i) + q6k::H + 32 * h..]);
+    let (l0, l1, h0, h1) = if hi == 0 {
+        (l0, l1, hv, _mm256_srli_epi16::<2>(hv))
+    } else {
+        (
+            _mm256_srli_epi16::<4>(l0),
+            _mm256_srli_epi16::<4>(l1),
+            _mm256_srli_epi16::<4>(hv),
+            _mm256_srli_epi16::<6>(hv),
+        )
+    };
+    let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
+    [
+        _mm256_or_si256(_mm256_and_si256(l0, m4), hb(h0)),
+        _mm256_or_si256(_mm256_and_si256(l1, m4), hb(h1)),
+    ]
+}
+
+/// The float step of a record for `R` activation rows with scales `xd`: `acc += (dw·xd)·isum`,
+/// and for Q4_K (`min = Some((dmin, msum))`) `acc_min += (dmin·xd)·msum`, one fused multiply-add
+/// each, as in `scalar.rs`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn finish_x8<const R: usize>(
+    dw: __m256,
+    isum: [__m256i; R],
+    min: Option<(__m256, [__m256i; R])>,
+    xd: [f32; R],
+    acc: &mut [[__m256; 2]; R],
+) {
+    for k in 0..R {
+        let x = _mm256_set1_ps(xd[k]);
+        let [d, m] = &mut acc[k];
+        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, x), _mm256_cvtepi32_ps(isum[k]), *d);
+        if let Some((dmin, msum)) = &min {
+            *m = _mm256_fmadd_ps(_mm256_mul_ps(*dmin, x), _mm256_cvtepi32_ps(msum[k]), *m);
+        }
+    }
+}

@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
 use super::x16_common::{
-    lane16, load16, load8, prefetch_ahead, prefetch_part, quad, Sb, B32, HALF,
+    finish_x8, load16, load8, prefetch_ahead, prefetch_part, q4k_mins_x8, q6k_offset_x8,
+    q6k_quants_x8, quad, Sb, B32, HALF,
 };
 use super::{Row, WeightFormat};
 
@@ -64,24 +65,10 @@ fn q4k_x8<const R: usize>(
             isum[k] = _mm256_add_epi32(isum[k], _mm256_add_epi32(lo, hi));
         }
     }
-    let mut msum = [zero; R];
-    for p in 0..4 {
-        let mn = _mm256_cvtepu8_epi16(load16(&r[q4k::MN + 32 * p + 16 * h..]));
-        for k in 0..R {
-            // The 32-sums of sub-blocks 2p and 2p + 1 against their mins.
-            let bs = &rows[k].bs32[2 * p..];
-            let v = _mm256_madd_epi16(mn, _mm256_set1_epi32(lane16(bs[0], bs[1])));
-            msum[k] = _mm256_add_epi32(msum[k], v);
-        }
-    }
+    let msum = q4k_mins_x8(r, h, &rows);
     let dw = _mm256_cvtph_ps(load16(&r[q4k::D + 16 * h..]));
     let dmin = _mm256_cvtph_ps(load16(&r[q4k::DMIN + 16 * h..]));
-    for k in 0..R {
-        let xd = _mm256_set1_ps(rows[k].d);
-        let [d, m] = &mut acc[k];
-        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
-        *m = _mm256_fmadd_ps(_mm256_mul_ps(dmin, xd), _mm256_cvtepi32_ps(msum[k]), *m);
-    }
+    finish_x8(dw, isum, Some((dmin, msum)), rows.map(|row| row.d), acc);
 }
 
 /// Rows `8h..8h + 8` of super-block `b` (record `r`) of a Q6_K group into the accumulators of
@@ -95,53 +82,17 @@ fn q6k_x8<const R: usize>(
     acc: &mut [[__m256; 2]; R],
     ahead: Option<&[u8]>,
 ) {
-    let m4 = _mm256_set1_epi8(15);
-    let m2 = _mm256_set1_epi8(3);
     let zero = _mm256_setzero_si256();
-    // The quants' offset of −32 first, as in `x16_avx512.rs`: one `madd` per pair of scales.
-    let mut isum = [zero; R];
-    for t in 0..8 {
-        let (e, o) = (
-            load8(&r[q6k::SC + 32 * t + 8 * h..]),
-            load8(&r[q6k::SC + 32 * t + 16 + 8 * h..]),
-        );
-        // Lane l: (scale 2t, scale 2t + 1) of row 8h + l.
-        let sp = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(e, o));
-        for k in 0..R {
-            let bs = rows[k].bs;
-            let ys = _mm256_set1_epi32(lane16(bs[2 * t], bs[2 * t + 1]));
-            isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(sp, ys));
-        }
-    }
-    for k in 0..R {
-        isum[k] = _mm256_sub_epi32(zero, _mm256_slli_epi32::<5>(isum[k]));
-    }
+    // The quants' offset of −32 first (`x16_common::q6k_offset_x8`).
+    let mut isum = q6k_offset_x8(r, h, &rows);
     for n in 0..2 {
         for ih in 0..2 {
             prefetch_part(ahead, 4 * h + 2 * n + ih, 8);
-            // Quants q = 2·hi + t (t = 0, 1) of quad `i`: the low (hi = 0) or high nibbles of l0
-            // (t = 0) or l1, with bits 2q, 2q + 1 of the high-bit byte on top.
+            // Quants 2·hi and 2·hi + 1 (`x16_common::q6k_quants_x8`).
             for hi in 0..2 {
                 let mut a = [[zero; 2]; R];
                 for i in 4 * ih..4 * ih + 4 {
-                    let l0 = load32(&r[q6k::unit(n, i) + q6k::L0 + 32 * h..]);
-                    let l1 = load32(&r[q6k::unit(n, i) + q6k::L1 + 32 * h..]);
-                    let hv = load32(&r[q6k::unit(n, i) + q6k::H + 32 * h..]);
-                    let (l0, l1, h0, h1) = if hi == 0 {
-                        (l0, l1, hv, _mm256_srli_epi16::<2>(hv))
-                    } else {
-                        (
-                            _mm256_srli_epi16::<4>(l0),
-                            _mm256_srli_epi16::<4>(l1),
-                            _mm256_srli_epi16::<4>(hv),
-                            _mm256_srli_epi16::<6>(hv),
-                        )
-                    };
-                    let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
-                    let qs = [
-                        _mm256_or_si256(_mm256_and_si256(l0, m4), hb(h0)),
-                        _mm256_or_si256(_mm256_and_si256(l1, m4), hb(h1)),
-                    ];
+                    let qs = q6k_quants_x8(r, h, (n, hi, i));
                     let at = 128 * n + 64 * hi + 4 * i;
                     for k in 0..R {
                         for (t, wq) in qs.iter().enumerate() {
@@ -162,11 +113,7 @@ fn q6k_x8<const R: usize>(
         }
     }
     let dw = _mm256_cvtph_ps(load16(&r[q6k::D + 16 * h..]));
-    for k in 0..R {
-        let xd = _mm256_set1_ps(rows[k].d);
-        let [d, _] = &mut acc[k];
-        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
-    }
+    finish_x8(dw, isum, None, rows.map(|row| row.d), acc);
 }
 
 /// Rows `8h..8h + 8` of Q8_0 block `b` (record `r`) of a group into the accumulators of `R`
@@ -193,9 +140,5 @@ fn q80_x8<const R: usize>(
         }
     }
     let dw = _mm256_cvtph_ps(load16(&r[16 * h..]));
-    for k in 0..R {
-        let xd = _mm256_set1_ps(rows[k].d);
-        let [d, _] = &mut acc[k];
-        *d = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(isum[k]), *d);
-    }
+    finish_x8(dw, isum, None, rows.map(|row| row.d), acc);
 }
