@@ -216,6 +216,23 @@ pub(super) fn q6k_quants_x8(
     ]
 }
 
+/// `isum += scale_s · a` for each of `R` activation rows: Q6_K sub-block `s` (i8 scales) of half
+/// `h`, `a` its integer sums.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6k_scaled_x8<const R: usize>(
+    r: &[u8; super::x16::Q6K_REC],
+    h: usize,
+    s: usize,
+    a: [__m256i; R],
+    isum: &mut [__m256i; R],
+) {
+    let sc = _mm256_cvtepi8_epi32(load8(&r[super::x16::q6k::SC + 16 * s + 8 * h..]));
+    for (i, a) in isum.iter_mut().zip(a) {
+        *i = _mm256_add_epi32(*i, _mm256_mullo_epi32(a, sc));
+    }
+}
+
 /// The float step of a record for `R` activation rows with scales `xd`: `acc += (dw·xd)·isum`,
 /// and for Q4_K (`min = Some((dmin, msum))`) `acc_min += (dmin·xd)·msum`, one fused multiply-add
 /// each, as in `scalar.rs`.

@@ -15,7 +15,7 @@ use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
 use super::x16_common::{
     finish_x8, load16, load8, prefetch_ahead, prefetch_part, q4k_mins_x8, q6k_offset_x8,
-    q6k_quants_x8, quad, Sb, B32, HALF,
+    q6k_quants_x8, q6k_scaled_x8, quad, Sb, B32, HALF,
 };
 use super::{Row, WeightFormat};
 
@@ -103,11 +103,7 @@ fn q6k_x8<const R: usize>(
                 }
                 for t in 0..2 {
                     let s = 8 * n + 2 * (2 * hi + t) + ih;
-                    let sc = _mm256_cvtepi8_epi32(load8(&r[q6k::SC + 16 * s + 8 * h..]));
-                    for k in 0..R {
-                        let v = _mm256_mullo_epi32(a[k][t], sc);
-                        isum[k] = _mm256_add_epi32(isum[k], v);
-                    }
+                    q6k_scaled_x8(r, h, s, a.map(|a| a[t]), &mut isum);
                 }
             }
         }
