@@ -183,12 +183,15 @@ macro_rules! x8_group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
             let rec = $rec;
             macro_rules! pass {
-                ($r:tt, $rb:expr, $h:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
+                ($r:tt, $rb:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
+                    // The rows' views once for both halves.
                     let rs: [$sb<'_>; $r] = views!($r, k => $sb::of(&rows[$j + k], $b));
-                    let acc: &mut [[__m256; 2]; $r] =
-                        (&mut $acc[$j..$j + $r]).try_into().expect("row count");
                     let ahead = if $j == 0 { $ahead } else { None };
-                    $k::<$r>($rb.try_into().expect("a record"), $h, rs, acc, ahead)
+                    for (h, acc) in $acc.iter_mut().enumerate() {
+                        let acc: &mut [[__m256; 2]; $r] =
+                            (&mut acc[$j..$j + $r]).try_into().expect("row count");
+                        $k::<$r>($rb.try_into().expect("a record"), h, rs, acc, ahead)
+                    }
                 }};
             }
             let zero = _mm256_setzero_ps();
@@ -202,21 +205,19 @@ macro_rules! x8_group_loop {
                 for (b, r) in g.chunks_exact(rec).enumerate() {
                     let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
                     let ahead = w.get(next..next + rec);
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        let mut j = 0;
-                        while j < rows.len() {
-                            let left = rows.len() - j;
-                            let n = if $even {
-                                left.div_ceil(left.div_ceil($max))
-                            } else {
-                                left.min($max)
-                            };
-                            match n {
-                                $($arm => pass!($arm, r, h, b, j, acc, ahead),)*
-                                _ => pass!($max, r, h, b, j, acc, ahead),
-                            }
-                            j += n;
+                    let mut j = 0;
+                    while j < rows.len() {
+                        let left = rows.len() - j;
+                        let n = if $even {
+                            left.div_ceil(left.div_ceil($max))
+                        } else {
+                            left.min($max)
+                        };
+                        match n {
+                            $($arm => pass!($arm, r, b, j, acc, ahead),)*
+                            _ => pass!($max, r, b, j, acc, ahead),
                         }
+                        j += n;
                     }
                 }
                 for (h, acc) in acc.iter().enumerate() {

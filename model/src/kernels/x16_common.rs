@@ -44,6 +44,7 @@ pub(super) fn lane16(lo: i16, hi: i16) -> i32 {
 }
 
 /// One activation row's share of super-block `b`: its 256 values, scale, 16-sums and 32-sums.
+#[derive(Clone, Copy)]
 pub(super) struct Sb<'a> {
     pub y: &'a [i8; QK_K],
     pub d: f32,
@@ -67,6 +68,7 @@ impl<'a> Sb<'a> {
 }
 
 /// One activation row's share of Q8_0 block `b`: its 32 values and scale.
+#[derive(Clone, Copy)]
 pub(super) struct B32<'a> {
     pub y: &'a [i8; 32],
     pub d: f32,
