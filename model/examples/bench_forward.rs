@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release -j2 -p edgespec-model --example bench_forward -- \
-//!     [--models-dir DIR] [--runs 3] [--decode 32] [--only 1.5b|0.5b] [--no-candle]
+//!     [--models-dir DIR] [--runs 3] [--decode 32] [--only 1.5b|0.5b] [--no-candle] \
+//!     [--verify-only 1,5]
 //! ```
+//! `--verify-only` times only the verification of the listed k (one decode step is k = 1): a
+//! short run for comparing two builds, or for `perf` on one block size.
 //! `--no-candle` skips candle-transformers (the peer is then llama.cpp's `llama-bench`, run
 //! separately); `EDGESPEC_CPU_KERNELS` picks our kernels (`auto`, `avx2`, `scalar`, `candle`) and
 //! `taskset -c 1` pins to one core (the pool follows the affinity).
@@ -32,6 +35,8 @@ struct Args {
     decode: usize,
     only: Option<String>,
     no_candle: bool,
+    /// Only the verification table, for these k.
+    verify_only: Option<Vec<usize>>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +51,7 @@ fn parse_args() -> Result<Args> {
         decode: 32,
         only: None,
         no_candle: false,
+        verify_only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +62,16 @@ fn parse_args() -> Result<Args> {
             "--decode" => args.decode = value()?.parse()?,
             "--only" => args.only = Some(value()?),
             "--no-candle" => args.no_candle = true,
+            "--verify-only" => {
+                let ks = value()?
+                    .split(',')
+                    .map(|k| match k.trim().parse::<usize>() {
+                        Ok(k) if (1..=64).contains(&k) => Ok(k),
+                        _ => Err(anyhow::anyhow!("--verify-only: {k:?} is not a k in 1..=64")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                args.verify_only = Some(ks);
+            }
             other => bail!("unknown flag {other}"),
         }
     }
@@ -168,12 +184,12 @@ const VERIFY_KS: [usize; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1
 
 /// Verifying k new tokens after a 128-token prefix, all-position logits; the k values are
 /// interleaved within each run so that background load hits them alike. Medians per k.
-fn verify_table(m: &mut dyn CausalLm, runs: usize) -> Result<Vec<(usize, f64)>> {
-    let p = prompt(128 + 16);
+fn verify_table(m: &mut dyn CausalLm, ks: &[usize], runs: usize) -> Result<Vec<(usize, f64)>> {
+    let p = prompt(128 + ks.iter().copied().max().unwrap_or(1));
     m.forward_batch(&[req(1, 0, p[..128].to_vec(), 1)])?;
-    let mut times = vec![Vec::new(); VERIFY_KS.len()];
+    let mut times = vec![Vec::new(); ks.len()];
     for _ in 0..runs {
-        for (i, &k) in VERIFY_KS.iter().enumerate() {
+        for (i, &k) in ks.iter().enumerate() {
             let block = p[128..128 + k].to_vec();
             times[i].push(time_ms(|| {
                 m.forward_batch(&[req(1, 128, block, usize::MAX)])?;
@@ -182,7 +198,7 @@ fn verify_table(m: &mut dyn CausalLm, runs: usize) -> Result<Vec<(usize, f64)>> 
         }
     }
     m.release(1);
-    Ok(VERIFY_KS
+    Ok(ks
         .iter()
         .copied()
         .zip(times.into_iter().map(median))
@@ -216,6 +232,16 @@ fn ragged(m: &mut dyn CausalLm, runs: usize) -> Result<(f64, f64)> {
     Ok((median(one), median(separate)))
 }
 
+/// The verification table; the first row (k = 1) is the decode step.
+fn verify_print(rows: &[(usize, f64)]) {
+    let step = rows[0].1;
+    println!("\n| verify k new tokens after 128 cached | ms | × one decode step |");
+    println!("|---:|---:|---:|");
+    for (k, ms) in rows {
+        println!("| {k} | {ms:.1} | {:.2} |", ms / step);
+    }
+}
+
 fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
     if !path.exists() {
         bail!(
@@ -224,6 +250,14 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
         );
     }
     let mut m = load_gguf(path, DeviceKind::Cpu)?;
+    if let Some(ks) = &args.verify_only {
+        let ks: Vec<usize> = std::iter::once(1)
+            .chain(ks.iter().copied().filter(|&k| k != 1))
+            .collect();
+        println!("\n### {label}\n");
+        verify_print(&verify_table(m.as_mut(), &ks, args.runs)?);
+        return Ok(());
+    }
     let (decode, prefill) = compare(m.as_mut(), path, args)?;
     println!(
         "\n### {label} (`{}`)\n",
@@ -254,13 +288,7 @@ fn bench_model(label: &str, path: &Path, args: &Args) -> Result<()> {
         );
     }
 
-    let rows = verify_table(m.as_mut(), args.runs)?;
-    let step = rows[0].1;
-    println!("\n| verify k new tokens after 128 cached | ms | × one decode step |");
-    println!("|---:|---:|---:|");
-    for (k, ms) in rows {
-        println!("| {k} | {ms:.1} | {:.2} |", ms / step);
-    }
+    verify_print(&verify_table(m.as_mut(), &VERIFY_KS, args.runs)?);
     let (batched, separate) = ragged(m.as_mut(), args.runs)?;
     println!("\n| 8 sessions × 5 new tokens | ms |");
     println!("|---|---:|");
