@@ -94,8 +94,9 @@ fn quantize_rounds_half_to_even_and_sums_blocks() {
     assert!(z.qs.iter().all(|&q| q == 0));
 }
 
-/// The AVX2 quantization gives the portable one's bits, on rows with zeros, ties, outliers,
-/// NaNs and infinities (a block with an infinity is all zeros; a NaN value quantizes to 0).
+/// The AVX2 quantization gives the portable one's bits and 16-sums, on rows with zeros, ties,
+/// outliers, NaNs and infinities (a block with an infinity is all zeros; a NaN value quantizes
+/// to 0).
 #[test]
 fn quantization_is_the_same_on_every_path() {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -113,8 +114,13 @@ fn quantization_is_the_same_on_every_path() {
         let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; nb]);
         let (mut q2, mut d2) = (vec![0i8; x.len()], vec![0f32; nb]);
         acts::quantize_row_any(&x, block, &mut q1, &mut d1);
-        acts::quantize_row(&x, block, &mut q2, &mut d2);
+        let mut s1 = vec![0i16; x.len() / 16];
+        acts::sums16(&q1, &mut s1);
+        // Sums of an all-zero block are written too (not left as they were).
+        let mut s2 = vec![7i16; x.len() / 16];
+        acts::quantize_row(&x, block, &mut q2, &mut d2, &mut s2);
         assert_eq!(q2, q1, "values, block {block}");
+        assert_eq!(s2, s1, "16-sums, block {block}");
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&d2), bits(&d1), "scales, block {block}");
     }
