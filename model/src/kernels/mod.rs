@@ -49,6 +49,8 @@ mod pool;
 mod scalar;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod mbench;
 pub(crate) mod vecf32;
 pub(crate) mod x16;
 #[cfg(target_arch = "x86_64")]
@@ -439,61 +441,98 @@ pub(crate) fn matmul_in(
             .map_or(Vec::new(), |a| (0..m).map(|r| a.row(r)).collect())
     }
     let (rows_q8k, rows_q80) = (rows_of(&q8k, m), rows_of(&q80, m));
-    // Outputs transposed, `[n_l, m]`, so that a task's rows are one contiguous slice.
+    // Outputs row-major `[m, n_l]`. A task owns weight rows `row0..row0 + n_rows`, that is one
+    // segment of each of the `m` output rows; it computes them `[n_rows, m]` (the kernels' layout,
+    // one weight row's `m` values together) into a scratch buffer and spreads them into its
+    // segments itself, so the reordering runs on every thread instead of after the pool's
+    // operation on the calling thread (where it was 2 % of a verification block, with the other
+    // workers idle).
     let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; w.n * m]).collect();
     {
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        let mut tasks: Vec<Task<'_>> = Vec::new();
         for (l, out) in outs.iter_mut().enumerate() {
-            let per_task = rows_per_task(weights[l].n, weights[l].row_bytes(), pool.threads());
-            for (t, chunk) in out.chunks_mut(per_task * m).enumerate() {
-                tasks.push((l, t * per_task, chunk));
+            let n = weights[l].n;
+            let per_task = rows_per_task(n, weights[l].row_bytes(), pool.threads());
+            let first = tasks.len();
+            for r0 in (0..n).step_by(per_task) {
+                tasks.push(Task {
+                    l,
+                    row0: r0,
+                    n_rows: per_task.min(n - r0),
+                    segs: Vec::with_capacity(m),
+                });
+            }
+            for row in out.chunks_mut(n) {
+                for (t, seg) in row.chunks_mut(per_task).enumerate() {
+                    tasks[first + t].segs.push(seg);
+                }
             }
         }
-        pool.for_each_mut(&mut tasks, |(l, row0, out)| {
-            let w = &weights[*l];
+        pool.for_each_mut(&mut tasks, |task| {
+            let w = &weights[task.l];
             let rows = match w.format.act() {
                 ActFormat::Q8K => &rows_q8k,
                 ActFormat::Q8_0 => &rows_q80,
             };
-            let n_rows = out.len() / m;
             // A task's rows are one byte range in either layout (an interleaved group of 16 rows
             // is 16 rows' bytes, and tasks are whole groups).
             let rb = w.row_bytes();
-            let wchunk = &w.data[*row0 * rb..(*row0 + n_rows) * rb];
-            for r0 in (0..m).step_by(ACT_TILE) {
-                let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
-                if w.packed {
-                    let nb = k / w.format.shape().elems;
-                    block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
-                } else {
-                    block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
+            let wchunk = &w.data[task.row0 * rb..(task.row0 + task.n_rows) * rb];
+            let run = |out: &mut [f32]| {
+                for r0 in (0..m).step_by(ACT_TILE) {
+                    let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
+                    if w.packed {
+                        let nb = k / w.format.shape().elems;
+                        block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
+                    } else {
+                        block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
+                    }
                 }
+            };
+            if let [seg] = task.segs.as_mut_slice() {
+                // One activation row: both layouts are the same.
+                run(seg);
+                return;
             }
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.clear();
+                scratch.resize(task.n_rows * m, 0.0);
+                run(&mut scratch);
+                spread(&scratch, &mut task.segs);
+            });
         });
-    }
-    if m > 1 {
-        for (out, w) in outs.iter_mut().zip(weights) {
-            *out = transpose(out, w.n, m);
-        }
     }
     outs
 }
 
-/// `[n, m]` → `[m, n]`, in blocks of [`TRANSPOSE_BLOCK`] rows of `a` so that reads and writes
-/// stay in a few cache lines (element by element, each write went to a different row of the
-/// result: 6 % of a prefill on the main thread).
-fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let mut t = vec![0f32; a.len()];
-    for i0 in (0..n).step_by(TRANSPOSE_BLOCK) {
-        let i1 = (i0 + TRANSPOSE_BLOCK).min(n);
-        for r in 0..m {
-            let dst = &mut t[r * n + i0..r * n + i1];
-            for (d, i) in dst.iter_mut().zip(i0..i1) {
-                *d = a[i * m + r];
+/// One pool task of [`matmul_in`]: weight rows `row0..row0 + n_rows` of weight `l`, and their
+/// segment of each output row.
+struct Task<'a> {
+    l: usize,
+    row0: usize,
+    n_rows: usize,
+    segs: Vec<&'a mut [f32]>,
+}
+
+thread_local! {
+    /// A task's outputs in the kernels' `[n_rows, m]` layout, reused across tasks.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `[n, m]` (`a`, one weight row's `m` values together) into `m` segments of `n`: `segs[j][i] =
+/// a[i * m + j]`, in blocks of [`SPREAD_BLOCK`] weight rows so that reads and writes stay in a
+/// few cache lines.
+fn spread(a: &[f32], segs: &mut [&mut [f32]]) {
+    let m = segs.len();
+    let n = a.len() / m.max(1);
+    for i0 in (0..n).step_by(SPREAD_BLOCK) {
+        let i1 = (i0 + SPREAD_BLOCK).min(n);
+        for (j, seg) in segs.iter_mut().enumerate() {
+            for (d, i) in seg[i0..i1].iter_mut().zip(i0..i1) {
+                *d = a[i * m + j];
             }
         }
     }
-    t
 }
-
-const TRANSPOSE_BLOCK: usize = 32;
+const SPREAD_BLOCK: usize = 32;
