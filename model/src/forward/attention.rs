@@ -1,8 +1,9 @@
 //! Causal attention of a ragged batch, each session against its own cached prefix.
 //!
-//! The CPU kernel works on one (query row, head) at a time with a fixed summation order, so a
-//! position's output is the same bit pattern whether it is computed alone or inside a block or a
-//! batch (candle's f32 `matmul` picks different kernels for different shapes). Units are spread
+//! The CPU kernel works on one query row and one kv head at a time (the query heads that share
+//! that kv head, grouped-query attention) with a fixed summation order per head, so a position's
+//! output is the same bit pattern whether it is computed alone or inside a block or a batch
+//! (candle's f32 `matmul` picks different kernels for different shapes). Units are spread
 //! over our kernels' worker pool (`kernels::pool`), the one the matmuls use: candle's pool would
 //! keep a second set of threads spinning on the cores our matmuls run on. Other devices use
 //! candle tensor ops per session.
@@ -12,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, weighted_sum};
+use crate::kernels::vecf32::{dot, dot4, weighted_sum_onto};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -120,21 +121,22 @@ fn cpu_attention(
     }
 
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut units: Vec<(usize, &mut [f32])> = out.chunks_mut(hd).enumerate().collect();
+    let group = shape.group();
+    // A unit is one row and kv head: the `group` query heads that read the same keys and values
+    // (their outputs are adjacent in the row).
+    let mut units: Vec<(usize, &mut [f32])> = out.chunks_mut(group * hd).enumerate().collect();
     let work = |(unit, dst): &mut (usize, &mut [f32])| {
         SCRATCH.with(|scratch| {
-            let (row, head) = (*unit / shape.n_head, *unit % shape.n_head);
+            let (row, g) = (*unit / shape.n_kv_head, *unit % shape.n_kv_head);
             let (si, pos) = row_info[row];
-            let (keys, values) = &kvs[si];
-            let kv_off = (head / shape.group()) * hd;
-            let qh = &q[row * q_dim + head * hd..row * q_dim + (head + 1) * hd];
+            let q0 = row * q_dim + g * group * hd;
             let query = Query {
-                q: qh,
+                q: &q[q0..q0 + group * hd],
                 pos,
-                kv_off,
+                kv_off: g * hd,
                 scale,
             };
-            attend_one(&query, (keys, values), &mut scratch.borrow_mut(), dst);
+            attend_group(&query, hd, &kvs[si], &mut scratch.borrow_mut(), dst);
         })
     };
     // Waking the worker pool costs more than it saves on small work (a decode step over a short
@@ -159,53 +161,80 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One head of one query row.
+/// The query heads of one kv head in one query row.
 struct Query<'a> {
+    /// The heads' queries, one after the other.
     q: &'a [f32],
     /// Absolute position: the row attends to keys `0..=pos`.
     pos: usize,
-    /// Offset of the head's kv group inside a key/value row.
+    /// Offset of the kv head inside a key/value row.
     kv_off: usize,
     scale: f32,
 }
 
-/// One query row and head against positions `0..=pos`. Fixed summation order throughout.
-fn attend_one(
+/// Keys (and values) a pass over all of a unit's heads takes at a time: 16 KiB of a 128-wide
+/// head, which stays in L1 while every head reads it (one head after the other streamed the whole
+/// prefix from L2 once per head).
+const KEY_BLOCK: usize = 32;
+
+/// The heads of `query` against positions `0..=pos`; fixed summation order for each head (the
+/// same as one head alone: the scores are dot products, each softmax sums in position order,
+/// and the weighted sum adds the values in position order, a block onto the blocks before).
+fn attend_group(
     query: &Query<'_>,
-    (keys, values): (&Rows<'_>, &Rows<'_>),
+    hd: usize,
+    (keys, values): &(Rows<'_>, Rows<'_>),
     scores: &mut Vec<f32>,
     dst: &mut [f32],
 ) {
     let Query {
-        q: qh,
+        q,
         pos,
         kv_off,
         scale,
     } = *query;
-    let hd = qh.len();
+    let n = pos + 1;
+    let heads = q.len() / hd;
     scores.clear();
-    // Four keys at a time (each dot product with the bits of `dot` alone), then the rest.
+    scores.resize(heads * n, 0.0);
     let key = |j: usize| keys.at(j, kv_off, hd);
-    let quads = (pos + 1) / 4 * 4;
-    for j in (0..quads).step_by(4) {
-        let s = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-        scores.extend(s.map(|s| s * scale));
+    for j0 in (0..n).step_by(KEY_BLOCK) {
+        let j1 = (j0 + KEY_BLOCK).min(n);
+        for (qh, sh) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+            let mut j = j0;
+            while j + 4 <= j1 {
+                let s = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+                for (d, s) in sh[j..j + 4].iter_mut().zip(s) {
+                    *d = s * scale;
+                }
+                j += 4;
+            }
+            for (d, j) in sh[j..j1].iter_mut().zip(j..j1) {
+                *d = dot(qh, key(j)) * scale;
+            }
+        }
     }
-    scores.extend((quads..=pos).map(|j| dot(qh, key(j)) * scale));
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    for sh in scores.chunks_exact_mut(n) {
+        let max = sh.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in sh.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in sh.iter_mut() {
+            *s *= inv;
+        }
     }
-    let inv = 1.0 / sum;
-    for s in scores.iter_mut() {
-        *s *= inv;
+    dst.fill(0.0);
+    for j0 in (0..n).step_by(KEY_BLOCK) {
+        let j1 = (j0 + KEY_BLOCK).min(n);
+        for (dh, sh) in dst.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
+            weighted_sum_onto(dh, &sh[j0..j1], |j| values.at(j0 + j, kv_off, hd));
+        }
     }
-    weighted_sum(dst, scores, |j| values.at(j, kv_off, hd));
 }
 
-/// Device-agnostic attention with candle ops, one session at a time.
 pub(crate) fn tensor_attention(
     shape: HeadShape,
     q: &Tensor,

@@ -30,17 +30,26 @@ pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 /// add (`dst[i] += w[j] * x(j)[i]`), with `dst` held in registers 64 values at a time (term by
 /// term, it was loaded and stored once per term: attention's weighted sum of values). Every
 /// `x(j)` must be at least `dst.len()` long.
+#[cfg(test)]
 pub(crate) fn weighted_sum<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
+    dst.fill(0.0);
+    weighted_sum_onto(dst, w, x);
+}
+
+/// [`weighted_sum`] continued from `dst` as it is: `dst += Σ_j w[j] · x(j)`, the terms added in
+/// order onto each value. A sum split into consecutive runs of terms, each run added onto the
+/// result of the one before, gives the bits of the whole sum from zero (the same adds in the same
+/// order; a value leaves a register only as the f32 it is).
+pub(crate) fn weighted_sum_onto<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::avx2::detected() {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { weighted_sum_avx2(dst, w, x) };
+        return unsafe { weighted_sum_onto_avx2(dst, w, x) };
     }
-    weighted_sum_any(dst, w, x)
+    weighted_sum_onto_any(dst, w, x)
 }
 
-fn weighted_sum_any<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
-    dst.fill(0.0);
+fn weighted_sum_onto_any<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
     for (j, &w) in w.iter().enumerate() {
         axpy_any(dst, w, x(j));
     }
@@ -94,13 +103,18 @@ fn dot4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn weighted_sum_avx2<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
+fn weighted_sum_onto_avx2<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
     use std::arch::x86_64::*;
     const BLOCK: usize = 64;
     let n = dst.len();
     let full = n / BLOCK * BLOCK;
     for b0 in (0..full).step_by(BLOCK) {
-        let mut acc = [_mm256_setzero_ps(); BLOCK / 8];
+        let d = &dst[b0..b0 + BLOCK];
+        let acc: [__m256; BLOCK / 8] = std::array::from_fn(|c| {
+            // SAFETY: `d` is 64 readable f32 (sliced above), `8c + 8 <= 64`; no alignment.
+            unsafe { _mm256_loadu_ps(d.as_ptr().add(8 * c)) }
+        });
+        let mut acc = acc;
         for (j, &wj) in w.iter().enumerate() {
             let wv = _mm256_set1_ps(wj);
             let xs = &x(j)[b0..b0 + BLOCK];
@@ -118,7 +132,6 @@ fn weighted_sum_avx2<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f
     }
     // The rest (head sizes that are not a multiple of 64) term by term.
     let rest = &mut dst[full..];
-    rest.fill(0.0);
     for (j, &wj) in w.iter().enumerate() {
         axpy_avx2(rest, wj, &x(j)[full..n]);
     }
@@ -210,8 +223,17 @@ mod tests {
                 let mut got = values(n, 3);
                 weighted_sum(&mut got, &w, |j| &xs[j]);
                 let mut want = values(n, 4);
-                weighted_sum_any(&mut want, &w, |j| &xs[j]);
+                want.fill(0.0);
+                weighted_sum_onto_any(&mut want, &w, |j| &xs[j]);
                 assert_eq!(bits(&got), bits(&want), "weighted_sum n={n} terms={terms}");
+                // In runs of terms, each added onto the one before.
+                let mut runs = values(n, 5);
+                runs.fill(0.0);
+                for j0 in (0..terms).step_by(4) {
+                    let j1 = (j0 + 4).min(terms);
+                    weighted_sum_onto(&mut runs, &w[j0..j1], |j| &xs[j0 + j]);
+                }
+                assert_eq!(bits(&runs), bits(&want), "in runs n={n} terms={terms}");
             }
         }
     }
