@@ -68,7 +68,7 @@ enum Store {
         matmul: QMatMul,
     },
     /// Repacked into our interleaved layout (`kernels::x16`); candle's copy is dropped.
-    Interleaved(Vec<u8>),
+    Interleaved(kernels::x16::Packed),
 }
 
 impl Linear {

@@ -76,9 +76,49 @@ pub(crate) fn record_bytes(format: WeightFormat) -> usize {
     }
 }
 
+/// Repacked weights in memory of their own: an anonymous mapping, advised (on Linux) into
+/// transparent huge pages. The weights are most of what a forward reads, once each, front to
+/// back; with 4 KiB pages that is a TLB miss every 4 KiB (a nested page walk in a VM), and the
+/// hardware prefetchers stop at every 4 KiB boundary. Where huge pages are off (or unavailable)
+/// this is ordinary memory.
+pub(crate) struct Packed(memmap2::MmapMut);
+
+impl Packed {
+    /// `len` zero bytes.
+    fn zeroed(len: usize) -> Packed {
+        let map = memmap2::MmapMut::map_anon(len)
+            .unwrap_or_else(|e| panic!("mapping {len} bytes for repacked weights: {e}"));
+        // Advice only: without it (THP off, or `madvise` refused) the pages are 4 KiB.
+        #[cfg(target_os = "linux")]
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            tracing::debug!(error = %e, "madvise(MADV_HUGEPAGE) on repacked weights");
+        }
+        Packed(map)
+    }
+}
+
+impl std::ops::Deref for Packed {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Packed {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({} bytes)", self.0.len())
+    }
+}
+
 /// Repacks a row-major weight `[n, k]` into the interleaved layout; `None` where `n` is not a
 /// multiple of 16.
-pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
+pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Option<Packed> {
     let rec = record_bytes(format);
     let shape = format.shape();
     if n == 0 || !n.is_multiple_of(ROWS) || !k.is_multiple_of(shape.elems) {
@@ -87,7 +127,7 @@ pub(crate) fn pack(format: WeightFormat, data: &[u8], n: usize, k: usize) -> Opt
     let nb = k / shape.elems;
     let rb = nb * shape.bytes;
     assert_eq!(data.len(), n * rb, "weight size");
-    let mut out = vec![0u8; n / ROWS * nb * rec];
+    let mut out = Packed::zeroed(n / ROWS * nb * rec);
     for (g, dst) in out.chunks_exact_mut(nb * rec).enumerate() {
         for (b, r) in dst.chunks_exact_mut(rec).enumerate() {
             let block = |row: usize| {
