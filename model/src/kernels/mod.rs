@@ -49,8 +49,6 @@ mod pool;
 mod scalar;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod mbench;
 pub(crate) mod vecf32;
 pub(crate) mod x16;
 #[cfg(target_arch = "x86_64")]
