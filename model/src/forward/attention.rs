@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, weighted_sum_onto};
+use crate::kernels::vecf32::{dot, dot4, exp_inplace, weighted_sum_onto};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -216,11 +216,11 @@ fn attend_group(
     }
     for sh in scores.chunks_exact_mut(n) {
         let max = sh.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
         for s in sh.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s -= max;
         }
+        exp_inplace(sh);
+        let sum = sh.iter().fold(0f32, |a, &s| a + s);
         let inv = 1.0 / sum;
         for s in sh.iter_mut() {
             *s *= inv;
