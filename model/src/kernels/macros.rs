@@ -122,13 +122,13 @@ macro_rules! x8_block {
             w: &[u8],
             nb: usize,
             rows: &[Row<'_>],
-            out: &mut [f32],
-            stride: usize,
+            out: &mut [&mut [f32]],
         ) {
             assert!(detected());
             assert!(rows.len() <= super::ACT_TILE);
+            super::x16::check_out(format, w, nb, rows, out);
             // SAFETY: the CPU has every feature of `$feat` (`detected`, asserted above).
-            unsafe { block_tf(format, w, nb, rows, out, stride) }
+            unsafe { block_tf(format, w, nb, rows, out) }
         }
 
         #[target_feature(enable = $feat)]
@@ -137,14 +137,13 @@ macro_rules! x8_block {
             w: &[u8],
             nb: usize,
             rows: &[Row<'_>],
-            out: &mut [f32],
-            stride: usize,
+            out: &mut [&mut [f32]],
         ) {
             // One loop per format, each compiled on its own (see `row_major_block!`).
             match format {
-                WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
-                WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
-                WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
+                WeightFormat::Q4K => groups_q4k(w, nb, rows, out),
+                WeightFormat::Q6K => groups_q6k(w, nb, rows, out),
+                WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out),
             }
         }
 
@@ -161,13 +160,13 @@ macro_rules! x8_block {
             false
         );
 
+        /// `o[..8]` = `v`.
         #[inline]
         #[target_feature(enable = $feat)]
-        fn store(v: __m256) -> [f32; 8] {
-            let mut o = [0f32; 8];
-            // SAFETY: `o` is 8 writable f32; `storeu` has no alignment requirement.
+        fn store(o: &mut [f32], v: __m256) {
+            let o = &mut o[..8];
+            // SAFETY: `o` is 8 writable f32 (sliced above); `storeu` has no alignment requirement.
             unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            o
         }
     };
 }
@@ -180,7 +179,7 @@ macro_rules! x8_group_loop {
     ($feat:tt, $name:ident, $k:ident, $rec:expr, $sb:ident, [$($arm:tt),*], $max:tt, $even:expr) => {
         #[inline(never)]
         #[target_feature(enable = $feat)]
-        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [&mut [f32]]) {
             let rec = $rec;
             macro_rules! pass {
                 ($r:tt, $rb:expr, $b:expr, $j:expr, $acc:expr, $ahead:expr) => {{
@@ -195,11 +194,7 @@ macro_rules! x8_group_loop {
                 }};
             }
             let zero = _mm256_setzero_ps();
-            for (gi, (g, o)) in w
-                .chunks_exact(nb * rec)
-                .zip(out.chunks_mut(ROWS * stride))
-                .enumerate()
-            {
+            for (gi, g) in w.chunks_exact(nb * rec).enumerate() {
                 // Per half and activation row: the f32 accumulators of 8 weight rows.
                 let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
@@ -220,13 +215,10 @@ macro_rules! x8_group_loop {
                         j += n;
                     }
                 }
+                // Rows 16 gi + 8 h.. of each activation row, 8 at a store.
                 for (h, acc) in acc.iter().enumerate() {
-                    for (j, [d, m]) in acc.iter().take(rows.len()).enumerate() {
-                        let y = store(_mm256_sub_ps(*d, *m));
-                        let half = o.chunks_mut(stride).skip(h * HALF).take(HALF);
-                        for (l, o) in half.enumerate() {
-                            o[j] = y[l];
-                        }
+                    for ([d, m], o) in acc.iter().zip(out.iter_mut()) {
+                        store(&mut o[ROWS * gi + HALF * h..], _mm256_sub_ps(*d, *m));
                     }
                 }
             }

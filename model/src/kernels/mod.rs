@@ -291,7 +291,9 @@ fn block(
     }
 }
 
-/// [`block`] for interleaved groups (`nb` super-block records each).
+/// [`block`] for interleaved groups (`nb` super-block records each), into the output rows'
+/// segments: `out[j][i]` = weight row `i` · `rows[j]` (a group's 16 values of a row are one
+/// contiguous store).
 // Only the x86 sets have interleaved kernels; elsewhere every arm is unreachable.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn block_x16(
@@ -299,19 +301,18 @@ fn block_x16(
     format: WeightFormat,
     (w, nb): (&[u8], usize),
     rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
+    out: &mut [&mut [f32]],
 ) {
     match isa {
         Isa::Scalar => unreachable!("no scalar kernel for interleaved weights"),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unreachable!("no NEON kernel for interleaved weights"),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x16_avx2::block(format, w, nb, rows, out, stride),
+        Isa::Avx2 => x16_avx2::block(format, w, nb, rows, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::AvxVnni => x16_vnni::block(format, w, nb, rows, out, stride),
+        Isa::AvxVnni => x16_vnni::block(format, w, nb, rows, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x16_avx512::block(format, w, nb, rows, out, stride),
+        Isa::Avx512 => x16_avx512::block(format, w, nb, rows, out),
     }
 }
 
@@ -440,11 +441,11 @@ pub(crate) fn matmul_in(
     }
     let (rows_q8k, rows_q80) = (rows_of(&q8k, m), rows_of(&q80, m));
     // Outputs row-major `[m, n_l]`. A task owns weight rows `row0..row0 + n_rows`, that is one
-    // segment of each of the `m` output rows; it computes them `[n_rows, m]` (the kernels' layout,
-    // one weight row's `m` values together) into a scratch buffer and spreads them into its
-    // segments itself, so the reordering runs on every thread instead of after the pool's
-    // operation on the calling thread (where it was 2 % of a verification block, with the other
-    // workers idle).
+    // segment of each of the `m` output rows. The interleaved kernels store into the segments
+    // directly (a group's 16 values of an activation row are contiguous); the row-major ones
+    // compute `[n_rows, m]` (one weight row's `m` values together) into a scratch buffer, spread
+    // into the segments by the task itself. (Reordered after the pool's operation on the calling
+    // thread, with the other workers idle, this was 2 % of a verification block.)
     let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; w.n * m]).collect();
     {
         let mut tasks: Vec<Task<'_>> = Vec::new();
@@ -476,15 +477,18 @@ pub(crate) fn matmul_in(
             // is 16 rows' bytes, and tasks are whole groups).
             let rb = w.row_bytes();
             let wchunk = &w.data[task.row0 * rb..(task.row0 + task.n_rows) * rb];
+            if w.packed {
+                let nb = k / w.format.shape().elems;
+                for r0 in (0..m).step_by(ACT_TILE) {
+                    let r1 = (r0 + ACT_TILE).min(m);
+                    block_x16(isa, w.format, (wchunk, nb), &rows[r0..r1], &mut task.segs[r0..r1]);
+                }
+                return;
+            }
             let run = |out: &mut [f32]| {
                 for r0 in (0..m).step_by(ACT_TILE) {
                     let tile = &rows[r0..(r0 + ACT_TILE).min(m)];
-                    if w.packed {
-                        let nb = k / w.format.shape().elems;
-                        block_x16(isa, w.format, (wchunk, nb), tile, &mut out[r0..], m);
-                    } else {
-                        block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
-                    }
+                    block(isa, w.format, (wchunk, rb), tile, &mut out[r0..], m);
                 }
             };
             if let [seg] = task.segs.as_mut_slice() {

@@ -67,6 +67,24 @@ pub(crate) mod q6k {
     pub const H: usize = 128;
 }
 
+/// The interleaved kernels' output: one segment per activation row, each one value per weight row
+/// of `w` (panics otherwise, before any kernel runs).
+pub(crate) fn check_out(
+    format: WeightFormat,
+    w: &[u8],
+    nb: usize,
+    rows: &[super::Row<'_>],
+    out: &[&mut [f32]],
+) {
+    let groups = w.len() / (nb * record_bytes(format)).max(1);
+    assert_eq!(out.len(), rows.len(), "one output segment per activation row");
+    assert!(
+        out.iter().all(|o| o.len() == groups * ROWS),
+        "output segments of {} values",
+        groups * ROWS
+    );
+}
+
 /// Bytes of one (super-)block record of a group.
 pub(crate) fn record_bytes(format: WeightFormat) -> usize {
     match format {

@@ -19,7 +19,7 @@ fn load64(s: &[u8]) -> __m512i {
     unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
 }
 
-/// `out[i * stride + j] = weight row i · rows[j]` for every row of the interleaved groups `w`
+/// `out[j][i] = weight row i · rows[j]` for every row of the interleaved groups `w`
 /// (`nb` records each), for at most [`super::ACT_TILE`] activation rows. Each super-block record
 /// is read from memory once and used for every activation row while it is in L1.
 pub(super) fn block(
@@ -27,13 +27,13 @@ pub(super) fn block(
     w: &[u8],
     nb: usize,
     rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
+    out: &mut [&mut [f32]],
 ) {
     assert!(super::avx512::detected());
     assert!(rows.len() <= super::ACT_TILE);
+    super::x16::check_out(format, w, nb, rows, out);
     // SAFETY: the CPU has every feature `block_tf` enables (asserted above).
-    unsafe { block_tf(format, w, nb, rows, out, stride) }
+    unsafe { block_tf(format, w, nb, rows, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -42,15 +42,14 @@ fn block_tf(
     w: &[u8],
     nb: usize,
     rows: &[Row<'_>],
-    out: &mut [f32],
-    stride: usize,
+    out: &mut [&mut [f32]],
 ) {
     // One loop per format, each compiled on its own (kernels inlined into one shared loop
     // compete for registers; see `row_major_block!` in `mod.rs`).
     match format {
-        WeightFormat::Q4K => groups_q4k(w, nb, rows, out, stride),
-        WeightFormat::Q6K => groups_q6k(w, nb, rows, out, stride),
-        WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out, stride),
+        WeightFormat::Q4K => groups_q4k(w, nb, rows, out),
+        WeightFormat::Q6K => groups_q6k(w, nb, rows, out),
+        WeightFormat::Q8_0 => groups_q8_0(w, nb, rows, out),
     }
 }
 
@@ -66,7 +65,7 @@ macro_rules! group_loop {
     ($name:ident, $k:ident, $rec:expr, $sb:ident, [$($arm:tt),*], $max:tt, $even:expr, $regs:expr) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [f32], stride: usize) {
+        fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [&mut [f32]]) {
             let rec = $rec;
             let ahead_n = prefetch_ahead(rec, rows.len());
             // The passes of the tile: (first row, rows).
@@ -85,7 +84,7 @@ macro_rules! group_loop {
                 j += n;
             }
             macro_rules! pass {
-                ($r:tt, $g:expr, $gi:expr, $o:expr, $j:expr) => {{
+                ($r:tt, $g:expr, $gi:expr, $j:expr) => {{
                     let rows: &[Row<'_>; $r] =
                         (&rows[$j..$j + $r]).try_into().expect("row count");
                     let mut acc = [[_mm512_setzero_ps(); 2]; $r];
@@ -103,18 +102,14 @@ macro_rules! group_loop {
                             std::hint::black_box(&mut acc);
                         }
                     }
-                    store_tile(&acc, $o, stride, $j);
+                    store_tile(&acc, &mut out[$j..$j + $r], $gi);
                 }};
             }
-            for (gi, (g, o)) in w
-                .chunks_exact(nb * rec)
-                .zip(out.chunks_mut(ROWS * stride))
-                .enumerate()
-            {
+            for (gi, g) in w.chunks_exact(nb * rec).enumerate() {
                 for &(j, n) in &passes[..np] {
                     match n {
-                        $($arm => pass!($arm, g, gi, o, j),)*
-                        _ => pass!($max, g, gi, o, j),
+                        $($arm => pass!($arm, g, gi, j),)*
+                        _ => pass!($max, g, gi, j),
                     }
                 }
             }
@@ -150,20 +145,15 @@ group_loop!(
     8
 );
 
-/// Rows `j0..j0 + R` of the output of one group of 16 weight rows: `o[l * stride + j0 + j]` =
-/// weight row `l` · activation row `j0 + j` (scale sum minus min sum).
+/// Group `gi`'s 16 weight rows of `R` activation rows: `out[j][16 gi..16 gi + 16]` = the 16
+/// lanes of row `j` (scale sum minus min sum), one store each.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn store_tile<const R: usize>(acc: &[[__m512; 2]; R], o: &mut [f32], stride: usize, j0: usize) {
-    let mut y = [[0f32; 16]; R];
-    for (y, [d, m]) in y.iter_mut().zip(acc) {
-        // SAFETY: `y` is 16 writable f32; `storeu` has no alignment requirement.
-        unsafe { _mm512_storeu_ps(y.as_mut_ptr(), _mm512_sub_ps(*d, *m)) };
-    }
-    for (l, o) in o.chunks_mut(stride).take(ROWS).enumerate() {
-        for (j, o) in o[j0..j0 + R].iter_mut().enumerate() {
-            *o = y[j][l];
-        }
+fn store_tile<const R: usize>(acc: &[[__m512; 2]; R], out: &mut [&mut [f32]], gi: usize) {
+    for ([d, m], o) in acc.iter().zip(out) {
+        let o = &mut o[ROWS * gi..ROWS * gi + ROWS];
+        // SAFETY: `o` is 16 writable f32 (sliced above); `storeu` has no alignment requirement.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), _mm512_sub_ps(*d, *m)) };
     }
 }
 
