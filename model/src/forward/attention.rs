@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, exp_inplace, weighted_sum_onto};
+use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, weighted_sum_onto};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -200,17 +200,31 @@ fn attend_group(
     let key = |j: usize| keys.at(j, kv_off, hd);
     for j0 in (0..n).step_by(KEY_BLOCK) {
         let j1 = (j0 + KEY_BLOCK).min(n);
-        for (qh, sh) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-            let mut j = j0;
-            while j + 4 <= j1 {
-                let s = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-                for (d, s) in sh[j..j + 4].iter_mut().zip(s) {
+        let quads = j0 + (j1 - j0) / 4 * 4;
+        for j in (j0..quads).step_by(4) {
+            let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+            // Two heads at a time against the same four keys, then the odd head alone.
+            let mut h = 0;
+            while h + 2 <= heads {
+                let qs = [&q[h * hd..(h + 1) * hd], &q[(h + 1) * hd..(h + 2) * hd]];
+                let s = dot4x2(qs, ks);
+                for (t, s) in s.iter().enumerate() {
+                    for (d, s) in scores[(h + t) * n + j..][..4].iter_mut().zip(s) {
+                        *d = s * scale;
+                    }
+                }
+                h += 2;
+            }
+            if h < heads {
+                let s = dot4(&q[h * hd..(h + 1) * hd], ks);
+                for (d, s) in scores[h * n + j..][..4].iter_mut().zip(s) {
                     *d = s * scale;
                 }
-                j += 4;
             }
-            for (d, j) in sh[j..j1].iter_mut().zip(j..j1) {
-                *d = dot(qh, key(j)) * scale;
+        }
+        for j in quads..j1 {
+            for (qh, sh) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+                sh[j] = dot(qh, key(j)) * scale;
             }
         }
     }

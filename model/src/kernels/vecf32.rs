@@ -26,6 +26,21 @@ pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     b.map(|b| dot(a, b))
 }
 
+/// `[dot4(a0, b), dot4(a1, b)]`, bit for bit: two queries against the same four keys, eight
+/// independent chains of adds (four were too few to hide the adds' latency; grouped-query
+/// attention has several query heads per key).
+pub(crate) fn dot4x2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::detected()
+        && a[1].len() == a[0].len()
+        && b.iter().all(|b| b.len() == a[0].len())
+    {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { dot4x2_avx2(a, b) };
+    }
+    a.map(|a| dot4(a, b))
+}
+
 /// `dst = Σ_j w[j] · x(j)` for j = 0, 1, … in order, from zero, each term a multiply and then an
 /// add (`dst[i] += w[j] * x(j)[i]`), with `dst` held in registers 64 values at a time (term by
 /// term, it was loaded and stored once per term: attention's weighted sum of values). Every
@@ -97,6 +112,40 @@ fn dot4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
         // SAFETY: `lanes` is 8 writable f32.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
         *o = combine(&lanes, tail_dot(&a[m..], &b[m..]));
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot4x2_avx2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let n = a[0].len();
+    let m = n / 8 * 8;
+    let (a, b) = (a.map(|a| &a[..n]), b.map(|b| &b[..n]));
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    for c in 0..m / 8 {
+        let load = |v: &[f32]| {
+            let v = &v[8 * c..8 * c + 8];
+            // SAFETY: `v` is 8 readable f32 (sliced above); `loadu` needs no alignment.
+            unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        };
+        let keys = b.map(load);
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let x = load(a);
+            for (acc, k) in acc.iter_mut().zip(keys) {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, k));
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 2];
+    for ((out, acc), a) in out.iter_mut().zip(acc).zip(a) {
+        for ((o, acc), b) in out.iter_mut().zip(acc).zip(b) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` is 8 writable f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+            *o = combine(&lanes, tail_dot(&a[m..], &b[m..]));
+        }
     }
     out
 }
@@ -378,7 +427,8 @@ mod tests {
         }
     }
 
-    /// `dot4` and `weighted_sum` give the bits of `dot` and of the portable term-by-term sum,
+    /// `dot4`, `dot4x2` and `weighted_sum` give the bits of `dot` and of the portable
+    /// term-by-term sum,
     /// whatever the length (a multiple of 64, of 8, or neither) and the number of terms.
     #[test]
     fn the_batched_forms_give_the_same_bits() {
@@ -389,6 +439,11 @@ mod tests {
             let got = dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
             let want: Vec<f32> = b.iter().map(|b| dot_any(&a, b)).collect();
             assert_eq!(bits(&got), bits(&want), "dot4 n={n}");
+            let a1 = values(n, 2);
+            let [g0, g1] = dot4x2([&a, &a1], [&b[0], &b[1], &b[2], &b[3]]);
+            let want1: Vec<f32> = b.iter().map(|b| dot_any(&a1, b)).collect();
+            assert_eq!(bits(&g0), bits(&want), "dot4x2 first n={n}");
+            assert_eq!(bits(&g1), bits(&want1), "dot4x2 second n={n}");
             for terms in [1usize, 5, 33] {
                 let xs: Vec<Vec<f32>> = (0..terms).map(|j| values(n, 100 + j as u32)).collect();
                 let w = values(terms, 7);
