@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, weighted_sum_onto};
+use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, prefetch, weighted_sum_onto};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +177,9 @@ struct Query<'a> {
 /// prefix from L2 once per head).
 const KEY_BLOCK: usize = 32;
 
+/// How many positions ahead of the scores the keys are prefetched.
+const PREFETCH: usize = 16;
+
 /// The heads of `query` against positions `0..=pos`; fixed summation order for each head (the
 /// same as one head alone: the scores are dot products, each softmax sums in position order,
 /// and the weighted sum adds the values in position order, a block onto the blocks before).
@@ -198,10 +201,23 @@ fn attend_group(
     scores.clear();
     scores.resize(heads * n, 0.0);
     let key = |j: usize| keys.at(j, kv_off, hd);
+    let value = |j: usize| values.at(j, kv_off, hd);
+    // The cache (a layer's keys and values, read once a forward) comes from memory: the keys
+    // PREFETCH positions ahead of the scores, and the values at the same pace for the weighted
+    // sums after them.
+    for j in 0..n.min(PREFETCH) {
+        prefetch(key(j));
+    }
     for j0 in (0..n).step_by(KEY_BLOCK) {
         let j1 = (j0 + KEY_BLOCK).min(n);
         let quads = j0 + (j1 - j0) / 4 * 4;
         for j in (j0..quads).step_by(4) {
+            for a in j..j + 4 {
+                if a + PREFETCH < n {
+                    prefetch(key(a + PREFETCH));
+                }
+                prefetch(value(a));
+            }
             let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
             // Two heads at a time against the same four keys, then the odd head alone.
             let mut h = 0;
@@ -223,6 +239,7 @@ fn attend_group(
             }
         }
         for j in quads..j1 {
+            prefetch(value(j));
             for (qh, sh) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
                 sh[j] = dot(qh, key(j)) * scale;
             }
@@ -244,7 +261,7 @@ fn attend_group(
     for j0 in (0..n).step_by(KEY_BLOCK) {
         let j1 = (j0 + KEY_BLOCK).min(n);
         for (dh, sh) in dst.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
-            weighted_sum_onto(dh, &sh[j0..j1], |j| values.at(j0 + j, kv_off, hd));
+            weighted_sum_onto(dh, &sh[j0..j1], |j| value(j0 + j));
         }
     }
 }

@@ -208,6 +208,20 @@ fn axpy_avx2(dst: &mut [f32], w: f32, x: &[f32]) {
     axpy_any(cd.into_remainder(), w, tail_x);
 }
 
+/// Asks for the cache lines of `s` ahead of their use (a no-op where there is no prefetch
+/// instruction).
+#[inline]
+pub(crate) fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..s.len()).step_by(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch never faults, and the address is inside `s`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(off).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 /// `e^x` for every value of `xs`, in place, to within 1 ulp (0.6 at worst over [−87, 88]; see
 /// [`exp1`]). Eight lanes at a time
 /// with AVX2 and FMA, the rest one at a time with the same operations, so a value's result never
