@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, prefetch, weighted_sum_onto};
+use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, prefetch, weighted_sum_heads};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]
@@ -257,13 +257,8 @@ fn attend_group(
             *s *= inv;
         }
     }
-    dst.fill(0.0);
-    for j0 in (0..n).step_by(KEY_BLOCK) {
-        let j1 = (j0 + KEY_BLOCK).min(n);
-        for (dh, sh) in dst.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
-            weighted_sum_onto(dh, &sh[j0..j1], |j| value(j0 + j));
-        }
-    }
+    let rows: Vec<&[f32]> = (0..n).map(value).collect();
+    weighted_sum_heads(dst, heads, scores, &rows);
 }
 
 pub(crate) fn tensor_attention(

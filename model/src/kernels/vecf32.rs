@@ -1,8 +1,9 @@
-//! f32 vector helpers for attention: a dot product with eight partial sums (also four at once)
-//! and a weighted sum of rows (`dst += w · x` term by term), portable and with AVX2 intrinsics
-//! (x86-64, chosen at run time). Both perform the same roundings in the same order (a multiply,
-//! then an add, never fused; the eight partial sums are the eight lanes), so they give the same
-//! bits.
+//! f32 vector helpers for attention and the MLP: a dot product with eight partial sums (also four
+//! keys, or two queries and four keys, at once), weighted sums of rows for several heads
+//! (`dst += w · x` term by term), `e^x` and `silu(g) · u`, portable and with AVX2 intrinsics
+//! (x86-64, chosen at run time). Both perform the same roundings in the same order (for the dot
+//! products and sums a multiply, then an add, never fused; the eight partial sums are the eight
+//! lanes; `e^x` fused multiply-adds on both), so they give the same bits.
 
 /// `a · b` with eight independent partial sums, combined in a fixed tree (the order depends on
 /// the length only).
@@ -41,29 +42,32 @@ pub(crate) fn dot4x2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
     a.map(|a| dot4(a, b))
 }
 
-/// `dst = Σ_j w[j] · x(j)` for j = 0, 1, … in order, from zero, each term a multiply and then an
-/// add (`dst[i] += w[j] * x(j)[i]`), with `dst` held in registers 64 values at a time (term by
-/// term, it was loaded and stored once per term: attention's weighted sum of values). Every
-/// `x(j)` must be at least `dst.len()` long.
-#[cfg(test)]
-pub(crate) fn weighted_sum<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
-    dst.fill(0.0);
-    weighted_sum_onto(dst, w, x);
-}
-
-/// [`weighted_sum`] continued from `dst` as it is: `dst += Σ_j w[j] · x(j)`, the terms added in
-/// order onto each value. A sum split into consecutive runs of terms, each run added onto the
-/// result of the one before, gives the bits of the whole sum from zero (the same adds in the same
-/// order; a value leaves a register only as the f32 it is).
-pub(crate) fn weighted_sum_onto<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
+/// Weighted sums of rows for several heads sharing the rows `xs`: `dst[h·d..(h + 1)·d] =
+/// Σ_j w[h·n + j] · xs[j]` (`d = dst.len() / heads`, `n = xs.len()`), term by term in position
+/// order from zero, each a multiply and then an add (never fused), so every build gives the same
+/// bits. With AVX2 the
+/// heads go six at a time over 16 values of every row, so each row is read once for all of them
+/// (one head at a time read it once per head: attention's values, six query heads per kv head).
+pub(crate) fn weighted_sum_heads(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
+    let n = xs.len();
+    let d = dst.len() / heads.max(1);
+    assert!(
+        w.len() == heads * n && dst.len() == heads * d,
+        "weighted_sum_heads shapes"
+    );
     #[cfg(target_arch = "x86_64")]
-    if super::avx2::detected() {
+    if super::avx2::detected() && d.is_multiple_of(16) && xs.iter().all(|x| x.len() >= d) {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { weighted_sum_onto_avx2(dst, w, x) };
+        return unsafe { weighted_sum_heads_avx2(dst, heads, w, xs) };
     }
-    weighted_sum_onto_any(dst, w, x)
+    for (dh, wh) in dst.chunks_exact_mut(d).zip(w.chunks_exact(n)) {
+        dh.fill(0.0);
+        weighted_sum_onto_any(dh, wh, |j| xs[j]);
+    }
 }
 
+/// The portable weighted sum, continued from `dst` as it is: `dst += Σ_j w[j] · x(j)` for
+/// j = 0, 1, … in order, each term a multiply and then an add.
 fn weighted_sum_onto_any<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
     for (j, &w) in w.iter().enumerate() {
         axpy_any(dst, w, x(j));
@@ -152,60 +156,61 @@ fn dot4x2_avx2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn weighted_sum_onto_avx2<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
-    use std::arch::x86_64::*;
-    const BLOCK: usize = 64;
-    let n = dst.len();
-    let full = n / BLOCK * BLOCK;
-    for b0 in (0..full).step_by(BLOCK) {
-        let d = &dst[b0..b0 + BLOCK];
-        let acc: [__m256; BLOCK / 8] = std::array::from_fn(|c| {
-            // SAFETY: `d` is 64 readable f32 (sliced above), `8c + 8 <= 64`; no alignment.
-            unsafe { _mm256_loadu_ps(d.as_ptr().add(8 * c)) }
-        });
-        let mut acc = acc;
-        for (j, &wj) in w.iter().enumerate() {
-            let wv = _mm256_set1_ps(wj);
-            let xs = &x(j)[b0..b0 + BLOCK];
-            for (c, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: `xs` is 64 readable f32 (sliced above), `8c + 8 <= 64`; no alignment.
-                let v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * c)) };
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wv, v));
-            }
+fn weighted_sum_heads_avx2(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
+    let n = xs.len();
+    let d = dst.len() / heads;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hs = (heads - h0).min(6);
+        let (dg, wg) = (&mut dst[h0 * d..(h0 + hs) * d], &w[h0 * n..(h0 + hs) * n]);
+        match hs {
+            1 => heads_block::<1>(dg, wg, xs),
+            2 => heads_block::<2>(dg, wg, xs),
+            3 => heads_block::<3>(dg, wg, xs),
+            4 => heads_block::<4>(dg, wg, xs),
+            5 => heads_block::<5>(dg, wg, xs),
+            _ => heads_block::<6>(dg, wg, xs),
         }
-        let d = &mut dst[b0..b0 + BLOCK];
-        for (c, acc) in acc.iter().enumerate() {
-            // SAFETY: `d` is 64 writable f32 (sliced above), `8c + 8 <= 64`; no alignment.
-            unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * c), *acc) };
-        }
-    }
-    // The rest (head sizes that are not a multiple of 64) term by term.
-    let rest = &mut dst[full..];
-    for (j, &wj) in w.iter().enumerate() {
-        axpy_avx2(rest, wj, &x(j)[full..n]);
+        h0 += hs;
     }
 }
 
+/// `H` heads' weighted sums, 16 values at a time: 2·H accumulators (12 at most, of AVX2's 16
+/// registers), each row's 16 values loaded once for all heads.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2")]
-fn axpy_avx2(dst: &mut [f32], w: f32, x: &[f32]) {
+fn heads_block<const H: usize>(dst: &mut [f32], w: &[f32], xs: &[&[f32]]) {
     use std::arch::x86_64::*;
-    let n = dst.len().min(x.len());
-    let (cd, cx) = (dst[..n].chunks_exact_mut(8), x[..n].chunks_exact(8));
-    let wv = _mm256_set1_ps(w);
-    let tail_x = cx.remainder();
-    let mut cd = cd;
-    for (d, x) in (&mut cd).zip(cx) {
-        // SAFETY: `d` and `x` are 8 f32 each (`chunks_exact`), `d` writable; no alignment needed.
-        unsafe {
-            let v = _mm256_add_ps(
-                _mm256_loadu_ps(d.as_ptr()),
-                _mm256_mul_ps(wv, _mm256_loadu_ps(x.as_ptr())),
-            );
-            _mm256_storeu_ps(d.as_mut_ptr(), v);
+    let n = xs.len();
+    let d = dst.len() / H;
+    let wh: [&[f32]; H] = std::array::from_fn(|h| &w[h * n..(h + 1) * n]);
+    for b0 in (0..d).step_by(16) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        for (j, x) in xs.iter().enumerate() {
+            let x = &x[b0..b0 + 16];
+            // SAFETY: `x` is 16 readable f32 (sliced above); no alignment needed.
+            let (x0, x1) = unsafe {
+                (
+                    _mm256_loadu_ps(x.as_ptr()),
+                    _mm256_loadu_ps(x.as_ptr().add(8)),
+                )
+            };
+            for (acc, wh) in acc.iter_mut().zip(&wh) {
+                let wv = _mm256_set1_ps(wh[j]);
+                acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(wv, x0));
+                acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(wv, x1));
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let o = &mut dst[h * d + b0..h * d + b0 + 16];
+            // SAFETY: `o` is 16 writable f32 (sliced above); no alignment needed.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+            }
         }
     }
-    axpy_any(cd.into_remainder(), w, tail_x);
 }
 
 /// Asks for the cache lines of `s` ahead of their use (a no-op where there is no prefetch
@@ -429,7 +434,10 @@ mod tests {
         // Clamped outside the range, and 0 · 1 = 0 at the bottom.
         let mut edge = vec![-1e30, -100.0, 0.0, 100.0, f32::NAN];
         exp_inplace(&mut edge);
-        assert!(edge[0] < 1e-37 && edge[1] < 1e-37 && edge[2] == 1.0, "{edge:?}");
+        assert!(
+            edge[0] < 1e-37 && edge[1] < 1e-37 && edge[2] == 1.0,
+            "{edge:?}"
+        );
         assert!(edge[3] > 1e38 && edge[3].is_finite(), "{edge:?}");
         let g: Vec<f32> = (0..37).map(|i| (i as f32 * 0.77).sin() * 9.0).collect();
         let u: Vec<f32> = (0..37).map(|i| (i as f32 * 0.31).cos()).collect();
@@ -441,7 +449,7 @@ mod tests {
         }
     }
 
-    /// `dot4`, `dot4x2` and `weighted_sum` give the bits of `dot` and of the portable
+    /// `dot4`, `dot4x2` and `weighted_sum_heads` give the bits of `dot` and of the portable
     /// term-by-term sum,
     /// whatever the length (a multiple of 64, of 8, or neither) and the number of terms.
     #[test]
@@ -460,21 +468,26 @@ mod tests {
             assert_eq!(bits(&g1), bits(&want1), "dot4x2 second n={n}");
             for terms in [1usize, 5, 33] {
                 let xs: Vec<Vec<f32>> = (0..terms).map(|j| values(n, 100 + j as u32)).collect();
-                let w = values(terms, 7);
-                let mut got = values(n, 3);
-                weighted_sum(&mut got, &w, |j| &xs[j]);
-                let mut want = values(n, 4);
-                want.fill(0.0);
-                weighted_sum_onto_any(&mut want, &w, |j| &xs[j]);
-                assert_eq!(bits(&got), bits(&want), "weighted_sum n={n} terms={terms}");
-                // In runs of terms, each added onto the one before.
-                let mut runs = values(n, 5);
-                runs.fill(0.0);
-                for j0 in (0..terms).step_by(4) {
-                    let j1 = (j0 + 4).min(terms);
-                    weighted_sum_onto(&mut runs, &w[j0..j1], |j| &xs[j0 + j]);
+                let rows: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+                // Several heads over the same rows: each head's bits are the portable sum's.
+                for heads in [1usize, 5, 6, 7, 13] {
+                    let ws: Vec<f32> = (0..heads * terms)
+                        .map(|i| ((i as f32) * 0.37).sin())
+                        .collect();
+                    let mut got = values(heads * n, 9);
+                    weighted_sum_heads(&mut got, heads, &ws, &rows);
+                    for h in 0..heads {
+                        let mut one = vec![0f32; n];
+                        weighted_sum_onto_any(&mut one, &ws[h * terms..(h + 1) * terms], |j| {
+                            &xs[j]
+                        });
+                        assert_eq!(
+                            bits(&got[h * n..(h + 1) * n]),
+                            bits(&one),
+                            "heads {heads} h {h} n={n}"
+                        );
+                    }
                 }
-                assert_eq!(bits(&runs), bits(&want), "in runs n={n} terms={terms}");
             }
         }
     }
