@@ -98,7 +98,10 @@ mod tests {
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 let (g, w) = (f32::from_bits(g), f32::from_bits(w));
                 let tol = 4.0 * f32::EPSILON * w.abs() + 1e-30;
-                assert!((g - w).abs() <= tol, "n={n} i={i}: {g} against candle's {w}");
+                assert!(
+                    (g - w).abs() <= tol,
+                    "n={n} i={i}: {g} against candle's {w}"
+                );
             }
             // The same gates and ups at the start of every size: the same bits.
             let first = first.get_or_insert_with(|| got.clone());

@@ -197,7 +197,8 @@ fn quantize_row_avx2(x: &[f32], block: usize, qs: &mut [i8], d: &mut [f32], s16:
             // Lanes 0..8 of the two halves: 16 × i16, then 16 × i8, in element order.
             let w = _mm256_packs_epi32(a, b);
             let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
-            let bytes = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+            let bytes =
+                _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
             let q: &mut [i8; 16] = q.try_into().expect("16 values");
             // SAFETY: `q` is 16 writable bytes; `storeu` needs no alignment.
             unsafe { _mm_storeu_si128(q.as_mut_ptr().cast(), bytes) };

@@ -481,7 +481,13 @@ pub(crate) fn matmul_in(
                 let nb = k / w.format.shape().elems;
                 for r0 in (0..m).step_by(ACT_TILE) {
                     let r1 = (r0 + ACT_TILE).min(m);
-                    block_x16(isa, w.format, (wchunk, nb), &rows[r0..r1], &mut task.segs[r0..r1]);
+                    block_x16(
+                        isa,
+                        w.format,
+                        (wchunk, nb),
+                        &rows[r0..r1],
+                        &mut task.segs[r0..r1],
+                    );
                 }
                 return;
             }

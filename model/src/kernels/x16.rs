@@ -77,7 +77,11 @@ pub(crate) fn check_out(
     out: &[&mut [f32]],
 ) {
     let groups = w.len() / (nb * record_bytes(format)).max(1);
-    assert_eq!(out.len(), rows.len(), "one output segment per activation row");
+    assert_eq!(
+        out.len(),
+        rows.len(),
+        "one output segment per activation row"
+    );
     assert!(
         out.iter().all(|o| o.len() == groups * ROWS),
         "output segments of {} values",

@@ -37,13 +37,7 @@ pub(super) fn block(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn block_tf(
-    format: WeightFormat,
-    w: &[u8],
-    nb: usize,
-    rows: &[Row<'_>],
-    out: &mut [&mut [f32]],
-) {
+fn block_tf(format: WeightFormat, w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [&mut [f32]]) {
     // One loop per format, each compiled on its own (kernels inlined into one shared loop
     // compete for registers; see `row_major_block!` in `mod.rs`).
     match format {
