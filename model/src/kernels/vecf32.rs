@@ -56,6 +56,14 @@ pub(crate) fn weighted_sum_heads(dst: &mut [f32], heads: usize, w: &[f32], xs: &
         "weighted_sum_heads shapes"
     );
     #[cfg(target_arch = "x86_64")]
+    if super::mode() == super::Mode::Ours(super::Isa::Avx512)
+        && d.is_multiple_of(32)
+        && xs.iter().all(|x| x.len() >= d)
+    {
+        // SAFETY: the AVX-512 set is selected only where the CPU has it (`mode`).
+        return unsafe { weighted_sum_heads_avx512(dst, heads, w, xs) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::avx2::detected() && d.is_multiple_of(16) && xs.iter().all(|x| x.len() >= d) {
         // SAFETY: the CPU has AVX2 (checked above).
         return unsafe { weighted_sum_heads_avx2(dst, heads, w, xs) };
@@ -172,6 +180,65 @@ fn weighted_sum_heads_avx2(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32
             _ => heads_block::<6>(dg, wg, xs),
         }
         h0 += hs;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn weighted_sum_heads_avx512(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
+    let n = xs.len();
+    let d = dst.len() / heads;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hs = (heads - h0).min(6);
+        let (dg, wg) = (&mut dst[h0 * d..(h0 + hs) * d], &w[h0 * n..(h0 + hs) * n]);
+        match hs {
+            1 => heads_block_512::<1>(dg, wg, xs),
+            2 => heads_block_512::<2>(dg, wg, xs),
+            3 => heads_block_512::<3>(dg, wg, xs),
+            4 => heads_block_512::<4>(dg, wg, xs),
+            5 => heads_block_512::<5>(dg, wg, xs),
+            _ => heads_block_512::<6>(dg, wg, xs),
+        }
+        h0 += hs;
+    }
+}
+
+/// [`heads_block`] with 512-bit registers, 32 values at a time (the same multiply and add per
+/// value, so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn heads_block_512<const H: usize>(dst: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+    use std::arch::x86_64::*;
+    let n = xs.len();
+    let d = dst.len() / H;
+    let wh: [&[f32]; H] = std::array::from_fn(|h| &w[h * n..(h + 1) * n]);
+    for b0 in (0..d).step_by(32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; H];
+        for (j, x) in xs.iter().enumerate() {
+            let x = &x[b0..b0 + 32];
+            // SAFETY: `x` is 32 readable f32 (sliced above); no alignment needed.
+            let (x0, x1) = unsafe {
+                (
+                    _mm512_loadu_ps(x.as_ptr()),
+                    _mm512_loadu_ps(x.as_ptr().add(16)),
+                )
+            };
+            for (acc, wh) in acc.iter_mut().zip(&wh) {
+                let wv = _mm512_set1_ps(wh[j]);
+                acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(wv, x0));
+                acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(wv, x1));
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let o = &mut dst[h * d + b0..h * d + b0 + 32];
+            // SAFETY: `o` is 32 writable f32 (sliced above); no alignment needed.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), acc[1]);
+            }
+        }
     }
 }
 
