@@ -69,6 +69,7 @@ pub(crate) mod q6k {
 
 /// The interleaved kernels' output: one segment per activation row, each one value per weight row
 /// of `w` (panics otherwise, before any kernel runs).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn check_out(
     format: WeightFormat,
     w: &[u8],
