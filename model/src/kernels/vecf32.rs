@@ -162,46 +162,40 @@ fn dot4x2_avx2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
     out
 }
 
+/// The heads of [`weighted_sum_heads`] six at a time (the most a block keeps in registers), each
+/// group through `$block::<H>`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_six_heads {
+    ($dst:expr, $heads:expr, $w:expr, $xs:expr, $block:ident) => {{
+        let n = $xs.len();
+        let d = $dst.len() / $heads;
+        let mut h0 = 0;
+        while h0 < $heads {
+            let hs = ($heads - h0).min(6);
+            let (dg, wg) = (&mut $dst[h0 * d..(h0 + hs) * d], &$w[h0 * n..(h0 + hs) * n]);
+            match hs {
+                1 => $block::<1>(dg, wg, $xs),
+                2 => $block::<2>(dg, wg, $xs),
+                3 => $block::<3>(dg, wg, $xs),
+                4 => $block::<4>(dg, wg, $xs),
+                5 => $block::<5>(dg, wg, $xs),
+                _ => $block::<6>(dg, wg, $xs),
+            }
+            h0 += hs;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn weighted_sum_heads_avx2(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
-    let n = xs.len();
-    let d = dst.len() / heads;
-    let mut h0 = 0;
-    while h0 < heads {
-        let hs = (heads - h0).min(6);
-        let (dg, wg) = (&mut dst[h0 * d..(h0 + hs) * d], &w[h0 * n..(h0 + hs) * n]);
-        match hs {
-            1 => heads_block::<1>(dg, wg, xs),
-            2 => heads_block::<2>(dg, wg, xs),
-            3 => heads_block::<3>(dg, wg, xs),
-            4 => heads_block::<4>(dg, wg, xs),
-            5 => heads_block::<5>(dg, wg, xs),
-            _ => heads_block::<6>(dg, wg, xs),
-        }
-        h0 += hs;
-    }
+    by_six_heads!(dst, heads, w, xs, heads_block)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn weighted_sum_heads_avx512(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
-    let n = xs.len();
-    let d = dst.len() / heads;
-    let mut h0 = 0;
-    while h0 < heads {
-        let hs = (heads - h0).min(6);
-        let (dg, wg) = (&mut dst[h0 * d..(h0 + hs) * d], &w[h0 * n..(h0 + hs) * n]);
-        match hs {
-            1 => heads_block_512::<1>(dg, wg, xs),
-            2 => heads_block_512::<2>(dg, wg, xs),
-            3 => heads_block_512::<3>(dg, wg, xs),
-            4 => heads_block_512::<4>(dg, wg, xs),
-            5 => heads_block_512::<5>(dg, wg, xs),
-            _ => heads_block_512::<6>(dg, wg, xs),
-        }
-        h0 += hs;
-    }
+    by_six_heads!(dst, heads, w, xs, heads_block_512)
 }
 
 /// [`heads_block`] with 512-bit registers, 32 values at a time (the same multiply and add per
