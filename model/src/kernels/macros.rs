@@ -194,25 +194,19 @@ macro_rules! x8_group_loop {
                 }};
             }
             let zero = _mm256_setzero_ps();
+            let ahead_n = prefetch_ahead(rec, rows.len());
+            let (passes, np) = plan_passes(rows.len(), $max, $even);
             for (gi, g) in w.chunks_exact(nb * rec).enumerate() {
                 // Per half and activation row: the f32 accumulators of 8 weight rows.
                 let mut acc = [[[zero; 2]; super::ACT_TILE]; 2];
                 for (b, r) in g.chunks_exact(rec).enumerate() {
-                    let next = (gi * nb + b + prefetch_ahead(rec, rows.len())) * rec;
+                    let next = (gi * nb + b + ahead_n) * rec;
                     let ahead = w.get(next..next + rec);
-                    let mut j = 0;
-                    while j < rows.len() {
-                        let left = rows.len() - j;
-                        let n = if $even {
-                            left.div_ceil(left.div_ceil($max))
-                        } else {
-                            left.min($max)
-                        };
+                    for &(j, n) in &passes[..np] {
                         match n {
                             $($arm => pass!($arm, r, b, j, acc, ahead),)*
                             _ => pass!($max, r, b, j, acc, ahead),
                         }
-                        j += n;
                     }
                 }
                 // Rows 16 gi + 8 h.. of each activation row, 8 at a store.

@@ -12,8 +12,8 @@ use std::arch::x86_64::*;
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
 use super::x16_common::{
-    finish_x8, load16, load8, prefetch_ahead, prefetch_part, q4k_mins_x8, q6k_offset_x8,
-    q6k_quants_x8, q6k_scaled_x8, quad, Sb, B32, HALF,
+    finish_x8, load16, load8, plan_passes, prefetch_ahead, prefetch_part, q4k_mins_x8,
+    q6k_offset_x8, q6k_quants_x8, q6k_scaled_x8, quad, Sb, B32, HALF,
 };
 use super::{Row, WeightFormat};
 

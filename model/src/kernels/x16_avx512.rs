@@ -9,7 +9,9 @@ use std::arch::x86_64::*;
 
 use super::avx2::load as load32;
 use super::x16::{q4k, q6k, Q4K_REC, Q6K_REC, Q80_QS, Q80_REC, ROWS};
-use super::x16_common::{lane16, load16, prefetch_ahead, prefetch_part, quad, Sb, B32};
+use super::x16_common::{
+    lane16, load16, plan_passes, prefetch_ahead, prefetch_part, quad, Sb, B32,
+};
 use super::{Row, WeightFormat};
 
 #[inline(always)]
@@ -62,21 +64,7 @@ macro_rules! group_loop {
         fn $name(w: &[u8], nb: usize, rows: &[Row<'_>], out: &mut [&mut [f32]]) {
             let rec = $rec;
             let ahead_n = prefetch_ahead(rec, rows.len());
-            // The passes of the tile: (first row, rows).
-            let mut passes = [(0, 0); super::ACT_TILE];
-            let mut np = 0;
-            let mut j = 0;
-            while j < rows.len() {
-                let left = rows.len() - j;
-                let n = if $even {
-                    left.div_ceil(left.div_ceil($max))
-                } else {
-                    left.min($max)
-                };
-                passes[np] = (j, n);
-                np += 1;
-                j += n;
-            }
+            let (passes, np) = plan_passes(rows.len(), $max, $even);
             macro_rules! pass {
                 ($r:tt, $g:expr, $gi:expr, $j:expr) => {{
                     let rows: &[Row<'_>; $r] =

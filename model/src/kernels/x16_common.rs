@@ -85,6 +85,31 @@ impl<'a> B32<'a> {
     }
 }
 
+/// The register passes over a record of a tile of `rows` activation rows, at most `max` a pass:
+/// `(first row, rows)` each, and how many there are. With `even` the passes are as even as they
+/// can be (16 rows at most 5 a pass go 4 + 4 + 4 + 4, not 5 + 5 + 5 + 1), else as long as they
+/// can be. Planned once per call by the group loops of both register widths.
+pub(super) fn plan_passes(
+    rows: usize,
+    max: usize,
+    even: bool,
+) -> ([(usize, usize); super::ACT_TILE], usize) {
+    let mut passes = [(0, 0); super::ACT_TILE];
+    let (mut np, mut j) = (0, 0);
+    while j < rows {
+        let left = rows - j;
+        let n = if even {
+            left.div_ceil(left.div_ceil(max))
+        } else {
+            left.min(max)
+        };
+        passes[np] = (j, n);
+        np += 1;
+        j += n;
+    }
+    (passes, np)
+}
+
 /// Records ahead of the one in use that [`prefetch`] asks for, for a tile of `rows` activation
 /// rows: about 4 KiB ahead for one row and for more than 8 (two passes or more over each record),
 /// 16 KiB for 2 to 8; at least two records.
