@@ -13,7 +13,8 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv::{LayerKv, StagedKv};
-use crate::kernels::vecf32::{dot, dot4, dot4x2, exp_inplace, prefetch, weighted_sum_heads};
+use crate::kernels::exp::exp_inplace;
+use crate::kernels::vecf32::{dot, dot4, dot4x2, prefetch, weighted_sum_heads};
 
 /// Attention shape constants of one model.
 #[derive(Debug, Clone, Copy)]

@@ -5,13 +5,13 @@
 //! `expf` on the calling thread alone.
 //!
 //! Each element is `v / (1 + e^(−v)) · u`, the expression of candle's `silu` then `mul` for f32,
-//! with our vectorized `e^x` (`kernels::vecf32::exp_inplace`, within 1 ulp; libm's `expf` one
+//! with our vectorized `e^x` (`kernels::exp::exp_inplace`, within 1 ulp; libm's `expf` one
 //! value at a time was most of this op): the same bits whatever the split, within a few ulp of
 //! candle's. Other devices and dtypes keep candle's ops.
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::kernels::{pool, vecf32};
+use crate::kernels::{exp, pool};
 
 /// `silu(gate) * up` (same shape).
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -59,7 +59,7 @@ impl CustomOp2 for SiluMul {
             .chunks_mut(CHUNK)
             .zip(g.chunks(CHUNK).zip(u.chunks(CHUNK)))
             .collect();
-        pool().for_each_mut(&mut units, |(o, (g, u))| vecf32::silu_mul(o, g, u));
+        pool().for_each_mut(&mut units, |(o, (g, u))| exp::silu_mul(o, g, u));
         drop(units);
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }

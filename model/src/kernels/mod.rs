@@ -43,6 +43,7 @@ mod acts;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub(crate) mod exp;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod pool;

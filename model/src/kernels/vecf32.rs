@@ -1,9 +1,9 @@
-//! f32 vector helpers for attention and the MLP: a dot product with eight partial sums (also four
-//! keys, or two queries and four keys, at once), weighted sums of rows for several heads
-//! (`dst += w · x` term by term), `e^x` and `silu(g) · u`, portable and with AVX2 intrinsics
-//! (x86-64, chosen at run time). Both perform the same roundings in the same order (for the dot
-//! products and sums a multiply, then an add, never fused; the eight partial sums are the eight
-//! lanes; `e^x` fused multiply-adds on both), so they give the same bits.
+//! f32 vector helpers for attention: a dot product with eight partial sums (also four keys, or
+//! two queries and four keys, at once) and weighted sums of rows for several heads (`dst += w ·
+//! x` term by term), portable and with AVX2 (and AVX-512) intrinsics chosen at run time. Every
+//! form performs the same roundings in the same order (a multiply, then an add, never fused; the
+//! eight partial sums are the eight lanes), so they give the same bits. `e^x` and `silu` are in
+//! `exp.rs`.
 
 /// `a · b` with eight independent partial sums, combined in a fixed tree (the order depends on
 /// the length only).
@@ -45,9 +45,9 @@ pub(crate) fn dot4x2(a: [&[f32]; 2], b: [&[f32]; 4]) -> [[f32; 4]; 2] {
 /// Weighted sums of rows for several heads sharing the rows `xs`: `dst[h·d..(h + 1)·d] =
 /// Σ_j w[h·n + j] · xs[j]` (`d = dst.len() / heads`, `n = xs.len()`), term by term in position
 /// order from zero, each a multiply and then an add (never fused), so every build gives the same
-/// bits. With AVX2 the
-/// heads go six at a time over 16 values of every row, so each row is read once for all of them
-/// (one head at a time read it once per head: attention's values, six query heads per kv head).
+/// bits. With AVX2 the heads go six at a time over 16 values of every row (32 with AVX-512), so
+/// each row is read once for all of them (one head at a time read it once per head: attention's
+/// values, six query heads per kv head).
 pub(crate) fn weighted_sum_heads(dst: &mut [f32], heads: usize, w: &[f32], xs: &[&[f32]]) {
     let n = xs.len();
     let d = dst.len() / heads.max(1);
@@ -70,15 +70,15 @@ pub(crate) fn weighted_sum_heads(dst: &mut [f32], heads: usize, w: &[f32], xs: &
     }
     for (dh, wh) in dst.chunks_exact_mut(d).zip(w.chunks_exact(n)) {
         dh.fill(0.0);
-        weighted_sum_onto_any(dh, wh, |j| xs[j]);
+        weighted_sum_onto_any(dh, wh, xs);
     }
 }
 
-/// The portable weighted sum, continued from `dst` as it is: `dst += Σ_j w[j] · x(j)` for
+/// The portable weighted sum, continued from `dst` as it is: `dst += Σ_j w[j] · xs[j]` for
 /// j = 0, 1, … in order, each term a multiply and then an add.
-fn weighted_sum_onto_any<'a>(dst: &mut [f32], w: &[f32], x: impl Fn(usize) -> &'a [f32]) {
-    for (j, &w) in w.iter().enumerate() {
-        axpy_any(dst, w, x(j));
+fn weighted_sum_onto_any(dst: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+    for (&w, x) in w.iter().zip(xs) {
+        axpy_any(dst, w, x);
     }
 }
 
@@ -288,138 +288,6 @@ pub(crate) fn prefetch(s: &[f32]) {
     let _ = s;
 }
 
-/// `e^x` for every value of `xs`, in place, to within 1 ulp (0.6 at worst over [−87, 88]; see
-/// [`exp1`]). Eight lanes at a time
-/// with AVX2 and FMA, the rest one at a time with the same operations, so a value's result never
-/// depends on where it sits in the slice (scores of a row, a chunk of an MLP activation): the
-/// same bits alone, in a verification block or in a batch. libm's `expf`, value by value, was
-/// most of the MLP's `silu` and of attention's softmax.
-pub(crate) fn exp_inplace(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2::detected() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { exp_avx2(xs) };
-    }
-    xs.iter_mut().for_each(|x| *x = exp1(*x));
-}
-
-/// `out = g / (1 + e^(−g)) · u` element by element (the MLP's `silu(gate) · up`, the expression
-/// of candle's `silu` then `mul`, with [`exp_inplace`]'s `e^x`); every slice the same length.
-pub(crate) fn silu_mul(out: &mut [f32], g: &[f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2::detected() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { silu_mul_avx2(out, g, u) };
-    }
-    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        *o = g / (1.0 + exp1(-g)) * u;
-    }
-}
-
-/// The range [`exp1`] takes: below it `e^x` is 0 to f32 precision (up to subnormals), above it
-/// close to overflow; inputs are clamped into it (a NaN becomes the low end, as `maxps` does).
-const EXP_LO: f32 = -87.0;
-const EXP_HI: f32 = 88.0;
-/// `ln 2` in two parts: `n · LN2_HI` is exact for every `|n| ≤ 127` (9 significant bits).
-const LN2_HI: f32 = 355.0 / 512.0;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// `1.5 · 2²³`: `(v + MAGIC) − MAGIC` rounds `v` to an integer, half to even.
-const ROUND: f32 = 12_582_912.0;
-/// Taylor coefficients of `e^r`, degree 7 down to 2 (`|r| ≤ ln2 / 2`: the remainder is below
-/// 1e-8 relative).
-const EXP_C: [f32; 6] = [
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-];
-
-/// `e^x`: `x = n · ln 2 + r` with `n` an integer and `|r| ≤ ln2 / 2`, then `2ⁿ · p(r)`. The
-/// operations of one lane of [`exp_avx2`], in the same order (`mul_add` is the fused
-/// multiply-add either way).
-#[inline(always)]
-fn exp1(x: f32) -> f32 {
-    let x = if x > EXP_LO { x } else { EXP_LO };
-    let x = if x < EXP_HI { x } else { EXP_HI };
-    let n = x.mul_add(std::f32::consts::LOG2_E, ROUND) - ROUND;
-    let r = n.mul_add(-LN2_HI, x);
-    let r = n.mul_add(-LN2_LO, r);
-    let mut p = EXP_C[0];
-    for c in &EXP_C[1..] {
-        p = p.mul_add(r, *c);
-    }
-    let p = p.mul_add(r, 1.0);
-    let p = p.mul_add(r, 1.0);
-    // `n` is in −126..=127: a normal power of two.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
-    let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
-    let round = _mm256_set1_ps(ROUND);
-    let n = _mm256_sub_ps(
-        _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round),
-        round,
-    );
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-    let mut p = _mm256_set1_ps(EXP_C[0]);
-    for c in &EXP_C[1..] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
-    }
-    let one = _mm256_set1_ps(1.0);
-    let p = _mm256_fmadd_ps(p, r, one);
-    let p = _mm256_fmadd_ps(p, r, one);
-    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(p, _mm256_castsi256_ps(e))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_avx2(xs: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut chunks = xs.chunks_exact_mut(8);
-    for c in &mut chunks {
-        // SAFETY: `c` is 8 f32 (`chunks_exact_mut`), readable and writable; no alignment needed.
-        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
-    }
-    for x in chunks.into_remainder() {
-        *x = exp1(*x);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn silu_mul_avx2(out: &mut [f32], g: &[f32], u: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = out.len().min(g.len()).min(u.len());
-    let full = n / 8 * 8;
-    let one = _mm256_set1_ps(1.0);
-    let neg = _mm256_set1_ps(-0.0);
-    for i in (0..full).step_by(8) {
-        let (gs, us) = (&g[i..i + 8], &u[i..i + 8]);
-        // SAFETY: `gs` and `us` are 8 readable f32 (sliced above); no alignment needed.
-        let (gv, uv) = unsafe { (_mm256_loadu_ps(gs.as_ptr()), _mm256_loadu_ps(us.as_ptr())) };
-        let e = exp8(_mm256_xor_ps(gv, neg));
-        let y = _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv);
-        let o = &mut out[i..i + 8];
-        // SAFETY: `o` is 8 writable f32 (sliced above); no alignment needed.
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), y) };
-    }
-    for i in full..n {
-        out[i] = g[i] / (1.0 + exp1(-g[i])) * u[i];
-    }
-}
-
 fn tail_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -467,49 +335,6 @@ mod tests {
         }
     }
 
-    /// `exp_inplace` is within 1 ulp of the exact `e^x` over the range softmax and silu use, and
-    /// gives every value the same bits wherever it sits in a slice (lanes and the scalar rest);
-    /// `silu_mul` agrees with `exp1` value by value.
-    #[test]
-    fn exp_is_accurate_and_the_same_in_every_position() {
-        let xs: Vec<f32> = (0..20_001).map(|i| -87.0 + i as f32 * 0.00875).collect();
-        let mut e = xs.clone();
-        exp_inplace(&mut e);
-        let mut worst = 0f64;
-        for (&x, &y) in xs.iter().zip(&e) {
-            let want = (x as f64).exp();
-            // In units of the result's last place.
-            let ulp = (want as f32).abs() * f32::EPSILON;
-            worst = worst.max(((y as f64) - want).abs() / ulp as f64);
-        }
-        assert!(worst <= 1.0, "worst error {worst} ulp");
-        // Shifted by one to seven places, every value meets lanes and the rest differently.
-        for shift in 1..8 {
-            let mut shifted = xs[shift..].to_vec();
-            exp_inplace(&mut shifted);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&shifted), bits(&e[shift..]), "shift {shift}");
-        }
-        let scalar: Vec<u32> = xs.iter().map(|&x| exp1(x).to_bits()).collect();
-        assert_eq!(scalar, e.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
-        // Clamped outside the range, and 0 · 1 = 0 at the bottom.
-        let mut edge = vec![-1e30, -100.0, 0.0, 100.0, f32::NAN];
-        exp_inplace(&mut edge);
-        assert!(
-            edge[0] < 1e-37 && edge[1] < 1e-37 && edge[2] == 1.0,
-            "{edge:?}"
-        );
-        assert!(edge[3] > 1e38 && edge[3].is_finite(), "{edge:?}");
-        let g: Vec<f32> = (0..37).map(|i| (i as f32 * 0.77).sin() * 9.0).collect();
-        let u: Vec<f32> = (0..37).map(|i| (i as f32 * 0.31).cos()).collect();
-        let mut out = vec![0f32; 37];
-        silu_mul(&mut out, &g, &u);
-        for i in 0..37 {
-            let want = g[i] / (1.0 + exp1(-g[i])) * u[i];
-            assert_eq!(out[i].to_bits(), want.to_bits(), "silu_mul {i}");
-        }
-    }
-
     /// `dot4`, `dot4x2` and `weighted_sum_heads` give the bits of `dot` and of the portable
     /// term-by-term sum,
     /// whatever the length (a multiple of 64, of 8, or neither) and the number of terms.
@@ -539,9 +364,7 @@ mod tests {
                     weighted_sum_heads(&mut got, heads, &ws, &rows);
                     for h in 0..heads {
                         let mut one = vec![0f32; n];
-                        weighted_sum_onto_any(&mut one, &ws[h * terms..(h + 1) * terms], |j| {
-                            &xs[j]
-                        });
+                        weighted_sum_onto_any(&mut one, &ws[h * terms..(h + 1) * terms], &rows);
                         assert_eq!(
                             bits(&got[h * n..(h + 1) * n]),
                             bits(&one),
