@@ -1,14 +1,20 @@
 //! `e^x` and the MLP's `silu(g) · u` on f32 slices: Cody-Waite reduction and a degree-7
-//! polynomial by fused multiply-adds, eight lanes at a time with AVX2+FMA and the rest one at a
-//! time with the same operations, so a value's bits never depend on where it sits in a slice.
+//! polynomial by fused multiply-adds, sixteen lanes at a time with AVX-512, eight with AVX2+FMA and
+//! the rest one at a time with the same operations, so a value's bits never depend on where it
+//! sits in a slice or on the instruction set.
 
 /// `e^x` for every value of `xs`, in place, to within 1 ulp (0.6 at worst over [−87, 88]; see
-/// [`exp1`]). Eight lanes at a time
-/// with AVX2 and FMA, the rest one at a time with the same operations, so a value's result never
+/// [`exp1`]). Sixteen lanes at a time with AVX-512, eight with AVX2 and FMA, the rest one at a
+/// time with the same operations, so a value's result never
 /// depends on where it sits in the slice (scores of a row, a chunk of an MLP activation): the
 /// same bits alone, in a verification block or in a batch. libm's `expf`, value by value, was
 /// most of the MLP's `silu` and of attention's softmax.
 pub(crate) fn exp_inplace(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::detected() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
+        return unsafe { exp_avx512(xs) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::avx2::detected() {
         // SAFETY: the CPU has AVX2 and FMA (checked above).
@@ -20,6 +26,11 @@ pub(crate) fn exp_inplace(xs: &mut [f32]) {
 /// `out = g / (1 + e^(−g)) · u` element by element (the MLP's `silu(gate) · up`, the expression
 /// of candle's `silu` then `mul`, with [`exp_inplace`]'s `e^x`); every slice the same length.
 pub(crate) fn silu_mul(out: &mut [f32], g: &[f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::detected() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
+        return unsafe { silu_mul_avx512(out, g, u) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::avx2::detected() {
         // SAFETY: the CPU has AVX2 and FMA (checked above).
@@ -70,31 +81,80 @@ fn exp1(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// The vector form of [`exp1`] for one register width: `$name(x)` with the intrinsics of that
+/// width (AVX2's 8 lanes, AVX-512's 16), the same operations in the same order as [`exp1`], so
+/// both widths give the same bits.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+macro_rules! exp_lanes {
+    ($name:ident, $feat:literal, $v:ty, $set1:ident, $max:ident, $min:ident, $fmadd:ident,
+     $sub:ident, $mul:ident, $cvt:ident, $addi:ident, $seti:ident, $slli:ident, $cast:ident) => {
+        #[target_feature(enable = $feat)]
+        fn $name(x: $v) -> $v {
+            use std::arch::x86_64::*;
+            let x = $max(x, $set1(EXP_LO));
+            let x = $min(x, $set1(EXP_HI));
+            let round = $set1(ROUND);
+            let n = $sub($fmadd(x, $set1(std::f32::consts::LOG2_E), round), round);
+            let r = $fmadd(n, $set1(-LN2_HI), x);
+            let r = $fmadd(n, $set1(-LN2_LO), r);
+            let mut p = $set1(EXP_C[0]);
+            for c in &EXP_C[1..] {
+                p = $fmadd(p, r, $set1(*c));
+            }
+            let one = $set1(1.0);
+            let p = $fmadd(p, r, one);
+            let p = $fmadd(p, r, one);
+            let e = $slli::<23>($addi($cvt(n), $seti(127)));
+            $mul(p, $cast(e))
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+exp_lanes!(
+    exp8,
+    "avx2,fma",
+    std::arch::x86_64::__m256,
+    _mm256_set1_ps,
+    _mm256_max_ps,
+    _mm256_min_ps,
+    _mm256_fmadd_ps,
+    _mm256_sub_ps,
+    _mm256_mul_ps,
+    _mm256_cvtps_epi32,
+    _mm256_add_epi32,
+    _mm256_set1_epi32,
+    _mm256_slli_epi32,
+    _mm256_castsi256_ps
+);
+#[cfg(target_arch = "x86_64")]
+exp_lanes!(
+    exp16,
+    "avx512f,avx2,fma",
+    std::arch::x86_64::__m512,
+    _mm512_set1_ps,
+    _mm512_max_ps,
+    _mm512_min_ps,
+    _mm512_fmadd_ps,
+    _mm512_sub_ps,
+    _mm512_mul_ps,
+    _mm512_cvtps_epi32,
+    _mm512_add_epi32,
+    _mm512_set1_epi32,
+    _mm512_slli_epi32,
+    _mm512_castsi512_ps
+);
+
+/// Sixteen lanes at a time, then eight, then the rest one at a time (the same bits everywhere).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp_avx512(xs: &mut [f32]) {
     use std::arch::x86_64::*;
-    let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
-    let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
-    let round = _mm256_set1_ps(ROUND);
-    let n = _mm256_sub_ps(
-        _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round),
-        round,
-    );
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-    let mut p = _mm256_set1_ps(EXP_C[0]);
-    for c in &EXP_C[1..] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    let mut chunks = xs.chunks_exact_mut(16);
+    for c in &mut chunks {
+        // SAFETY: `c` is 16 f32 (`chunks_exact_mut`), readable and writable; no alignment needed.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), exp16(_mm512_loadu_ps(c.as_ptr()))) };
     }
-    let one = _mm256_set1_ps(1.0);
-    let p = _mm256_fmadd_ps(p, r, one);
-    let p = _mm256_fmadd_ps(p, r, one);
-    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    exp_avx2(chunks.into_remainder());
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -109,6 +169,31 @@ fn exp_avx2(xs: &mut [f32]) {
     for x in chunks.into_remainder() {
         *x = exp1(*x);
     }
+}
+
+/// [`silu_mul_avx2`] sixteen lanes at a time, the rest by it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn silu_mul_avx512(out: &mut [f32], g: &[f32], u: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(g.len()).min(u.len());
+    let full = n / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..full).step_by(16) {
+        let (gs, us) = (&g[i..i + 16], &u[i..i + 16]);
+        // SAFETY: `gs` and `us` are 16 readable f32 (sliced above); no alignment needed.
+        let (gv, uv) = unsafe { (_mm512_loadu_ps(gs.as_ptr()), _mm512_loadu_ps(us.as_ptr())) };
+        // −g exactly (the sign bit flipped, as `xor` with −0 does in the 256-bit form).
+        let e = exp16(_mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(gv),
+            _mm512_set1_epi32(i32::MIN),
+        )));
+        let y = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv);
+        let o = &mut out[i..i + 16];
+        // SAFETY: `o` is 16 writable f32 (sliced above); no alignment needed.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), y) };
+    }
+    silu_mul_avx2(&mut out[full..n], &g[full..n], &u[full..n]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -154,8 +239,8 @@ mod tests {
             worst = worst.max(((y as f64) - want).abs() / ulp as f64);
         }
         assert!(worst <= 1.0, "worst error {worst} ulp");
-        // Shifted by one to seven places, every value meets lanes and the rest differently.
-        for shift in 1..8 {
+        // Shifted by one to fifteen places, every value meets lanes and the rest differently.
+        for shift in 1..16 {
             let mut shifted = xs[shift..].to_vec();
             exp_inplace(&mut shifted);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -171,13 +256,29 @@ mod tests {
             "{edge:?}"
         );
         assert!(edge[3] > 1e38 && edge[3].is_finite(), "{edge:?}");
-        let g: Vec<f32> = (0..37).map(|i| (i as f32 * 0.77).sin() * 9.0).collect();
-        let u: Vec<f32> = (0..37).map(|i| (i as f32 * 0.31).cos()).collect();
-        let mut out = vec![0f32; 37];
+        // 16 + 16 + 8 + 5: both register widths and the rest.
+        let g: Vec<f32> = (0..45).map(|i| (i as f32 * 0.77).sin() * 9.0).collect();
+        let u: Vec<f32> = (0..45).map(|i| (i as f32 * 0.31).cos()).collect();
+        let mut out = vec![0f32; 45];
         silu_mul(&mut out, &g, &u);
-        for i in 0..37 {
+        for i in 0..45 {
             let want = g[i] / (1.0 + exp1(-g[i])) * u[i];
             assert_eq!(out[i].to_bits(), want.to_bits(), "silu_mul {i}");
+        }
+        // The 256-bit forms alone (a machine with AVX-512 takes the 512-bit ones above).
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::avx2::detected() {
+            let mut e2 = xs.clone();
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { exp_avx2(&mut e2) };
+            assert_eq!(scalar, e2.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+            let mut out2 = vec![0f32; 45];
+            // SAFETY: as above.
+            unsafe { silu_mul_avx2(&mut out2, &g, &u) };
+            assert_eq!(
+                out.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                out2.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }
