@@ -10,7 +10,7 @@ use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::attention::{attention, HeadShape, SessionRows};
-use super::elementwise::silu_mul;
+use super::elementwise::{add_rms_norm, silu_mul};
 use super::hparams::Hparams;
 use super::kv::{SessionKv, StagedKv};
 use super::linear::Linear;
@@ -340,7 +340,7 @@ impl GgufModel {
             .collect();
         let rows = ids.len();
         let ids = Tensor::from_vec(ids, rows, &self.device)?;
-        let mut x = self.embedding.embedding(&ids)?;
+        let x = self.embedding.embedding(&ids)?;
         let cs = self.rope_tables(&positions)?;
         let eps = self.hp.rms_eps as f32;
         let shape = HeadShape {
@@ -349,8 +349,11 @@ impl GgufModel {
             head_dim: self.hp.head_dim,
         };
         let mut staged = Vec::with_capacity(self.blocks.len());
+        // `x` the residual stream, `h` its norm for the next sublayer (the output norm after the
+        // last block).
+        let first_norm = self.blocks.first().map_or(&self.out_norm, |b| &b.attn_norm);
+        let (mut x, mut h) = add_rms_norm(&x, None, first_norm, eps)?;
         for (li, b) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
             let qkv = Linear::forward_group(&[&b.q, &b.k, &b.v], &h)?;
             let q = self.rope(&qkv[0], shape.n_head, &cs)?;
             let k = self.rope(&qkv[1], shape.n_kv_head, &cs)?;
@@ -365,26 +368,29 @@ impl GgufModel {
                 })
                 .collect();
             let a = attention(shape, &q, &new, &views)?;
-            x = (x + b.o.forward(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-            let gu = Linear::forward_group(&[&b.gate, &b.up], &h)?;
+            let (x1, h1) = add_rms_norm(&x, Some(&b.o.forward(&a)?), &b.ffn_norm, eps)?;
+            let gu = Linear::forward_group(&[&b.gate, &b.up], &h1)?;
             let act = silu_mul(&gu[0], &gu[1])?;
-            x = (x + b.down.forward(&act)?)?;
+            let next_norm = self
+                .blocks
+                .get(li + 1)
+                .map_or(&self.out_norm, |b| &b.attn_norm);
+            (x, h) = add_rms_norm(&x1, Some(&b.down.forward(&act)?), next_norm, eps)?;
             staged.push(new);
         }
         // Only the rows that get logits go through the (vocabulary-wide) output projection.
+        drop(x);
         let rows_out: usize = segments.iter().map(|s| s.out_rows).sum();
-        let x = if rows_out < rows {
+        let h = if rows_out < rows {
             let keep: Vec<u32> = segments
                 .iter()
                 .flat_map(|s| (s.row0 + s.len - s.out_rows..s.row0 + s.len).map(|r| r as u32))
                 .collect();
-            x.index_select(&Tensor::from_vec(keep, rows_out, &self.device)?, 0)?
+            h.index_select(&Tensor::from_vec(keep, rows_out, &self.device)?, 0)?
         } else {
-            x
+            h
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.out_norm, eps)?;
-        Ok((self.output.forward(&x)?, staged))
+        Ok((self.output.forward(&h)?, staged))
     }
 }
 
