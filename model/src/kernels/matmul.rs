@@ -7,20 +7,35 @@ use super::{
     ACT_TILE,
 };
 
-/// About how many weight bytes one pool task covers (for all activation rows). Large: a thread
-/// streams each task's rows as one contiguous run, which the hardware prefetcher follows (with
-/// 32 KiB tasks two threads interleaving their rows decoded slower than one; with 512 KiB the
-/// 0.5B's two-thread decode went from 26 to 14 ms). A layer's task count is rounded up to a
-/// multiple of the pool's threads so that they finish together.
+/// About how many weight bytes one pool task covers (for all activation rows) when there are more
+/// activation rows than one tile ([`ACT_TILE`]: prefill): a task's weights are read once per tile
+/// of rows, and at this size they stay in L2 between tiles. Large enough that a thread streams
+/// each task's rows as one contiguous run, which the hardware prefetcher follows (with 32 KiB
+/// tasks two threads interleaving their rows decoded slower than one; with 512 KiB the 0.5B's
+/// two-thread decode went from 26 to 14 ms). A layer's task count is rounded up to a multiple of
+/// the pool's threads so that they finish together.
 const TASK_BYTES: usize = 512 << 10;
+/// The same for one tile of rows or fewer (a decode step, a verification block): every weight
+/// byte is read once whatever the task size, so a task is a longer run. Every restart of a stream
+/// costs its ramp-up: against 512 KiB, in alternating runs on the 1.5B with two threads
+/// (medians; fast-memory phase, then slow), a decode step went 17.1 → 16.3 ms, a block of 5
+/// 22.8 → 20.5 ms (1.33 → 1.26 decode steps; 27.2 → 26.5 in a slow phase) and a block of 16
+/// 58.5 → 56.1 ms; on the 0.5B a block of 5 13.7 → 13.1 ms. 2 MiB was in between (21.0), 64 MiB
+/// (two tasks a layer) no better than 4 MiB, 256 KiB worse (25.0). Most layers still make two
+/// tasks or more, so a descheduled thread is not waited for on a whole layer, and the output
+/// projection many.
+const SMALL_BATCH_TASK_BYTES: usize = 4 << 20;
 const MIN_TASK_ROWS: usize = 16;
 
-/// Weight rows per task for a layer of `n` rows of `rb` bytes on `threads` threads (a multiple
-/// of 16, the interleaved group).
-fn rows_per_task(n: usize, rb: usize, threads: usize) -> usize {
-    let tasks = (n * rb)
-        .div_ceil(TASK_BYTES)
-        .next_multiple_of(threads.max(1));
+/// Weight rows per task for a layer of `n` rows of `rb` bytes on `threads` threads, for `m`
+/// activation rows (a multiple of 16, the interleaved group).
+fn rows_per_task(n: usize, rb: usize, threads: usize, m: usize) -> usize {
+    let bytes = if m <= ACT_TILE {
+        SMALL_BATCH_TASK_BYTES
+    } else {
+        TASK_BYTES
+    };
+    let tasks = (n * rb).div_ceil(bytes).next_multiple_of(threads.max(1));
     n.div_ceil(tasks)
         .max(MIN_TASK_ROWS)
         .next_multiple_of(x16::ROWS)
@@ -68,7 +83,7 @@ pub(crate) fn matmul_in(
         let mut tasks: Vec<Task<'_>> = Vec::new();
         for (l, out) in outs.iter_mut().enumerate() {
             let n = weights[l].n;
-            let per_task = rows_per_task(n, weights[l].row_bytes(), pool.threads());
+            let per_task = rows_per_task(n, weights[l].row_bytes(), pool.threads(), m);
             let first = tasks.len();
             for r0 in (0..n).step_by(per_task) {
                 tasks.push(Task {
