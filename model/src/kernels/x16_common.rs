@@ -111,22 +111,21 @@ pub(super) fn plan_passes(
 }
 
 /// Records ahead of the one in use that [`prefetch`] asks for, for a tile of `rows` activation
-/// rows: about 4 KiB ahead for one row and for more than 8 (two passes or more over each record),
-/// 16 KiB for 2 to 8; at least two records.
+/// rows: about 4 KiB ahead for one row, 16 KiB for more; at least two records.
 ///
 /// The distance is a lead time: a record takes about 30 ns of compute for one row (and there
 /// the loop is bound by memory bandwidth, which the hardware prefetchers follow), 70–90 ns for
 /// five rows, 200 ns or more for sixteen. At 4 KiB (two Q4_K records) a pass of five rows asked
 /// for its records too late: the 1.5B's verification block of 5 went from 32.7 / 31.9 ms to
 /// 30.1 / 29.6 at 16 KiB (two sittings, medians of 4 alternating runs), while 32 KiB was no
-/// better (31.7) and 16 rows went slower (71 → 74 ms). For one row, one record ahead left the
-/// one-core AVX2 decode of the 1.5B waiting on memory (49.5 ms a token, two ahead 45.7, none 65).
+/// better (31.7). Sixteen rows first went slower at 16 KiB (71 → 74 ms), and kept 4 KiB; with
+/// tasks of 4 MiB (`matmul.rs`) 16 KiB became the faster for 9 to 16 rows too: blocks of 9, 12
+/// and 16 went 33.9 / 41.5 / 52.6 → 32.5 / 39.9 / 51.1 ms in a slow-memory phase (medians of
+/// alternating runs; 8 KiB alike, fast phases within their noise). For one row, one record ahead
+/// left the one-core AVX2 decode of the 1.5B waiting on memory (49.5 ms a token, two ahead 45.7,
+/// none 65), and 8 or 16 KiB were slower than 4 (23.3 → 23.6 / 24.0 ms, two threads).
 pub(super) const fn prefetch_ahead(rec: usize, rows: usize) -> usize {
-    let bytes = if rows >= 2 && rows <= 8 {
-        16 << 10
-    } else {
-        4 << 10
-    };
+    let bytes = if rows >= 2 { 16 << 10 } else { 4 << 10 };
     let n = bytes / rec;
     if n < 2 {
         2
