@@ -1,6 +1,5 @@
 //! The residual stream's add and RMS norm ([`add_rms_norm`]), and the MLP's `silu(gate) · up` on
-//! our worker pool: one pass, the rows' elements split over the
-//! pool. candle computes `silu` and the product as two single-threaded passes for tensors under
+//! our worker pool: one pass, the rows' elements split over the pool. candle computes `silu` and the product as two single-threaded passes for tensors under
 //! 64 Ki elements (every decode step and verification block of the supported models), during
 //! which the pool's other threads sit idle: 1.5 % of a verification block of 5 on the 1.5B was
 //! `expf` on the calling thread alone.

@@ -349,10 +349,10 @@ impl GgufModel {
             head_dim: self.hp.head_dim,
         };
         let mut staged = Vec::with_capacity(self.blocks.len());
-        // `x` the residual stream, `h` its norm for the next sublayer (the output norm after the
-        // last block).
-        let first_norm = self.blocks.first().map_or(&self.out_norm, |b| &b.attn_norm);
-        let (mut x, mut h) = add_rms_norm(&x, None, first_norm, eps)?;
+        // `x` the residual stream, `h` its norm for the next sublayer: block `i`'s attention norm,
+        // the output norm after the last block.
+        let norm_before = |i: usize| self.blocks.get(i).map_or(&self.out_norm, |b| &b.attn_norm);
+        let (mut x, mut h) = add_rms_norm(&x, None, norm_before(0), eps)?;
         for (li, b) in self.blocks.iter().enumerate() {
             let qkv = Linear::forward_group(&[&b.q, &b.k, &b.v], &h)?;
             let q = self.rope(&qkv[0], shape.n_head, &cs)?;
@@ -371,15 +371,10 @@ impl GgufModel {
             let (x1, h1) = add_rms_norm(&x, Some(&b.o.forward(&a)?), &b.ffn_norm, eps)?;
             let gu = Linear::forward_group(&[&b.gate, &b.up], &h1)?;
             let act = silu_mul(&gu[0], &gu[1])?;
-            let next_norm = self
-                .blocks
-                .get(li + 1)
-                .map_or(&self.out_norm, |b| &b.attn_norm);
-            (x, h) = add_rms_norm(&x1, Some(&b.down.forward(&act)?), next_norm, eps)?;
+            (x, h) = add_rms_norm(&x1, Some(&b.down.forward(&act)?), norm_before(li + 1), eps)?;
             staged.push(new);
         }
         // Only the rows that get logits go through the (vocabulary-wide) output projection.
-        drop(x);
         let rows_out: usize = segments.iter().map(|s| s.out_rows).sum();
         let h = if rows_out < rows {
             let keep: Vec<u32> = segments

@@ -62,7 +62,7 @@ const EXP_C: [f32; 6] = [
 ];
 
 /// `e^x`: `x = n · ln 2 + r` with `n` an integer and `|r| ≤ ln2 / 2`, then `2ⁿ · p(r)`. The
-/// operations of one lane of [`exp_avx2`], in the same order (`mul_add` is the fused
+/// operations of one lane of `exp8` / `exp16` (`exp_lanes!`), in the same order (`mul_add` is the fused
 /// multiply-add either way).
 #[inline(always)]
 fn exp1(x: f32) -> f32 {

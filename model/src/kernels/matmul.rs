@@ -1,6 +1,7 @@
 //! The quantized matmul over the worker pool: activations quantized once per format, weight
-//! rows split into tasks of about [`TASK_BYTES`], each task computing its rows of every output
-//! row with the kernels of [`super::block`] / [`super::block_x16`].
+//! rows split into tasks of about [`SMALL_BATCH_TASK_BYTES`] (one tile of rows or fewer) or
+//! [`TASK_BYTES`] (more), each task computing its rows of every output row with the kernels of
+//! [`super::block`] / [`super::block_x16`].
 
 use super::{
     block, block_x16, has_x16, pool, quantize_in, x16, ActFormat, Acts, Isa, Pool, Row, WeightRef,
